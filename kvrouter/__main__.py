@@ -1,0 +1,3 @@
+from kvrouter.cli import main
+
+raise SystemExit(main())

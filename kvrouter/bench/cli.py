@@ -1,0 +1,27 @@
+"""`kvrouter bench <name>`: dispatch to one benchmark module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "index": ("kvrouter.bench.index_bench", "Lua lookup/record on a 1M-record index vs a naive walk"),
+}
+
+
+def configure(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH")
+    sub.required = True
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in BENCHES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen or chosen is None:
+            mod = importlib.import_module(module)
+            mod.configure(p)
+            p.set_defaults(_run=mod.run)
+
+
+def run(args: argparse.Namespace) -> int:  # pragma: no cover - replaced by the chosen bench
+    raise SystemExit("choose a benchmark: " + ", ".join(BENCHES))
