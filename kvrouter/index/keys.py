@@ -1,0 +1,159 @@
+"""Every Redis key and channel name kvrouter uses is built here, and nowhere else.
+
+All keys of one model share the hash tag ``{<model>}`` so each Lua script touches a single
+Redis Cluster slot and stays atomic, while different models spread over shards. Keys that are
+not per model (the worker registry, listener ownership) live under ``<prefix>:`` without a tag;
+no script mixes them with model keys.
+
+docs/redis-schema.md documents each key with the redis-cli commands to read it; the test
+suite runs those commands against a real server, so keep both in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "kvr"
+_MAX_ID_LEN = 256
+
+
+class KeyNameError(ValueError):
+    """A model, worker or prefix cannot be used in a key name."""
+
+
+def validate_worker_id(worker: str) -> str:
+    """Worker ids appear in key names, ZSET members and lease members; keep them printable.
+
+    ``|`` separates fields inside lease members and newlines separate candidate lists passed
+    to the Lua lookup, so neither may appear in an id.
+    """
+    if not isinstance(worker, str) or not worker:
+        raise KeyNameError("worker id must be a non-empty string")
+    if len(worker) > _MAX_ID_LEN:
+        raise KeyNameError(f"worker id is longer than {_MAX_ID_LEN} characters: {worker[:40]!r}…")
+    if any(c in worker for c in "|\n\r\t ") or not worker.isprintable():
+        raise KeyNameError(
+            f"worker id {worker!r} contains whitespace, '|' or a non-printable character"
+        )
+    return worker
+
+
+def validate_model(model: str) -> str:
+    if not isinstance(model, str) or not model:
+        raise KeyNameError("model name must be a non-empty string")
+    if len(model) > _MAX_ID_LEN:
+        raise KeyNameError(f"model name is longer than {_MAX_ID_LEN} characters")
+    if any(c in model for c in "{}\n\r") or not model.isprintable():
+        # A brace would change which part of the key Redis Cluster hashes.
+        raise KeyNameError(f"model name {model!r} contains a brace or a non-printable character")
+    return model
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKeys:
+    """Key names of one model's slice of the index (all in one Cluster slot)."""
+
+    prefix: str
+    model: str
+
+    @property
+    def base(self) -> str:
+        """``kvr:{model}``: the part every key of this model starts with."""
+        return f"{self.prefix}:{{{self.model}}}"
+
+    # -- residency ---------------------------------------------------------------------
+    @property
+    def worker_prefix(self) -> str:
+        """Scripts append a worker id to this to name its LRU ZSET."""
+        return f"{self.base}:wrk:"
+
+    def worker(self, worker: str) -> str:
+        """ZSET block hex -> valid-until us: the model of one worker's cache, in LRU order."""
+        return f"{self.base}:wrk:{validate_worker_id(worker)}"
+
+    @property
+    def cut_prefix(self) -> str:
+        return f"{self.base}:cut:"
+
+    def cut(self, worker: str) -> str:
+        """ZSET block hex -> valid-until us: blocks removed out of order (holes in a chain)."""
+        return f"{self.base}:cut:{validate_worker_id(worker)}"
+
+    @property
+    def workers(self) -> str:
+        """ZSET worker -> latest valid-until us: the workers with records for this model."""
+        return f"{self.base}:workers"
+
+    def engine_map(self, worker: str) -> str:
+        """HASH engine block hash (16 hex) -> "router key:parent engine hash:refs:children"."""
+        return f"{self.base}:emap:{validate_worker_id(worker)}"
+
+    @property
+    def head_prefix(self) -> str:
+        return f"{self.base}:head:"
+
+    def head(self, key_hex: str) -> str:
+        """ZSET worker -> valid-until us: who recorded a chain starting with this block."""
+        return f"{self.base}:head:{key_hex}"
+
+    # -- load ----------------------------------------------------------------------------
+    @property
+    def load(self) -> str:
+        """HASH ``<worker>`` -> in-flight requests, ``<worker>|pf`` -> queued prefill tokens."""
+        return f"{self.base}:load"
+
+    @property
+    def leases(self) -> str:
+        """ZSET ``<worker>|<lease id>|<prefill tokens>`` -> lease expiry us."""
+        return f"{self.base}:lease"
+
+    # -- metadata and notices ----------------------------------------------------------------
+    @property
+    def meta(self) -> str:
+        """HASH of settings every writer must agree on (block_size, hash version)."""
+        return f"{self.base}:meta"
+
+    @property
+    def notices(self) -> str:
+        """Pub/sub channel of msgpack notices for this model."""
+        return f"{self.base}:notices"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySchema:
+    """The root of the key space. One per process; ``prefix`` lets tenants share a Redis."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "{}: \n") or not self.prefix.isascii():
+            raise KeyNameError(
+                f"key prefix {self.prefix!r} must be ASCII without braces, ':' or spaces"
+            )
+
+    def model(self, model: str) -> ModelKeys:
+        return ModelKeys(self.prefix, validate_model(model))
+
+    # -- fleet-wide (no hash tag; never used inside a model script) ------------------------
+    @property
+    def registry(self) -> str:
+        """HASH worker id -> JSON description (url, models, capacity)."""
+        return f"{self.prefix}:registry"
+
+    @property
+    def heartbeats(self) -> str:
+        """ZSET worker id -> last heartbeat ms (wall clock)."""
+        return f"{self.prefix}:heartbeat"
+
+    def listener_owner(self, worker: str) -> str:
+        """STRING listener id, with a TTL: which listener applies this worker's events."""
+        return f"{self.prefix}:listener:owner:{validate_worker_id(worker)}"
+
+    @property
+    def listeners(self) -> str:
+        """ZSET listener id -> last heartbeat ms (wall clock)."""
+        return f"{self.prefix}:listeners"
+
+    def model_pattern(self) -> str:
+        """A SCAN MATCH pattern for the metadata key of every model."""
+        return f"{self.prefix}:{{*}}:meta"

@@ -1,0 +1,142 @@
+--[[
+_lib.lua: helpers shared by the kvrouter scripts. Not a script of its own: the loader
+(kvrouter/index/scripts.py) splices it in after each script's header, so every script stays a
+single self-contained EVALSHA body.
+
+Conventions every script follows:
+  * Every ZSET score kvrouter writes (wrk, cut, head, workers, lease) is a "valid until" time
+    in whole microseconds since the epoch. A record is live while its score is >= now. Each block of a
+    chain gets a score 1 us older than the block before it, so LRU trimming and expiry cut a
+    chain's tail before its head (the prefix property). Integer scores matter: Redis formats
+    an integral double in a reply several times faster than a fractional one, and 1 us steps
+    keep one chain's scores together in the ZSET, so inserts stay cache-local. Integers up to
+    2^53 us are exact in a double (until the year 2255). Callers pass times and TTLs in ms.
+  * Arguments are checked before the first write: a bad argument can never leave a
+    half-written record. Errors are replies "KVR <code> <argument>: <message>" with the
+    negative codes mirrored in kvrouter/index/errors.py.
+]]
+
+local CHUNK = 256
+
+local function fail(code, arg, msg)
+  return redis.error_reply('KVR ' .. code .. ' ' .. arg .. ': ' .. msg)
+end
+
+-- An integer >= lo, or nil.
+local function int_arg(v, lo)
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) or n < lo then return nil end
+  return n
+end
+
+-- now in us: the caller's value (given in ms) when positive, else the server clock (one clock
+-- per shard for every replica that writes this model).
+local function now_us(v)
+  local n = tonumber(v)
+  if n and n > 0 then return n * 1000 end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- A packed list of fixed-width lowercase hex fields. One anchored match over the whole
+-- string: writes must never store junk members. (Lookups check only the length: a chain
+-- that is not hex matches nothing, and the full check would cost a third of a lookup.)
+local function packed_ok(s, width)
+  if #s % width ~= 0 then return false end
+  return string.find(s, '^[0-9a-f]*$') ~= nil
+end
+
+local function valid_worker(w)
+  return w ~= nil and #w > 0 and #w <= 256 and not string.find(w, '[|%s]')
+end
+
+-- PEXPIREAT that only ever extends a key's life (a new key gets its first expiry).
+local function extend_expiry(key, at_us)
+  local at = math.ceil(at_us / 1000)
+  if redis.call('PEXPIREAT', key, at, 'GT') == 0 then
+    redis.call('PEXPIREAT', key, at, 'NX')
+  end
+end
+
+-- Record `hexes` (a Lua list of block hex keys, head first) for `worker`: the first `held`
+-- blocks get now + ttl_held (the caller saw the worker holding them), the rest now + ttl_new
+-- (now and both TTLs in us).
+-- One ZADD GT pass: a score never moves backwards, so a racing writer that gave a block a
+-- longer life keeps it. If `head_prefix` is given, hexes[1] is a chain's first block and the
+-- worker is added to that block's head ZSET. Returns added, refreshed.
+local function record_blocks(wrk_key, cut_key, workers_key, head_prefix, worker, hexes, now,
+                             ttl_new, ttl_held, held)
+  local n = #hexes
+  if n == 0 then return 0, 0 end
+  local before = redis.call('ZCARD', wrk_key)
+  local changed = 0
+  local max_score = 0
+  local i = 1
+  while i <= n do
+    local j = math.min(i + CHUNK - 1, n)
+    local buf = {}
+    for k = i, j do
+      local s = now - (k - 1)
+      if k <= held then s = s + ttl_held else s = s + ttl_new end
+      buf[#buf + 1] = s
+      buf[#buf + 1] = hexes[k]
+      if s > max_score then max_score = s end
+    end
+    changed = changed + redis.call('ZADD', wrk_key, 'GT', 'CH', unpack(buf))
+    i = j + 1
+  end
+  local added = redis.call('ZCARD', wrk_key) - before
+  extend_expiry(wrk_key, max_score)
+  redis.call('ZADD', workers_key, 'GT', max_score, worker)
+  extend_expiry(workers_key, max_score)
+  if head_prefix then
+    local hk = head_prefix .. hexes[1]
+    redis.call('ZADD', hk, 'GT', max_score, worker)
+    extend_expiry(hk, max_score)
+  end
+  -- A block recorded again is no longer a hole in its chain.
+  if redis.call('EXISTS', cut_key) == 1 then
+    i = 1
+    while i <= n do
+      local j = math.min(i + CHUNK - 1, n)
+      redis.call('ZREM', cut_key, unpack(hexes, i, j))
+      i = j + 1
+    end
+  end
+  return added, changed - added
+end
+
+-- Mark `h` as a hole in its chain until the removed record would have expired, so lookups
+-- cut the chain there even though deeper blocks remain recorded.
+local function mark_hole(cut_key, h, until_ms)
+  redis.call('ZADD', cut_key, until_ms, h)
+  extend_expiry(cut_key, until_ms)
+end
+
+-- Drop the worker's records (and holes) whose time has passed. Returns how many records.
+local function expire_records(wrk_key, cut_key, now)
+  redis.call('ZREMRANGEBYSCORE', cut_key, '-inf', '(' .. now)
+  return redis.call('ZREMRANGEBYSCORE', wrk_key, '-inf', '(' .. now)
+end
+
+-- Trim the worker to `capacity` blocks (0 = no limit), lowest valid-until first, at most
+-- `limit` in one call so a shrunken capacity cannot stall Redis. Returns how many.
+local function trim_to_capacity(wrk_key, capacity, limit)
+  if capacity == 0 then return 0 end
+  local over = redis.call('ZCARD', wrk_key) - capacity
+  if over <= 0 then return 0 end
+  if over > limit then over = limit end
+  -- ZREMRANGEBYRANK rather than ZPOPMIN: it returns no members, so nothing is copied back
+  -- into Lua (for thousands of blocks that copy costs more than the removal).
+  redis.call('ZREMRANGEBYRANK', wrk_key, 0, over - 1)
+  return over
+end
+
+-- Split a packed string of fixed-width fields into a Lua list.
+local function unpack_fixed(s, width)
+  local out = {}
+  for i = 1, #s, width do
+    out[#out + 1] = string.sub(s, i, i + width - 1)
+  end
+  return out
+end

@@ -1,0 +1,299 @@
+"""The Lua scripts on a real Redis: once standalone, once on a 3-master Cluster."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from importlib import resources
+from typing import Any
+
+import pytest
+
+from kvrouter.index.errors import ScriptArgumentError, ScriptErrorCode
+from kvrouter.index.keys import KeySchema
+from kvrouter.index.scripts import EngineBlock, ResidencyIndex, ScriptCall, load_scripts
+
+pytestmark = pytest.mark.redis
+M = "model-a"
+# A fixed "now" (ms) a day ahead of the real clock: liveness, judged by scores, is then
+# deterministic, while key-level PEXPIREATs (set from these times) stay in the future.
+T0 = int(time.time() * 1000) + 86_400_000
+HOUR = 3_600_000
+
+
+def chain(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.getrandbits(64) for _ in range(n)]
+
+
+@pytest.fixture
+def idx(any_client: Any) -> ResidencyIndex:
+    return ResidencyIndex(any_client)
+
+
+async def test_lookup_matches_brute_force(idx: ResidencyIndex) -> None:
+    """Random fleets: every worker's depth equals the length of the prefix it recorded."""
+    rng = random.Random(11)
+    for case in range(40):
+        n = rng.choice([1, 2, 3, 17, 64, 257, 600])
+        c = chain(n, seed=case)
+        expected: dict[str, int] = {}
+        for w in range(rng.randint(1, 12)):
+            d = rng.choice([0, 1, n, rng.randint(0, n), rng.randint(0, n)])
+            worker = f"c{case}-w{w}"
+            if d:
+                await idx.record(M, worker, c[:d], ttl_new_ms=HOUR, now_ms=T0)
+                expected[worker] = d
+            # Unrelated chains on the same worker must not confuse the search.
+            await idx.record(
+                M,
+                worker,
+                chain(rng.randint(1, 50), seed=1000 + case * 20 + w),
+                ttl_new_ms=HOUR,
+                now_ms=T0,
+            )
+        got = await idx.lookup(M, c, now_ms=T0 + 1)
+        assert got.depths == expected, f"case {case}, n={n}"
+        if expected:
+            some = sorted(expected)[: max(1, len(expected) // 2)]
+            got = await idx.lookup(M, c, candidates=some, now_ms=T0 + 1)
+            assert got.depths == {w: expected[w] for w in some}
+
+
+async def test_expiry_and_speculative_ttl(idx: ResidencyIndex) -> None:
+    c = chain(10)
+    await idx.record(M, "w1", c, ttl_new_ms=1000, now_ms=T0)
+    assert (await idx.lookup(M, c, now_ms=T0 + 900)).depth("w1") == 10
+    assert (await idx.lookup(M, c, now_ms=T0 + 1001)).depths == {}
+    # The held prefix gets the long TTL, the new tail the short one.
+    await idx.record(M, "w2", c[:4], ttl_new_ms=HOUR, now_ms=T0)
+    r = await idx.record(M, "w2", c, ttl_new_ms=1000, ttl_held_ms=HOUR, held=4, now_ms=T0 + 10)
+    assert (r.added, r.refreshed) == (6, 4)
+    assert (await idx.lookup(M, c, now_ms=T0 + 500)).depth("w2") == 10
+    assert (await idx.lookup(M, c, now_ms=T0 + 5000)).depth("w2") == 4
+    # Scores never move backwards: a short-lived record does not shorten a long one.
+    await idx.record(M, "w2", c[:4], ttl_new_ms=10, now_ms=T0 + 20)
+    assert (await idx.lookup(M, c, now_ms=T0 + 5000)).depth("w2") == 4
+    # A later record drops what has expired.
+    r = await idx.record(M, "w1", chain(2, seed=9), ttl_new_ms=HOUR, now_ms=T0 + 2000)
+    assert r.expired == 10
+
+
+async def test_capacity_trims_tails_first(idx: ResidencyIndex, any_client: Any) -> None:
+    a, b = chain(8, seed=1), chain(8, seed=2)
+    await idx.record(M, "w", a, ttl_new_ms=HOUR, now_ms=T0)
+    r = await idx.record(M, "w", b, ttl_new_ms=HOUR, capacity=12, now_ms=T0 + 1)
+    assert (r.added, r.evicted) == (8, 4)
+    assert (await idx.lookup(M, a, now_ms=T0 + 2)).depth("w") == 4  # a's tail went first
+    assert (await idx.lookup(M, b, now_ms=T0 + 2)).depth("w") == 8
+    assert await any_client.zcard(KeySchema().model(M).worker("w")) == 12
+    # A bounded trim per call: limit caps the work, the next call finishes it.
+    r = await idx.record(
+        M, "w", chain(8, seed=3), ttl_new_ms=HOUR, capacity=4, limit=5, now_ms=T0 + 3
+    )
+    assert r.evicted == 5
+
+
+async def test_evict_marks_holes(idx: ResidencyIndex) -> None:
+    c = chain(40)
+    await idx.record(M, "w", c, ttl_new_ms=HOUR, now_ms=T0)
+    assert await idx.evict(M, "w", [c[20]], now_ms=T0) == 1
+    assert (await idx.lookup(M, c, now_ms=T0 + 1)).depth("w") == 20
+    assert await idx.evict(M, "w", [c[5], 12345], now_ms=T0) == 1  # unknown keys count 0
+    assert (await idx.lookup(M, c, now_ms=T0 + 1)).depth("w") == 5
+    # Recording the chain again fills the holes.
+    await idx.record(M, "w", c, ttl_new_ms=HOUR, now_ms=T0 + 2)
+    assert (await idx.lookup(M, c, now_ms=T0 + 3)).depth("w") == 40
+    # A tail eviction without holes behaves the same, cheaply.
+    assert await idx.evict(M, "w", c[30:], mark_holes=False, now_ms=T0) == 10
+    assert (await idx.lookup(M, c, now_ms=T0 + 3)).depth("w") == 30
+
+
+async def test_clear_worker(idx: ResidencyIndex, any_client: Any) -> None:
+    c = chain(50)
+    await idx.record(M, "w1", c, ttl_new_ms=HOUR, now_ms=T0)
+    await idx.record(M, "w2", c, ttl_new_ms=HOUR, now_ms=T0)
+    await idx.evict(M, "w1", [c[3]], now_ms=T0)
+    assert await idx.clear_worker(M, "w1") == 49
+    assert (await idx.lookup(M, c, now_ms=T0 + 1)).depths == {"w2": 50}
+    k = KeySchema().model(M)
+    assert await any_client.exists(k.worker("w1"), k.cut("w1"), k.engine_map("w1")) == 0
+    assert await idx.clear_worker(M, "nobody") == 0
+
+
+async def test_engine_maps(idx: ResidencyIndex) -> None:
+    keys = chain(4, seed=5)
+    blocks = [EngineBlock(100 + i, (100 + i - 1) if i else None, keys[i]) for i in range(4)]
+    r = await idx.store_engine_blocks(M, "w", blocks, ttl_ms=HOUR, now_ms=T0)
+    assert (r.stored, r.duplicates, r.added) == (4, 0, 4)
+    assert (await idx.lookup(M, keys, now_ms=T0 + 1)).depth("w") == 4
+    assert await idx.resolve_engine_blocks(M, "w", [101, 999]) == [keys[1], None]
+    # A duplicate copy of block 3: one removal leaves it resident.
+    r = await idx.store_engine_blocks(M, "w", blocks[3:], ttl_ms=HOUR, now_ms=T0)
+    assert (r.stored, r.duplicates) == (0, 1)
+    rel = await idx.release_engine_blocks(M, "w", [103], now_ms=T0)
+    assert (rel.released, rel.removed) == (1, 0)
+    assert (await idx.lookup(M, keys, now_ms=T0 + 1)).depth("w") == 4
+    # Removing a middle block that still has a child leaves a hole: the match stops there.
+    rel = await idx.release_engine_blocks(M, "w", [101, 555], now_ms=T0)
+    assert (rel.released, rel.removed, rel.unknown, rel.holes) == (1, 1, 1, 1)
+    assert (await idx.lookup(M, keys, now_ms=T0 + 1)).depth("w") == 1
+    # Tail-first removal (the engine's usual order) needs no hole.
+    rel = await idx.release_engine_blocks(M, "w", [103, 102], now_ms=T0)
+    assert (rel.removed, rel.holes) == (2, 0)
+
+
+async def test_leases(idx: ResidencyIndex) -> None:
+    load = await idx.acquire_lease(M, "w", "req-1", prefill_tokens=500, ttl_ms=1000, now_ms=T0)
+    assert (load.requests, load.prefill_tokens) == (1, 500)
+    await idx.acquire_lease(M, "w", "req-2", prefill_tokens=100, ttl_ms=1000, now_ms=T0)
+    got = await idx.lookup(M, chain(1), now_ms=T0)
+    assert (got.load["w"].requests, got.load["w"].prefill_tokens) == (2, 600)
+    assert await idx.release_lease(M, "w", "req-1", prefill_tokens=500, prefilled_only=True)
+    got = await idx.lookup(M, chain(1), now_ms=T0)
+    assert (got.load["w"].requests, got.load["w"].prefill_tokens) == (2, 100)
+    assert await idx.release_lease(M, "w", "req-1", prefill_tokens=0)
+    assert not await idx.release_lease(M, "w", "req-1", prefill_tokens=0)  # already gone
+    # req-2's router died: its lease expires and the next acquire gives the load back.
+    load = await idx.acquire_lease(
+        M, "w2", "req-3", prefill_tokens=0, ttl_ms=1000, now_ms=T0 + 5000
+    )
+    got = await idx.lookup(M, chain(1), now_ms=T0 + 5000)
+    assert "w" not in got.load and got.load["w2"].requests == 1
+
+
+async def test_pipeline_record_and_lease(idx: ResidencyIndex) -> None:
+    c = chain(8)
+    rec, load = await idx.run_pipeline(
+        [
+            idx.record_call(M, "w", c, ttl_new_ms=HOUR, now_ms=T0),
+            idx.acquire_lease_call(M, "w", "r1", prefill_tokens=128, ttl_ms=HOUR, now_ms=T0),
+        ]
+    )
+    assert rec.added == 8 and load.prefill_tokens == 128
+
+
+async def test_script_cache_flushed_first_call_works(idx: ResidencyIndex, any_client: Any) -> None:
+    c = chain(3)
+    await idx.record(M, "w", c, ttl_new_ms=HOUR, now_ms=T0)
+    await any_client.script_flush()
+    assert (await idx.lookup(M, c, now_ms=T0)).depth("w") == 3
+    await any_client.script_flush()
+    rec, lk = await idx.run_pipeline(
+        [
+            idx.record_call(M, "w2", c, ttl_new_ms=HOUR, now_ms=T0),
+            idx.lookup_call(M, c, now_ms=T0),
+        ]
+    )
+    assert rec.added == 3 and lk.depth("w") == 3
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"worker": "bad worker"}, "worker"),
+        ({"worker": ""}, "worker"),
+        ({"chain": [-1]}, "chain"),
+        ({"chain": [2**64]}, "chain"),
+        ({"chain": ["x"]}, "chain"),
+        ({"ttl_new_ms": 0}, "ttl_new_ms"),
+        ({"ttl_held_ms": -5}, "ttl_held_ms"),
+        ({"capacity": -1}, "capacity"),
+        ({"capacity": 1.5}, "capacity"),
+        ({"limit": 0}, "limit"),
+        ({"now_ms": -1}, "now_ms"),
+        ({"held": True}, "held"),
+        ({"model": "a{b"}, "model"),
+    ],
+)
+async def test_wrapper_rejects_bad_arguments(
+    idx: ResidencyIndex, kwargs: dict[str, Any], argument: str
+) -> None:
+    args: dict[str, Any] = {"model": M, "worker": "w", "chain": [1, 2], "ttl_new_ms": HOUR}
+    args.update(kwargs)
+    with pytest.raises(ScriptArgumentError) as err:
+        await idx.record(args.pop("model"), args.pop("worker"), args.pop("chain"), **args)
+    assert err.value.argument == argument
+
+
+async def test_other_wrappers_reject_bad_arguments(idx: ResidencyIndex) -> None:
+    with pytest.raises(ScriptArgumentError, match="lease_id"):
+        await idx.acquire_lease(M, "w", "has space", prefill_tokens=1, ttl_ms=1)
+    with pytest.raises(ScriptArgumentError, match="ttl_ms"):
+        await idx.acquire_lease(M, "w", "ok", prefill_tokens=1, ttl_ms=10**12)
+    with pytest.raises(ScriptArgumentError, match="parent_hash"):
+        await idx.store_engine_blocks(M, "w", [EngineBlock(1, -3, 2)], ttl_ms=1)
+    with pytest.raises(ScriptArgumentError, match="engine_hashes"):
+        await idx.release_engine_blocks(M, "w", [2**70])
+    with pytest.raises(ScriptArgumentError, match="worker"):
+        await idx.lookup(M, [1], candidates=["a|b"])
+
+
+def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str]]:
+    """(script, keys, args, the argument Lua must name) with every other argument valid."""
+    w = "w"
+    rec = [k.worker(w), k.cut(w), k.workers, k.head_prefix]
+    store = [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix]
+    blocks48 = packed[:16] + "0" * 16 + packed[:16]
+    return [
+        ("record_chain", rec, [w, packed, 0, HOUR, 0, 0, "lots", 100], "capacity"),
+        ("record_chain", rec, [w, packed + "zz" * 8, 0, HOUR, 0, 0, 0, 100], "chain"),
+        ("record_chain", rec, [w, packed, 0, HOUR, 0, 0, 0, 0], "limit"),
+        ("record_chain", rec, ["a|b", packed, 0, HOUR, 0, 0, 0, 100], "worker"),
+        ("evict_blocks", rec[:2], [w, packed, 0, 7], "mark_holes"),
+        ("store_engine_blocks", store, [w, blocks48, "01", 0, HOUR, 0, 100], "roots"),
+        ("store_engine_blocks", store, [w, blocks48, "1", 0, -4, 0, 100], "ttl"),
+        ("release_engine_blocks", store[:3], [w, packed[:15], 0], "blocks"),
+        ("acquire_lease", [k.leases, k.load], [w, "id", -2, 100, 0], "prefill_tokens"),
+        ("release_lease", [k.leases, k.load], [w, "id", 0, "sometimes"], "mode"),
+        (
+            "lookup_chain",
+            [k.worker_prefix, k.cut_prefix, k.load, k.head_prefix],
+            [0, packed[:-1], ""],
+            "chain",
+        ),
+    ]
+
+
+async def test_lua_rejects_bad_arguments_and_writes_nothing(any_client: Any) -> None:
+    """A script called directly with one bad argument raises a typed error naming it and
+    leaves no half-written record: every argument is checked before the first write."""
+    idx = ResidencyIndex(any_client)
+    k = KeySchema().model(M)
+    packed = "".join(f"{x:016x}" for x in chain(20))
+    scripts = load_scripts()
+    for name, keys, args, argument in _raw_calls(k, packed):
+        s = scripts[name]
+        call = ScriptCall(s, keys, args)
+        with pytest.raises(ScriptArgumentError) as err:
+            await idx._run(call)
+        assert err.value.argument == argument, name
+        assert err.value.code in set(ScriptErrorCode)
+        for node_keys in [await any_client.keys("*")]:
+            assert node_keys == [], f"{name} left {node_keys}"
+
+
+def test_every_script_has_a_complete_header() -> None:
+    pkg = resources.files("kvrouter") / "lua"
+    names = [
+        e.name for e in pkg.iterdir() if e.name.endswith(".lua") and not e.name.startswith("_")
+    ]
+    assert len(names) == len(load_scripts()) >= 9
+    for name in names:
+        text = (pkg / name).read_text()
+        n_keys = int(re.match(r"[a-z_]+-(\d+)\.lua", name).group(1))  # type: ignore[union-attr]
+        header = text[: text.index("]]")]
+        documented = sorted(set(re.findall(r"KEYS\[(\d+)\]", header)))
+        assert documented == [str(i) for i in range(1, n_keys + 1)], name
+        assert "ARGV[1]" in header and "Returns" in header and "Errors" in header, name
+        body = text[text.index("]]") :]
+        used = {int(i) for i in re.findall(r"KEYS\[(\d+)\]", body)}
+        assert used <= set(range(1, n_keys + 1)), name
+        if name.startswith(("lookup", "resolve")):
+            assert text.startswith("#!lua flags=no-writes"), name
+        else:
+            assert text.startswith("#!lua\n"), name
