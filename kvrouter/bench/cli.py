@@ -7,7 +7,10 @@ import importlib
 from collections.abc import Sequence
 
 BENCHES: dict[str, tuple[str, str]] = {
-    "index": ("kvrouter.bench.index_bench", "Lua lookup/record on a 1M-record index vs a naive walk"),
+    "index": (
+        "kvrouter.bench.index_bench",
+        "Lua lookup/record on a 1M-record index vs a naive walk",
+    ),
 }
 
 
