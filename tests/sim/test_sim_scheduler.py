@@ -105,7 +105,7 @@ def test_single_request_prefill_then_decode() -> None:
 
 def test_repeat_prompt_hits_all_but_the_capped_block() -> None:
     sched = Scheduler(CFG, ROOT)
-    a, b = simulate(sched, [(0.0, prompt(100), 3), (1.0, prompt(100), 3)])
+    _, b = simulate(sched, [(0.0, prompt(100), 3), (1.0, prompt(100), 3)])
     # 100 tokens = 25 full blocks; the hit is capped at 99 tokens -> 24 blocks = 96 tokens.
     assert b.cached_tokens == 96
     assert ttft(b) == pytest.approx(0.010 + 0.001 + 0.004)
@@ -131,9 +131,7 @@ def test_batch_limit_queues_the_second_request() -> None:
 
 
 def test_two_requests_share_steps_and_step_time_grows_with_batch() -> None:
-    a, b = simulate(
-        Scheduler(CFG, ROOT), [(0.0, prompt(100, 1), 2), (0.0, prompt(100, 5000), 2)]
-    )
+    a, b = simulate(Scheduler(CFG, ROOT), [(0.0, prompt(100, 1), 2), (0.0, prompt(100, 5000), 2)])
     assert ttft(a) == ttft(b) == pytest.approx(0.010 + 0.002 + 0.200)
     assert e2e(a) == e2e(b) == pytest.approx(0.212 + 0.012)
 
