@@ -191,8 +191,17 @@ class KVCache:
         if hit_blocks:
             table.block_ids.extend(hit_blocks)
             table.num_registered = len(hit_blocks)
-        for _ in range(num_new):
-            b = self._take_free()
+        plain = self._free_plain
+        take = min(num_new, len(plain))
+        if take:
+            got = plain[-take:]
+            del plain[-take:]
+            got.reverse()
+            for b in got:
+                ref[b] = 1
+            table.block_ids.extend(got)
+        for _ in range(num_new - take):
+            b = self._evict_one()
             ref[b] = 1
             table.block_ids.append(b)
 
@@ -214,13 +223,13 @@ class KVCache:
         if num_full_blocks > len(table.block_ids) or num_full_blocks > len(block_hashes):
             raise ValueError("cannot register blocks the table does not hold or hash")
         bs = self.block_size
-        for i in range(start, num_full_blocks):
-            b = table.block_ids[i]
-            h = block_hashes[i]
-            self._block_hash[b] = h
-            ids = self._hash_to_blocks.get(h)
+        block_hash, hash_to_blocks = self._block_hash, self._hash_to_blocks
+        new_hashes = block_hashes[start:num_full_blocks]
+        for b, h in zip(table.block_ids[start:num_full_blocks], new_hashes, strict=True):
+            block_hash[b] = h
+            ids = hash_to_blocks.get(h)
             if ids is None:
-                self._hash_to_blocks[h] = [b]
+                hash_to_blocks[h] = [b]
             else:
                 ids.append(b)
         self._num_hashed += num_full_blocks - start
@@ -228,7 +237,7 @@ class KVCache:
         chunk = tokens[start * bs : num_full_blocks * bs]
         self._events.append(
             BlockStored(
-                block_hashes=list(block_hashes[start:num_full_blocks]),
+                block_hashes=list(new_hashes),
                 parent_block_hash=block_hashes[start - 1] if start else None,
                 token_ids=chunk.tolist() if isinstance(chunk, array) else list(chunk),
                 block_size=bs,
@@ -272,9 +281,7 @@ class KVCache:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _take_free(self) -> int:
-        if self._free_plain:
-            return self._free_plain.pop()
+    def _evict_one(self) -> int:
         b, _ = self._free_cached.popitem(last=False)
         h = self._block_hash[b]
         assert h is not None

@@ -145,7 +145,9 @@ async def test_chat_streaming_and_not(fleet: SimFleet, http: aiohttp.ClientSessi
     [
         ("/v1/completions", {"prompt": "x", "model": "other"}, 404),
         ("/v1/completions", {"prompt": [1, -2]}, 400),
-        ("/v1/completions", {"prompt": [1, True]}, 400),
+        ("/v1/completions", {"prompt": [1, 2.5]}, 400),
+        ("/v1/completions", {"prompt": [1, "a"]}, 400),
+        ("/v1/completions", {"prompt": [1, 2**32]}, 400),
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400),
         ("/v1/completions", {"max_tokens": 3}, 400),
         ("/v1/completions", {"prompt": list(range(5000)), "max_tokens": 1}, 400),  # > cache
