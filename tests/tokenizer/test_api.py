@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from kvrouter.tokenizer import (
     Tokenizer,
     TokenizerError,
 )
+from kvrouter.tokenizer.segments import AddedTokenSplitter
 from kvrouter.tokenizer.testing import synthetic_text
 
 
@@ -134,4 +136,60 @@ def test_fallback_is_logged_with_its_reason(
         == HFTokenizer.from_file(str(variant_dirs["single_word"] / "tokenizer.json"))
         .encode("the cache x")
         .ids
+    )
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [
+        {"type": "BertProcessing", "cls": ["<|begin_of_text|>", 0], "sep": ["<|eot_id|>", 4]},
+        {"type": "RobertaProcessing", "cls": ["<|begin_of_text|>", 0], "sep": ["<|eot_id|>", 4]},
+        {
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": "<|eot_id|>", "type_id": 0}},
+            ],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "special_tokens": {
+                "<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [0], "tokens": ["x"]},
+                "<|eot_id|>": {"id": "<|eot_id|>", "ids": [4], "tokens": ["y"]},
+            },
+        },
+        None,
+    ],
+)
+def test_post_processors_add_their_tokens_once(
+    llama3_dir: Path, tmp_path: Path, processor: dict[str, Any] | None
+) -> None:
+    data = json.loads((llama3_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    data["post_processor"] = processor
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    tok = Tokenizer.load(tmp_path)
+    reference = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.segmented
+    for text in ["", "Hello world", "a<|eot_id|>b", "<|begin_of_text|>x"]:
+        assert tok.encode_prompt(text) == reference.encode(text).ids
+
+
+def test_self_check_disables_a_wrong_segment_path(
+    llama3_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the splitter ever disagreed with the library (a tokenizers release changing its
+    rules), the load-time self-check turns the segment path off instead of serving it."""
+    real_split = AddedTokenSplitter.split
+
+    def lossy_split(self: AddedTokenSplitter, text: str) -> list[str | int]:
+        return [p for p in real_split(self, text) if not (isinstance(p, str) and p == " ")]
+
+    monkeypatch.setattr(AddedTokenSplitter, "split", lossy_split)
+    with caplog.at_level(logging.ERROR, logger="kvrouter.tokenizer.tokenizer"):
+        tok = Tokenizer.load(llama3_dir)
+    assert not tok.segmented
+    assert tok.fallback_reason is not None and "self-check" in tok.fallback_reason
+    assert "self-check disagreed" in caplog.text
+    assert (
+        tok.encode_prompt("x<|eot_id|> ")
+        == HFTokenizer.from_file(str(llama3_dir / "tokenizer.json")).encode("x<|eot_id|> ").ids
     )
