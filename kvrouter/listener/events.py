@@ -64,6 +64,8 @@ MAX_HASH_BYTES: Final = 64
 MAX_DP_RANK: Final = 65_535
 MAX_STR_BYTES: Final = 65_536
 """Longest msgpack string (tags, LoRA names, salts, media)."""
+MAX_MAP_ENTRIES: Final = 4096
+"""Largest msgpack map (an event map has about 15 fields)."""
 MAX_EXTRA_KEY_DEPTH: Final = 8
 """Nesting depth of one block's extra_keys entry; vLLM uses 2 (tuple of (mm_id, offset))."""
 
@@ -151,7 +153,7 @@ def decode_batch(payload: bytes | bytearray | memoryview) -> EventBatch:
             # A declared length is allocated before it is read, so bound it by what the
             # payload could possibly hold as well as by our own caps.
             max_array_len=min(size, MAX_TOKENS_PER_EVENT),
-            max_map_len=min(size, 4096),
+            max_map_len=min(size, MAX_MAP_ENTRIES),
             max_str_len=min(size, MAX_STR_BYTES),
             max_bin_len=min(size, MAX_STR_BYTES),
             max_ext_len=min(size, MAX_STR_BYTES),
