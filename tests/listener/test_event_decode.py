@@ -221,6 +221,7 @@ def test_extra_keys_become_nested_tuples() -> None:
 
 def test_events_are_frozen_and_slotted() -> None:
     ev = decode_batch(pack(POSITIONAL_EXAMPLE)).events[0]
+    assert isinstance(ev, BlockStored)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ev.block_size = 32  # type: ignore[misc]
     assert not hasattr(ev, "__dict__")
