@@ -691,6 +691,10 @@ class ZmqEventSource:
             return
         st.clean = True
         self.stats.resyncs[reason] += 1
+        if reason == RESYNC_FIRST_CONTACT:  # once per worker per process: expected at start
+            logger.info("first contact with %s: clearing it before replaying", st.worker_id)
+        else:
+            self._log.warning(f"resync:{reason}", "clearing worker %s (%s)", st.worker_id, reason)
         assert self._channel is not None
         await self._channel.put(Resync(st.worker_id, reason))
 
