@@ -266,25 +266,30 @@ class VllmEventPublisher:
         self._next_seq = 0
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._lock = threading.Lock()
-        self._ctx = zmq.Context()
-        self._pub = self._ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 0)
-        self._pub.setsockopt(zmq.SNDHWM, hwm)
-        if _binds(self.endpoint) if bind is None else bind:
-            self._pub.bind(self.endpoint)
-        else:
-            self._pub.connect(self.endpoint)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._replay_requests = 0
-        if self.replay_endpoint is not None:
-            router = self._ctx.socket(zmq.ROUTER)
-            router.setsockopt(zmq.LINGER, 0)
-            router.bind(self.replay_endpoint)
-            self._thread = threading.Thread(
-                target=self._serve_replay, args=(router,), name="vllm-replay", daemon=True
-            )
-            self._thread.start()
+        self._ctx = zmq.Context()
+        try:
+            self._pub = self._ctx.socket(zmq.PUB)
+            self._pub.setsockopt(zmq.LINGER, 0)
+            self._pub.setsockopt(zmq.SNDHWM, hwm)
+            if _binds(self.endpoint) if bind is None else bind:
+                self._pub.bind(self.endpoint)
+            else:
+                self._pub.connect(self.endpoint)
+            if self.replay_endpoint is not None:
+                router = self._ctx.socket(zmq.ROUTER)
+                router.setsockopt(zmq.LINGER, 0)
+                router.bind(self.replay_endpoint)
+                self._thread = threading.Thread(
+                    target=self._serve_replay, args=(router,), name="vllm-replay", daemon=True
+                )
+                self._thread.start()
+        except BaseException:
+            # A port already taken must not leak the context (and its I/O thread).
+            self._ctx.destroy(linger=0)
+            raise
 
     @property
     def last_seq(self) -> int:
