@@ -174,9 +174,17 @@ async def _one(
         rec.error = f"{type(exc).__name__}: {exc}"[:300]
 
 
+def session_id(req: TraceRequest) -> str:
+    """A conversation id for the `user` field: the trace's conversations all open with the
+    shared system-prompt block, and the block after it is unique to one conversation (every
+    later turn repeats the whole history), so it names the conversation. Applications send
+    such an id themselves; the `session` policy routes on it."""
+    return f"conv-{req.hash_ids[1] if len(req.hash_ids) > 1 else req.hash_ids[0]}"
+
+
 async def replay_trace(
     requests: Sequence[TraceRequest],
-    url: str,
+    url: str | Sequence[str],
     *,
     time_scale: float = 1.0,
     concurrency: int = 256,
@@ -191,6 +199,8 @@ async def replay_trace(
 ) -> list[RequestRecord]:
     """Replay `requests` against `url` (router or worker base URL); records in trace order.
 
+    Several URLs (router replicas) are used round-robin, request by request: the simplest
+    load-balancer front.
     `first_index` is the trace position of `requests[0]` (for the records' `index`).
     `on_record` is called as each request completes (e.g. to stream records to a file).
     Pass a `session` to reuse a connection pool; otherwise one is made with a connection
@@ -200,7 +210,9 @@ async def replay_trace(
         raise ValueError("time_scale must be > 0")
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
-    target = completions_url(url)
+    targets = [completions_url(u) for u in ([url] if isinstance(url, str) else url)]
+    if not targets:
+        raise ValueError("at least one URL is needed")
     tokenizer = TraceTokenizer(seed=seed)
     records = [
         RequestRecord(
@@ -239,11 +251,13 @@ async def replay_trace(
                 "max_tokens": max(1, rec.max_tokens),
                 "stream": True,
                 "stream_options": {"include_usage": True},
+                "user": session_id(req),
             }
             if model:
                 payload["model"] = model
             rec.sent_s = loop.time() - t0
             assert session is not None
+            target = targets[(rec.index - first_index) % len(targets)]
             await _one(session, target, json.dumps(payload).encode(), rec, timeout)
         finally:
             in_flight -= 1
