@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= -q
 
-.PHONY: help install deps test lint typecheck pytest bench-index
+.PHONY: help install deps test lint typecheck pytest demo bench-index bench-routing
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,5 +29,12 @@ pytest:  ## the test suite alone (real Redis, standalone and a 3-master Cluster)
 
 test: install lint typecheck pytest  ## everything CI runs: install, lint, types, tests
 
+demo: install  ## the demo: Redis, 8 simulated vLLM workers, listener and router on loopback
+	$(PYTHON) -m kvrouter demo
+
 bench-index: install  ## the index benchmark, quick mode
 	$(PYTHON) -m kvrouter bench index --quick
+
+bench-routing: install  ## every routing policy on the Mooncake trace, quick mode
+	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[bench]'
+	$(PYTHON) -m kvrouter bench routing --quick
