@@ -81,6 +81,8 @@ def helm_binary() -> str | None:
 @pytest.fixture(scope="module")
 def helm() -> str:
     binary = helm_binary()
+    if binary is None and os.environ.get("KVR_REQUIRE_HELM"):
+        pytest.fail(f"KVR_REQUIRE_HELM is set (CI) but helm is not on PATH or in {CACHED_HELM}")
     if binary is None:
         pytest.skip(
             f"helm not found on PATH or in {CACHED_HELM.parent}: run `make helm` (builds the "
