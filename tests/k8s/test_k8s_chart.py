@@ -9,6 +9,7 @@ from the Go module proxy. Without one these tests skip and say so.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -612,3 +613,36 @@ def test_notes_tell_how_to_reach_it_and_inspect_redis(helm: str, tmp_path: Path)
     assert (CHART / "templates" / "NOTES.txt").read_text().strip() == (
         '{{ include "kv-router.notes" . }}'
     )
+
+
+# -- docs/kubernetes.md ---------------------------------------------------------------------
+
+DOC = ROOT / "docs" / "kubernetes.md"
+
+
+def test_doc_vllm_manifests_are_valid_and_publish_kv_events() -> None:
+    text = DOC.read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    docs = [d for block in blocks for d in yaml.safe_load_all(block) if d]
+    assert sorted(d["kind"] for d in docs) == ["Service", "StatefulSet"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    sts, svc = sorted(docs, key=lambda d: d["kind"], reverse=True)
+    [c] = sts["spec"]["template"]["spec"]["containers"]
+    args = dict(a.lstrip("-").split("=", 1) if "=" in a else (a.lstrip("-"), "") for a in c["args"])
+    assert args["block-size"] == "16" and "enable-prefix-caching" in args
+    events = json.loads(args["kv-events-config"])
+    assert events == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "tcp://*:5557",
+        "replay_endpoint": "tcp://*:5558",
+    }
+    assert [p["name"] for p in c["ports"]] == ["http", "kv-events", "kv-replay"]
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["http", "kv-events", "kv-replay"]
+
+
+def test_doc_settings_table_names_every_variable_the_chart_sets() -> None:
+    text = DOC.read_text()
+    for name in ROUTER_SETTINGS | LISTENER_SETTINGS | SECRET_SETTINGS:
+        assert f"`{name}`" in text, name
