@@ -54,7 +54,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -461,7 +461,7 @@ class KubernetesEndpointSource:
 
     async def _watch(
         self, session: aiohttp.ClientSession, resource_version: str
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         # The server ends the watch after timeoutSeconds; jitter keeps many replicas from
         # re-watching in lockstep. The read timeout catches a silently dead connection
         # (bookmarks arrive about once a minute on a live one).
@@ -529,32 +529,35 @@ class KubernetesEndpointSource:
                     if snap != last:
                         last = snap
                         yield snap
-                async for event in self._watch(session, version):
-                    kind = event.get("type")
-                    obj = event.get("object") or {}
-                    if kind == "ERROR":
-                        if obj.get("code") == 410:
-                            raise _Gone()
-                        raise ApiError(int(obj.get("code") or 500), str(obj.get("message")))
-                    got_event = True
-                    self.events += 1
-                    meta = obj.get("metadata") or {}
-                    version = str(meta.get("resourceVersion") or version)
-                    if kind == "BOOKMARK":
-                        continue
-                    name = meta.get("name")
-                    if kind in ("ADDED", "MODIFIED") and name:
-                        slices[name] = obj
-                    elif kind == "DELETED" and name:
-                        slices.pop(name, None)
-                    else:
-                        self._problem(f"unexpected watch event type {kind!r}; ignored")
-                        continue
-                    self._backoff.reset()
-                    snap = self._snapshot(slices)
-                    if snap != last:
-                        last = snap
-                        yield snap
+                # aclosing: a consumer that stops iterating mid-watch closes the stream now,
+                # not when the garbage collector finds the inner generator.
+                async with contextlib.aclosing(self._watch(session, version)) as events:
+                    async for event in events:
+                        kind = event.get("type")
+                        obj = event.get("object") or {}
+                        if kind == "ERROR":
+                            if obj.get("code") == 410:
+                                raise _Gone()
+                            raise ApiError(int(obj.get("code") or 500), str(obj.get("message")))
+                        got_event = True
+                        self.events += 1
+                        meta = obj.get("metadata") or {}
+                        version = str(meta.get("resourceVersion") or version)
+                        if kind == "BOOKMARK":
+                            continue
+                        name = meta.get("name")
+                        if kind in ("ADDED", "MODIFIED") and name:
+                            slices[name] = obj
+                        elif kind == "DELETED" and name:
+                            slices.pop(name, None)
+                        else:
+                            self._problem(f"unexpected watch event type {kind!r}; ignored")
+                            continue
+                        self._backoff.reset()
+                        snap = self._snapshot(slices)
+                        if snap != last:
+                            last = snap
+                            yield snap
                 # A watch the server ended on time is normal: watch again from `version`.
                 # One that ends at once, empty-handed, would make a tight loop: back off.
                 if not got_event and time.monotonic() - started < 1.0:

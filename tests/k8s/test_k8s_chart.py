@@ -546,6 +546,10 @@ BAD_VALUES = {
     "bad-service-type": (["--set", "router.service.type=Ingress"], "/router/service/type"),
     "port-out-of-range": (["--set", "router.containerPort=70000"], "/router/containerPort"),
     "bad-maxmemory": (["--set", "redis.maxmemory=lots"], "/redis/maxmemory"),
+    "no-rbac-no-account": (
+        ["--set", "rbac.create=false"],
+        "with rbac.create=false needs serviceAccount.name",
+    ),
     "hpa-min-above-max": (
         [
             "--set",
