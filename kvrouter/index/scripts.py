@@ -391,6 +391,34 @@ class ResidencyIndex:
         result: RecordResult = await self._run(self.record_call(model, worker, chain, **kw))
         return result
 
+    def evict_call(
+        self,
+        model: str,
+        worker: str,
+        keys: Sequence[int],
+        *,
+        mark_holes: bool = True,
+        now_ms: int = 0,
+    ) -> ScriptCall:
+        k = self.keys(model)
+        w = _worker(worker)
+        return ScriptCall(
+            self.scripts["evict_blocks"],
+            [k.worker(w), k.cut(w)],
+            [w, _pack_keys("keys", keys), _nonneg("now_ms", now_ms), 1 if mark_holes else 0],
+            int,
+        )
+
+    def clear_worker_call(self, model: str, worker: str) -> ScriptCall:
+        k = self.keys(model)
+        w = _worker(worker)
+        return ScriptCall(
+            self.scripts["clear_worker"],
+            [k.worker(w), k.cut(w), k.engine_map(w), k.workers],
+            [w],
+            int,
+        )
+
     async def evict(
         self,
         model: str,
