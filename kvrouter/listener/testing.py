@@ -469,10 +469,16 @@ async def wait_applied(
     prefix: str = "kvr",
     max_wait: float = 15.0,
 ) -> None:
-    """Wait (bounded, polling) until the listener applied ``worker``'s batch ``seq``."""
-    async with asyncio.timeout(max_wait):
-        while await applied_seq(client, model, worker, prefix=prefix) != seq:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    """Wait (bounded, polling) until the listener applied ``worker``'s batch ``seq``.
+
+    The deadline is checked between commands, never by cancelling one in flight: a Redis
+    command cancelled mid-reply can leave a pooled connection unusable.
+    """
+    deadline = time.monotonic() + max_wait
+    while await applied_seq(client, model, worker, prefix=prefix) != seq:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{worker} did not reach seq {seq} within {max_wait} s")
+        await asyncio.sleep(0.01)
 
 
 async def sync_listener(
@@ -484,13 +490,15 @@ async def sync_listener(
     prefix: str = "kvr",
     max_wait: float = 15.0,
 ) -> None:
-    """Get a listener past ZMQ's slow-joiner window: publish AllBlocksCleared batches until
-    one is applied to the index. ``worker`` is the router's id (``ID#dpN`` for rank N)."""
-    async with asyncio.timeout(max_wait):
-        while True:
-            seq = pub.cleared()
-            try:
-                await wait_applied(client, model, worker, seq, prefix=prefix, max_wait=0.2)
-                return
-            except TimeoutError:
-                continue
+    """Get a listener past ZMQ's slow-joiner window: publish harmless batches (the removal
+    of a block hash nobody stored) until one is applied to the index. ``worker`` is the
+    router's id (``ID#dpN`` for rank N)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        seq = pub.removed([0])
+        try:
+            await wait_applied(client, model, worker, seq, prefix=prefix, max_wait=0.3)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
