@@ -11,6 +11,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "kvrouter.bench.index_bench",
         "Lua lookup/record on a 1M-record index vs a naive walk",
     ),
+    "listener": (
+        "kvrouter.bench.listener_bench",
+        "block events/s one listener applies to Redis vs one Lua call per event",
+    ),
     "decode": (
         "kvrouter.bench.decode_bench",
         "KV-event payload decoding throughput vs a bare msgpack unpack",

@@ -248,3 +248,39 @@ async def test_event_with_extra_keys_beyond_lora_is_skipped(
     await wait_applied(redis_client, M, "w", s)
     assert await depth(redis_client, "w", B) == 0
     assert lst.metrics.skipped_blocks["extra_keys"] == 1
+
+
+async def test_metrics_health_ready_and_bad_input(
+    engine: Callable[..., Any], redis_client: Any
+) -> None:
+    import aiohttp
+
+    pub, lst = await engine()
+    pub.publish_payload(b"\xc1 not msgpack")
+    pub.send_frames([b"only-one-frame"])
+    s = pub.stored([eh(i) for i in range(2)], TOKENS[: 2 * B])
+    await wait_applied(redis_client, M, "w", s)
+    # The undecodable batch's seq is a gap no replay can fill: the worker was cleared, then
+    # what followed was applied; the process keeps going.
+    assert await depth(redis_client, "w", 2 * B) == 2
+    assert lst.metrics.clears["resync"] >= 1
+    base = f"http://127.0.0.1:{lst.metrics_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+        async with http.get(base + "/health") as r:
+            assert r.status == 200
+        async with http.get(base + "/ready") as r:
+            assert r.status == 200 and (await r.json())["owned_workers"] == 1
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['kvr_listener_errors_total{kind="decode_msgpack"}'] >= 1
+    assert values['kvr_listener_errors_total{kind="bad_frames"}'] >= 1
+    assert values['kvr_listener_blocks_total{op="stored"}'] >= 2
+    assert values['kvr_listener_resyncs_total{reason="gap"}'] >= 1
+    assert values["kvr_listener_owned_workers"] == 1
+    assert "kvr_listener_lag_seconds" in values
