@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= -q
 
-.PHONY: help install deps test lint typecheck pytest bench-index
+.PHONY: help install deps test lint typecheck pytest bench-index bench-listener
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,3 +31,6 @@ test: install lint typecheck pytest  ## everything CI runs: install, lint, types
 
 bench-index: install  ## the index benchmark, quick mode
 	$(PYTHON) -m kvrouter bench index --quick
+
+bench-listener: install  ## the listener benchmark, quick mode
+	$(PYTHON) -m kvrouter bench listener --quick
