@@ -23,7 +23,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
-from kvrouter.index.errors import ScriptArgumentError, ScriptErrorCode, from_reply
+from kvrouter.index.errors import IndexError_, ScriptArgumentError, ScriptErrorCode, from_reply
 from kvrouter.index.hashing import key_hex
 from kvrouter.index.keys import KeyNameError, KeySchema, ModelKeys, validate_worker_id
 
@@ -291,29 +291,42 @@ class ResidencyIndex:
             raise
         return call.decode(reply) if call.decode else reply
 
-    async def run_pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def run_pipeline(
+        self, calls: Sequence[ScriptCall], *, return_exceptions: bool = False
+    ) -> list[Any]:
         """Send prepared calls in one round trip (same model, so one Cluster node).
 
         redis-py refuses EVALSHA in Cluster pipelines, so on a Cluster the calls go out
         concurrently on the node's pooled connections: still one round trip of wall time.
+        With ``return_exceptions`` a call that failed gives its (typed) exception in its
+        place instead of raising; a lost connection still raises.
         """
         if isinstance(self.client, RedisCluster):
-            return list(await asyncio.gather(*(self._run(c) for c in calls)))
+            return list(
+                await asyncio.gather(
+                    *(self._run(c) for c in calls), return_exceptions=return_exceptions
+                )
+            )
         pipe = self.client.pipeline(transaction=False)
         for c in calls:
             pipe.evalsha(c.script.sha, c.script.num_keys, *c.keys, *c.args)
         replies = await pipe.execute(raise_on_error=False)
         out: list[Any] = []
         for c, r in zip(calls, replies, strict=True):
-            if isinstance(r, NoScriptError):
-                out.append(await self._run(c))
-                continue
-            if isinstance(r, ResponseError):
-                typed = from_reply(str(r))
-                raise typed if typed is not None else r
-            if isinstance(r, Exception):
-                raise r
-            out.append(c.decode(r) if c.decode else r)
+            try:
+                if isinstance(r, NoScriptError):
+                    out.append(await self._run(c))
+                    continue
+                if isinstance(r, ResponseError):
+                    typed = from_reply(str(r))
+                    raise typed if typed is not None else r
+                if isinstance(r, Exception):
+                    raise r
+                out.append(c.decode(r) if c.decode else r)
+            except (IndexError_, ResponseError) as exc:
+                if not return_exceptions:
+                    raise
+                out.append(exc)
         return out
 
     # -- residency ---------------------------------------------------------------------------

@@ -43,10 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import xxhash
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from kvrouter.index.errors import IndexError_, from_reply
 from kvrouter.index.hashing import BlockHasher, extend_chain, tokens_to_bytes
 from kvrouter.index.scripts import (
     ALREADY_APPLIED,
@@ -613,29 +611,4 @@ class Applier:
 
     async def _send(self, calls: list[ScriptCall]) -> list[Any]:
         """One round trip; per-call decoded replies or exceptions (NOSCRIPT reloads)."""
-        client = self.index.client
-        if isinstance(client, RedisCluster):
-            return list(
-                await asyncio.gather(*(self.index.call(c) for c in calls), return_exceptions=True)
-            )
-        pipe = client.pipeline(transaction=False)
-        for c in calls:
-            pipe.evalsha(c.script.sha, c.script.num_keys, *c.keys, *c.args)
-        replies = await pipe.execute(raise_on_error=False)
-        out: list[Any] = []
-        for c, r in zip(calls, replies, strict=True):
-            if isinstance(r, NoScriptError):
-                try:
-                    out.append(await self.index.call(c))
-                except (IndexError_, ResponseError) as exc:
-                    out.append(exc)
-                continue
-            if isinstance(r, ResponseError):
-                typed = from_reply(str(r))
-                out.append(typed if typed is not None else r)
-                continue
-            if isinstance(r, BaseException):
-                out.append(r)
-                continue
-            out.append(c.decode(r) if c.decode else r)
-        return out
+        return await self.index.run_pipeline(calls, return_exceptions=True)

@@ -12,30 +12,11 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kvrouter.listener.zmq_source import SourceStats
+from kvrouter.listener.zmq_source import LogLimiter, SourceStats, add_stats
+
+__all__ = ["ListenerMetrics", "LogLimiter", "render"]
 
 logger = logging.getLogger(__name__)
-
-
-class LogLimiter:
-    """At most one warning per key per interval, reporting how many were suppressed."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._next: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next.get(key, 0.0):
-            self._suppressed[key] += 1
-            return
-        self._next[key] = now + self._interval
-        n = self._suppressed.pop(key, 0)
-        if n:
-            logger.warning(msg + " (%d similar suppressed)", *args, n)
-        else:
-            logger.warning(msg, *args)
 
 
 @dataclass(slots=True)
@@ -115,24 +96,7 @@ def render(
     """Prometheus text format 0.0.4."""
     total = SourceStats()
     for s in sources:
-        for f in (
-            "messages",
-            "bad_frames",
-            "unknown_topic",
-            "rank_mismatch",
-            "batches",
-            "replayed_batches",
-            "events",
-            "skipped_events",
-            "duplicates",
-            "gaps",
-            "replays_ok",
-            "replays_failed",
-            "restarts",
-        ):
-            setattr(total, f, getattr(total, f) + getattr(s, f))
-        total.decode_errors.update(s.decode_errors)
-        total.resyncs.update(s.resyncs)
+        add_stats(total, s)
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:

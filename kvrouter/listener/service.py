@@ -53,6 +53,7 @@ from kvrouter.listener.zmq_source import (
     SourceFailedError,
     SourceStats,
     ZmqEventSource,
+    add_stats,
     dp_worker_id,
 )
 
@@ -415,25 +416,7 @@ class Listener:
         o.pump.cancel()
         await asyncio.gather(o.pump, return_exceptions=True)
         await o.source.close()
-        r, s = self._retired, o.source.stats
-        for f in (
-            "messages",
-            "bad_frames",
-            "unknown_topic",
-            "rank_mismatch",
-            "batches",
-            "replayed_batches",
-            "events",
-            "skipped_events",
-            "duplicates",
-            "gaps",
-            "replays_ok",
-            "replays_failed",
-            "restarts",
-        ):
-            setattr(r, f, getattr(r, f) + getattr(s, f))
-        r.decode_errors.update(s.decode_errors)
-        r.resyncs.update(s.resyncs)
+        add_stats(self._retired, o.source.stats)
 
     def _on_fenced(self, st: WorkerState) -> None:
         o = self._owned.get(st.worker_id)
