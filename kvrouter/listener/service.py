@@ -325,7 +325,7 @@ class Listener:
             await asyncio.sleep(self.settings.discovery_interval_s)
             try:
                 await self._refresh_engines()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # keep the last known engines
                 self._log.warning("discovery", "worker discovery failed: %s", exc)
 
     async def _tick_loop(self) -> None:
@@ -347,6 +347,8 @@ class Listener:
                     logger.warning("Redis unreachable for a lease: giving up every worker")
                     for wid in list(self._owned):
                         await self._drop(wid)
+            except Exception:  # a bug must not stop ownership renewals silently
+                logger.exception("ownership tick failed")
             self._ticked.set()
             await asyncio.sleep(interval)
 
@@ -469,8 +471,11 @@ class Listener:
         delay = 0.1
         first = True
         while True:
-            pubsub = self._pubsub_client.pubsub()
+            pubsub = None
             try:
+                # A Cluster client maps slots on its first command; its pubsub needs the map.
+                await self._pubsub_client.ping()
+                pubsub = self._pubsub_client.pubsub()
                 await pubsub.subscribe(channel)
                 if not first:
                     await self._after_notice_gap()
@@ -481,15 +486,21 @@ class Listener:
                     if msg is None or msg.get("type") != "message":
                         continue
                     await self._on_notice(msg["data"])
-            except (RedisError, OSError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the subscription die: log, back off, retry
                 self.metrics.redis_errors[type(exc).__name__] += 1
                 self.metrics.notice_reconnects += 1
-                self._log.warning("notices", "notice subscription lost: %s", exc)
+                if isinstance(exc, (RedisError, OSError)):
+                    self._log.warning("notices", "notice subscription lost: %s", exc)
+                else:
+                    logger.exception("notice subscription failed; retrying")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
 
     async def _on_notice(self, data: bytes) -> None:
         try:

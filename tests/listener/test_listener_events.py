@@ -6,6 +6,7 @@ Loopback only; every wait is bounded; nothing asserts on durations.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -284,3 +285,36 @@ async def test_metrics_health_ready_and_bad_input(
     assert values['kvr_listener_resyncs_total{reason="gap"}'] >= 1
     assert values["kvr_listener_owned_workers"] == 1
     assert "kvr_listener_lag_seconds" in values
+
+
+@pytest.mark.cluster
+async def test_on_a_redis_cluster_with_notices(
+    make_pub: Callable[..., VllmEventPublisher], redis_cluster_url: str, cluster_client: Any
+) -> None:
+    from kvrouter.listener.notices import publish_notice
+
+    base = free_tcp_port(2)
+    pub = make_pub(tcp(base), tcp(base + 1), bind=True)
+    url = redis_cluster_url.replace("redis://", "redis+cluster://", 1)
+    s = ListenerSettings(
+        model=M,
+        redis_url=url,
+        block_size=B,
+        engines=parse_engines(f"w={tcp(base)},replay={tcp(base + 1)}"),
+        metrics_port=0,
+        metrics_host="127.0.0.1",
+    )
+    async with Listener(s) as lst:
+        await lst.wait_ticked()
+        await sync_listener(pub, cluster_client, M, "w")
+        pub.stored([eh(i) for i in range(3)], TOKENS[: 3 * B], lost=True)
+        s1 = pub.stored([eh(3)], TOKENS[3 * B : 4 * B], parent=eh(2))
+        await wait_applied(cluster_client, M, "w", s1)
+        assert await depth(cluster_client, "w", 4 * B) == 4
+        keys = HASHER.keys(TOKENS[: 2 * B])
+        for _ in range(300):  # until the subscription is in place
+            await publish_notice(cluster_client, M, "store", "side", keys=keys)
+            if await depth(cluster_client, "side", 2 * B) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert await depth(cluster_client, "side", 2 * B) == 2
