@@ -177,7 +177,7 @@ class Listener:
         self._ctx = self._ctx_arg if self._ctx_arg is not None else zmq.asyncio.Context()
         self._discovery = self._discovery_arg or make_discovery(s, self._client)
         await self._refresh_engines()
-        if self._runner is None and s.metrics_port >= 0:
+        if self._runner is None:
             await self._start_http()
         self._flush_task = asyncio.create_task(self._flush_loop(), name="listener flush")
         self._tasks.append(asyncio.create_task(self._tick_loop(), name="listener ownership"))
@@ -304,10 +304,6 @@ class Listener:
             live_listeners=live,
             ready=self.ready,
         )
-
-    async def idle(self) -> bool:
-        """True when nothing is queued or being applied (for tests and benchmarks)."""
-        return not self._inbox and all(o.source.pending == 0 for o in self._owned.values())
 
     # -- ownership ---------------------------------------------------------------------------
 
