@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= -q
 
-.PHONY: help install deps helm test lint typecheck pytest demo bench-index bench-routing
+.PHONY: help install deps helm test lint typecheck pytest demo bench-index bench-routing bench-listener
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -63,3 +63,6 @@ bench-index: install  ## the index benchmark, quick mode
 bench-routing: install  ## every routing policy on the Mooncake trace, quick mode
 	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[bench]'
 	$(PYTHON) -m kvrouter bench routing --quick
+
+bench-listener: install  ## the listener benchmark, quick mode
+	$(PYTHON) -m kvrouter bench listener --quick

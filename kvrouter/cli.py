@@ -21,6 +21,10 @@ from kvrouter import __version__
 # name -> (module, one-line help). Nested roles (bench) dispatch again inside their module.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kvrouter.bench.cli", "benchmarks that print a ratio against an in-run baseline"),
+    "listen": (
+        "kvrouter.listener.cli",
+        "eviction listener: engine KV events and worker notices into the shared index",
+    ),
     "sim": ("kvrouter.sim.cli", "simulated vLLM-compatible workers (KV cache, timing, KV events)"),
     "demo": (
         "kvrouter.demo",

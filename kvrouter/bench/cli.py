@@ -15,6 +15,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "kvrouter.bench.routing_bench",
         "every routing policy on a simulated fleet replaying a Mooncake trace",
     ),
+    "listener": (
+        "kvrouter.bench.listener_bench",
+        "block events/s one listener applies to Redis vs one Lua call per event",
+    ),
     "decode": (
         "kvrouter.bench.decode_bench",
         "KV-event payload decoding throughput vs a bare msgpack unpack",

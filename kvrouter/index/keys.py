@@ -89,6 +89,12 @@ class ModelKeys:
         return f"{self.base}:emap:{validate_worker_id(worker)}"
 
     @property
+    def listener_seq(self) -> str:
+        """HASH worker -> "<epoch>:<seq>": the last engine batch the listener applied for the
+        worker in this model, and the fencing epoch of the listener that applied it."""
+        return f"{self.base}:lseq"
+
+    @property
     def head_prefix(self) -> str:
         return f"{self.base}:head:"
 
@@ -146,7 +152,8 @@ class KeySchema:
         return f"{self.prefix}:heartbeat"
 
     def listener_owner(self, worker: str) -> str:
-        """STRING listener id, with a TTL: which listener applies this worker's events."""
+        """HASH owner / until (ms) / epoch / ns:<model>: which listener replica applies this
+        worker's events, until when, and its fencing epoch (see own_worker-1.lua)."""
         return f"{self.prefix}:listener:owner:{validate_worker_id(worker)}"
 
     @property

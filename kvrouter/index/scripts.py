@@ -24,7 +24,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
-from kvrouter.index.errors import ScriptArgumentError, ScriptErrorCode, from_reply
+from kvrouter.index.errors import IndexError_, ScriptArgumentError, ScriptErrorCode, from_reply
 from kvrouter.index.hashing import key_hex
 from kvrouter.index.keys import KeyNameError, KeySchema, ModelKeys, validate_worker_id
 
@@ -173,6 +173,64 @@ class ReleaseResult:
     holes: int
 
 
+APPLIED = 1
+ALREADY_APPLIED = 0
+FENCED = -1
+_OPS = re.compile(r"^[RSDC]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """Reply of apply_engine_events: ``status`` is APPLIED, ALREADY_APPLIED or FENCED."""
+
+    status: int
+    stored: int = 0
+    duplicates: int = 0
+    released: int = 0
+    removed: int = 0
+    unknown: int = 0
+    holes: int = 0
+    clears: int = 0
+    added: int = 0
+    refreshed: int = 0
+    evicted: int = 0
+    expired: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """Reply of claim_worker: ``claimed`` False means a newer epoch is stored (fenced)."""
+
+    claimed: bool
+    seq: int
+    """Last engine batch applied for the worker in the model; -1 = no resume point."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerLease:
+    """Reply of own_worker."""
+
+    held: bool
+    """The caller holds the lease (or, for a release, gave it up)."""
+    epoch: int
+    owner: str
+    until_ms: int
+    models: tuple[str, ...]
+    """Models the worker's events were written under by any owner (where to claim it)."""
+
+
+def pack_u64(values: Sequence[int]) -> str:
+    """u64 values as 16 lowercase hex digits each, back to back (one C pass, no per-value
+    formatting). Raises ScriptArgumentError for values outside [0, 2**64)."""
+    try:
+        arr = array("Q", values)
+    except (OverflowError, TypeError):
+        raise ScriptArgumentError("fields", "must be unsigned 64-bit integers") from None
+    if sys.byteorder == "little":
+        arr.byteswap()
+    return arr.tobytes().hex()
+
+
 @dataclass(slots=True)
 class ScriptCall:
     """One prepared EVALSHA, so several can share a pipeline (one round trip)."""
@@ -268,29 +326,42 @@ class ResidencyIndex:
             raise
         return call.decode(reply) if call.decode else reply
 
-    async def run_pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def run_pipeline(
+        self, calls: Sequence[ScriptCall], *, return_exceptions: bool = False
+    ) -> list[Any]:
         """Send prepared calls in one round trip (same model, so one Cluster node).
 
         redis-py refuses EVALSHA in Cluster pipelines, so on a Cluster the calls go out
         concurrently on the node's pooled connections: still one round trip of wall time.
+        With ``return_exceptions`` a call that failed gives its (typed) exception in its
+        place instead of raising; a lost connection still raises.
         """
         if isinstance(self.client, RedisCluster):
-            return list(await asyncio.gather(*(self._run(c) for c in calls)))
+            return list(
+                await asyncio.gather(
+                    *(self._run(c) for c in calls), return_exceptions=return_exceptions
+                )
+            )
         pipe = self.client.pipeline(transaction=False)
         for c in calls:
             pipe.evalsha(c.script.sha, c.script.num_keys, *c.keys, *c.args)
         replies = await pipe.execute(raise_on_error=False)
         out: list[Any] = []
         for c, r in zip(calls, replies, strict=True):
-            if isinstance(r, NoScriptError):
-                out.append(await self._run(c))
-                continue
-            if isinstance(r, ResponseError):
-                typed = from_reply(str(r))
-                raise typed if typed is not None else r
-            if isinstance(r, Exception):
-                raise r
-            out.append(c.decode(r) if c.decode else r)
+            try:
+                if isinstance(r, NoScriptError):
+                    out.append(await self._run(c))
+                    continue
+                if isinstance(r, ResponseError):
+                    typed = from_reply(str(r))
+                    raise typed if typed is not None else r
+                if isinstance(r, Exception):
+                    raise r
+                out.append(c.decode(r) if c.decode else r)
+            except (IndexError_, ResponseError) as exc:
+                if not return_exceptions:
+                    raise
+                out.append(exc)
         return out
 
     # -- residency ---------------------------------------------------------------------------
@@ -367,6 +438,34 @@ class ResidencyIndex:
         """Record `worker` as holding `chain` (see record_chain-3.lua for the arguments)."""
         result: RecordResult = await self._run(self.record_call(model, worker, chain, **kw))
         return result
+
+    def evict_call(
+        self,
+        model: str,
+        worker: str,
+        keys: Sequence[int],
+        *,
+        mark_holes: bool = True,
+        now_ms: int = 0,
+    ) -> ScriptCall:
+        k = self.keys(model)
+        w = _worker(worker)
+        return ScriptCall(
+            self.scripts["evict_blocks"],
+            [k.worker(w), k.cut(w)],
+            [w, _pack_keys("keys", keys), _nonneg("now_ms", now_ms), 1 if mark_holes else 0],
+            int,
+        )
+
+    def clear_worker_call(self, model: str, worker: str) -> ScriptCall:
+        k = self.keys(model)
+        w = _worker(worker)
+        return ScriptCall(
+            self.scripts["clear_worker"],
+            [k.worker(w), k.cut(w), k.engine_map(w), k.workers],
+            [w],
+            int,
+        )
 
     async def evict(
         self,
@@ -455,6 +554,105 @@ class ResidencyIndex:
             [w, _pack_keys("engine_hashes", engine_hashes), _nonneg("now_ms", now_ms)],
         )
         return ReleaseResult(*(int(x) for x in await self._run(call)))
+
+    def resolve_engine_blocks_call(
+        self, model: str, worker: str, engine_hashes: Sequence[int]
+    ) -> ScriptCall:
+        k = self.keys(model)
+        w = _worker(worker)
+        return ScriptCall(
+            self.scripts["resolve_engine_blocks"],
+            [k.engine_map(w)],
+            [_pack_keys("engine_hashes", engine_hashes)],
+            lambda reply: [int(_s(v), 16) if v else None for v in reply],
+        )
+
+    def apply_engine_events_call(
+        self,
+        model: str,
+        worker: str,
+        ops: str,
+        fields: str,
+        *,
+        epoch: int,
+        seq: int,
+        ttl_ms: int,
+        capacity: int = 0,
+        now_ms: int = 0,
+        limit: int = 1000,
+    ) -> ScriptCall:
+        """One worker's engine events for one model, in order (see apply_engine_events-6.lua).
+
+        ``ops`` is one character per op (R, S, D, C); ``fields`` the packed hex fields
+        (``pack_u64``). The script validates the fields; this checks the rest.
+        """
+        k = self.keys(model)
+        w = _worker(worker)
+        if not isinstance(ops, str) or not _OPS.match(ops):
+            raise ScriptArgumentError("ops", "must be characters R, S, D or C")
+        if len(ops) > 4 * MAX_CHAIN_BLOCKS:
+            raise ScriptArgumentError("ops", f"at most {4 * MAX_CHAIN_BLOCKS} per call")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < -1 or seq > _U64:
+            raise ScriptArgumentError("seq", f"must be an integer >= -1, got {seq!r}")
+        return ScriptCall(
+            self.scripts["apply_engine_events"],
+            [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix, k.listener_seq],
+            [
+                w,
+                ops,
+                fields,
+                _nonneg("now_ms", now_ms),
+                _nonneg("ttl_ms", ttl_ms, minimum=1),
+                _nonneg("capacity", capacity),
+                _nonneg("limit", limit, minimum=1),
+                _nonneg("epoch", epoch),
+                seq,
+            ],
+            lambda r: ApplyResult(*(int(x) for x in r)),
+        )
+
+    def claim_worker_call(self, model: str, worker: str, *, epoch: int, ttl_ms: int) -> ScriptCall:
+        """Fence older owners out of ``model`` for ``worker`` and read its stream position."""
+        k = self.keys(model)
+        w = _worker(worker)
+        return ScriptCall(
+            self.scripts["claim_worker"],
+            [k.listener_seq],
+            [w, _nonneg("epoch", epoch), _nonneg("ttl_ms", ttl_ms, minimum=1)],
+            lambda r: ClaimResult(int(r[0]) == 1, int(r[1])),
+        )
+
+    def own_worker_call(
+        self, worker: str, listener_id: str, *, release: bool = False, lease_ms: int = 1
+    ) -> ScriptCall:
+        """Acquire or renew (or release) the lease on applying ``worker``'s events."""
+        w = _worker(worker)
+        if (
+            not isinstance(listener_id, str)
+            or not 0 < len(listener_id) <= 256
+            or any(c.isspace() for c in listener_id)
+        ):
+            raise ScriptArgumentError("listener", "must be 1-256 characters without whitespace")
+
+        def decode(r: Any) -> OwnerLease:
+            return OwnerLease(
+                int(r[0]) == 1, int(r[1]), _s(r[2]), int(r[3]), tuple(_s(m) for m in r[4:])
+            )
+
+        return ScriptCall(
+            self.scripts["own_worker"],
+            [self.schema.listener_owner(w)],
+            [
+                listener_id,
+                "release" if release else "acquire",
+                _nonneg("lease_ms", lease_ms, minimum=1),
+            ],
+            decode,
+        )
+
+    async def call(self, call: ScriptCall) -> Any:
+        """Run one prepared call (EVALSHA, NOSCRIPT reload) and decode its reply."""
+        return await self._run(call)
 
     async def resolve_engine_blocks(
         self, model: str, worker: str, engine_hashes: Sequence[int]

@@ -447,3 +447,58 @@ async def handshake(
         ):
             items += await source.get_many(1000)
     return items
+
+
+async def applied_seq(client: Any, model: str, worker: str, *, prefix: str = "kvr") -> int | None:
+    """The engine batch seq the index reflects for ``worker`` in ``model`` (None: nothing)."""
+    from kvrouter.index.keys import KeySchema
+
+    raw = await client.hget(KeySchema(prefix).model(model).listener_seq, worker)
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return int(text.split(":")[1])
+
+
+async def wait_applied(
+    client: Any,
+    model: str,
+    worker: str,
+    seq: int,
+    *,
+    prefix: str = "kvr",
+    max_wait: float = 15.0,
+) -> None:
+    """Wait (bounded, polling) until the listener applied ``worker``'s batch ``seq``.
+
+    The deadline is checked between commands, never by cancelling one in flight: a Redis
+    command cancelled mid-reply can leave a pooled connection unusable.
+    """
+    deadline = time.monotonic() + max_wait
+    while await applied_seq(client, model, worker, prefix=prefix) != seq:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{worker} did not reach seq {seq} within {max_wait} s")
+        await asyncio.sleep(0.01)
+
+
+async def sync_listener(
+    pub: VllmEventPublisher,
+    client: Any,
+    model: str,
+    worker: str,
+    *,
+    prefix: str = "kvr",
+    max_wait: float = 15.0,
+) -> None:
+    """Get a listener past ZMQ's slow-joiner window: publish harmless batches (the removal
+    of a block hash nobody stored) until one is applied to the index. ``worker`` is the
+    router's id (``ID#dpN`` for rank N)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        seq = pub.removed([0])
+        try:
+            await wait_applied(client, model, worker, seq, prefix=prefix, max_wait=0.3)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise

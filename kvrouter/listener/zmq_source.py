@@ -221,6 +221,35 @@ class SourceStats:
     """By ``Resync.reason``."""
 
 
+_STAT_COUNTS: Final = (
+    "messages",
+    "bad_frames",
+    "unknown_topic",
+    "rank_mismatch",
+    "batches",
+    "replayed_batches",
+    "events",
+    "skipped_events",
+    "blocks_stored",
+    "blocks_removed",
+    "cleared",
+    "duplicates",
+    "gaps",
+    "replays_ok",
+    "replays_failed",
+    "restarts",
+)
+
+
+def add_stats(into: SourceStats, other: SourceStats) -> SourceStats:
+    """Add ``other``'s counters into ``into`` (totals over several sources); returns ``into``."""
+    for name in _STAT_COUNTS:
+        setattr(into, name, getattr(into, name) + getattr(other, name))
+    into.decode_errors.update(other.decode_errors)
+    into.resyncs.update(other.resyncs)
+    return into
+
+
 class SourceFailedError(RuntimeError):
     """A reader task died on an unexpected error; the source stops yielding."""
 
@@ -302,7 +331,7 @@ class _Channel:
         self._not_empty.set()
 
 
-class _LogLimiter:
+class LogLimiter:
     """At most one warning per key per interval, reporting how many were suppressed."""
 
     def __init__(self, interval: float) -> None:
@@ -416,7 +445,7 @@ class ZmqEventSource:
         self._streams: dict[str, _Stream] = {}
         self._channel: _Channel | None = None
         self._queue_size = queue_size
-        self._log = _LogLimiter(log_interval)
+        self._log = LogLimiter(log_interval)
         self._started = False
         self._closed = False
         self.stats = SourceStats()
