@@ -21,6 +21,7 @@ from kvrouter import __version__
 # name -> (module, one-line help). Nested roles (bench) dispatch again inside their module.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kvrouter.bench.cli", "benchmarks that print a ratio against an in-run baseline"),
+    "serve": ("kvrouter.router.cli", "run a router replica (OpenAI-compatible, KV-cache-aware)"),
 }
 
 
