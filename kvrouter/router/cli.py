@@ -8,6 +8,7 @@ names it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -43,12 +44,24 @@ def run(args: argparse.Namespace) -> int:
             return 2
         raise
     logging.getLogger("kvrouter.router").info("starting: %r", settings)
+    loop = _event_loop()
     web.run_app(
         app,
         host=settings.host,
         port=settings.port,
         access_log=None,
         handler_cancellation=True,
+        loop=loop,
         print=lambda text: logging.getLogger("kvrouter.router").info("%s", text.strip()),
     )
     return 0
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when it is installed (a dependency on Linux and macOS): it takes a large share of
+    the router's own per-request overhead off (see docs/benchmarks.md); asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

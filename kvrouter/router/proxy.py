@@ -3,7 +3,10 @@
 For each worker of the plan's ranking (at most ``max_attempts``):
 
 1. Start round trip 2 (speculative residency + in-flight lease) as a task, concurrently with
-   the upstream request, so Redis adds no latency of its own here.
+   the upstream request, so Redis adds no latency of its own here. The response does not
+   wait for it: the record lands within about one Redis round trip of dispatch, long before
+   any real completion ends (a request that reaches a router inside that window routes as
+   if this one had not been sent yet, as concurrent requests always do).
 2. Send the body exactly as received. A connect error, a timeout, a 502/503/504, or an
    upstream that dies before its first body byte is a failure *before the first byte*: the
    worker's circuit breaker counts it and the next-best worker is tried.
@@ -34,7 +37,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from kvrouter.router.errors import APIError, sse_error_event
+from kvrouter.router.errors import APIError, sse_error_event, unavailable
 from kvrouter.router.metrics import Metrics
 from kvrouter.router.request import ParsedRequest
 from kvrouter.router.routing import Plan
@@ -209,15 +212,11 @@ class Proxy:
             if isinstance(outcome, web.StreamResponse):
                 return outcome
             last_error = outcome
-        if last_error is None:
-            last_error = APIError(
-                503,
-                "no worker could take the request",
-                type_="service_unavailable",
-                code="no_worker",
-                retry_after=self.settings.retry_after_s,
-            )
-        raise last_error
+        detail = f": {last_error.message}" if last_error is not None else ""
+        raise unavailable(
+            f"no worker could take the request ({attempts} tried){detail}",
+            self.settings.retry_after_s,
+        )
 
     def _fail(self, worker: Worker, kind: str, detail: str) -> APIError:
         self.metrics.upstream_errors.inc(worker.id, kind)
@@ -270,7 +269,6 @@ class Proxy:
                 self._fail(worker, "status", f"HTTP {resp.status}")
             else:
                 self.pool.record_success(worker)
-            await lease.dispatched()
             return web.Response(
                 body=data, status=resp.status, headers=self._response_headers(resp, plan, worker)
             )
@@ -317,7 +315,6 @@ class Proxy:
                 if not chunk:
                     break
                 await out.write(chunk)
-            await lease.dispatched()
             await out.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log.debug("client left a stream from %s; closing the upstream request", worker.id)

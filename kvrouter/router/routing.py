@@ -80,7 +80,8 @@ class Router:
     def chain(self, req: ParsedRequest) -> list[int]:
         if not req.token_ids:
             return []
-        return self.hashers[req.model].keys(req.token_ids, cache_salt=req.cache_salt)
+        tokens = req.token_bytes if req.token_bytes is not None else req.token_ids
+        return self.hashers[req.model].keys(tokens, cache_salt=req.cache_salt)
 
     async def plan(self, req: ParsedRequest) -> Plan:
         """Rank the workers for `req`. Raises APIError 503 when none can take it."""
