@@ -29,7 +29,7 @@ class RegisteredWorker:
     url: str
     models: tuple[str, ...] = ()
     capacity_blocks: int = 0
-    dp_rank: int = 0
+    dp_rank: int | None = None
     heartbeat_ms: int = 0
 
 
@@ -45,7 +45,7 @@ async def register_worker(
     *,
     models: tuple[str, ...] = (),
     capacity_blocks: int = 0,
-    dp_rank: int = 0,
+    dp_rank: int | None = None,
     now_ms: int | None = None,
 ) -> None:
     """Add or update a worker and heartbeat it."""
@@ -55,7 +55,7 @@ async def register_worker(
         "url": url.rstrip("/"),
         "models": list(models),
         "capacity_blocks": int(capacity_blocks),
-        "dp_rank": int(dp_rank),
+        "dp_rank": dp_rank,
     }
     await client.hset(schema.registry, worker_id, json.dumps(desc))
     await heartbeat(client, schema, worker_id, now_ms=now_ms)
@@ -101,7 +101,7 @@ async def read_registry(
                     spec.url,
                     models,
                     int(desc.get("capacity_blocks") or 0),
-                    int(desc.get("dp_rank") or 0),
+                    None if desc.get("dp_rank") is None else int(desc["dp_rank"]),
                     int(beat),
                 )
             )

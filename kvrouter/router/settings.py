@@ -32,7 +32,8 @@ class WorkerSpec:
 
     id: str
     url: str
-    dp_rank: int = 0
+    dp_rank: int | None = None
+    """Data-parallel rank to pin requests to (``#dpN``); None = let the server choose."""
 
     @classmethod
     def parse(cls, text: str) -> WorkerSpec:
@@ -45,7 +46,7 @@ class WorkerSpec:
         wid, sep, url = text.partition("=")
         if not sep or "://" in wid:
             wid, url = "", text
-        rank = 0
+        rank: int | None = None
         if "#dp" in url:
             url, _, rank_text = url.rpartition("#dp")
             if not rank_text.isdigit():

@@ -29,7 +29,7 @@ from kvrouter.router.settings import RouterSettings
 class Worker:
     id: str
     url: str
-    dp_rank: int = 0
+    dp_rank: int | None = None
     models: frozenset[str] = frozenset()
     """Models served; empty = every model the router serves."""
     capacity_blocks: int = 0
@@ -50,8 +50,8 @@ class Worker:
     headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dp_rank:
-            # vLLM routes a request to a data-parallel rank named by this header.
+        if self.dp_rank is not None:
+            # vLLM (and SGLang) route a request to the data-parallel rank this header names.
             self.headers = {"X-data-parallel-rank": str(self.dp_rank)}
 
     def available(self, now: float) -> bool:
@@ -117,7 +117,7 @@ class WorkerPool:
     # -- registry --------------------------------------------------------------------------
     def sync_registry(
         self,
-        entries: Iterable[tuple[str, str, tuple[str, ...], int, int]],
+        entries: Iterable[tuple[str, str, tuple[str, ...], int, int | None]],
     ) -> None:
         """Make registry workers match `entries` (id, url, models, capacity, dp rank).
 
