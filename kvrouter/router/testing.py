@@ -208,7 +208,7 @@ class FakeWorker:
                     "usage": usage,
                 }
             )
-        return await self._stream(request, body, chat, rid, created, n_out, usage, fault)
+        return await self._stream(request, body, chat, rid, created, n_out, usage, fault, record)
 
     async def _stream(
         self,
@@ -220,11 +220,20 @@ class FakeWorker:
         n_out: int,
         usage: dict[str, Any],
         fault: str | None,
+        record: dict[str, Any],
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await resp.prepare(request)
+        sent = bytearray()
+        record["sent"] = sent
+        write_raw = resp.write
+
+        async def write(data: bytes) -> None:
+            sent.extend(data)  # what went on the wire, for pass-through tests
+            await write_raw(data)
+
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choice: dict[str, Any], use: dict[str, Any] | None = None) -> bytes:
@@ -241,7 +250,7 @@ class FakeWorker:
 
         try:
             if chat:
-                await resp.write(
+                await write(
                     event(
                         {
                             "index": 0,
@@ -269,7 +278,7 @@ class FakeWorker:
                         "finish_reason": "length" if last else None,
                         "logprobs": None,
                     }
-                await resp.write(event(choice))
+                await write(event(choice))
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
             opts = body.get("stream_options") or {}
@@ -282,8 +291,8 @@ class FakeWorker:
                     "choices": [],
                     "usage": usage,
                 }
-                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
+                await write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             self.cancelled += 1
