@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= -q
 
-.PHONY: help install deps test lint typecheck pytest bench-index
+.PHONY: help install deps test lint typecheck pytest bench-index bench-router
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,3 +31,6 @@ test: install lint typecheck pytest  ## everything CI runs: install, lint, types
 
 bench-index: install  ## the index benchmark, quick mode
 	$(PYTHON) -m kvrouter bench index --quick
+
+bench-router: install  ## the router benchmark, quick mode: added latency, throughput, tokenizer cache
+	$(PYTHON) -m kvrouter bench router --quick

@@ -11,6 +11,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "kvrouter.bench.index_bench",
         "Lua lookup/record on a 1M-record index vs a naive walk",
     ),
+    "router": (
+        "kvrouter.bench.router_bench",
+        "latency the router adds, throughput, tokenizer cache",
+    ),
 }
 
 
