@@ -344,3 +344,36 @@ async def test_all_attempts_failing_is_a_503(
     )
     assert status == 503 and "Retry-After" in headers
     assert "2 tried" in json.loads(body)["error"]["message"]
+
+
+async def test_large_bodies_tokenize_in_a_thread(
+    start_router: StartRouter, workers: list[FakeWorker], tokenizer: Any
+) -> None:
+    router = await start_router(workers[:1], tokenize_thread_bytes=0)  # every body
+    out = await openai_client(router).chat.completions.with_raw_response.create(
+        model=MODEL, messages=chat("threaded")
+    )
+    usage = out.parse().usage
+    assert usage is not None and usage.prompt_tokens == len(tokenizer.encode_chat(chat("threaded")))
+
+
+@pytest.mark.cluster
+async def test_routing_on_a_redis_cluster(
+    start_router: StartRouter,
+    workers: list[FakeWorker],
+    redis_cluster_url: str,
+    cluster_client: Any,
+) -> None:
+    router = await start_router(workers, redis_url=redis_cluster_url)
+    client = openai_client(router)
+    first = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=chat("cluster 1")
+    )
+    await settle(router)
+    second = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=chat("cluster 2")
+    )
+    assert second.headers["x-kvrouter-worker"] == first.headers["x-kvrouter-worker"]
+    assert int(second.headers["x-kvrouter-matched-tokens"]) > 500
+    _, ready = await get_json(router.url + "/ready")
+    assert ready["redis"] == "up"
