@@ -28,12 +28,13 @@ from kvrouter.router.proxy import BackgroundTasks, Proxy
 from kvrouter.router.request import (
     CHAT,
     COMPLETIONS,
+    ParsedRequest,
     PromptTokenizer,
     parse_body,
     parse_request,
     tokenize,
 )
-from kvrouter.router.routing import Router
+from kvrouter.router.routing import Plan, Router
 from kvrouter.router.settings import RouterSettings
 from kvrouter.router.shared_index import SharedIndex
 from kvrouter.router.workers import WorkerPool
@@ -46,7 +47,7 @@ POOL = web.AppKey("pool", WorkerPool)
 SHARED = web.AppKey("shared_index", SharedIndex)
 ROUTER = web.AppKey("router", Router)
 TASKS = web.AppKey("tasks", BackgroundTasks)
-TOKENIZER = web.AppKey("tokenizer", object)
+TOKENIZER: web.AppKey[PromptTokenizer | None] = web.AppKey("tokenizer")
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
 MONITOR = web.AppKey("monitor", Monitor)
@@ -165,7 +166,7 @@ async def _read_body(request: web.Request) -> bytes:
         raise too_large(f"request body exceeds the {limit}-byte limit") from None
 
 
-async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, Any, Any]:
+async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRequest, Plan]:
     app = request.app
     settings = app[SETTINGS]
     raw = await _read_body(request)
@@ -176,9 +177,9 @@ async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, Any, Any
     if len(raw) > settings.tokenize_thread_bytes:
         # Long prompts are the router's main CPU cost; a thread keeps the loop serving others
         # (tokenizers releases the GIL while it encodes).
-        await asyncio.to_thread(tokenize, req, tok, settings)  # type: ignore[arg-type]
+        await asyncio.to_thread(tokenize, req, tok, settings)
     else:
-        tokenize(req, tok, settings)  # type: ignore[arg-type]
+        tokenize(req, tok, settings)
     app[METRICS].tokenize_seconds.observe(time.perf_counter() - start)
     plan = await app[ROUTER].plan(req)
     return raw, req, plan
@@ -274,7 +275,7 @@ async def debug_route(request: web.Request) -> web.Response:
     if endpoint == COMPLETIONS and "prompt" not in body:
         raise bad_request("a completions body ('prompt') or a chat body ('messages') is required")
     req = parse_request(endpoint, body, request.headers, settings)
-    tokenize(req, app[TOKENIZER], settings)  # type: ignore[arg-type]
+    tokenize(req, app[TOKENIZER], settings)
     plan = await app[ROUTER].plan(req)
     bs = settings.block_size
     d = plan.decision

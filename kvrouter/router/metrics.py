@@ -42,6 +42,9 @@ class _Metric:
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
+    def render(self) -> list[str]:
+        raise NotImplementedError
+
 
 @dataclass
 class Counter(_Metric):
@@ -175,5 +178,5 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
         for m in self.all():
-            lines.extend(m.render())  # type: ignore[attr-defined]
+            lines.extend(m.render())
         return "\n".join(lines) + "\n"
