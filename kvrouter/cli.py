@@ -21,6 +21,12 @@ from kvrouter import __version__
 # name -> (module, one-line help). Nested roles (bench) dispatch again inside their module.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kvrouter.bench.cli", "benchmarks that print a ratio against an in-run baseline"),
+    "sim": ("kvrouter.sim.cli", "simulated vLLM-compatible workers (KV cache, timing, KV events)"),
+    "demo": (
+        "kvrouter.demo",
+        "everything on an embedded default: Redis, 8 simulated workers, router",
+    ),
+    "replay": ("kvrouter.sim.replay", "replay a Mooncake trace against a router or worker"),
     "serve": ("kvrouter.router.cli", "run a router replica (OpenAI-compatible, KV-cache-aware)"),
 }
 

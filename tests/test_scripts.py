@@ -241,7 +241,8 @@ def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str
     blocks48 = packed[:16] + "0" * 16 + packed[:16]
     return [
         ("record_chain", rec, [w, packed, 0, HOUR, 0, 0, "lots", 100], "capacity"),
-        ("record_chain", rec, [w, packed + "zz" * 8, 0, HOUR, 0, 0, 0, 100], "chain"),
+        ("record_chain", rec, [w, packed + "abc", 0, HOUR, 0, 0, 0, 100], "chain"),
+        ("evict_blocks", rec[:2], [w, packed[:-16] + "zz" * 8, 0, 1], "blocks"),
         ("record_chain", rec, [w, packed, 0, HOUR, 0, 0, 0, 0], "limit"),
         ("record_chain", rec, ["a|b", packed, 0, HOUR, 0, 0, 0, 100], "worker"),
         ("evict_blocks", rec[:2], [w, packed, 0, 7], "mark_holes"),

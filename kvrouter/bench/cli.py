@@ -11,6 +11,14 @@ BENCHES: dict[str, tuple[str, str]] = {
         "kvrouter.bench.index_bench",
         "Lua lookup/record on a 1M-record index vs a naive walk",
     ),
+    "routing": (
+        "kvrouter.bench.routing_bench",
+        "every routing policy on a simulated fleet replaying a Mooncake trace",
+    ),
+    "decode": (
+        "kvrouter.bench.decode_bench",
+        "KV-event payload decoding throughput vs a bare msgpack unpack",
+    ),
     "router": (
         "kvrouter.bench.router_bench",
         "latency the router adds, throughput, tokenizer cache",

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -26,6 +27,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from kvrouter.index.errors import ScriptArgumentError, ScriptErrorCode, from_reply
 from kvrouter.index.hashing import key_hex
 from kvrouter.index.keys import KeyNameError, KeySchema, ModelKeys, validate_worker_id
+
+log = logging.getLogger(__name__)
 
 # Bounds a caller cannot exceed in one call: they keep a script's run time, and so Redis's
 # pause for everyone else, bounded.
@@ -216,10 +219,42 @@ class ResidencyIndex:
     # -- transport ---------------------------------------------------------------------------
     async def load(self) -> None:
         """SCRIPT LOAD every script (on a Cluster, on every primary)."""
-        for script in self.scripts.values():
-            await self.client.script_load(script.source)
+        for name in list(self.scripts):
+            try:
+                await self.client.script_load(self.scripts[name].source)
+            except ResponseError as exc:
+                if "near '#'" not in str(exc) or not self._without_flags():
+                    raise
+                await self.client.script_load(self.scripts[name].source)
+
+    def _without_flags(self) -> bool:
+        """Switch to copies of the scripts without their `#!lua` flags line.
+
+        Real Redis 7+ understands the flags; in-process stand-ins (fakeredis, used by the demo
+        when no redis-server is installed) reject the line as a syntax error. Without it a
+        read-only script still only reads, and a write script is still validated before its
+        first write; only Redis's up-front out-of-memory refusal is lost.
+        """
+        if any(s.source.startswith("#!") for s in self.scripts.values()):
+            log.warning("this Redis server rejects script flags: running the scripts without them")
+            self.scripts = {
+                name: replace(
+                    s, source=s.source.split("\n", 1)[1] if s.source.startswith("#!") else s.source
+                )
+                for name, s in self.scripts.items()
+            }
+            return True
+        return False
 
     async def _run(self, call: ScriptCall) -> Any:
+        try:
+            return await self._run_once(call)
+        except ResponseError as exc:
+            if "near '#'" in str(exc) and self._without_flags():
+                return await self._run_once(replace(call, script=self.scripts[call.script.name]))
+            raise
+
+    async def _run_once(self, call: ScriptCall) -> Any:
         s = call.script
         try:
             try:

@@ -1,0 +1,609 @@
+"""One simulated vLLM-compatible worker: OpenAI HTTP API, /metrics, KV events, admin.
+
+Endpoints (as vLLM's OpenAI server unless marked):
+
+- `POST /v1/completions` (prompt: string or token ids), `POST /v1/chat/completions`:
+  streaming (`data: {...}` SSE chunks, then `data: [DONE]`) or not; `usage` carries
+  `prompt_tokens_details.cached_tokens`; `stream_options.include_usage` adds a final usage
+  chunk. Generation always runs to `max_tokens` (EOS is ignored).
+- `GET /v1/models`, `GET /health`, `GET /metrics`, `POST /reset_prefix_cache`.
+- Simulator-only fault injection: `POST /admin/reset_prefix_cache` (same as vLLM's),
+  `POST /admin/restart?down_s=S` (fail every request, empty the cache silently, restart
+  the event seq at 0; with S > 0 also stop listening for S real seconds and answer 503 on
+  kept-alive connections meanwhile), `POST /admin/drop_events?count=K&replay=1` (swallow
+  the next K event batches on the live stream; replay=0 also keeps them out of the replay
+  buffer), `GET /admin/state` (JSON snapshot).
+
+Every response carries `x-sim-worker: <worker id>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from array import array
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import zmq.asyncio
+from aiohttp import web
+
+from kvrouter.sim.engine import Engine
+from kvrouter.sim.kvcache import root_digest
+from kvrouter.sim.metrics import render_metrics
+from kvrouter.sim.publisher import EventPublisher
+from kvrouter.sim.scheduler import EngineConfig, RequestRejected, RequestState, SimRequest
+from kvrouter.sim.settings import SimSettings
+from kvrouter.sim.tokenizer import ByteTokenizer, ChatFormatError, Tokenizer
+
+log = logging.getLogger(__name__)
+
+WORKER_HEADER = "x-sim-worker"
+DEFAULT_MAX_TOKENS = 16
+
+
+class ApiError(Exception):
+    """An error answered as an OpenAI-style JSON body."""
+
+    def __init__(
+        self, status: int, message: str, err_type: str = "BadRequestError", param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.err_type,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """How to reach one simulated worker; one entry of the ready file's `workers`."""
+
+    id: str
+    url: str
+    host: str
+    port: int
+    events_endpoint: str | None
+    replay_endpoint: str | None
+    topic: str
+    dp_rank: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def engine_config(settings: SimSettings) -> EngineConfig:
+    """The engine shape a worker gets from the fleet's settings."""
+    return EngineConfig(
+        block_size=settings.block_size,
+        num_blocks=settings.num_gpu_blocks,
+        prefill_tokens_per_s=settings.prefill_tokens_per_s,
+        decode_step_s=settings.decode_step_ms / 1000.0,
+        decode_step_s_per_seq=settings.decode_step_ms_per_seq / 1000.0,
+        max_batch=settings.max_batch,
+        max_batched_tokens=settings.max_batched_tokens,
+        max_model_len=settings.max_model_len,
+    )
+
+
+WORKER_KEY: web.AppKey[SimWorker] = web.AppKey("sim_worker")
+
+
+class SimWorker:
+    """One worker: its engine, event publisher and HTTP server, all on the current loop."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        settings: SimSettings,
+        *,
+        port: int,
+        events_port: int = 0,
+        replay_port: int = 0,
+        zmq_ctx: zmq.asyncio.Context | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.settings = settings
+        self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
+        self._port = port
+        self.publisher: EventPublisher | None = None
+        if settings.kv_events != "off":
+            if zmq_ctx is None:
+                raise ValueError("KV events need a zmq.asyncio.Context")
+            self.publisher = EventPublisher(
+                zmq_ctx,
+                host=settings.host,
+                port=events_port,
+                replay_port=replay_port,
+                encoding=settings.kv_events,
+                topic=settings.kv_events_topic,
+                buffer_steps=settings.kv_events_buffer_steps,
+            )
+        self.engine = Engine(
+            engine_config(settings),
+            root_digest(settings.model, settings.seed),
+            time_scale=settings.time_scale,
+            on_events=self.publisher.publish if self.publisher else None,
+        )
+        self.app = create_worker_app(self)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._down_until = 0.0
+        self._bg: set[asyncio.Task[None]] = set()
+        self.info: WorkerInfo | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> WorkerInfo:
+        """Start the engine and publisher (cleanup_ctx) and listen; returns how to reach it."""
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.settings.host, self._port, reuse_address=True)
+        await self._site.start()
+        self._port = int(self._runner.addresses[-1][1])
+        host = self.settings.host
+        pub = self.publisher
+        self.info = WorkerInfo(
+            id=self.worker_id,
+            url=f"http://{host}:{self._port}",
+            host=host,
+            port=self._port,
+            events_endpoint=pub.endpoint if pub else None,
+            replay_endpoint=pub.replay_endpoint if pub else None,
+            topic=self.settings.kv_events_topic,
+        )
+        return self.info
+
+    async def stop(self) -> None:
+        """Fail in-flight requests, stop listening and release everything. Idempotent."""
+        for task in list(self._bg):
+            task.cancel()
+        self.engine.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            self._site = None
+
+    @property
+    def is_down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    async def restart(self, down_s: float = 0.0) -> None:
+        """Simulate an engine restart (see the module docstring)."""
+        self.engine.restart()
+        if self.publisher is not None:
+            self.publisher.restart()
+        if down_s <= 0 or self._runner is None or self._site is None:
+            return
+        self._down_until = time.monotonic() + down_s
+        await self._site.stop()
+        await asyncio.sleep(down_s)
+        self._site = web.TCPSite(self._runner, self.settings.host, self._port, reuse_address=True)
+        await self._site.start()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        """Run a background job tied to this worker's lifetime."""
+
+        async def wrap() -> None:
+            await coro
+
+        task = asyncio.create_task(wrap())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request: web.Request,
+        prompt: Sequence[int],
+        max_tokens: int,
+        *,
+        chat: bool,
+        stream: bool,
+        include_usage: bool,
+        model: str,
+    ) -> web.StreamResponse:
+        """Run one request through the engine and answer it, streaming or not."""
+        if self.is_down:
+            raise ApiError(503, "the engine is restarting", "ServiceUnavailableError")
+        try:
+            req = self.engine.submit(prompt, max_tokens)
+        except RequestRejected as exc:
+            raise ApiError(400, str(exc), param="max_tokens") from None
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        fmt = _ChunkFormat(rid, created, model, chat, self.tokenizer)
+        try:
+            if stream:
+                return await self._stream(request, req, fmt, include_usage)
+            async for _ in _progress(req):
+                pass
+            if req.state is not RequestState.FINISHED:
+                raise ApiError(503, req.error or "request aborted", "ServiceUnavailableError")
+            return web.json_response(fmt.full(req), headers={WORKER_HEADER: self.worker_id})
+        finally:
+            self.engine.abort(req)
+
+    async def _stream(
+        self, request: web.Request, req: SimRequest, fmt: _ChunkFormat, include_usage: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                WORKER_HEADER: self.worker_id,
+            }
+        )
+        await resp.prepare(request)
+        sent = 0
+        first = True
+        async for upto, done in _progress(req):
+            if upto > sent:
+                new = req.tokens[req.prompt_len + sent : req.prompt_len + upto]
+                sent = upto
+                finished = done and req.state is RequestState.FINISHED
+                for chunk in fmt.chunks(new.tolist(), first, finished, include_usage):
+                    await resp.write(_sse(chunk))
+                first = False
+        if req.state is RequestState.ABORTED:
+            await resp.write(
+                _sse(
+                    ApiError(503, req.error or "request aborted", "ServiceUnavailableError").body()
+                )
+            )
+        elif include_usage:
+            await resp.write(_sse(fmt.usage_chunk(req)))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    def state(self) -> dict[str, Any]:
+        """A JSON snapshot for `/admin/state` and debugging."""
+        sched = self.engine.scheduler
+        cache = sched.cache
+        pub = self.publisher
+        return {
+            "id": self.worker_id,
+            "running": len(sched.running),
+            "waiting": len(sched.waiting),
+            "num_gpu_blocks": cache.num_blocks,
+            "free_blocks": cache.num_free,
+            "cached_blocks": cache.num_cached,
+            "usage": cache.usage,
+            "sim_time_s": self.engine.now_s(),
+            "stats": asdict(sched.stats),
+            "events": None
+            if pub is None
+            else {
+                "next_seq": pub.next_seq,
+                "sent": pub.batches_sent,
+                "dropped": pub.batches_dropped,
+            },
+        }
+
+
+async def _progress(req: SimRequest) -> AsyncIterator[tuple[int, bool]]:
+    """Yield (tokens generated so far, done) each time the engine signals, until done."""
+    event = req.notify
+    assert isinstance(event, asyncio.Event)
+    while True:
+        done = req.done
+        yield req.num_generated, done
+        if done:
+            return
+        await event.wait()
+        event.clear()
+
+
+def _sse(obj: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _ChunkFormat:
+    """Builds OpenAI completion / chat bodies for one request."""
+
+    __slots__ = ("chat", "created", "model", "rid", "tok")
+
+    def __init__(self, rid: str, created: int, model: str, chat: bool, tok: Tokenizer) -> None:
+        self.rid, self.created, self.model, self.chat, self.tok = rid, created, model, chat, tok
+
+    def _envelope(self, choices: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+        return {
+            "id": self.rid,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def chunks(
+        self, tokens: Sequence[int], first: bool, finished: bool, include_usage: bool
+    ) -> list[dict[str, Any]]:
+        text = self.tok.decode(tokens)
+        reason = "length" if finished else None
+        out: list[dict[str, Any]] = []
+        if self.chat:
+            kind = "chat.completion.chunk"
+            if first:
+                role = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None}  # fmt: skip
+                out.append(self._envelope([role], kind))
+            choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
+                      "finish_reason": reason}  # fmt: skip
+        else:
+            kind = "text_completion"
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
+                      "stop_reason": None}  # fmt: skip
+        out.append(self._envelope([choice], kind))
+        if include_usage:
+            for chunk in out:
+                chunk["usage"] = None
+        return out
+
+    def usage_chunk(self, req: SimRequest) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        body = self._envelope([], kind)
+        body["usage"] = usage(req)
+        return body
+
+    def full(self, req: SimRequest) -> dict[str, Any]:
+        text = self.tok.decode(req.output_tokens.tolist())
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+            body = self._envelope([choice], "chat.completion")
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
+                      "stop_reason": None, "prompt_logprobs": None}  # fmt: skip
+            body = self._envelope([choice], "text_completion")
+        body["usage"] = usage(req)
+        return body
+
+
+def usage(req: SimRequest) -> dict[str, Any]:
+    """OpenAI usage of a request, with vLLM's `prompt_tokens_details.cached_tokens`."""
+    return {
+        "prompt_tokens": req.prompt_len,
+        "total_tokens": req.prompt_len + req.num_generated,
+        "completion_tokens": req.num_generated,
+        "prompt_tokens_details": {"cached_tokens": req.cached_tokens or 0},
+    }
+
+
+# -- request parsing -------------------------------------------------------------------------
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def _token_array(value: Sequence[Any], param: str) -> array[int]:
+    # array() range- and type-checks in C; a per-token Python check costs more than the
+    # rest of the request on long prompts.
+    try:
+        return array("I", value)
+    except (OverflowError, TypeError):
+        raise ApiError(400, "token ids must be integers in [0, 2**32)", param=param) from None
+
+
+def _prompt_tokens(prompt: Any, tok: Tokenizer) -> Sequence[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return tok.encode(prompt)
+    if isinstance(prompt, list):
+        if prompt and isinstance(prompt[0], str | list):
+            raise ApiError(
+                400, "batched prompts are not supported by the simulator", param="prompt"
+            )
+        return _token_array(prompt, "prompt")
+    raise ApiError(400, "prompt must be a string or a list of token ids", param="prompt")
+
+
+def _int_param(body: Mapping[str, Any], *names: str, default: int) -> int:
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if type(value) is not int or value < 1:
+            raise ApiError(400, f"{name} must be a positive integer", param=name)
+        return value
+    return default
+
+
+def _common(body: Mapping[str, Any], worker: SimWorker) -> tuple[str, bool, bool]:
+    model = body.get("model") or worker.settings.model
+    if model != worker.settings.model:
+        raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "the simulator supports n=1 only", param="n")
+    stream = bool(body.get("stream", False))
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", param="stream_options")
+    return model, stream, bool(options.get("include_usage", False))
+
+
+# -- handlers --------------------------------------------------------------------------------
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    model, stream, include_usage = _common(body, worker)
+    if "prompt" not in body:
+        raise ApiError(400, "prompt is required", param="prompt")
+    prompt = _prompt_tokens(body["prompt"], worker.tokenizer)
+    max_tokens = _int_param(body, "max_tokens", default=DEFAULT_MAX_TOKENS)
+    return await worker.generate(
+        request, prompt, max_tokens, chat=False, stream=stream,
+        include_usage=include_usage, model=model,
+    )  # fmt: skip
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    model, stream, include_usage = _common(body, worker)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    try:
+        prompt = worker.tokenizer.encode_chat(messages)
+    except ChatFormatError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    max_tokens = _int_param(body, "max_completion_tokens", "max_tokens", default=DEFAULT_MAX_TOKENS)
+    return await worker.generate(
+        request, prompt, max_tokens, chat=True, stream=stream,
+        include_usage=include_usage, model=model,
+    )  # fmt: skip
+
+
+async def models(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    s = worker.settings
+    card = {"id": s.model, "object": "model", "created": 0, "owned_by": "vllm",
+            "root": s.model, "parent": None, "max_model_len": s.max_model_len}  # fmt: skip
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[WORKER_KEY].is_down:
+        raise ApiError(503, "the engine is restarting", "ServiceUnavailableError")
+    return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    text = render_metrics(worker.engine, model=worker.settings.model)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+
+
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    if not worker.engine.reset_prefix_cache():
+        raise ApiError(
+            409, "cannot reset the prefix cache while requests hold blocks", "ConflictError"
+        )
+    return web.json_response({"ok": True})
+
+
+def _query_number(request: web.Request, name: str, default: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a number", param=name) from None
+    if value < 0:
+        raise ApiError(400, f"{name} must be >= 0", param=name)
+    return value
+
+
+async def admin_restart(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    down_s = _query_number(request, "down_s", 0.0)
+    if down_s > 0:
+        # Answer first: the restart stops the listener this response goes out on.
+        worker.spawn(worker.restart(down_s))
+    else:
+        await worker.restart(0.0)
+    return web.json_response({"ok": True, "down_s": down_s})
+
+
+async def admin_drop_events(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    if worker.publisher is None:
+        raise ApiError(409, "KV events are off on this worker", "ConflictError")
+    count = int(_query_number(request, "count", 1))
+    keep = request.query.get("replay", "1") not in ("0", "false", "no")
+    worker.publisher.drop_next(count, keep_in_replay=keep)
+    return web.json_response({"ok": True, "count": count, "replay": keep,
+                              "next_seq": worker.publisher.next_seq})  # fmt: skip
+
+
+async def admin_state(request: web.Request) -> web.Response:
+    return web.json_response(request.app[WORKER_KEY].state())
+
+
+@web.middleware
+async def _errors_and_header(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    worker_id = request.app[WORKER_KEY].worker_id
+    try:
+        resp = await handler(request)
+    except ApiError as exc:
+        return web.json_response(exc.body(), status=exc.status, headers={WORKER_HEADER: worker_id})
+    if not resp.prepared:
+        resp.headers[WORKER_HEADER] = worker_id
+    return resp
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    worker = app[WORKER_KEY]
+    task = asyncio.create_task(worker.engine.run(), name=f"engine-{worker.worker_id}")
+    yield
+    worker.engine.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
+    publisher = app[WORKER_KEY].publisher
+    if publisher is None:
+        yield
+        return
+    await publisher.start()
+    yield
+    await publisher.close()
+
+
+def create_worker_app(worker: SimWorker) -> web.Application:
+    """The aiohttp application of one worker (the engine and publisher run in cleanup_ctx)."""
+    app = web.Application(middlewares=[_errors_and_header], client_max_size=64 * 1024**2)
+    app[WORKER_KEY] = worker
+    app.cleanup_ctx.append(_publisher_ctx)
+    app.cleanup_ctx.append(_engine_ctx)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    app.router.add_post("/admin/reset_prefix_cache", reset_prefix_cache)
+    app.router.add_post("/admin/restart", admin_restart)
+    app.router.add_post("/admin/drop_events", admin_drop_events)
+    app.router.add_get("/admin/state", admin_state)
+    return app
