@@ -99,8 +99,6 @@ def _processes(redis_url: str) -> Iterator[tuple[str, str]]:
         MODEL,
         "--log-level",
         "warning",
-        "--registry",
-        "false",
         "--scrape-capacity",
         "false",
     ]

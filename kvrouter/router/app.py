@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvrouter.discovery.base import EndpointSource
 from kvrouter.router.errors import APIError, bad_request, too_large, unauthorized
 from kvrouter.router.metrics import Metrics
 from kvrouter.router.monitor import Monitor
@@ -35,7 +36,7 @@ from kvrouter.router.request import (
     tokenize,
 )
 from kvrouter.router.routing import Plan, Router
-from kvrouter.router.settings import RouterSettings
+from kvrouter.router.settings import RouterSettings, kubernetes_source
 from kvrouter.router.shared_index import SharedIndex
 from kvrouter.router.workers import WorkerPool
 
@@ -51,6 +52,7 @@ TOKENIZER: web.AppKey[PromptTokenizer | None] = web.AppKey("tokenizer")
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
 MONITOR = web.AppKey("monitor", Monitor)
+SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,9 +69,11 @@ def create_app(
     *,
     tokenizer: PromptTokenizer | None = None,
     rng: random.Random | None = None,
+    endpoint_source: EndpointSource | None = None,
 ) -> web.Application:
     """The router app. Loads the tokenizer from ``settings.tokenizer`` unless one is given
-    (so a bad tokenizer path fails here, at start-up)."""
+    (so a bad tokenizer path fails here, at start-up). With ``discovery=kubernetes`` it
+    builds the EndpointSlice watch unless `endpoint_source` is given (tests, embedding)."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors_middleware])
     metrics = Metrics()
     app[SETTINGS] = settings
@@ -81,6 +85,9 @@ def create_app(
     if tokenizer is None and settings.tokenizer:
         tokenizer = load_tokenizer(settings.tokenizer)
     app[TOKENIZER] = tokenizer
+    if endpoint_source is None and settings.discovery == "kubernetes":
+        endpoint_source = kubernetes_source(settings)
+    app[SOURCE] = endpoint_source
     if tokenizer is not None and hasattr(tokenizer, "cache_stats"):
         stats = tokenizer.cache_stats
 
@@ -125,7 +132,9 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
-    monitor = Monitor(app[SETTINGS], app[POOL], app[SHARED], app[SESSION], app[METRICS])
+    monitor = Monitor(
+        app[SETTINGS], app[POOL], app[SHARED], app[SESSION], app[METRICS], app[SOURCE]
+    )
     app[MONITOR] = monitor
     monitor.start()
     yield
@@ -325,9 +334,12 @@ class RouterServer:
         *,
         tokenizer: PromptTokenizer | None = None,
         rng: random.Random | None = None,
+        endpoint_source: EndpointSource | None = None,
     ) -> None:
         self.settings = settings
-        self.app = create_app(settings, tokenizer=tokenizer, rng=rng)
+        self.app = create_app(
+            settings, tokenizer=tokenizer, rng=rng, endpoint_source=endpoint_source
+        )
         self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         self.port = settings.port
 

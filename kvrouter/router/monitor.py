@@ -1,5 +1,6 @@
-"""Background work of a router replica: active health checks, capacity scraping, the Redis
-registry, and clearing the residency of workers that stay out past the grace period.
+"""Background work of a router replica: active health checks, capacity scraping, worker
+discovery (the Redis registry, Kubernetes EndpointSlices), and clearing the residency of
+workers that stay out past the grace period.
 
 One task per concern, each a loop that never raises (a failing check is a result, not a
 crash); `Monitor.run()` starts them and `close()` stops them.
@@ -15,6 +16,7 @@ import time
 
 import aiohttp
 
+from kvrouter.discovery.base import EndpointSource
 from kvrouter.router.metrics import Metrics
 from kvrouter.router.registry import read_registry
 from kvrouter.router.settings import RouterSettings
@@ -49,8 +51,10 @@ class Monitor:
         shared: SharedIndex,
         session: aiohttp.ClientSession,
         metrics: Metrics,
+        source: EndpointSource | None = None,
     ) -> None:
         self.settings = settings
+        self.source = source
         self.pool = pool
         self.shared = shared
         self.session = session
@@ -62,14 +66,18 @@ class Monitor:
         s = self.settings
         if s.health_interval_s > 0:
             self.tasks.append(loop.create_task(self._every(s.health_interval_s, self.check_all)))
-        if s.registry and self.shared.enabled:
+        if s.discovery == "redis" and self.shared.enabled:
             self.tasks.append(
                 loop.create_task(self._every(s.registry_interval_s, self.refresh_registry))
             )
+        if self.source is not None:
+            self.tasks.append(loop.create_task(self.follow(self.source)))
         tick = min(1.0, max(0.05, s.clear_grace_s / 4))
         self.tasks.append(loop.create_task(self._every(tick, self.housekeeping)))
 
     async def close(self) -> None:
+        if self.source is not None:
+            await self.source.close()
         for t in self.tasks:
             t.cancel()
         for t in self.tasks:
@@ -147,14 +155,39 @@ class Monitor:
         except REDIS_FAILURES as exc:
             self.shared.mark_down("registry", exc)
             return
-        before = set(self.pool.workers)
-        self.pool.sync_registry(
+        joined = self.pool.sync_registry(
             (e.id, e.url, e.models, e.capacity_blocks, e.dp_rank) for e in entries
         )
-        for wid in set(self.pool.workers) - before:
-            log.info("worker %s joined from the registry", wid)
+        await self._joined(joined, "the registry")
+
+    async def _joined(self, ids: list[str], where: str) -> None:
+        for wid in ids:
+            log.info("worker %s joined from %s", wid, where)
             w = self.pool.workers[wid]
-            await self.check(w)
+            if self.settings.health_interval_s > 0:
+                await self.check(w)
+
+    # -- Kubernetes (or any EndpointSource) ------------------------------------------------------
+    async def follow(self, source: EndpointSource) -> None:
+        """Apply each snapshot of `source` to the pool until it ends or is closed. A snapshot
+        is the whole set: workers missing from it leave (and are cleared after the grace)."""
+        try:
+            async for snapshot in source.snapshots():
+                # A pod serving several data-parallel ranks is pinned rank by rank, rank 0 too.
+                dp_urls = {e.url for e in snapshot if e.dp_rank > 0}
+                joined = self.pool.sync_source(
+                    "kubernetes",
+                    (
+                        (e.worker_id, e.url, (), 0, e.dp_rank if e.url in dp_urls else None)
+                        for e in snapshot
+                        if e.ready
+                    ),
+                )
+                await self._joined(joined, "discovery")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker discovery stopped; keeping the last known workers")
 
     # -- outages -------------------------------------------------------------------------------
     async def housekeeping(self) -> None:

@@ -15,11 +15,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from kvrouter.index.connection import redact_url
 from kvrouter.index.keys import KeyNameError, KeySchema, validate_model, validate_worker_id
 from kvrouter.router.scoring import POLICIES
+
+DISCOVERY_MODES = ("static", "redis", "kubernetes")
 
 
 class SettingsError(ValueError):
@@ -129,6 +131,12 @@ SPECS: tuple[Spec, ...] = (
     _spec(
         "admin_token", str, "Bearer token for /debug/route ('' = debug endpoint off)", secret=True
     ),
+    _spec(
+        "redis_password",
+        str,
+        "Redis password, merged into the URL (keeps it out of the URL and the ConfigMap)",
+        secret=True,
+    ),
     _spec("key_prefix", str, "prefix of every Redis key"),
     _spec("hash_seed", str, "folded into every block key; equal across routers and listeners"),
     _spec("kv_events", _bool, "a listener confirms residency from engine KV events"),
@@ -160,7 +168,16 @@ SPECS: tuple[Spec, ...] = (
     _spec("eject_s", float, "first ejection period; doubles per repeated trip"),
     _spec("eject_max_s", float, "longest ejection period"),
     _spec("clear_grace_s", float, "after this long out, a worker's residency is cleared"),
-    _spec("registry", _bool, "also take workers from the Redis registry"),
+    _spec(
+        "discovery",
+        str,
+        "where workers come from besides --worker: static (none), redis (the registry), "
+        "kubernetes (EndpointSlices)",
+    ),
+    _spec("k8s_selector", str, "kubernetes discovery: label selector of the vLLM EndpointSlices"),
+    _spec("k8s_namespace", str, "kubernetes discovery: namespace ('' = the pod's own)"),
+    _spec("k8s_http_port_name", str, "kubernetes discovery: name of the Service's HTTP port"),
+    _spec("k8s_api_url", str, "kubernetes discovery: API server URL ('' = in-cluster)"),
     _spec("registry_interval_s", float, "how often the registry is read"),
     _spec("heartbeat_timeout_s", float, "a registry worker whose heartbeat is older drops out"),
     _spec("retry_after_s", int, "Retry-After on 503 when no worker can take a request"),
@@ -182,6 +199,7 @@ class RouterSettings:
     block_size: int = 16
     policy: str = "kv"
     admin_token: str = field(default="", compare=False)
+    redis_password: str = field(default="", compare=False)
     key_prefix: str = "kvr"
     hash_seed: str = ""
     kv_events: bool = False
@@ -209,7 +227,11 @@ class RouterSettings:
     eject_s: float = 5.0
     eject_max_s: float = 60.0
     clear_grace_s: float = 30.0
-    registry: bool = True
+    discovery: str = "static"
+    k8s_selector: str = ""
+    k8s_namespace: str = ""
+    k8s_http_port_name: str = "http"
+    k8s_api_url: str = ""
     registry_interval_s: float = 2.0
     heartbeat_timeout_s: float = 15.0
     retry_after_s: int = 1
@@ -266,6 +288,18 @@ class RouterSettings:
         return max(1, int(ttl * 1000))
 
     @property
+    def redis_connect_url(self) -> str:
+        """``redis_url`` with ``redis_password`` merged in (when the URL carries none)."""
+        if not self.redis_password or not self.redis_url:
+            return self.redis_url
+        parts = urlsplit(self.redis_url)
+        if parts.password is not None:
+            return self.redis_url
+        user = quote(parts.username or "", safe="")
+        netloc = f"{user}:{quote(self.redis_password, safe='')}@{parts.netloc.rsplit('@', 1)[-1]}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    @property
     def record_ttl_ms(self) -> int:
         return max(1, int(self.record_ttl_s * 1000))
 
@@ -277,7 +311,7 @@ class RouterSettings:
         parts = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "admin_token":
+            if f.name in ("admin_token", "redis_password"):
                 value = "***" if value else ""
             elif f.name == "redis_url":
                 value = redact_url(value)
@@ -353,6 +387,12 @@ class RouterSettings:
             raise bad("balance_rel", f"must be >= 1, got {self.balance_rel}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise bad("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
+        if self.discovery not in DISCOVERY_MODES:
+            raise bad("discovery", f"must be one of {', '.join(DISCOVERY_MODES)}")
+        if self.discovery == "kubernetes" and not self.k8s_selector.strip():
+            raise bad("k8s_selector", "is required with kubernetes discovery")
+        if self.discovery == "redis" and not self.redis_url:
+            raise bad("discovery", "redis discovery needs a Redis URL")
         if self.session_header != self.session_header.strip() or not self.session_header:
             raise bad("session_header", "must be a header name")
 
@@ -402,3 +442,40 @@ def settings_table_rows() -> list[tuple[str, str, str, str]]:
 def parse_worker_list(items: Sequence[str]) -> tuple[WorkerSpec, ...]:
     """Parse ``[ID=]URL`` strings (for embedding code that builds settings by hand)."""
     return tuple(WorkerSpec.parse(x) for x in items)
+
+
+def kubernetes_source(settings: RouterSettings) -> Any:
+    """The EndpointSlice watch for ``discovery=kubernetes`` (a KubernetesEndpointSource).
+
+    Here because in-cluster configuration comes from the process environment
+    (KUBERNETES_SERVICE_HOST/PORT) and the service-account files, and this module is the one
+    that reads the environment. Raises DiscoveryError naming what is missing.
+    """
+    from pathlib import Path
+
+    from kvrouter.discovery.kubernetes import (
+        SERVICE_ACCOUNT_DIR,
+        ApiServer,
+        DiscoveryError,
+        KubernetesEndpointSource,
+        PortNames,
+    )
+
+    if settings.k8s_api_url:
+        api = ApiServer(settings.k8s_api_url)
+    else:
+        api = ApiServer.in_cluster(os.environ)
+    namespace = settings.k8s_namespace
+    if not namespace:
+        ns_file = Path(SERVICE_ACCOUNT_DIR, "namespace")
+        if not ns_file.is_file():
+            raise DiscoveryError(
+                "KVR_K8S_NAMESPACE is not set and there is no service-account namespace file"
+            )
+        namespace = ns_file.read_text().strip()
+    return KubernetesEndpointSource(
+        api,
+        namespace,
+        settings.k8s_selector,
+        ports=PortNames(http=settings.k8s_http_port_name),
+    )

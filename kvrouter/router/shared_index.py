@@ -69,7 +69,7 @@ class SharedIndex:
             return
         t = self.settings.redis_timeout_s
         self.client = connect(
-            self.settings.redis_url,
+            self.settings.redis_connect_url,
             socket_timeout=t,
             socket_connect_timeout=t,
             # Fail fast: a request must not wait out redis-py's default retries with backoff;

@@ -1,7 +1,7 @@
 """The worker pool: where workers come from and whether each can take a request now.
 
-Workers come from the static list (settings) and, optionally, the Redis registry. Each has
-two independent health signals:
+Workers come from the static list (settings) and, with ``discovery``, from the Redis registry
+or Kubernetes EndpointSlices. Each has two independent health signals:
 
 - **active**: the monitor's periodic ``GET /health``; a failed check takes the worker out
   until a check succeeds;
@@ -36,7 +36,8 @@ class Worker:
     """KV capacity in router blocks; 0 = unknown (no LRU trim)."""
     source: str = "static"
     registered: bool = True
-    """False once a registry worker's heartbeat lapsed (kept until its residency is cleared)."""
+    """False once a discovered worker left its source (a lapsed heartbeat, a deleted pod);
+    kept until its residency is cleared."""
     healthy: bool = True
     failures: int = 0
     trips: int = 0
@@ -114,40 +115,54 @@ class WorkerPool:
     def record_check(self, worker: Worker, ok: bool) -> None:
         worker.healthy = ok
 
-    # -- registry --------------------------------------------------------------------------
-    def sync_registry(
+    # -- dynamic sources (the Redis registry, Kubernetes EndpointSlices) --------------------
+    def sync_source(
         self,
+        source: str,
         entries: Iterable[tuple[str, str, tuple[str, ...], int, int | None]],
-    ) -> None:
-        """Make registry workers match `entries` (id, url, models, capacity, dp rank).
+    ) -> list[str]:
+        """Make the workers of `source` match `entries` (id, url, models, capacity, dp rank);
+        returns the ids that joined.
 
-        Static workers win over a registry entry with the same id. A registry worker missing
-        from `entries` is marked deregistered (not dropped: the monitor still has to clear
-        its residency after the grace period, then forgets it).
+        Static workers win over an entry with the same id. A worker of `source` missing from
+        `entries` is marked unlisted (not dropped: the monitor still has to clear its
+        residency after the grace period, then forgets it).
         """
         seen: set[str] = set()
+        joined: list[str] = []
         for wid, url, models, capacity, rank in entries:
             seen.add(wid)
             w = self.workers.get(wid)
             if w is not None and w.source == "static":
                 continue
             if w is None or w.url != url or w.dp_rank != rank:
-                w = self.workers[wid] = Worker(wid, url, rank, source="registry")
+                w = self.workers[wid] = Worker(wid, url, rank, source=source)
+                joined.append(wid)
+            elif not w.registered:
+                joined.append(wid)
             w.registered = True
             w.models = frozenset(models)
             if capacity:
                 w.capacity_blocks = capacity
-                w.capacity_source = "registry"
+                w.capacity_source = source
             elif not w.capacity_blocks and self.settings.worker_capacity_blocks:
                 w.capacity_blocks = self.settings.worker_capacity_blocks
                 w.capacity_source = "config"
         for w in self.workers.values():
-            if w.source == "registry" and w.id not in seen:
+            if w.source == source and w.id not in seen:
                 w.registered = False
+        return joined
+
+    def sync_registry(
+        self,
+        entries: Iterable[tuple[str, str, tuple[str, ...], int, int | None]],
+    ) -> list[str]:
+        """`sync_source` for the Redis registry."""
+        return self.sync_source("registry", entries)
 
     def forget(self, worker_id: str) -> None:
         w = self.workers.get(worker_id)
-        if w is not None and w.source == "registry" and not w.registered and w.inflight == 0:
+        if w is not None and w.source != "static" and not w.registered and w.inflight == 0:
             del self.workers[worker_id]
 
     # -- outage bookkeeping ----------------------------------------------------------------

@@ -52,7 +52,7 @@ def settings_for(redis_url: str, workers: list[FakeWorker], **kw: Any) -> Router
         "models": (MODEL,),
         "workers": tuple(WorkerSpec.parse(w.url) for w in workers),
         "health_interval_s": 0,
-        "registry": False,
+        "discovery": "static",
     }
     base.update(kw)
     return RouterSettings(**base)
@@ -67,8 +67,14 @@ async def start_router(
 
     async def start(workers: list[FakeWorker], **kw: Any) -> RouterServer:
         kw.setdefault("redis_url", redis_url)
+        source = kw.pop("endpoint_source", None)
         settings = settings_for(kw.pop("redis_url"), workers, **kw)
-        server = RouterServer(settings, tokenizer=tokenizer, rng=random.Random(len(servers)))
+        server = RouterServer(
+            settings,
+            tokenizer=tokenizer,
+            rng=random.Random(len(servers)),
+            endpoint_source=source,
+        )
         await server.start()
         servers.append(server)
         return server

@@ -185,7 +185,7 @@ async def test_registry_workers_join_and_drop_out(
 ) -> None:
     schema = KeySchema()
     router = await start_router(
-        [], registry=True, registry_interval_s=0.05, heartbeat_timeout_s=0.5
+        [], discovery="redis", registry_interval_s=0.05, heartbeat_timeout_s=0.5
     )
     status, _ = await get_json(router.url + "/ready")
     assert status == 503
