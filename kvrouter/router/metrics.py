@@ -145,6 +145,11 @@ class Metrics:
             "worker failures by worker and kind (connect, status, timeout, stream)",
             ("worker", "kind"),
         )
+        self.worker_requests = Counter(
+            "kvrouter_worker_requests_total",
+            "requests a worker answered (any status), by worker",
+            ("worker",),
+        )
         self.retries = Counter(
             "kvrouter_retries_total", "requests moved to the next-best worker before a byte"
         )

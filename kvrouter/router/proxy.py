@@ -260,7 +260,10 @@ class Proxy:
                 detail = f"HTTP {resp.status}"
                 return self._fail(worker, "status", detail)
             if resp.content_type == "text/event-stream" and resp.status == 200:
-                return await self._stream(request, resp, plan, worker, lease)
+                out = await self._stream(request, resp, plan, worker, lease)
+                if isinstance(out, web.StreamResponse):
+                    self.metrics.worker_requests.inc(worker.id)
+                return out
             try:
                 data = await resp.read()
             except UPSTREAM_ERRORS as exc:
@@ -269,6 +272,7 @@ class Proxy:
                 self._fail(worker, "status", f"HTTP {resp.status}")
             else:
                 self.pool.record_success(worker)
+            self.metrics.worker_requests.inc(worker.id)
             return web.Response(
                 body=data, status=resp.status, headers=self._response_headers(resp, plan, worker)
             )

@@ -46,6 +46,7 @@ async def test_health_ready_models_metrics(
         "kvrouter_matched_tokens_count 1",
         "kvrouter_lookup_seconds_count 1",
         "kvrouter_redis_up 1",
+        'kvrouter_worker_requests_total{worker="',
         "# TYPE kvrouter_upstream_errors_total counter",
         "# TYPE kvrouter_redis_errors_total counter",
         'kvrouter_tokenizer_cache{stat="hits"}',
