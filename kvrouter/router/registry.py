@@ -2,8 +2,10 @@
 
 ``<prefix>:registry`` (HASH) maps a worker id to a JSON description; ``<prefix>:heartbeat``
 (ZSET) maps it to its last heartbeat in wall-clock ms. A worker (or a sidecar next to it)
-registers once and heartbeats every few seconds; routers read both and drop workers whose
-heartbeat is older than their timeout. Deregistering removes both entries at once.
+calls `register_worker` every few seconds (it is idempotent and is the heartbeat: a Redis
+that restarted empty relearns the worker at the next call; `heartbeat` alone only refreshes
+the time). Routers with ``KVR_DISCOVERY=redis`` read both and drop workers whose heartbeat is
+older than ``KVR_HEARTBEAT_TIMEOUT_S``. Deregistering removes both entries.
 
 Description fields: ``url`` (required, http(s)://host:port), ``models`` (list; empty = every
 model the router serves), ``capacity_blocks`` (int, 0 = unknown), ``dp_rank`` (int).
