@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= -q
 
-.PHONY: help install deps helm test lint typecheck pytest demo bench-index bench-routing bench-listener
+.PHONY: help install deps helm test lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -66,3 +66,6 @@ bench-routing: install  ## every routing policy on the Mooncake trace, quick mod
 
 bench-listener: install  ## the listener benchmark, quick mode
 	$(PYTHON) -m kvrouter bench listener --quick
+
+bench-router: install  ## the router benchmark, quick mode: added latency, throughput, tokenizer cache
+	$(PYTHON) -m kvrouter bench router --quick

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "everything on an embedded default: Redis, 8 simulated workers, router",
     ),
     "replay": ("kvrouter.sim.replay", "replay a Mooncake trace against a router or worker"),
+    "serve": ("kvrouter.router.cli", "run a router replica (OpenAI-compatible, KV-cache-aware)"),
 }
 
 

@@ -298,3 +298,12 @@ def test_every_script_has_a_complete_header() -> None:
             assert text.startswith("#!lua flags=no-writes"), name
         else:
             assert text.startswith("#!lua\n"), name
+
+
+async def test_script_sha_is_what_redis_computes_and_is_computed_once(
+    any_client: Any,
+) -> None:
+    for script in load_scripts().values():
+        assert await any_client.script_load(script.source) == script.sha
+        # A stored attribute, not a property hashing the source on every EVALSHA.
+        assert not isinstance(getattr(type(script), "sha", None), property)

@@ -23,6 +23,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "kvrouter.bench.decode_bench",
         "KV-event payload decoding throughput vs a bare msgpack unpack",
     ),
+    "router": (
+        "kvrouter.bench.router_bench",
+        "latency the router adds, throughput, tokenizer cache",
+    ),
 }
 
 

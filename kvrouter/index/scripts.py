@@ -45,10 +45,12 @@ class LuaScript:
     num_keys: int
     source: str
     read_only: bool
+    sha: str = field(init=False, repr=False)
+    """SHA1 of the source, as EVALSHA names it: computed once here, not on every call (it
+    was a property that hashed the ~10 kB source for each EVALSHA on the request path)."""
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 def _splice(source: str, lib: str) -> str:

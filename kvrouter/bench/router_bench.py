@@ -1,0 +1,273 @@
+"""`kvrouter bench router`: what the router adds to a request, and the tokenizer's cache.
+
+In one run, on this machine:
+
+  latency     a pre-tokenized 4,096-token completions request (max_tokens 1) sent straight
+              to a fast fake worker, and the same through a router replica (the baseline and
+              the measured path alternate, one request at a time); added = router - direct at
+              p50 and p99. The router is a real `kvrouter serve` subprocess with a private
+              redis-server and the default `kv` policy over 4 worker ids (all pointing at the
+              one fake worker), so every request does the full path: parse, hash 256 blocks,
+              Lua lookup, score, record + lease, proxy, release.
+  throughput  requests per second through the router with `--concurrency` requests in flight
+              (and straight to the worker, for scale).
+  tokenize    turn 10 of a ~16k-token chat with and without the segment cache
+              (kvrouter.tokenizer.bench.multiturn_speedup), token-exact.
+
+The last stdout line is one JSON object. No number here is asserted by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from kvrouter.bench.common import emit_json, percentile, print_table, redis_server
+from kvrouter.redisproc import free_port
+
+MODEL = "bench"
+TARGET_ADDED_P50_MS = 2.0
+TARGET_TOKENIZE_SPEEDUP = 5.0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
+    parser.add_argument("--requests", type=int, default=0, help="latency samples per path")
+    parser.add_argument("--concurrency", type=int, default=16, help="in flight for throughput")
+    parser.add_argument("--duration", type=float, default=0, help="seconds of throughput load")
+    parser.add_argument("--prompt-tokens", type=int, default=4096)
+    parser.add_argument("--chat-tokens", type=int, default=16_000, help="size of the chat")
+    parser.add_argument("--seed", type=int, default=7)
+
+
+def run(args: argparse.Namespace) -> int:
+    n = args.requests or (600 if args.quick else 3000)
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    with redis_server() as url, _processes(url) as (router_url, worker_url):
+        result = asyncio.run(_http_bench(router_url, worker_url, args, n, duration))
+    result.update(_tokenize_bench(args.chat_tokens, repeats=3 if args.quick else 5))
+    result["targets_met"] = {
+        "added_p50_ms": result["added_p50_ms"] <= TARGET_ADDED_P50_MS,
+        "tokenize_speedup": result["tokenize_speedup"] >= TARGET_TOKENIZE_SPEEDUP
+        and result["tokenize_exact"],
+    }
+    _print(result)
+    emit_json(result)
+    return 0
+
+
+@contextlib.contextmanager
+def _processes(redis_url: str) -> Iterator[tuple[str, str]]:
+    """A fast fake worker and a router, each its own process, as in a deployment."""
+    wport, rport = free_port(), free_port()
+    worker_url = f"http://127.0.0.1:{wport}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in the finally below
+        prefix="kvr-bench-router-", suffix=".log", delete=False
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "kvrouter.router.testing", "--port", str(wport), "--fast"],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env=env,
+    )
+    router_cmd = [
+        sys.executable,
+        "-m",
+        "kvrouter",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(rport),
+        "--redis-url",
+        redis_url,
+        "--model",
+        MODEL,
+        "--log-level",
+        "warning",
+        "--scrape-capacity",
+        "false",
+    ]
+    for i in range(4):
+        router_cmd += ["--worker", f"w{i}={worker_url}"]
+    router = subprocess.Popen(router_cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    try:
+        _wait_ready(f"http://127.0.0.1:{rport}/ready", router, log.name)
+        yield f"http://127.0.0.1:{rport}", worker_url
+    finally:
+        for p in (router, worker):
+            p.terminate()
+        for p in (router, worker):
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str) -> None:
+    async def poll() -> bool:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(300):
+                if proc.poll() is not None:
+                    return False
+                try:
+                    async with s.get(url) as r:
+                        body = await r.json()
+                        if r.status == 200 and body.get("redis") == "up":
+                            return True
+                except (aiohttp.ClientError, OSError):
+                    pass
+                await asyncio.sleep(0.1)
+        return False
+
+    if not asyncio.run(poll()):
+        tail = Path(log_path).read_text(errors="replace")[-2000:]
+        raise SystemExit(f"the router did not become ready:\n{tail}")
+
+
+def _bodies(prompt_tokens: int, seed: int, count: int) -> list[bytes]:
+    """Pre-tokenized prompts sharing a long prefix (as a fleet's traffic does), each with its
+    own last block, so every request does a real lookup and record."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(1, 120_000) for _ in range(prompt_tokens - 16)]
+    out = []
+    for _ in range(count):
+        tail = [rng.randrange(1, 120_000) for _ in range(16)]
+        out.append(json.dumps({"model": MODEL, "prompt": prefix + tail, "max_tokens": 1}).encode())
+    return out
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: bytes) -> float:
+    start = time.perf_counter()
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+        await r.read()
+        if r.status != 200:
+            raise SystemExit(f"{url} answered {r.status}: {(await r.text())[:300]}")
+    return time.perf_counter() - start
+
+
+async def _http_bench(
+    router_url: str, worker_url: str, args: argparse.Namespace, n: int, duration: float
+) -> dict[str, Any]:
+    bodies = _bodies(args.prompt_tokens, args.seed, 64)
+    direct: list[float] = []
+    routed: list[float] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        via = f"{router_url}/v1/completions"
+        straight = f"{worker_url}/v1/completions"
+        for i in range(100):  # warm up both paths (connections, caches, the JIT-less Python)
+            await _one(s, straight, bodies[i % 64])
+            await _one(s, via, bodies[i % 64])
+        for i in range(n):
+            body = bodies[i % 64]
+            # Alternate which goes first so neither path always runs on a warmer cache.
+            if i % 2:
+                direct.append(await _one(s, straight, body))
+                routed.append(await _one(s, via, body))
+            else:
+                routed.append(await _one(s, via, body))
+                direct.append(await _one(s, straight, body))
+        router_rps = await _throughput(s, via, bodies, args.concurrency, duration)
+        direct_rps = await _throughput(s, straight, bodies, args.concurrency, duration / 2)
+    d50, d99 = percentile(direct, 50) * 1e3, percentile(direct, 99) * 1e3
+    r50, r99 = percentile(routed, 50) * 1e3, percentile(routed, 99) * 1e3
+    return {
+        "bench": "router",
+        "prompt_tokens": args.prompt_tokens,
+        "samples": n,
+        "direct_p50_ms": round(d50, 3),
+        "direct_p99_ms": round(d99, 3),
+        "router_p50_ms": round(r50, 3),
+        "router_p99_ms": round(r99, 3),
+        "added_p50_ms": round(r50 - d50, 3),
+        "added_p99_ms": round(r99 - d99, 3),
+        "concurrency": args.concurrency,
+        "router_rps": round(router_rps, 1),
+        "direct_rps": round(direct_rps, 1),
+    }
+
+
+async def _throughput(
+    s: aiohttp.ClientSession, url: str, bodies: list[bytes], concurrency: int, duration: float
+) -> float:
+    done = 0
+    stop = time.perf_counter() + duration
+
+    async def loop(k: int) -> None:
+        nonlocal done
+        i = k
+        while time.perf_counter() < stop:
+            await _one(s, url, bodies[i % len(bodies)])
+            done += 1
+            i += concurrency
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop(k) for k in range(concurrency)))
+    return done / (time.perf_counter() - start)
+
+
+def _tokenize_bench(chat_tokens: int, repeats: int) -> dict[str, Any]:
+    from kvrouter.tokenizer.bench import multiturn_speedup
+    from kvrouter.tokenizer.testing import build_test_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = build_test_tokenizer(Path(tmp) / "llama3", "llama3")
+        r = multiturn_speedup(tok_dir, turns=10, target_tokens=chat_tokens, repeats=repeats)
+    return {
+        "tokenize_turn": r["turn"],
+        "tokenize_prompt_tokens": r["prompt_tokens"],
+        "tokenize_cached_ms": r["cached_ms"],
+        "tokenize_uncached_ms": r["uncached_ms"],
+        "tokenize_speedup": r["speedup"],
+        "tokenize_exact": r["exact"],
+    }
+
+
+def _print(r: dict[str, Any]) -> None:
+    rows = [
+        (
+            "direct to worker p50 / p99",
+            f"{r['direct_p50_ms']:.3f} / {r['direct_p99_ms']:.3f} ms",
+            "baseline",
+        ),
+        ("through router p50 / p99", f"{r['router_p50_ms']:.3f} / {r['router_p99_ms']:.3f} ms", ""),
+        (
+            "added by the router p50 / p99",
+            f"{r['added_p50_ms']:.3f} / {r['added_p99_ms']:.3f} ms",
+            f"target p50 <= {TARGET_ADDED_P50_MS} ms",
+        ),
+        (
+            f"throughput, {r['concurrency']} in flight",
+            f"{r['router_rps']:.0f} req/s",
+            f"direct: {r['direct_rps']:.0f} req/s",
+        ),
+        (
+            f"tokenize turn {r['tokenize_turn']} ({r['tokenize_prompt_tokens']} tokens)",
+            f"{r['tokenize_cached_ms']:.2f} ms cached / {r['tokenize_uncached_ms']:.2f} ms not",
+            f"{r['tokenize_speedup']:.1f}x (target >= {TARGET_TOKENIZE_SPEEDUP}x), "
+            f"exact: {r['tokenize_exact']}",
+        ),
+    ]
+    print(
+        f"kvrouter bench router: {r['prompt_tokens']}-token pre-tokenized prompt, "
+        f"{r['samples']} samples per path"
+    )
+    print_table(rows, ("measure", "value", "note"))

@@ -1,0 +1,377 @@
+"""The router's aiohttp application: `create_app(settings)` and its handlers.
+
+Resources live in cleanup contexts, one each: the shared index (Redis client), the upstream
+``ClientSession`` (one per app), and the background monitor. `RouterServer` runs an app on a
+port inside the current event loop (tests, benchmarks, the demo); the CLI uses ``run_app``.
+Both turn on aiohttp's handler cancellation, so a client that disconnects cancels its
+upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from kvrouter.discovery.base import EndpointSource
+from kvrouter.router.errors import APIError, bad_request, too_large, unauthorized
+from kvrouter.router.metrics import Metrics
+from kvrouter.router.monitor import Monitor
+from kvrouter.router.proxy import BackgroundTasks, Proxy
+from kvrouter.router.request import (
+    CHAT,
+    COMPLETIONS,
+    ParsedRequest,
+    PromptTokenizer,
+    parse_body,
+    parse_request,
+    tokenize,
+)
+from kvrouter.router.routing import Plan, Router
+from kvrouter.router.settings import RouterSettings, kubernetes_source
+from kvrouter.router.shared_index import SharedIndex
+from kvrouter.router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", RouterSettings)
+METRICS = web.AppKey("metrics", Metrics)
+POOL = web.AppKey("pool", WorkerPool)
+SHARED = web.AppKey("shared_index", SharedIndex)
+ROUTER = web.AppKey("router", Router)
+TASKS = web.AppKey("tasks", BackgroundTasks)
+TOKENIZER: web.AppKey[PromptTokenizer | None] = web.AppKey("tokenizer")
+SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+PROXY = web.AppKey("proxy", Proxy)
+MONITOR = web.AppKey("monitor", Monitor)
+SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def load_tokenizer(path: str) -> PromptTokenizer:
+    """Load a tokenizer.json or a model directory (raises TokenizerLoadError)."""
+    from kvrouter.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+def create_app(
+    settings: RouterSettings,
+    *,
+    tokenizer: PromptTokenizer | None = None,
+    rng: random.Random | None = None,
+    endpoint_source: EndpointSource | None = None,
+) -> web.Application:
+    """The router app. Loads the tokenizer from ``settings.tokenizer`` unless one is given
+    (so a bad tokenizer path fails here, at start-up). With ``discovery=kubernetes`` it
+    builds the EndpointSlice watch unless `endpoint_source` is given (tests, embedding)."""
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors_middleware])
+    metrics = Metrics()
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[POOL] = WorkerPool(settings)
+    app[SHARED] = SharedIndex(settings, metrics)
+    app[ROUTER] = Router(settings, app[POOL], app[SHARED], metrics, rng)
+    app[TASKS] = BackgroundTasks()
+    if tokenizer is None and settings.tokenizer:
+        tokenizer = load_tokenizer(settings.tokenizer)
+    app[TOKENIZER] = tokenizer
+    if endpoint_source is None and settings.discovery == "kubernetes":
+        endpoint_source = kubernetes_source(settings)
+    app[SOURCE] = endpoint_source
+    if tokenizer is not None and hasattr(tokenizer, "cache_stats"):
+        stats = tokenizer.cache_stats
+
+        def collect() -> list[tuple[tuple[str, ...], float]]:
+            s = stats()
+            return [((k,), float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")]
+
+        metrics.tokenizer_cache.collect = collect
+
+    app.cleanup_ctx.append(_shared_index_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_monitor_ctx)
+
+    app.router.add_post("/v1/completions", _inference(COMPLETIONS), name="completions")
+    app.router.add_post("/v1/chat/completions", _inference(CHAT), name="chat")
+    app.router.add_get("/v1/models", models, name="models")
+    app.router.add_get("/health", health, name="health")
+    app.router.add_get("/ready", ready, name="ready")
+    app.router.add_get("/metrics", metrics_handler, name="metrics")
+    app.router.add_post("/debug/route", debug_route, name="debug")
+    return app
+
+
+# -- cleanup contexts: one per resource ------------------------------------------------------
+async def _shared_index_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[SHARED].start()
+    yield
+    await app[TASKS].drain()  # releases still in flight go out before the client closes
+    await app[SHARED].close()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=60)
+    # auto_decompress off: bodies pass through byte for byte, Content-Encoding included.
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    app[SESSION] = session
+    app[PROXY] = Proxy(s, app[POOL], app[SHARED], app[METRICS], session, app[TASKS])
+    yield
+    await app[TASKS].drain()
+    await session.close()
+
+
+async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+    monitor = Monitor(
+        app[SETTINGS], app[POOL], app[SHARED], app[SESSION], app[METRICS], app[SOURCE]
+    )
+    app[MONITOR] = monitor
+    monitor.start()
+    yield
+    await monitor.close()
+
+
+# -- middleware ------------------------------------------------------------------------------
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route.name or "unknown"
+    metrics = request.app[METRICS]
+    try:
+        resp = await handler(request)
+    except APIError as exc:
+        resp = exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.status
+        err = APIError(
+            code, exc.reason, type_="invalid_request_error" if code < 500 else "server_error"
+        )
+        resp = err.response()
+    metrics.requests.inc(route, str(resp.status))
+    return resp
+
+
+# -- inference -------------------------------------------------------------------------------
+async def _read_body(request: web.Request) -> bytes:
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(
+            f"request body of {request.content_length} bytes exceeds the {limit}-byte limit"
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(f"request body exceeds the {limit}-byte limit") from None
+
+
+async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRequest, Plan]:
+    app = request.app
+    settings = app[SETTINGS]
+    raw = await _read_body(request)
+    body = parse_body(raw)
+    req = parse_request(endpoint, body, request.headers, settings)
+    tok = app[TOKENIZER]
+    start = time.perf_counter()
+    if len(raw) > settings.tokenize_thread_bytes:
+        # Long prompts are the router's main CPU cost; a thread keeps the loop serving others
+        # (tokenizers releases the GIL while it encodes).
+        await asyncio.to_thread(tokenize, req, tok, settings)
+    else:
+        tokenize(req, tok, settings)
+    app[METRICS].tokenize_seconds.observe(time.perf_counter() - start)
+    plan = await app[ROUTER].plan(req)
+    return raw, req, plan
+
+
+def _inference(endpoint: str) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        raw, req, plan = await _prepare(request, endpoint)
+        m = app[METRICS]
+        d = plan.decision
+        m.decisions.inc(d.policy, d.reason)
+        matched = plan.matched_tokens(d.worker, app[SETTINGS].block_size)
+        m.matched_tokens.observe(matched)
+        m.matched_tokens_total.inc(amount=matched)
+        m.prompt_tokens_total.inc(amount=req.prompt_tokens)
+        return await app[PROXY].forward(request, req, plan, raw)
+
+    handle.__name__ = f"handle_{endpoint}"
+    return handle
+
+
+# -- operations ------------------------------------------------------------------------------
+async def models(request: web.Request) -> web.Response:
+    data = [
+        {"id": m, "object": "model", "created": 0, "owned_by": "kvrouter"}
+        for m in request.app[SETTINGS].models
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 while some worker can take requests ("degraded" when the shared index
+    is down: routing goes on by local load); 503 when no worker can."""
+    app = request.app
+    now = time.monotonic()
+    pool = app[POOL]
+    shared = app[SHARED]
+    up = [w.id for w in pool.workers.values() if w.available(now)]
+    redis = "disabled" if not shared.enabled else ("up" if shared.up else "down")
+    if not up:
+        status = "unavailable"
+    elif redis == "down":
+        status = "degraded"
+    else:
+        status = "ready"
+    body = {
+        "status": status,
+        "redis": redis,
+        "workers": {w.id: w.state(now) for w in pool.workers.values()},
+    }
+    return web.json_response(body, status=200 if up else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    text = request.app[METRICS].render()
+    return web.Response(
+        text=text,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+def _check_admin(request: web.Request) -> None:
+    token = request.app[SETTINGS].admin_token
+    if not token:
+        raise APIError(
+            403, "debug endpoints are off: set KVR_ADMIN_TOKEN", type_="permission_error"
+        )
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    # Constant-time comparison: the time taken says nothing about how much of it matched.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    ):
+        raise unauthorized("a valid admin token is required as 'Authorization: Bearer <token>'")
+
+
+async def debug_route(request: web.Request) -> web.Response:
+    """Dry run of routing for a completions or chat body: no dispatch, no lease."""
+    _check_admin(request)
+    app = request.app
+    settings = app[SETTINGS]
+    raw = await _read_body(request)
+    body = parse_body(raw)
+    endpoint = CHAT if "messages" in body else COMPLETIONS
+    if endpoint == COMPLETIONS and "prompt" not in body:
+        raise bad_request("a completions body ('prompt') or a chat body ('messages') is required")
+    req = parse_request(endpoint, body, request.headers, settings)
+    tokenize(req, app[TOKENIZER], settings)
+    plan = await app[ROUTER].plan(req)
+    bs = settings.block_size
+    d = plan.decision
+    workers = []
+    for c in plan.candidates:
+        workers.append(
+            {
+                "worker": c.worker,
+                "depth_blocks": plan.depths.get(c.worker, 0),
+                "matched_blocks": c.matched_blocks,
+                "matched_tokens": c.matched_blocks * bs,
+                "load": {"requests": c.requests, "prefill_tokens": c.prefill_tokens},
+                "cost": d.costs.get(c.worker),
+                "guarded": c.worker in d.guarded,
+            }
+        )
+    return web.json_response(
+        {
+            "model": req.model,
+            "endpoint": endpoint,
+            "tokens": len(req.token_ids or ()),
+            "prompt_tokens": req.prompt_tokens,
+            "blocks": len(plan.chain),
+            "useful_blocks": plan.useful_blocks,
+            "block_size": bs,
+            "indexed": plan.indexed,
+            "policy": d.policy,
+            "reason": d.reason,
+            "choice": d.worker,
+            "ranking": list(d.ranking),
+            "workers": workers,
+            "token_ids": req.token_ids if body.get("return_token_ids") else None,
+        }
+    )
+
+
+# -- running inside an event loop --------------------------------------------------------------
+class RouterServer:
+    """A router serving on ``host:port`` in the running event loop (port 0: any free port).
+
+    ``async with RouterServer(settings) as server: ... server.url ...``
+    """
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        *,
+        tokenizer: PromptTokenizer | None = None,
+        rng: random.Random | None = None,
+        endpoint_source: EndpointSource | None = None,
+    ) -> None:
+        self.settings = settings
+        self.app = create_app(
+            settings, tokenizer=tokenizer, rng=rng, endpoint_source=endpoint_source
+        )
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self.port = settings.port
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "") else self.settings.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> RouterServer:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
+        await site.start()
+        sockets = [s for s in self.runner.addresses if isinstance(s, tuple)]
+        if sockets:
+            self.port = int(sockets[0][1])
+        return self
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+    async def __aenter__(self) -> RouterServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def settings_summary(settings: RouterSettings) -> dict[str, Any]:
+    """Settings as a dict with secrets redacted (for the start-up log line)."""
+    d = asdict(settings)
+    d["admin_token"] = "***" if settings.admin_token else ""
+    from kvrouter.index.connection import redact_url
+
+    d["redis_url"] = redact_url(settings.redis_url)
+    return d

@@ -1,0 +1,84 @@
+"""Errors at the HTTP edge, as OpenAI-style JSON bodies.
+
+Handlers raise `APIError`; one middleware turns it into
+``{"error": {"message", "type", "param", "code"}}`` with the right status (and Retry-After
+on 503), so every client library that speaks OpenAI reports it properly.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class APIError(Exception):
+    """An error the client should see, with its HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code if self.code is not None else self.status,
+            }
+        }
+
+    def response(self, headers: dict[str, str] | None = None) -> web.Response:
+        h = dict(headers or {})
+        if self.retry_after is not None:
+            h["Retry-After"] = str(self.retry_after)
+        return web.Response(
+            status=self.status,
+            body=json.dumps(self.body()).encode(),
+            content_type="application/json",
+            headers=h,
+        )
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def not_found(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(404, message, type_="not_found_error", param=param, code=code)
+
+
+def too_large(message: str, param: str | None = None) -> APIError:
+    return APIError(413, message, param=param, code="request_too_large")
+
+
+def unavailable(message: str, retry_after: int) -> APIError:
+    return APIError(
+        503, message, type_="service_unavailable", code="no_worker", retry_after=retry_after
+    )
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, type_="authentication_error", code="invalid_token")
+
+
+def sse_error_event(message: str, code: int = 502) -> bytes:
+    """The event that ends a stream the router cannot finish (as vLLM ends a failed stream:
+    an error event, then [DONE])."""
+    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"

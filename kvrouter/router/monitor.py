@@ -1,0 +1,209 @@
+"""Background work of a router replica: active health checks, capacity scraping, worker
+discovery (the Redis registry, Kubernetes EndpointSlices), and clearing the residency of
+workers that stay out past the grace period.
+
+One task per concern, each a loop that never raises (a failing check is a result, not a
+crash); `Monitor.run()` starts them and `close()` stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+
+import aiohttp
+
+from kvrouter.discovery.base import EndpointSource
+from kvrouter.router.metrics import Metrics
+from kvrouter.router.registry import read_registry
+from kvrouter.router.settings import RouterSettings
+from kvrouter.router.shared_index import REDIS_FAILURES, SharedIndex
+from kvrouter.router.workers import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+
+_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_vllm_cache_config(text: str) -> tuple[int, int] | None:
+    """``(num_gpu_blocks, block_size)`` from vLLM's Prometheus text, or None if absent."""
+    m = _CACHE_INFO.search(text)
+    if not m:
+        return None
+    labels = dict(_LABEL.findall(m.group(1)))
+    try:
+        blocks = int(labels["num_gpu_blocks"])
+        size = int(labels["block_size"])
+    except (KeyError, ValueError):
+        return None
+    return (blocks, size) if blocks > 0 and size > 0 else None
+
+
+class Monitor:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        pool: WorkerPool,
+        shared: SharedIndex,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        source: EndpointSource | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.pool = pool
+        self.shared = shared
+        self.session = session
+        self.metrics = metrics
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        if s.health_interval_s > 0:
+            self.tasks.append(loop.create_task(self._every(s.health_interval_s, self.check_all)))
+        if s.discovery == "redis" and self.shared.enabled:
+            self.tasks.append(
+                loop.create_task(self._every(s.registry_interval_s, self.refresh_registry))
+            )
+        if self.source is not None:
+            self.tasks.append(loop.create_task(self.follow(self.source)))
+        tick = min(1.0, max(0.05, s.clear_grace_s / 4))
+        self.tasks.append(loop.create_task(self._every(tick, self.housekeeping)))
+
+    async def close(self) -> None:
+        if self.source is not None:
+            await self.source.close()
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.tasks.clear()
+
+    async def _every(self, period: float, fn: object) -> None:
+        assert callable(fn)
+        while True:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in one pass must not stop the loop
+                log.exception("monitor pass %s failed", getattr(fn, "__name__", fn))
+            await asyncio.sleep(period)
+
+    # -- active health and capacity ----------------------------------------------------------
+    async def check_all(self) -> None:
+        workers = list(self.pool.workers.values())
+        await asyncio.gather(*(self.check(w) for w in workers if w.registered))
+
+    async def check(self, worker: Worker) -> bool:
+        timeout = aiohttp.ClientTimeout(total=self.settings.health_timeout_s)
+        try:
+            async with self.session.get(f"{worker.url}/health", timeout=timeout) as resp:
+                ok = resp.status == 200
+                await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            ok = False
+        if ok != worker.healthy:
+            log.info("worker %s %s", worker.id, "healthy" if ok else "failed its health check")
+        self.pool.record_check(worker, ok)
+        if ok and not worker.capacity_blocks and self.settings.scrape_capacity:
+            await self.scrape_capacity(worker)
+        return ok
+
+    async def scrape_capacity(self, worker: Worker) -> None:
+        """Capacity from vLLM's ``vllm:cache_config_info``, converted to router blocks."""
+        timeout = aiohttp.ClientTimeout(total=self.settings.health_timeout_s)
+        try:
+            async with self.session.get(f"{worker.url}/metrics", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return
+                text = await resp.text()
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
+            return
+        found = parse_vllm_cache_config(text)
+        if found is None:
+            return
+        blocks, engine_block_size = found
+        if engine_block_size != self.settings.block_size:
+            log.warning(
+                "worker %s uses block size %d but the router uses %d: set --block-size to match "
+                "for exact residency",
+                worker.id,
+                engine_block_size,
+                self.settings.block_size,
+            )
+        worker.capacity_blocks = blocks * engine_block_size // self.settings.block_size
+        worker.capacity_source = "vllm_metrics"
+        log.info("worker %s: capacity %d blocks (vllm metrics)", worker.id, worker.capacity_blocks)
+
+    # -- registry ------------------------------------------------------------------------------
+    async def refresh_registry(self) -> None:
+        if not self.shared.up:
+            return  # keep the last known registry workers while Redis is down
+        try:
+            entries = await read_registry(
+                self.shared.client,
+                self.settings.schema,
+                max_age_ms=int(self.settings.heartbeat_timeout_s * 1000),
+            )
+        except REDIS_FAILURES as exc:
+            self.shared.mark_down("registry", exc)
+            return
+        joined = self.pool.sync_registry(
+            (e.id, e.url, e.models, e.capacity_blocks, e.dp_rank) for e in entries
+        )
+        await self._joined(joined, "the registry")
+
+    async def _joined(self, ids: list[str], where: str) -> None:
+        for wid in ids:
+            log.info("worker %s joined from %s", wid, where)
+            w = self.pool.workers[wid]
+            if self.settings.health_interval_s > 0:
+                await self.check(w)
+
+    # -- Kubernetes (or any EndpointSource) ------------------------------------------------------
+    async def follow(self, source: EndpointSource) -> None:
+        """Apply each snapshot of `source` to the pool until it ends or is closed. A snapshot
+        is the whole set: workers missing from it leave (and are cleared after the grace)."""
+        try:
+            async for snapshot in source.snapshots():
+                # A pod serving several data-parallel ranks is pinned rank by rank, rank 0 too.
+                dp_urls = {e.url for e in snapshot if e.dp_rank > 0}
+                joined = self.pool.sync_source(
+                    "kubernetes",
+                    (
+                        (e.worker_id, e.url, (), 0, e.dp_rank if e.url in dp_urls else None)
+                        for e in snapshot
+                        if e.ready
+                    ),
+                )
+                await self._joined(joined, "discovery")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker discovery stopped; keeping the last known workers")
+
+    # -- outages -------------------------------------------------------------------------------
+    async def housekeeping(self) -> None:
+        now = time.monotonic()
+        for w in self.pool.workers.values():
+            self.metrics.worker_up.set(w.id, value=1 if w.available(now) else 0)
+            self.metrics.inflight.set(w.id, value=w.inflight)
+        for w in self.pool.due_for_clearing(now):
+            done = True
+            for model in self.settings.models:
+                if w.serves(model):
+                    done = await self.shared.clear_worker(model, w.id) and done
+            if done or not self.shared.enabled:
+                w.cleared = True
+                self.metrics.cleared.inc(w.id)
+                log.info(
+                    "worker %s out for %.0f s: residency cleared", w.id, now - (w.down_since or now)
+                )
+                self.pool.forget(w.id)

@@ -1,0 +1,325 @@
+"""Forwarding a routed request to its worker: retries, SSE pass-through, leases, cancellation.
+
+For each worker of the plan's ranking (at most ``max_attempts``):
+
+1. Start round trip 2 (speculative residency + in-flight lease) as a task, concurrently with
+   the upstream request, so Redis adds no latency of its own here. The response does not
+   wait for it: the record lands within about one Redis round trip of dispatch, long before
+   any real completion ends (a request that reaches a router inside that window routes as
+   if this one had not been sent yet, as concurrent requests always do).
+2. Send the body exactly as received. A connect error, a timeout, a 502/503/504, or an
+   upstream that dies before its first body byte is a failure *before the first byte*: the
+   worker's circuit breaker counts it and the next-best worker is tried.
+3. Non-streaming responses are read whole and returned with the upstream status. Streaming
+   (``text/event-stream``) responses are written through chunk by chunk, untouched. If the
+   upstream fails after bytes reached the client, the stream is ended with an OpenAI-style
+   error event (then ``[DONE]``, as vLLM does).
+4. If the client goes away, the upstream connection is closed (not returned to the pool), so
+   the engine aborts the request and frees its KV blocks. With aiohttp's handler
+   cancellation on (the router's server runs with it), a non-streaming handler is cancelled
+   the same way.
+
+Leases are released in the background: the prefill part at the first streamed byte, the rest
+when the response is done (or failed, or was cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from kvrouter.router.errors import APIError, sse_error_event, unavailable
+from kvrouter.router.metrics import Metrics
+from kvrouter.router.request import ParsedRequest
+from kvrouter.router.routing import Plan
+from kvrouter.router.settings import RouterSettings
+from kvrouter.router.shared_index import SharedIndex
+from kvrouter.router.workers import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+# Request headers passed to the worker; everything else (hop-by-hop, Host, Content-Length)
+# is the router's own business.
+FORWARD_REQUEST = (
+    "authorization",
+    "accept",
+    "user-agent",
+    "x-request-id",
+    "traceparent",
+    "openai-organization",
+)
+# Response headers passed back to the client.
+FORWARD_RESPONSE = ("content-type", "content-encoding", "cache-control", "x-request-id")
+UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+HEADER_WORKER = "x-kvrouter-worker"
+HEADER_MATCHED = "x-kvrouter-matched-tokens"
+
+
+class BackgroundTasks:
+    """Tasks the router starts and must not lose (lease releases); drained at shutdown."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def drain(self, limit_s: float = 5.0) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=limit_s)
+
+
+class Lease:
+    """One request's hold on one worker: the dispatch round trip and its releases, in order."""
+
+    def __init__(
+        self,
+        shared: SharedIndex,
+        tasks: BackgroundTasks,
+        model: str,
+        worker: str,
+        prefill_tokens: int,
+        dispatch: Callable[[str], Coroutine[Any, Any, bool]],
+    ) -> None:
+        self.shared = shared
+        self.tasks = tasks
+        self.model = model
+        self.worker = worker
+        self.prefill_tokens = prefill_tokens
+        self.id = os.urandom(9).hex()
+        self._taken: asyncio.Task[bool] = tasks.spawn(dispatch(self.id))
+        self._release: asyncio.Task[None] | None = None
+        self._prefilled = False
+        self._ended = False
+
+    def _then(self, prefilled_only: bool) -> None:
+        taken, prev = self._taken, self._release
+        # After a "prefilled" release the lease holds 0 prefill tokens (its member is
+        # rewritten as <worker>|<id>|0), so the final release must name 0 to find it.
+        tokens = 0 if (self._prefilled and not prefilled_only) else self.prefill_tokens
+
+        async def step() -> None:
+            if prev is not None:
+                await asyncio.wait([prev])  # the prefill release goes first
+            try:
+                ok = await taken
+            except Exception:
+                return
+            if ok:  # False: no lease was taken (Redis down), nothing to give back
+                await self.shared.release(
+                    self.model,
+                    self.worker,
+                    self.id,
+                    tokens,
+                    prefilled_only=prefilled_only,
+                )
+
+        self._release = self.tasks.spawn(step())
+
+    def first_byte(self) -> None:
+        if not self._prefilled and not self._ended:
+            self._prefilled = True
+            self._then(prefilled_only=True)
+
+    def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._then(prefilled_only=False)
+
+    async def dispatched(self) -> None:
+        """Wait until the dispatch round trip is done (it usually is by the time a worker
+        answers), so a request that follows this one sees its speculative residency."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._taken)
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        pool: WorkerPool,
+        shared: SharedIndex,
+        metrics: Metrics,
+        session: aiohttp.ClientSession,
+        tasks: BackgroundTasks,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.shared = shared
+        self.metrics = metrics
+        self.session = session
+        self.tasks = tasks
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout_s,
+            sock_read=settings.read_timeout_s,
+        )
+
+    def _lease(self, req: ParsedRequest, plan: Plan, worker: Worker) -> Lease:
+        bs = self.settings.block_size
+        held = plan.depths.get(worker.id, 0)
+        prefill = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id, bs))
+
+        async def dispatch(lease_id: str) -> bool:
+            return await self.shared.dispatch(
+                req.model,
+                worker.id,
+                plan.chain,
+                held=held,
+                capacity=worker.capacity_blocks,
+                lease_id=lease_id,
+                prefill_tokens=prefill,
+            )
+
+        return Lease(self.shared, self.tasks, req.model, worker.id, prefill, dispatch)
+
+    def _headers(self, request: web.Request, worker: Worker) -> dict[str, str]:
+        h = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}
+        h["Content-Type"] = "application/json"
+        h.update(worker.headers)
+        return h
+
+    async def forward(
+        self, request: web.Request, req: ParsedRequest, plan: Plan, raw: bytes
+    ) -> web.StreamResponse:
+        """Send the request to the plan's workers in order until one answers."""
+        last_error: APIError | None = None
+        attempts = 0
+        for wid in plan.decision.ranking:
+            if attempts >= self.settings.max_attempts:
+                break
+            worker = self.pool.get(wid)
+            if worker is None or not worker.available(time.monotonic()):
+                continue
+            attempts += 1
+            if attempts > 1:
+                self.metrics.retries.inc()
+            outcome = await self._attempt(request, req, plan, raw, worker)
+            if isinstance(outcome, web.StreamResponse):
+                return outcome
+            last_error = outcome
+        detail = f": {last_error.message}" if last_error is not None else ""
+        raise unavailable(
+            f"no worker could take the request ({attempts} tried){detail}",
+            self.settings.retry_after_s,
+        )
+
+    def _fail(self, worker: Worker, kind: str, detail: str) -> APIError:
+        self.metrics.upstream_errors.inc(worker.id, kind)
+        if self.pool.record_failure(worker, time.monotonic()):
+            self.metrics.ejections.inc(worker.id)
+            log.warning("worker %s ejected after %s failures (%s)", worker.id, kind, detail)
+        return APIError(
+            502,
+            f"worker {worker.id} failed: {detail}",
+            type_="upstream_error",
+            code="upstream_error",
+        )
+
+    def _response_headers(
+        self, resp: aiohttp.ClientResponse, plan: Plan, worker: Worker
+    ) -> CIMultiDict[str]:
+        h: CIMultiDict[str] = CIMultiDict()
+        for k in FORWARD_RESPONSE:
+            v = resp.headers.get(k)
+            if v is not None:
+                h[k] = v
+        h[HEADER_WORKER] = worker.id
+        h[HEADER_MATCHED] = str(plan.matched_tokens(worker.id, self.settings.block_size))
+        return h
+
+    async def _attempt(
+        self, request: web.Request, req: ParsedRequest, plan: Plan, raw: bytes, worker: Worker
+    ) -> web.StreamResponse | APIError:
+        url = f"{worker.url}{request.path}"
+        lease = self._lease(req, plan, worker)
+        worker.inflight += 1
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                resp = await self.session.post(
+                    url, data=raw, headers=self._headers(request, worker), timeout=self.timeout
+                )
+            except UPSTREAM_ERRORS as exc:
+                return self._fail(worker, "connect", f"{type(exc).__name__}: {exc}")
+            if resp.status in RETRY_STATUSES:
+                detail = f"HTTP {resp.status}"
+                return self._fail(worker, "status", detail)
+            if resp.content_type == "text/event-stream" and resp.status == 200:
+                out = await self._stream(request, resp, plan, worker, lease)
+                if isinstance(out, web.StreamResponse):
+                    self.metrics.worker_requests.inc(worker.id)
+                return out
+            try:
+                data = await resp.read()
+            except UPSTREAM_ERRORS as exc:
+                return self._fail(worker, "read", f"{type(exc).__name__}: {exc}")
+            if resp.status >= 500:
+                self._fail(worker, "status", f"HTTP {resp.status}")
+            else:
+                self.pool.record_success(worker)
+            self.metrics.worker_requests.inc(worker.id)
+            return web.Response(
+                body=data, status=resp.status, headers=self._response_headers(resp, plan, worker)
+            )
+        finally:
+            worker.inflight -= 1
+            lease.end()
+            if resp is not None:
+                # close() drops the connection when the body was not read to the end (a
+                # failure, a client that left): the engine then aborts the request.
+                if resp.content.is_eof():
+                    resp.release()
+                else:
+                    resp.close()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        plan: Plan,
+        worker: Worker,
+        lease: Lease,
+    ) -> web.StreamResponse | APIError:
+        try:
+            first = await resp.content.readany()
+        except UPSTREAM_ERRORS as exc:
+            return self._fail(worker, "stream", f"{type(exc).__name__} before the first byte")
+        if not first:
+            return self._fail(worker, "stream", "empty stream")
+        lease.first_byte()
+        self.pool.record_success(worker)
+        out = web.StreamResponse(
+            status=resp.status, headers=self._response_headers(resp, plan, worker)
+        )
+        try:
+            await out.prepare(request)
+            await out.write(first)
+            while True:
+                try:
+                    chunk = await resp.content.readany()
+                except UPSTREAM_ERRORS as exc:
+                    self._fail(worker, "stream", f"{type(exc).__name__} mid-stream")
+                    await out.write(sse_error_event(f"worker {worker.id} failed mid-stream"))
+                    break
+                if not chunk:
+                    break
+                await out.write(chunk)
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            log.debug("client left a stream from %s; closing the upstream request", worker.id)
+        return out

@@ -1,0 +1,210 @@
+"""Routing policies as one pure function: candidates in, a ranked decision out.
+
+`decide()` touches no I/O, no clock and no global state: the caller passes the randomness
+(`rng`), the round-robin position (`sequence`) and everything it looked up. The first worker
+of `Decision.ranking` gets the request; the rest are the order in which a request that fails
+before its first byte is retried.
+
+The default ``kv`` policy is a cost model, in blocks of prefill work::
+
+    cost(w) = prefill_weight * (blocks w must prefill + w's queued prefill blocks)
+            + decode_weight  * w's in-flight requests
+
+lowest cost wins, exact ties broken at random; with ``temperature > 0`` the choice is sampled
+with probability proportional to ``exp(-(cost - min cost) / temperature)``.
+
+**The hot-spot guard.** A prefix held by one worker pulls every request that shares it (a
+system prompt) onto that worker: its cost stays lowest until its decode load outweighs the
+whole prefix, and meanwhile no other worker ever gets the prefix, so the pull never ends. The
+guard caps load imbalance: a worker may be chosen for its cache only while its in-flight
+requests do not exceed the least-loaded candidate's by more than
+``max(balance_abs, (balance_rel - 1) * least)``. Workers over that line are ranked after the
+others (still usable for retries). So no worker leads the least-loaded one by more than that
+bound plus one, whatever the prefixes say; the overflow lands on other workers, which then
+hold the shared prefix too (speculative records), and from then on the shared part costs
+every worker the same and only the conversation-specific match decides. Crediting only the
+match "beyond what most workers share" was considered and left out: subtracting the same
+depth from every worker that holds it changes no ranking (costs shift by a constant), so it
+cannot stop the pull, while the load cap does and is simple to state and test.
+
+Baselines for comparison: ``round_robin``, ``random``, ``least_load`` (in-flight requests,
+then queued prefill), ``prefix_only`` (longest match, no load term: the policy that melts a
+worker) and ``session`` (rendezvous hash of a session key, least_load without one).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+POLICIES = ("kv", "round_robin", "random", "least_load", "prefix_only", "session")
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One worker as the scorer sees it."""
+
+    worker: str
+    matched_blocks: int = 0
+    """Blocks of the prompt the worker holds that the engine will reuse (already capped at
+    ``(prompt_tokens - 1) // block_size``: vLLM always computes the last token)."""
+    requests: int = 0
+    """In-flight requests on the worker (shared across router replicas)."""
+    prefill_tokens: int = 0
+    """Prompt tokens queued on the worker that have not produced a first token yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringConfig:
+    """The knobs of `decide` (all from RouterSettings)."""
+
+    block_size: int = 16
+    prefill_weight: float = 1.0
+    decode_weight: float = 2.0
+    temperature: float = 0.0
+    balance_abs: int = 4
+    balance_rel: float = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    policy: str
+    reason: str
+    """Why the first worker won: prefix, no_match, load, guard, least_load, random,
+    round_robin, session, no_session."""
+    ranking: tuple[str, ...]
+    costs: Mapping[str, float] = field(default_factory=dict)
+    guarded: tuple[str, ...] = ()
+    """Workers the hot-spot guard held back (kv only)."""
+
+    @property
+    def worker(self) -> str:
+        return self.ranking[0]
+
+
+def kv_cost(c: Candidate, prompt_tokens: int, cfg: ScoringConfig) -> float:
+    """The kv policy's cost of sending a `prompt_tokens` prompt to `c` (blocks of work)."""
+    own = max(0, prompt_tokens - c.matched_blocks * cfg.block_size)
+    prefill_blocks = (own + c.prefill_tokens) / cfg.block_size
+    return cfg.prefill_weight * prefill_blocks + cfg.decode_weight * c.requests
+
+
+def guard_limit(least_requests: int, cfg: ScoringConfig) -> float:
+    """The most in-flight requests a worker may have and still win on its cache."""
+    return least_requests + max(cfg.balance_abs, (cfg.balance_rel - 1.0) * least_requests)
+
+
+def decide(
+    policy: str,
+    candidates: Sequence[Candidate],
+    prompt_tokens: int,
+    cfg: ScoringConfig,
+    rng: random.Random,
+    *,
+    sequence: int = 0,
+    session_key: str | None = None,
+) -> Decision:
+    """Rank `candidates` for one request under `policy`. Raises ValueError when there are
+    none or the policy is unknown. Deterministic for a given `rng` state."""
+    if not candidates:
+        raise ValueError("no candidates to choose from")
+    if policy == "kv":
+        return _kv(candidates, prompt_tokens, cfg, rng)
+    if policy == "least_load":
+        return _least_load(candidates, rng, "least_load")
+    if policy == "prefix_only":
+        return _prefix_only(candidates, rng)
+    if policy == "random":
+        order = [c.worker for c in candidates]
+        rng.shuffle(order)
+        return Decision(policy, "random", tuple(order))
+    if policy == "round_robin":
+        order = sorted(c.worker for c in candidates)
+        k = sequence % len(order)
+        return Decision(policy, "round_robin", tuple(order[k:] + order[:k]))
+    if policy == "session":
+        if not session_key:
+            d = _least_load(candidates, rng, "no_session")
+            return Decision("session", d.reason, d.ranking)
+        order = sorted(
+            (c.worker for c in candidates),
+            key=lambda w: xxhash.xxh3_64_intdigest(f"{session_key}\0{w}".encode()),
+            reverse=True,
+        )
+        return Decision(policy, "session", tuple(order))
+    raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+
+
+def _tiebreak(rng: random.Random, n: int) -> list[float]:
+    return [rng.random() for _ in range(n)]
+
+
+def _least_load(candidates: Sequence[Candidate], rng: random.Random, reason: str) -> Decision:
+    ties = _tiebreak(rng, len(candidates))
+    order = sorted(
+        range(len(candidates)),
+        key=lambda i: (candidates[i].requests, candidates[i].prefill_tokens, ties[i]),
+    )
+    return Decision("least_load", reason, tuple(candidates[i].worker for i in order))
+
+
+def _prefix_only(candidates: Sequence[Candidate], rng: random.Random) -> Decision:
+    ties = _tiebreak(rng, len(candidates))
+    order = sorted(
+        range(len(candidates)),
+        key=lambda i: (-candidates[i].matched_blocks, candidates[i].requests, ties[i]),
+    )
+    best = candidates[order[0]]
+    reason = "prefix" if best.matched_blocks > 0 else "no_match"
+    return Decision("prefix_only", reason, tuple(candidates[i].worker for i in order))
+
+
+def _kv(
+    candidates: Sequence[Candidate], prompt_tokens: int, cfg: ScoringConfig, rng: random.Random
+) -> Decision:
+    costs = [kv_cost(c, prompt_tokens, cfg) for c in candidates]
+    limit = guard_limit(min(c.requests for c in candidates), cfg)
+    held = [c.requests > limit for c in candidates]
+    ties = _tiebreak(rng, len(candidates))
+    # Eligible first, then by cost, exact ties at random.
+    order = sorted(range(len(candidates)), key=lambda i: (held[i], costs[i], ties[i]))
+    if cfg.temperature > 0:
+        eligible = [i for i in order if not held[i]]
+        first = _sample(eligible, costs, cfg.temperature, rng)
+        order = [first, *(i for i in order if i != first)]
+    chosen = candidates[order[0]]
+    best_match = max(c.matched_blocks for c in candidates)
+    if best_match == 0:
+        reason = "no_match"
+    elif chosen.matched_blocks == best_match:
+        reason = "prefix"
+    elif any(held[i] and candidates[i].matched_blocks > chosen.matched_blocks for i in order):
+        reason = "guard"
+    else:
+        reason = "load"
+    return Decision(
+        "kv",
+        reason,
+        tuple(candidates[i].worker for i in order),
+        {candidates[i].worker: costs[i] for i in range(len(candidates))},
+        tuple(candidates[i].worker for i in order if held[i]),
+    )
+
+
+def _sample(
+    indices: Sequence[int], costs: Sequence[float], temperature: float, rng: random.Random
+) -> int:
+    low = min(costs[i] for i in indices)
+    weights = [math.exp(-(costs[i] - low) / temperature) for i in indices]
+    total = sum(weights)
+    x = rng.random() * total
+    for i, w in zip(indices, weights, strict=True):
+        x -= w
+        if x <= _EPS:
+            return i
+    return indices[-1]

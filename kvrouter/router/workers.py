@@ -1,0 +1,183 @@
+"""The worker pool: where workers come from and whether each can take a request now.
+
+Workers come from the static list (settings) and, with ``discovery``, from the Redis registry
+or Kubernetes EndpointSlices. Each has two independent health signals:
+
+- **active**: the monitor's periodic ``GET /health``; a failed check takes the worker out
+  until a check succeeds;
+- **passive** (circuit breaker): upstream failures counted on real requests. After
+  ``eject_failures`` consecutive failures the circuit opens and the worker is ejected for
+  ``eject_s``, doubling per repeated trip up to ``eject_max_s``. When the period ends the
+  circuit is half-open: the worker takes requests again, the first success closes it, and
+  one more failure trips it at once.
+
+A worker that has been unavailable for ``clear_grace_s`` has its residency cleared from the
+index (the monitor does it, once per outage): when it returns, its cache is likely gone.
+
+All methods take ``now`` (monotonic seconds) so the breaker is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kvrouter.router.settings import RouterSettings
+
+
+@dataclass(slots=True)
+class Worker:
+    id: str
+    url: str
+    dp_rank: int | None = None
+    models: frozenset[str] = frozenset()
+    """Models served; empty = every model the router serves."""
+    capacity_blocks: int = 0
+    """KV capacity in router blocks; 0 = unknown (no LRU trim)."""
+    source: str = "static"
+    registered: bool = True
+    """False once a discovered worker left its source (a lapsed heartbeat, a deleted pod);
+    kept until its residency is cleared."""
+    healthy: bool = True
+    failures: int = 0
+    trips: int = 0
+    half_open: bool = False
+    ejected_until: float = 0.0
+    down_since: float | None = None
+    cleared: bool = False
+    inflight: int = 0
+    """Requests this router replica has in flight on the worker (the local load)."""
+    capacity_source: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dp_rank is not None:
+            # vLLM (and SGLang) route a request to the data-parallel rank this header names.
+            self.headers = {"X-data-parallel-rank": str(self.dp_rank)}
+
+    def available(self, now: float) -> bool:
+        return self.registered and self.healthy and now >= self.ejected_until
+
+    def serves(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+    def state(self, now: float) -> str:
+        if not self.registered:
+            return "deregistered"
+        if not self.healthy:
+            return "unhealthy"
+        if now < self.ejected_until:
+            return "ejected"
+        return "half_open" if self.half_open else "up"
+
+
+class WorkerPool:
+    """Every known worker, by id, with the circuit breaker."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.workers: dict[str, Worker] = {}
+        for spec in settings.workers:
+            self.workers[spec.id] = Worker(
+                spec.id,
+                spec.url,
+                spec.dp_rank,
+                capacity_blocks=settings.worker_capacity_blocks,
+                capacity_source="config" if settings.worker_capacity_blocks else "",
+            )
+
+    def candidates(self, model: str, now: float) -> list[Worker]:
+        """Workers that serve `model` and can take a request now."""
+        return [w for w in self.workers.values() if w.serves(model) and w.available(now)]
+
+    def get(self, worker_id: str) -> Worker | None:
+        return self.workers.get(worker_id)
+
+    # -- passive health --------------------------------------------------------------------
+    def record_success(self, worker: Worker) -> None:
+        worker.failures = 0
+        worker.trips = 0
+        worker.half_open = False
+
+    def record_failure(self, worker: Worker, now: float) -> bool:
+        """Count an upstream failure; returns True when it opened the circuit."""
+        worker.failures += 1
+        if worker.half_open or worker.failures >= self.settings.eject_failures:
+            period = min(self.settings.eject_s * (2**worker.trips), self.settings.eject_max_s)
+            worker.ejected_until = now + period
+            worker.trips += 1
+            worker.failures = 0
+            worker.half_open = True
+            return True
+        return False
+
+    # -- active health ---------------------------------------------------------------------
+    def record_check(self, worker: Worker, ok: bool) -> None:
+        worker.healthy = ok
+
+    # -- dynamic sources (the Redis registry, Kubernetes EndpointSlices) --------------------
+    def sync_source(
+        self,
+        source: str,
+        entries: Iterable[tuple[str, str, tuple[str, ...], int, int | None]],
+    ) -> list[str]:
+        """Make the workers of `source` match `entries` (id, url, models, capacity, dp rank);
+        returns the ids that joined.
+
+        Static workers win over an entry with the same id. A worker of `source` missing from
+        `entries` is marked unlisted (not dropped: the monitor still has to clear its
+        residency after the grace period, then forgets it).
+        """
+        seen: set[str] = set()
+        joined: list[str] = []
+        for wid, url, models, capacity, rank in entries:
+            seen.add(wid)
+            w = self.workers.get(wid)
+            if w is not None and w.source == "static":
+                continue
+            if w is None or w.url != url or w.dp_rank != rank:
+                w = self.workers[wid] = Worker(wid, url, rank, source=source)
+                joined.append(wid)
+            elif not w.registered:
+                joined.append(wid)
+            w.registered = True
+            w.models = frozenset(models)
+            if capacity:
+                w.capacity_blocks = capacity
+                w.capacity_source = source
+            elif not w.capacity_blocks and self.settings.worker_capacity_blocks:
+                w.capacity_blocks = self.settings.worker_capacity_blocks
+                w.capacity_source = "config"
+        for w in self.workers.values():
+            if w.source == source and w.id not in seen:
+                w.registered = False
+        return joined
+
+    def sync_registry(
+        self,
+        entries: Iterable[tuple[str, str, tuple[str, ...], int, int | None]],
+    ) -> list[str]:
+        """`sync_source` for the Redis registry."""
+        return self.sync_source("registry", entries)
+
+    def forget(self, worker_id: str) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None and w.source != "static" and not w.registered and w.inflight == 0:
+            del self.workers[worker_id]
+
+    # -- outage bookkeeping ----------------------------------------------------------------
+    def due_for_clearing(self, now: float) -> list[Worker]:
+        """Workers out for longer than the grace period whose residency is not cleared yet.
+        Also starts and ends each worker's outage clock."""
+        due: list[Worker] = []
+        grace = self.settings.clear_grace_s
+        for w in self.workers.values():
+            if w.available(now):
+                w.down_since = None
+                w.cleared = False
+                continue
+            if w.down_since is None:
+                w.down_since = now
+            if not w.cleared and now - w.down_since >= grace:
+                due.append(w)
+        return due

@@ -1,0 +1,29 @@
+"""`kvrouter bench router` end to end on small sizes: it starts its own router and worker
+processes, checks the tokenizer's exactness, and ends with one JSON line. Timings are never
+asserted (this machine is shared and noisy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.redis
+
+
+def test_bench_router_small(redis_url: str) -> None:
+    env = {**os.environ, "REDIS_URL": redis_url}
+    cmd = [sys.executable, "-m", "kvrouter", "bench", "router", "--quick"]
+    cmd += ["--requests", "30", "--duration", "0.3", "--prompt-tokens", "512"]
+    cmd += ["--chat-tokens", "2000"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    assert last["bench"] == "router" and last["samples"] == 30
+    assert last["tokenize_exact"] is True
+    for key in ("direct_p50_ms", "router_p50_ms", "router_rps", "tokenize_speedup"):
+        assert last[key] > 0
+    assert "added by the router" in res.stdout
