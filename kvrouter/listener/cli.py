@@ -37,6 +37,7 @@ _HELP = {
     "notices": "subscribe to the model's notice channel (true/false)",
     "key_cache_blocks": "engine hash -> router key entries cached per worker",
     "apply_batch": "most queued items applied in one Redis round trip",
+    "apply_max_blocks": "most block events in one flush: bounds a router lookup's wait on Redis",
 }
 
 

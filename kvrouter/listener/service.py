@@ -49,6 +49,7 @@ from kvrouter.listener.notices import Notice, NoticeDecodeError, decode_notice
 from kvrouter.listener.ownership import Ownership, rendezvous_owner
 from kvrouter.listener.settings import EngineSpec, ListenerSettings
 from kvrouter.listener.zmq_source import (
+    Delivered,
     EngineEndpoint,
     SourceFailedError,
     SourceStats,
@@ -60,6 +61,14 @@ from kvrouter.listener.zmq_source import (
 logger = logging.getLogger(__name__)
 
 LISTENER_KEY: web.AppKey[Listener] = web.AppKey("listener")
+
+
+def weight(item: InboxItem) -> int:
+    """Block events in an inbox item (1 for a notice or a resync): the Redis work it costs."""
+    it = item[1]
+    if isinstance(it, Delivered):
+        return max(1, sum(len(getattr(ev, "block_hashes", ())) for ev in it.batch.events))
+    return 1
 
 
 class _Inbox:
@@ -81,14 +90,24 @@ class _Inbox:
         self._items.extend(items)
         self._not_empty.set()
 
-    async def get_many(self, max_items: int) -> list[InboxItem]:
+    async def get_many(self, max_items: int, max_weight: int | None = None) -> list[InboxItem]:
+        """Wait for at least one item; take up to `max_items` whole items whose total
+        `weight()` stays within `max_weight` (the first item is always taken)."""
         while not self._items:
             if self._closed:
                 return []
             self._not_empty.clear()
             await self._not_empty.wait()
         items = self._items
-        out = [items.popleft() for _ in range(min(max_items, len(items)))]
+        out: list[InboxItem] = []
+        budget = max_weight
+        while items and len(out) < max_items:
+            if budget is not None:
+                w = weight(items[0])
+                if out and w > budget:
+                    break
+                budget -= w
+            out.append(items.popleft())
         self._not_full.set()
         return out
 
@@ -442,8 +461,9 @@ class Listener:
         applier = self._applier
         assert applier is not None
         batch = self.settings.apply_batch
+        max_blocks = self.settings.apply_max_blocks
         while True:
-            items = await self._inbox.get_many(batch)
+            items = await self._inbox.get_many(batch, max_blocks)
             if not items:
                 return
             t0 = time.perf_counter()

@@ -157,6 +157,10 @@ class ListenerSettings:
     """Engine hash -> router key entries cached per worker (misses cost a Redis read)."""
     apply_batch: int = 4096
     """Most queued items (engine batches, notices) applied in one flush."""
+    apply_max_blocks: int = 1024
+    """Most block events in one flush (a single larger engine batch still goes whole). Redis
+    runs one script at a time, so this bounds how long a router's lookup can wait behind the
+    listener: about 1-3 ms of Redis time per flush."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> SettingsError:
@@ -172,7 +176,7 @@ class ListenerSettings:
         scheme = self.redis_url.partition("://")[0].lower()
         if scheme not in SCHEMES:
             raise bad("redis_url", f"scheme must be one of {', '.join(SCHEMES)}")
-        for name in ("block_size", "key_cache_blocks", "apply_batch"):
+        for name in ("block_size", "key_cache_blocks", "apply_batch", "apply_max_blocks"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.worker_capacity_blocks < 0:
@@ -318,4 +322,5 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "notices": _bool,
     "key_cache_blocks": _int,
     "apply_batch": _int,
+    "apply_max_blocks": _int,
 }

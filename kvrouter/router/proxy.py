@@ -94,8 +94,10 @@ class Lease:
         worker: str,
         prefill_tokens: int,
         dispatch: Callable[[str], Coroutine[Any, Any, bool]],
+        on_prefilled: Callable[[], None] | None = None,
     ) -> None:
         self.shared = shared
+        self._on_prefilled = on_prefilled
         self.tasks = tasks
         self.model = model
         self.worker = worker
@@ -130,12 +132,19 @@ class Lease:
 
         self._release = self.tasks.spawn(step())
 
+    def _local_prefill_done(self) -> None:
+        cb, self._on_prefilled = self._on_prefilled, None
+        if cb is not None:
+            cb()
+
     def first_byte(self) -> None:
+        self._local_prefill_done()
         if not self._prefilled and not self._ended:
             self._prefilled = True
             self._then(prefilled_only=True)
 
     def end(self) -> None:
+        self._local_prefill_done()
         if not self._ended:
             self._ended = True
             self._then(prefilled_only=False)
@@ -185,7 +194,14 @@ class Proxy:
                 prefill_tokens=prefill,
             )
 
-        return Lease(self.shared, self.tasks, req.model, worker.id, prefill, dispatch)
+        # This replica's own view of the worker's prefill queue, current at once; the shared
+        # view in Redis lags by the dispatch round trip (see Router.plan).
+        worker.prefill_pending += prefill
+
+        def prefilled() -> None:
+            worker.prefill_pending -= prefill
+
+        return Lease(self.shared, self.tasks, req.model, worker.id, prefill, dispatch, prefilled)
 
     def _headers(self, request: web.Request, worker: Worker) -> dict[str, str]:
         h = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}

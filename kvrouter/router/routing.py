@@ -108,17 +108,20 @@ class Router:
             plan.depths = result.depths
             plan.load = result.load
             empty = WorkerLoad()
+            # Shared load comes from leases that land a round trip after each dispatch, so
+            # a burst of arrivals would all see the same "least loaded" worker and pile onto
+            # it. This replica's own counts are current: take whichever is larger.
             cands = [
                 Candidate(
                     w.id,
                     plan.matched_blocks(w.id),
-                    result.load.get(w.id, empty).requests,
-                    result.load.get(w.id, empty).prefill_tokens,
+                    max(result.load.get(w.id, empty).requests, w.inflight),
+                    max(result.load.get(w.id, empty).prefill_tokens, w.prefill_pending),
                 )
                 for w in workers
             ]
         else:
-            cands = [Candidate(w.id, 0, w.inflight, 0) for w in workers]
+            cands = [Candidate(w.id, 0, w.inflight, w.prefill_pending) for w in workers]
         plan.candidates = cands
         self.sequence += 1
         if policy in _NEEDS_LOOKUP and result is None:

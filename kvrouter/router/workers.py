@@ -47,6 +47,8 @@ class Worker:
     cleared: bool = False
     inflight: int = 0
     """Requests this router replica has in flight on the worker (the local load)."""
+    prefill_pending: int = 0
+    """Prompt tokens this replica sent the worker that have no first token yet."""
     capacity_source: str = ""
     headers: dict[str, str] = field(default_factory=dict)
 
