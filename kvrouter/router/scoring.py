@@ -14,8 +14,8 @@ The default ``kv`` policy is a cost model, in blocks of prefill work::
 this request's own: leaving a worker that holds the conversation costs more than this request's
 prefill (the next turn misses too), and on the Mooncake trace full weight moved half the
 continuations away (0.72 of the pooled-cache ideal against 0.90 at 0.5, TTFT no worse; see
-docs/benchmarks.md). Lowest cost wins, exact ties broken at random; with ``temperature > 0`` the choice is sampled
-with probability proportional to ``exp(-(cost - min cost) / temperature)``.
+docs/benchmarks.md). Lowest cost wins, exact ties broken at random; with ``temperature > 0``
+the choice is sampled with probability proportional to ``exp(-(cost - min cost) / temperature)``.
 
 **The hot-spot guard.** A prefix held by one worker pulls every request that shares it (a
 system prompt) onto that worker: its cost stays lowest until its decode load outweighs the
