@@ -179,7 +179,7 @@ class Proxy:
         )
 
     def _lease(self, req: ParsedRequest, plan: Plan, worker: Worker) -> Lease:
-        bs = self.settings.block_size
+        bs = plan.block_size
         held = plan.depths.get(worker.id, 0)
         prefill = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id, bs))
 
@@ -255,13 +255,39 @@ class Proxy:
             if v is not None:
                 h[k] = v
         h[HEADER_WORKER] = worker.id
-        h[HEADER_MATCHED] = str(plan.matched_tokens(worker.id, self.settings.block_size))
+        h[HEADER_MATCHED] = str(plan.matched_tokens(worker.id))
         return h
+
+    async def _load_adapter(self, worker: Worker, name: str, path: str) -> APIError | None:
+        """Ask a worker of the base model to load a LoRA adapter (vLLM's runtime LoRA API,
+        ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); a failure moves on to the next worker."""
+        body = {"lora_name": name, "lora_path": path}
+        try:
+            async with self.session.post(
+                f"{worker.url}/v1/load_lora_adapter",
+                json=body,
+                headers=dict(worker.headers),
+                timeout=self.timeout,
+            ) as resp:
+                text = await resp.text()
+        except UPSTREAM_ERRORS as exc:
+            return self._fail(worker, "lora_load", f"{type(exc).__name__}: {exc}")
+        # vLLM answers 400 "already loaded" when another router replica was first.
+        if resp.status != 200 and "already" not in text:
+            self.metrics.upstream_errors.inc(worker.id, "lora_load")
+            return APIError(503, f"worker {worker.id} could not load adapter {name!r}: {text}")
+        if worker.listed is not None:
+            worker.listed = worker.listed | {name}
+        return None
 
     async def _attempt(
         self, request: web.Request, req: ParsedRequest, plan: Plan, raw: bytes, worker: Worker
     ) -> web.StreamResponse | APIError:
         url = f"{worker.url}{request.path}"
+        if worker.id in plan.not_loaded and plan.lora_name and plan.lora_path:
+            failed = await self._load_adapter(worker, plan.lora_name, plan.lora_path)
+            if failed is not None:
+                return failed
         lease = self._lease(req, plan, worker)
         worker.inflight += 1
         resp: aiohttp.ClientResponse | None = None
