@@ -408,8 +408,10 @@ class RouterSettings:
         for c in self.model_configs:
             if c.name not in self.models:
                 raise bad("models", f"config model {c.name!r} is missing from the model list")
+            parent_conf = configs.get(c.parent or "")
             if c.parent is not None and (
-                c.parent not in self.models or configs.get(c.parent, c).parent is not None
+                c.parent not in self.models
+                or (parent_conf is not None and parent_conf.parent is not None)
             ):
                 raise bad(
                     "config",
