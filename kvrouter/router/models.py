@@ -57,6 +57,7 @@ class ModelConfig:
     block_size: int | None = None
     hash_seed: str | None = None
     prefill_weight: float | None = None
+    queue_weight: float | None = None
     decode_weight: float | None = None
     temperature: float | None = None
     lora_path: str | None = None
@@ -75,6 +76,7 @@ _BASE_KEYS = {
     "block_size": int,
     "hash_seed": str,
     "prefill_weight": float,
+    "queue_weight": float,
     "decode_weight": float,
     "temperature": float,
 }
@@ -163,7 +165,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> ConfigFile:
             raise ConfigError(f"{where}: {exc}") from None
         if values.get("block_size") is not None and values["block_size"] < 1:
             raise ConfigError(f"{where}: 'block_size' must be >= 1")
-        for k in ("prefill_weight", "decode_weight", "temperature"):
+        for k in ("prefill_weight", "queue_weight", "decode_weight", "temperature"):
             if values.get(k) is not None and values[k] < 0:
                 raise ConfigError(f"{where}: {k!r} must be >= 0")
         models.append(ModelConfig(**values))
@@ -212,6 +214,7 @@ class BaseModel:
     block_size: int
     hash_seed: str
     prefill_weight: float
+    queue_weight: float
     decode_weight: float
     temperature: float
     hasher: BlockHasher
@@ -249,6 +252,7 @@ class ModelCatalogue:
         block_size: int = 16,
         hash_seed: str = "",
         prefill_weight: float = 1.0,
+        queue_weight: float = 0.5,
         decode_weight: float = 2.0,
         temperature: float = 0.0,
     ) -> ModelCatalogue:
@@ -269,6 +273,7 @@ class ModelCatalogue:
                 bs,
                 seed,
                 c.prefill_weight if c.prefill_weight is not None else prefill_weight,
+                c.queue_weight if c.queue_weight is not None else queue_weight,
                 c.decode_weight if c.decode_weight is not None else decode_weight,
                 c.temperature if c.temperature is not None else temperature,
                 BlockHasher(name, bs, seed),

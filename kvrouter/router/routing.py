@@ -77,6 +77,7 @@ class Router:
             name: ScoringConfig(
                 block_size=b.block_size,
                 prefill_weight=b.prefill_weight,
+                queue_weight=b.queue_weight,
                 decode_weight=b.decode_weight,
                 temperature=b.temperature,
                 balance_abs=settings.balance_abs,
@@ -126,12 +127,10 @@ class Router:
                 f"no healthy worker serves model {req.model!r}", self.settings.retry_after_s
             )
         workers = [w for w, _ in pairs]
-        # Loading an adapter costs the worker time before its prefill starts: counted as
-        # queued prefill, so a worker that has it loaded wins at equal load and match.
+        # Loading an adapter costs the worker time before its prefill starts: a worker that
+        # has it loaded wins at equal load and match (kv policy).
         load_penalty = {
-            w.id: self.settings.lora_load_cost_blocks * model.base.block_size
-            for w, loaded in pairs
-            if not loaded
+            w.id: float(self.settings.lora_load_cost_blocks) for w, loaded in pairs if not loaded
         }
         config = self.configs[model.base.name]
         bs = model.base.block_size
@@ -167,14 +166,14 @@ class Router:
                     w.id,
                     plan.matched_blocks(w.id),
                     max(result.load.get(w.id, empty).requests, w.inflight),
-                    max(result.load.get(w.id, empty).prefill_tokens, w.prefill_pending)
-                    + load_penalty.get(w.id, 0),
+                    max(result.load.get(w.id, empty).prefill_tokens, w.prefill_pending),
+                    load_penalty.get(w.id, 0.0),
                 )
                 for w in workers
             ]
         else:
             cands = [
-                Candidate(w.id, 0, w.inflight, w.prefill_pending + load_penalty.get(w.id, 0))
+                Candidate(w.id, 0, w.inflight, w.prefill_pending, load_penalty.get(w.id, 0.0))
                 for w in workers
             ]
         plan.candidates = cands
