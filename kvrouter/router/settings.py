@@ -139,7 +139,8 @@ SPECS: tuple[Spec, ...] = (
         "KVR_MODEL",
         "--model",
         str,
-        "model name(s) served; other names get 404 (env: comma-separated; flag: repeatable)",
+        "base model name(s) served, besides the config file's; adapters come from the workers' "
+        "/v1/models; other names get 404 (env: comma-separated; flag: repeatable)",
         repeatable=True,
     ),
     _spec(
