@@ -295,6 +295,11 @@ class ModelCatalogue:
         parent = conf.parent if conf is not None else listed_parent
         if parent is None or parent not in self.bases:
             return None
+        if conf is None:
+            try:
+                validate_model(name)  # a worker's name becomes a Redis hash tag
+            except KeyNameError:
+                return None
         return Resolved(name, self.bases[parent], lora_name=name)
 
     def lora_path(self, name: str) -> str | None:

@@ -78,6 +78,7 @@ class Monitor:
         self.session = session
         self.metrics = metrics
         self.tasks: list[asyncio.Task[None]] = []
+        self.catalogue = settings.catalogue()
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -150,17 +151,25 @@ class Monitor:
         if found is None:
             return
         blocks, engine_block_size = found
-        if engine_block_size != self.settings.block_size:
+        router_block_size = self._block_size(worker)
+        if engine_block_size != router_block_size:
             log.warning(
                 "worker %s uses block size %d but the router uses %d: set --block-size to match "
                 "for exact residency",
                 worker.id,
                 engine_block_size,
-                self.settings.block_size,
+                router_block_size,
             )
-        worker.capacity_blocks = blocks * engine_block_size // self.settings.block_size
+        worker.capacity_blocks = blocks * engine_block_size // router_block_size
         worker.capacity_source = "vllm_metrics"
         log.info("worker %s: capacity %d blocks (vllm metrics)", worker.id, worker.capacity_blocks)
+
+    def _block_size(self, worker: Worker) -> int:
+        """The router block size of the base model the worker serves (an engine serves one),
+        else the router-wide one."""
+        names = worker.listed if worker.listed is not None else worker.models
+        sizes = {self.catalogue.bases[m].block_size for m in names if m in self.catalogue.bases}
+        return sizes.pop() if len(sizes) == 1 else self.settings.block_size
 
     # -- models ----------------------------------------------------------------------------------
     async def poll_all(self) -> None:

@@ -65,7 +65,7 @@ def test_bench_routing_models_2_reports_per_model_hit_ratios(tmp_path: Path) -> 
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-8000:]
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert final["models"] == 2
     per_model = final["policies"]["kv"]["per_model"]
