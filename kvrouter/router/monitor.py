@@ -216,6 +216,10 @@ class Monitor:
         joined = self.pool.sync_registry(
             (e.id, e.url, e.models, e.capacity_blocks, e.dp_rank) for e in entries
         )
+        for e in entries:
+            w = self.pool.get(e.id)
+            if w is not None and w.source == "registry" and w.listed is None:
+                w.parents = dict(e.adapters)  # until its own /v1/models says
         await self._joined(joined, "the registry")
 
     async def _joined(self, ids: list[str], where: str) -> None:

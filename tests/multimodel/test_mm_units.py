@@ -74,3 +74,21 @@ def test_catalogue_names() -> None:
     # A worker-listed adapter whose name cannot be a Redis hash tag is not served.
     assert cat.resolve("bad{name}", listed_parent=BASE) is None
     assert cat.bases[BASE].block_size == 32
+
+
+def test_configured_worker_models_restrict_candidates_until_polled() -> None:
+    from dataclasses import replace
+
+    s = RouterSettings(
+        models=(BASE, OTHER),
+        workers=(
+            replace(WorkerSpec.parse("a=http://h:1"), models=(BASE,)),
+            replace(WorkerSpec.parse("b=http://h:2"), models=(OTHER,)),
+        ),
+    )
+    p = WorkerPool(s)
+    assert [w.id for w in p.candidates(BASE, 0.0)] == ["a"]
+    assert [w.id for w in p.candidates(OTHER, 0.0)] == ["b"]
+    p.workers["b"].listed = frozenset({BASE})  # its /v1/models wins once known
+    assert [w.id for w in p.candidates(BASE, 0.0)] == ["a", "b"]
+    assert p.candidates(OTHER, 0.0) == []
