@@ -130,6 +130,8 @@ class LocalStack:
             "--model", cfg.model, "--block-size", str(cfg.block_size),
             "--capacity-tokens", str(cfg.capacity_tokens), "--time-scale", str(cfg.time_scale),
             "--kv-events", "positional" if cfg.kv_events else "off",
+            # Free ZMQ ports too: a fixed base port collides with any other stack on the host.
+            "--kv-events-base-port", "0",
             "--seed", str(cfg.seed), "--ready-file", str(ready),
             *(["--lora-adapters", ",".join(cfg.adapters)] if cfg.adapters else []),
         ])  # fmt: skip
