@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from kvrouter.router.errors import APIError, sse_error_event, unavailable
+from kvrouter.router.errors import APIError, not_found, sse_error_event, unavailable
 from kvrouter.router.metrics import Metrics
 from kvrouter.router.request import ParsedRequest
 from kvrouter.router.routing import Plan
@@ -228,6 +228,8 @@ class Proxy:
             if isinstance(outcome, web.StreamResponse):
                 return outcome
             last_error = outcome
+        if last_error is not None and last_error.status == 404:
+            raise last_error  # every worker tried said it does not serve the model
         detail = f": {last_error.message}" if last_error is not None else ""
         raise unavailable(
             f"no worker could take the request ({attempts} tried){detail}",
@@ -301,6 +303,15 @@ class Proxy:
             if resp.status in RETRY_STATUSES:
                 detail = f"HTTP {resp.status}"
                 return self._fail(worker, "status", detail)
+            if resp.status == 404 and worker.listed is not None:
+                # vLLM's 404 on an inference path: it does not serve the model (an adapter
+                # unloaded since the last /v1/models poll). Not a failure of the worker:
+                # forget the model there and try the next one.
+                worker.listed = worker.listed - {req.model}
+                self.metrics.upstream_errors.inc(worker.id, "model_not_found")
+                return not_found(
+                    f"The model `{req.model}` does not exist.", "model", "model_not_found"
+                )
             if resp.content_type == "text/event-stream" and resp.status == 200:
                 out = await self._stream(request, resp, plan, worker, lease)
                 if isinstance(out, web.StreamResponse):

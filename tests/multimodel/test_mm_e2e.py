@@ -310,3 +310,20 @@ async def test_any_base_worker_places_an_adapter_and_prefers_loaded_workers(
     for k in range(5):
         i, _, _ = await complete(server, "new-lora", prompt(500 + k))
         assert i in SERVES[LLAMA]
+
+
+async def test_an_adapter_unloaded_since_the_last_poll_is_retried_elsewhere(
+    start: Any, fleet: list[FakeWorker]
+) -> None:
+    server = await router_for(start, fleet, models_interval_s=3600)  # one poll, at start
+    # w1 unloads sql-lora; the router does not know yet.
+    fleet[1].model_list = (LLAMA,)
+    for k in range(6):
+        index, _, _ = await complete(server, SQL, prompt(900 + k))
+        assert index == 0
+    assert sum(1 for r in fleet[1].requests if r["body"]["model"] == SQL) <= 1
+    assert SQL not in (server.app[POOL].workers[fleet[1].id].listed or ())
+    # Nobody has it any more: the client gets the engines' 404, naming it.
+    fleet[0].model_list = (LLAMA, CHAT)
+    with pytest.raises(openai.NotFoundError, match=SQL):
+        await client(server).completions.create(model=SQL, prompt=prompt(1))
