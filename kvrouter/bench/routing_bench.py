@@ -18,6 +18,12 @@ can beat by much. Latencies are in simulated seconds (wall seconds x time scale)
 timing model runs `time_scale` times faster than real time, so the router's and client's own
 real overheads count `time_scale` times over: a conservative view of the router.
 
+With ``--models N`` (N >= 2) the same fleet serves N models: the base model and N - 1 LoRA
+adapters of it, which every simulated worker serves from one shared KV cache (as vLLM serves a
+base model and its adapters; each adapter's blocks are its own, and its KV events carry its
+name). The trace slice is split into N disjoint traces by conversation (`session_id`), each
+replayed as one model, all at once; the report gives each model's hit ratio and its own ideal.
+
 Writes report.md, results.json and PNG plots to --out; the last stdout line is one JSON object.
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import statistics
 import sys
@@ -35,7 +42,7 @@ from typing import Any
 
 from kvrouter.bench.common import emit_json
 from kvrouter.bench.stack import LocalStack, StackConfig
-from kvrouter.sim.replay import RequestRecord, replay_trace, summarize
+from kvrouter.sim.replay import RequestRecord, replay_trace, session_id, summarize
 from kvrouter.sim.settings import DEFAULT_CAPACITY_TOKENS
 from kvrouter.sim.trace import (
     TraceRequest,
@@ -94,6 +101,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=",".join(v.name for v in VARIANTS),
         help="comma-separated subset of: " + ", ".join(v.name for v in VARIANTS),
     )
+    parser.add_argument(
+        "--models",
+        type=int,
+        default=1,
+        help="serve N models on the one fleet (the base model and N - 1 LoRA adapters), each "
+        "replaying its own share of the trace's conversations; per-model hit ratios",
+    )
     parser.add_argument("--out", default="out/bench-routing", help="report directory")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -104,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [w for w in wanted if w not in by_name]
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}")
+    if args.models < 1:
+        raise SystemExit("--models: must be >= 1")
     limit = args.limit if args.limit is not None else (QUICK_LIMIT if args.quick else None)
     scale = args.time_scale or (QUICK_TIME_SCALE if args.quick else 4.0)
     source = bundled_trace() if args.trace == "bundled" else Path(args.trace)
@@ -121,18 +137,58 @@ async def run_variant(
     *,
     redis_url: str | None = None,
 ) -> tuple[dict[str, Any], list[RequestRecord]]:
-    """One policy on a fresh stack (a fresh Redis unless `redis_url`, which is flushed)."""
+    """One policy on a fresh stack (a fresh Redis unless `redis_url`, which is flushed).
+
+    With ``args.models > 1`` the summary has ``per_model``: each model's own summary."""
+    n_models = getattr(args, "models", 1)
+    base = StackConfig().model
+    names = model_names(base, n_models)
     cfg = StackConfig(
         workers=args.workers, policy=v.policy, kv_events=v.kv_events, replicas=v.replicas,
         capacity_tokens=args.capacity_tokens, time_scale=scale, redis_url=redis_url,
+        model=base, adapters=names[1:],
     )  # fmt: skip
+    per_model: dict[str, list[RequestRecord]] = {}
     async with LocalStack(cfg) as stack:
         t0 = time.monotonic()
-        records = await replay_trace(
-            requests, stack.router_urls, time_scale=scale, concurrency=args.concurrency,
-            model=cfg.model, progress=sys.stderr.isatty(),
-        )  # fmt: skip
+        if n_models == 1:
+            records = await replay_trace(
+                requests, stack.router_urls, time_scale=scale, concurrency=args.concurrency,
+                model=cfg.model, progress=sys.stderr.isatty(),
+            )  # fmt: skip
+        else:
+            shares = split_by_conversation(requests, names)
+            # One clock for every model: each share keeps its arrival times relative to the
+            # slice's first request, so the models' traffic interleaves as in the trace.
+            t_first = requests[0].timestamp_ms if requests else 0
+            results = await asyncio.gather(
+                *(
+                    replay_trace(
+                        share,
+                        stack.router_urls,
+                        time_scale=scale,
+                        start_ms=t_first,
+                        concurrency=max(1, args.concurrency // n_models),
+                        model=name,
+                    )
+                    for name, share in shares.items()
+                )
+            )
+            per_model = dict(zip(shares, results, strict=True))
+            records = [r for rs in results for r in rs]
         summary = summarize(records, time.monotonic() - t0)
+    if per_model:
+        summary["per_model"] = {
+            name: {
+                "requests": len(rs),
+                **{
+                    k: v
+                    for k, v in summarize(rs).items()
+                    if k in ("hit_ratio", "failed", "prompt_tokens", "cached_tokens")
+                },
+            }
+            for name, rs in per_model.items()
+        }
     for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s"):
         if summary[k] is not None:
             summary[k] *= scale
@@ -143,6 +199,25 @@ async def run_variant(
     summary["load_cv"] = statistics.pstdev(counts) / mean if mean else 0.0
     summary["load_max_over_mean"] = max(counts) / mean if mean else 0.0
     return summary, records
+
+
+def model_names(base: str, n: int) -> tuple[str, ...]:
+    """The base model, then ``n - 1`` adapters of it."""
+    return (base, *(f"{base}-lora-{i}" for i in range(1, n)))
+
+
+def split_by_conversation(
+    requests: list[TraceRequest], names: tuple[str, ...]
+) -> dict[str, list[TraceRequest]]:
+    """Disjoint shares of `requests`, one per model: a conversation (`session_id`) stays in
+    one share, so each model's trace keeps its multi-turn reuse; the shared system prompt is
+    in every share (each model caches its own copy)."""
+    shares: dict[str, list[TraceRequest]] = {n: [] for n in names}
+    for r in requests:
+        key = session_id(r)
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big")
+        shares[names[digest % len(names)]].append(r)
+    return shares
 
 
 async def _bench(
@@ -159,6 +234,21 @@ async def _bench(
         f"ideal {ideal:.3f}, pooled {pooled:.3f}",
         file=sys.stderr,
     )
+    n_models = getattr(args, "models", 1)
+    ideal_per_model: dict[str, float] = {}
+    if n_models > 1:
+        shares = split_by_conversation(requests, model_names(StackConfig().model, n_models))
+        ideal_per_model = {
+            name: infinite_cache_hit_ratio(share, block_size=bs).ratio
+            for name, share in shares.items()
+        }
+        print(
+            f"  {n_models} models: "
+            + ", ".join(
+                f"{n} ({len(shares[n])} requests, ideal {ideal_per_model[n]:.3f})" for n in shares
+            ),
+            file=sys.stderr,
+        )
     results: dict[str, dict[str, Any]] = {}
     ttfts: dict[str, list[float]] = {}
     for v in variants:
@@ -174,10 +264,15 @@ async def _bench(
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, after all the traffic
     table = results_table(results, ideal, pooled)
+    if ideal_per_model:
+        table += "\n\n" + per_model_table(results, ideal_per_model)
     print(table)
     meta = {"requests": len(requests), "start": args.start, "workers": args.workers,
             "capacity_tokens": args.capacity_tokens, "time_scale": scale,
             "ideal_hit_ratio": ideal, "pooled_hit_ratio": pooled}  # fmt: skip
+    if ideal_per_model:
+        meta["models"] = n_models
+        meta["ideal_hit_ratio_per_model"] = ideal_per_model
     (out / "results.json").write_text(json.dumps({**meta, "variants": results}, indent=2))
     (out / "report.md").write_text(_markdown(table, meta, args))
     if not args.no_plots:
@@ -190,7 +285,28 @@ async def _bench(
             "ttft_p99_s": _r(s["ttft_p99_s"]),
             "failed": s["failed"],
         }
+        if "per_model" in s:
+            final["policies"][name]["per_model"] = {
+                m: {"hit_ratio": round(pm["hit_ratio"], 4), "failed": pm["failed"]}
+                for m, pm in s["per_model"].items()
+            }
     return final
+
+
+def per_model_table(results: dict[str, dict[str, Any]], ideal: dict[str, float]) -> str:
+    """Hit ratio per policy and model, with each model's own ideal (one infinite cache)."""
+    names = list(ideal)
+    lines = [
+        "| policy | " + " | ".join(f"{n} hit ratio" for n in names) + " |",
+        "|" + "---|" * (len(names) + 1),
+    ]
+    for policy, s in results.items():
+        pm = s.get("per_model", {})
+        cells = [f"{pm[n]['hit_ratio']:.3f}" if n in pm else "-" for n in names]
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    lines.append("| ideal (one infinite cache per model) | " + " | ".join(
+        f"{ideal[n]:.3f}" for n in names) + " |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _r(x: float | None) -> float | None:

@@ -48,6 +48,9 @@ class StackConfig:
     seed: int = 0
     redis_url: str | None = None
     extra_router_env: tuple[tuple[str, str], ...] = ()
+    adapters: tuple[str, ...] = ()
+    """LoRA adapters of `model` every simulated worker also serves (routers learn them from
+    the workers' /v1/models; the listener indexes their events under their own names)."""
 
 
 @dataclass
@@ -127,7 +130,10 @@ class LocalStack:
             "--model", cfg.model, "--block-size", str(cfg.block_size),
             "--capacity-tokens", str(cfg.capacity_tokens), "--time-scale", str(cfg.time_scale),
             "--kv-events", "positional" if cfg.kv_events else "off",
+            # Free ZMQ ports too: a fixed base port collides with any other stack on the host.
+            "--kv-events-base-port", "0",
             "--seed", str(cfg.seed), "--ready-file", str(ready),
+            *(["--lora-adapters", ",".join(cfg.adapters)] if cfg.adapters else []),
         ])  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.exists():
@@ -162,6 +168,7 @@ class LocalStack:
         router_env = {
             **common_env,
             "KVR_KV_EVENTS": "true" if cfg.kv_events else "false",
+            **({"KVR_MODELS_INTERVAL_S": "0.5"} if cfg.adapters else {}),
             **dict(cfg.extra_router_env),
         }
         routers = []
@@ -177,7 +184,21 @@ class LocalStack:
             self.router_urls.append(url)
         for p, url in routers:
             await self._wait_http(p, f"{url}/ready")
+            if cfg.adapters:
+                await self._wait_models(p, url, {cfg.model, *cfg.adapters})
         return self
+
+    async def _wait_models(self, p: _Proc, url: str, models: set[str]) -> None:
+        """Until the router's /v1/models lists `models` (its first poll of the workers)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                async with s.get(f"{url}/v1/models") as r:
+                    body = await r.json()
+                if models <= {m["id"] for m in body.get("data", [])}:
+                    return
+                await asyncio.sleep(0.1)
+        raise self._fail(p, f"did not list {sorted(models)} within {START_TIMEOUT_S:.0f} s")
 
     async def metrics(self, url: str) -> str:
         async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:

@@ -49,6 +49,8 @@ SHARED = web.AppKey("shared_index", SharedIndex)
 ROUTER = web.AppKey("router", Router)
 TASKS = web.AppKey("tasks", BackgroundTasks)
 TOKENIZER: web.AppKey[PromptTokenizer | None] = web.AppKey("tokenizer")
+TOKENIZERS: web.AppKey[dict[str, PromptTokenizer | None]] = web.AppKey("tokenizers")
+"""Tokenizer per base model (an adapter uses its base model's)."""
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
 MONITOR = web.AppKey("monitor", Monitor)
@@ -57,11 +59,27 @@ SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def load_tokenizer(path: str) -> PromptTokenizer:
-    """Load a tokenizer.json or a model directory (raises TokenizerLoadError)."""
+def load_tokenizer(path: str, chat_template: str = "") -> PromptTokenizer:
+    """Load a tokenizer.json or a model directory (raises TokenizerLoadError); a
+    `chat_template` file replaces the directory's default template."""
     from kvrouter.tokenizer import Tokenizer
 
-    return Tokenizer.load(path)
+    if not chat_template:
+        return Tokenizer.load(path)
+    from dataclasses import replace
+    from pathlib import Path
+
+    from kvrouter.tokenizer.errors import TokenizerLoadError
+    from kvrouter.tokenizer.loading import read_tokenizer_files
+
+    files = read_tokenizer_files(path)
+    try:
+        text = Path(chat_template).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TokenizerLoadError(Path(chat_template), f"cannot read: {exc.strerror}") from None
+    templates = {**files.chat_templates, "default": text}
+    origin = Path(chat_template)
+    return Tokenizer(replace(files, chat_templates=templates, chat_template_origin=origin))
 
 
 def create_app(
@@ -85,6 +103,15 @@ def create_app(
     if tokenizer is None and settings.tokenizer:
         tokenizer = load_tokenizer(settings.tokenizer)
     app[TOKENIZER] = tokenizer
+    # One tokenizer per distinct (path, template): models sharing files share the cache.
+    loaded: dict[tuple[str, str], PromptTokenizer | None] = {(settings.tokenizer, ""): tokenizer}
+    per_model: dict[str, PromptTokenizer | None] = {}
+    for name, base in app[ROUTER].catalogue.bases.items():
+        key = (base.tokenizer, base.chat_template)
+        if key not in loaded:
+            loaded[key] = load_tokenizer(*key) if base.tokenizer else None
+        per_model[name] = loaded[key]
+    app[TOKENIZERS] = per_model
     if endpoint_source is None and settings.discovery == "kubernetes":
         endpoint_source = kubernetes_source(settings)
     app[SOURCE] = endpoint_source
@@ -175,13 +202,20 @@ async def _read_body(request: web.Request) -> bytes:
         raise too_large(f"request body exceeds the {limit}-byte limit") from None
 
 
+def _tokenizer_for(app: web.Application, model: str) -> PromptTokenizer | None:
+    resolved = app[ROUTER].resolve(model)
+    if resolved is None:
+        return app[TOKENIZER]
+    return app[TOKENIZERS].get(resolved.base.name, app[TOKENIZER])
+
+
 async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRequest, Plan]:
     app = request.app
     settings = app[SETTINGS]
     raw = await _read_body(request)
     body = parse_body(raw)
-    req = parse_request(endpoint, body, request.headers, settings)
-    tok = app[TOKENIZER]
+    req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
+    tok = _tokenizer_for(app, req.model)
     start = time.perf_counter()
     if len(raw) > settings.tokenize_thread_bytes:
         # Long prompts are the router's main CPU cost; a thread keeps the loop serving others
@@ -201,7 +235,7 @@ def _inference(endpoint: str) -> Handler:
         m = app[METRICS]
         d = plan.decision
         m.decisions.inc(d.policy, d.reason)
-        matched = plan.matched_tokens(d.worker, app[SETTINGS].block_size)
+        matched = plan.matched_tokens(d.worker)
         m.matched_tokens.observe(matched)
         m.matched_tokens_total.inc(amount=matched)
         m.prompt_tokens_total.inc(amount=req.prompt_tokens)
@@ -213,9 +247,42 @@ def _inference(endpoint: str) -> Handler:
 
 # -- operations ------------------------------------------------------------------------------
 async def models(request: web.Request) -> web.Response:
+    """The models the fleet serves right now: every model (adapters included, with their
+    ``parent``) that a worker able to take requests serves, as vLLM lists them."""
+    app = request.app
+    router = app[ROUTER]
+    cat = router.catalogue
+    now = time.monotonic()
+    up = [w for w in app[POOL].workers.values() if w.available(now)]
+    placement = app[SETTINGS].lora_placement
+    names: dict[str, str | None] = {}
+
+    def add(name: str) -> None:
+        r = router.resolve(name)
+        if r is not None:  # a base model this router has no settings for is not served
+            names.setdefault(name, r.base.name if r.lora_name else None)
+
+    for w in up:
+        if w.wildcard:
+            for name in app[SETTINGS].models:
+                add(name)
+            continue
+        for name in sorted(w.listed if w.listed is not None else w.models):
+            add(name)
+    if placement == "any_base_worker":
+        for name, conf in cat.adapters.items():
+            if conf.parent in names and names[conf.parent] is None:
+                add(name)
     data = [
-        {"id": m, "object": "model", "created": 0, "owned_by": "kvrouter"}
-        for m in request.app[SETTINGS].models
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "kvrouter",
+            "root": parent or name,
+            "parent": parent,
+        }
+        for name, parent in names.items()
     ]
     return web.json_response({"object": "list", "data": data})
 
@@ -283,10 +350,10 @@ async def debug_route(request: web.Request) -> web.Response:
     endpoint = CHAT if "messages" in body else COMPLETIONS
     if endpoint == COMPLETIONS and "prompt" not in body:
         raise bad_request("a completions body ('prompt') or a chat body ('messages') is required")
-    req = parse_request(endpoint, body, request.headers, settings)
-    tokenize(req, app[TOKENIZER], settings)
+    req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
+    tokenize(req, _tokenizer_for(app, req.model), settings)
     plan = await app[ROUTER].plan(req)
-    bs = settings.block_size
+    bs = plan.block_size
     d = plan.decision
     workers = []
     for c in plan.candidates:

@@ -1,6 +1,7 @@
-"""Background work of a router replica: active health checks, capacity scraping, worker
-discovery (the Redis registry, Kubernetes EndpointSlices), and clearing the residency of
-workers that stay out past the grace period.
+"""Background work of a router replica: active health checks, capacity scraping, each
+worker's models (its ``GET /v1/models``, LoRA adapters included), worker discovery (the Redis
+registry, Kubernetes EndpointSlices), and clearing the residency of workers that stay out past
+the grace period.
 
 One task per concern, each a loop that never raises (a failing check is a result, not a
 crash); `Monitor.run()` starts them and `close()` stops them.
@@ -43,6 +44,23 @@ def parse_vllm_cache_config(text: str) -> tuple[int, int] | None:
     return (blocks, size) if blocks > 0 and size > 0 else None
 
 
+def parse_model_list(body: object) -> tuple[frozenset[str] | None, dict[str, str]]:
+    """(model ids, adapter -> parent) from an OpenAI ``/v1/models`` body; (None, {}) when it
+    is not one. vLLM lists a LoRA adapter as an entry whose ``parent`` is the base model."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        return None, {}
+    ids: set[str] = set()
+    parents: dict[str, str] = {}
+    for entry in body["data"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            continue
+        ids.add(entry["id"])
+        parent = entry.get("parent")
+        if isinstance(parent, str) and parent and parent != entry["id"]:
+            parents[entry["id"]] = parent
+    return frozenset(ids), parents
+
+
 class Monitor:
     def __init__(
         self,
@@ -60,12 +78,15 @@ class Monitor:
         self.session = session
         self.metrics = metrics
         self.tasks: list[asyncio.Task[None]] = []
+        self.catalogue = settings.catalogue()
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
         if s.health_interval_s > 0:
             self.tasks.append(loop.create_task(self._every(s.health_interval_s, self.check_all)))
+        if s.models_interval_s > 0:
+            self.tasks.append(loop.create_task(self._every(s.models_interval_s, self.poll_all)))
         if s.discovery == "redis" and self.shared.enabled:
             self.tasks.append(
                 loop.create_task(self._every(s.registry_interval_s, self.refresh_registry))
@@ -130,17 +151,54 @@ class Monitor:
         if found is None:
             return
         blocks, engine_block_size = found
-        if engine_block_size != self.settings.block_size:
+        router_block_size = self._block_size(worker)
+        if engine_block_size != router_block_size:
             log.warning(
                 "worker %s uses block size %d but the router uses %d: set --block-size to match "
                 "for exact residency",
                 worker.id,
                 engine_block_size,
-                self.settings.block_size,
+                router_block_size,
             )
-        worker.capacity_blocks = blocks * engine_block_size // self.settings.block_size
+        worker.capacity_blocks = blocks * engine_block_size // router_block_size
         worker.capacity_source = "vllm_metrics"
         log.info("worker %s: capacity %d blocks (vllm metrics)", worker.id, worker.capacity_blocks)
+
+    def _block_size(self, worker: Worker) -> int:
+        """The router block size of the base model the worker serves (an engine serves one),
+        else the router-wide one."""
+        names = worker.listed if worker.listed is not None else worker.models
+        sizes = {self.catalogue.bases[m].block_size for m in names if m in self.catalogue.bases}
+        return sizes.pop() if len(sizes) == 1 else self.settings.block_size
+
+    # -- models ----------------------------------------------------------------------------------
+    async def poll_all(self) -> None:
+        workers = list(self.pool.workers.values())
+        await asyncio.gather(*(self.poll_models(w) for w in workers if w.registered))
+
+    async def poll_models(self, worker: Worker) -> bool:
+        """Read the worker's ``/v1/models``: the models it serves, and each adapter's parent.
+        A worker that does not answer keeps what it listed last (health checks decide
+        whether it takes requests)."""
+        timeout = aiohttp.ClientTimeout(total=self.settings.health_timeout_s)
+        try:
+            async with self.session.get(
+                f"{worker.url}/v1/models", timeout=timeout, headers=dict(worker.headers)
+            ) as resp:
+                if resp.status != 200:
+                    return False
+                body = await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return False
+        listed, parents = parse_model_list(body)
+        if listed is None:
+            log.warning("worker %s: /v1/models answer has no model list", worker.id)
+            return False
+        if listed != worker.listed:
+            log.info("worker %s serves %s", worker.id, ", ".join(sorted(listed)) or "nothing")
+        worker.listed = listed
+        worker.parents = parents
+        return True
 
     # -- registry ------------------------------------------------------------------------------
     async def refresh_registry(self) -> None:
@@ -158,6 +216,10 @@ class Monitor:
         joined = self.pool.sync_registry(
             (e.id, e.url, e.models, e.capacity_blocks, e.dp_rank) for e in entries
         )
+        for e in entries:
+            w = self.pool.get(e.id)
+            if w is not None and w.source == "registry" and w.listed is None:
+                w.parents = dict(e.adapters)  # until its own /v1/models says
         await self._joined(joined, "the registry")
 
     async def _joined(self, ids: list[str], where: str) -> None:
@@ -197,7 +259,9 @@ class Monitor:
             self.metrics.inflight.set(w.id, value=w.inflight)
         for w in self.pool.due_for_clearing(now):
             done = True
-            for model in self.settings.models:
+            namespaces = dict.fromkeys(self.settings.models)
+            namespaces.update(dict.fromkeys(sorted(w.listed or ())))
+            for model in namespaces:
                 if w.serves(model):
                     done = await self.shared.clear_worker(model, w.id) and done
             if done or not self.shared.enabled:

@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from kvrouter.router.errors import APIError, sse_error_event, unavailable
+from kvrouter.router.errors import APIError, not_found, sse_error_event, unavailable
 from kvrouter.router.metrics import Metrics
 from kvrouter.router.request import ParsedRequest
 from kvrouter.router.routing import Plan
@@ -179,7 +179,7 @@ class Proxy:
         )
 
     def _lease(self, req: ParsedRequest, plan: Plan, worker: Worker) -> Lease:
-        bs = self.settings.block_size
+        bs = plan.block_size
         held = plan.depths.get(worker.id, 0)
         prefill = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id, bs))
 
@@ -228,6 +228,8 @@ class Proxy:
             if isinstance(outcome, web.StreamResponse):
                 return outcome
             last_error = outcome
+        if last_error is not None and last_error.status == 404:
+            raise last_error  # every worker tried said it does not serve the model
         detail = f": {last_error.message}" if last_error is not None else ""
         raise unavailable(
             f"no worker could take the request ({attempts} tried){detail}",
@@ -255,13 +257,39 @@ class Proxy:
             if v is not None:
                 h[k] = v
         h[HEADER_WORKER] = worker.id
-        h[HEADER_MATCHED] = str(plan.matched_tokens(worker.id, self.settings.block_size))
+        h[HEADER_MATCHED] = str(plan.matched_tokens(worker.id))
         return h
+
+    async def _load_adapter(self, worker: Worker, name: str, path: str) -> APIError | None:
+        """Ask a worker of the base model to load a LoRA adapter (vLLM's runtime LoRA API,
+        ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); a failure moves on to the next worker."""
+        body = {"lora_name": name, "lora_path": path}
+        try:
+            async with self.session.post(
+                f"{worker.url}/v1/load_lora_adapter",
+                json=body,
+                headers=dict(worker.headers),
+                timeout=self.timeout,
+            ) as resp:
+                text = await resp.text()
+        except UPSTREAM_ERRORS as exc:
+            return self._fail(worker, "lora_load", f"{type(exc).__name__}: {exc}")
+        # vLLM answers 400 "already loaded" when another router replica was first.
+        if resp.status != 200 and "already" not in text:
+            self.metrics.upstream_errors.inc(worker.id, "lora_load")
+            return APIError(503, f"worker {worker.id} could not load adapter {name!r}: {text}")
+        if worker.listed is not None:
+            worker.listed = worker.listed | {name}
+        return None
 
     async def _attempt(
         self, request: web.Request, req: ParsedRequest, plan: Plan, raw: bytes, worker: Worker
     ) -> web.StreamResponse | APIError:
         url = f"{worker.url}{request.path}"
+        if worker.id in plan.not_loaded and plan.lora_name and plan.lora_path:
+            failed = await self._load_adapter(worker, plan.lora_name, plan.lora_path)
+            if failed is not None:
+                return failed
         lease = self._lease(req, plan, worker)
         worker.inflight += 1
         resp: aiohttp.ClientResponse | None = None
@@ -275,6 +303,15 @@ class Proxy:
             if resp.status in RETRY_STATUSES:
                 detail = f"HTTP {resp.status}"
                 return self._fail(worker, "status", detail)
+            if resp.status == 404 and worker.listed is not None:
+                # vLLM's 404 on an inference path: it does not serve the model (an adapter
+                # unloaded since the last /v1/models poll). Not a failure of the worker:
+                # forget the model there and try the next one.
+                worker.listed = worker.listed - {req.model}
+                self.metrics.upstream_errors.inc(worker.id, "model_not_found")
+                return not_found(
+                    f"The model `{req.model}` does not exist.", "model", "model_not_found"
+                )
             if resp.content_type == "text/event-stream" and resp.status == 200:
                 out = await self._stream(request, resp, plan, worker, lease)
                 if isinstance(out, web.StreamResponse):

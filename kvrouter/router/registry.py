@@ -8,7 +8,9 @@ the time). Routers with ``KVR_DISCOVERY=redis`` read both and drop workers whose
 older than ``KVR_HEARTBEAT_TIMEOUT_S``. Deregistering removes both entries.
 
 Description fields: ``url`` (required, http(s)://host:port), ``models`` (list; empty = every
-model the router serves), ``capacity_blocks`` (int, 0 = unknown), ``dp_rank`` (int).
+model the router serves), ``capacity_blocks`` (int, 0 = unknown), ``dp_rank`` (int),
+``adapters`` (object, LoRA adapter -> base model, for adapters listed in ``models``; a
+worker's own ``/v1/models`` wins when the router polls it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class RegisteredWorker:
     capacity_blocks: int = 0
     dp_rank: int | None = None
     heartbeat_ms: int = 0
+    adapters: tuple[tuple[str, str], ...] = ()
+    """(adapter, base model) pairs."""
 
 
 def _now_ms() -> int:
@@ -48,9 +52,11 @@ async def register_worker(
     models: tuple[str, ...] = (),
     capacity_blocks: int = 0,
     dp_rank: int | None = None,
+    adapters: dict[str, str] | None = None,
     now_ms: int | None = None,
 ) -> None:
-    """Add or update a worker and heartbeat it."""
+    """Add or update a worker and heartbeat it. `adapters` maps each LoRA adapter in
+    `models` to its base model."""
     validate_worker_id(worker_id)
     WorkerSpec.parse(url)  # same URL rules as static workers
     desc = {
@@ -59,6 +65,8 @@ async def register_worker(
         "capacity_blocks": int(capacity_blocks),
         "dp_rank": dp_rank,
     }
+    if adapters:
+        desc["adapters"] = dict(adapters)
     await client.hset(schema.registry, worker_id, json.dumps(desc))
     await heartbeat(client, schema, worker_id, now_ms=now_ms)
 
@@ -97,6 +105,9 @@ async def read_registry(
             desc = json.loads(desc_raw)
             spec = WorkerSpec.parse(str(desc["url"]))
             models = tuple(str(m) for m in desc.get("models") or ())
+            adapters = desc.get("adapters") or {}
+            if not isinstance(adapters, dict):
+                raise ValueError("'adapters' must be an object")
             out.append(
                 RegisteredWorker(
                     wid,
@@ -105,6 +116,7 @@ async def read_registry(
                     int(desc.get("capacity_blocks") or 0),
                     None if desc.get("dp_rank") is None else int(desc["dp_rank"]),
                     int(beat),
+                    tuple((str(a), str(p)) for a, p in adapters.items()),
                 )
             )
         except (KeyNameError, ValueError, KeyError, TypeError) as exc:

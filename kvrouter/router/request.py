@@ -8,7 +8,7 @@ not know about reach the engine as the client sent them. Validation errors are `
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -80,12 +80,16 @@ def parse_request(
     body: dict[str, Any],
     headers: Mapping[str, str],
     settings: RouterSettings,
+    known: Callable[[str], bool] | None = None,
 ) -> ParsedRequest:
-    """Check the fields routing needs. Raises APIError (400 malformed, 404 unknown model)."""
+    """Check the fields routing needs. Raises APIError (400 malformed, 404 unknown model).
+
+    `known` says whether the router serves a model name (default: it is configured); the app
+    passes one that also knows the adapters its workers list."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a string", "model")
-    if model not in settings.models:
+    if not (known(model) if known is not None else model in settings.models):
         raise not_found(f"The model `{model}` does not exist.", "model", "model_not_found")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

@@ -12,10 +12,10 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import WorkerLoad
-from kvrouter.router.errors import unavailable
+from kvrouter.router.errors import not_found, unavailable
 from kvrouter.router.metrics import Metrics
+from kvrouter.router.models import ModelCatalogue, Resolved
 from kvrouter.router.request import ParsedRequest
 from kvrouter.router.scoring import Candidate, Decision, ScoringConfig, decide
 from kvrouter.router.settings import RouterSettings
@@ -42,12 +42,19 @@ class Plan:
     prompt_tokens: int = 0
     indexed: bool = False
     """True when the decision used the shared index."""
+    block_size: int = 16
+    """The model's block size (an adapter's is its base model's)."""
+    not_loaded: frozenset[str] = frozenset()
+    """Candidates that would have to load the request's adapter (any_base_worker)."""
+    lora_name: str | None = None
+    lora_path: str | None = None
+    """Where a worker loads the adapter from (config), for ``/v1/load_lora_adapter``."""
 
     def matched_blocks(self, worker: str) -> int:
         return min(self.depths.get(worker, 0), self.useful_blocks)
 
-    def matched_tokens(self, worker: str, block_size: int) -> int:
-        return self.matched_blocks(worker) * block_size
+    def matched_tokens(self, worker: str, block_size: int | None = None) -> int:
+        return self.matched_blocks(worker) * (block_size or self.block_size)
 
 
 class Router:
@@ -65,38 +72,80 @@ class Router:
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.sequence = 0
-        self.hashers = {
-            m: BlockHasher(m, settings.block_size, settings.hash_seed) for m in settings.models
+        self.catalogue: ModelCatalogue = settings.catalogue()
+        self.configs = {
+            name: ScoringConfig(
+                block_size=b.block_size,
+                prefill_weight=b.prefill_weight,
+                queue_weight=b.queue_weight,
+                decode_weight=b.decode_weight,
+                temperature=b.temperature,
+                balance_abs=settings.balance_abs,
+                balance_rel=settings.balance_rel,
+            )
+            for name, b in self.catalogue.bases.items()
         }
-        self.config = ScoringConfig(
-            block_size=settings.block_size,
-            prefill_weight=settings.prefill_weight,
-            queue_weight=settings.queue_weight,
-            decode_weight=settings.decode_weight,
-            temperature=settings.temperature,
-            balance_abs=settings.balance_abs,
-            balance_rel=settings.balance_rel,
-        )
 
-    def chain(self, req: ParsedRequest) -> list[int]:
+    def resolve(self, model: str) -> Resolved | None:
+        """What `model` is (a configured base model or adapter, or an adapter a worker
+        lists with a configured parent); None when this router cannot serve it."""
+        return self.catalogue.resolve(model, self.pool.adapter_parent(model))
+
+    def knows(self, model: str) -> bool:
+        return self.resolve(model) is not None
+
+    def chain(self, req: ParsedRequest, model: Resolved | None = None) -> list[int]:
         if not req.token_ids:
             return []
+        model = model or self.resolve(req.model)
+        if model is None:
+            return []
         tokens = req.token_bytes if req.token_bytes is not None else req.token_ids
-        return self.hashers[req.model].keys(tokens, cache_salt=req.cache_salt)
+        return model.keys(tokens, cache_salt=req.cache_salt)
 
     async def plan(self, req: ParsedRequest) -> Plan:
-        """Rank the workers for `req`. Raises APIError 503 when none can take it."""
-        workers = self.pool.candidates(req.model, time.monotonic())
-        if not workers:
+        """Rank the workers for `req`. Raises APIError 404 for a model no one serves, 503
+        when no worker can take it now."""
+        model = self.resolve(req.model)
+        if model is None:
+            raise not_found(f"The model `{req.model}` does not exist.", "model", "model_not_found")
+        placement = self.settings.lora_placement
+        pairs = self.pool.candidates_for(model, placement, time.monotonic())
+        if not pairs:
+            if model.lora_name is not None and not self.pool.lists(model.name):
+                where = (
+                    "no worker has it loaded"
+                    if placement == "loaded_only"
+                    else f"no worker of its base model `{model.base.name}` is up"
+                )
+                raise not_found(
+                    f"The LoRA adapter `{model.name}` is not served: {where}.",
+                    "model",
+                    "model_not_found",
+                )
             raise unavailable(
                 f"no healthy worker serves model {req.model!r}", self.settings.retry_after_s
             )
-        bs = self.settings.block_size
+        workers = [w for w, _ in pairs]
+        # Loading an adapter costs the worker time before its prefill starts: a worker that
+        # has it loaded wins at equal load and match (kv policy).
+        load_penalty = {
+            w.id: float(self.settings.lora_load_cost_blocks) for w, loaded in pairs if not loaded
+        }
+        config = self.configs[model.base.name]
+        bs = model.base.block_size
         n_tokens = len(req.token_ids or ())
-        chain = self.chain(req)
+        chain = self.chain(req, model)
         useful = max(0, (n_tokens - 1) // bs) if n_tokens else 0
         plan = Plan(
-            Decision("", "", ()), chain, min(useful, len(chain)), prompt_tokens=req.prompt_tokens
+            Decision("", "", ()),
+            chain,
+            min(useful, len(chain)),
+            prompt_tokens=req.prompt_tokens,
+            block_size=bs,
+            not_loaded=frozenset(load_penalty),
+            lora_name=model.lora_name,
+            lora_path=self.catalogue.lora_path(model.name),
         )
         policy = self.settings.policy
         result = None
@@ -118,15 +167,19 @@ class Router:
                     plan.matched_blocks(w.id),
                     max(result.load.get(w.id, empty).requests, w.inflight),
                     max(result.load.get(w.id, empty).prefill_tokens, w.prefill_pending),
+                    load_penalty.get(w.id, 0.0),
                 )
                 for w in workers
             ]
         else:
-            cands = [Candidate(w.id, 0, w.inflight, w.prefill_pending) for w in workers]
+            cands = [
+                Candidate(w.id, 0, w.inflight, w.prefill_pending, load_penalty.get(w.id, 0.0))
+                for w in workers
+            ]
         plan.candidates = cands
         self.sequence += 1
         if policy in _NEEDS_LOOKUP and result is None:
-            d = decide("least_load", cands, n_tokens, self.config, self.rng)
+            d = decide("least_load", cands, n_tokens, config, self.rng)
             plan.decision = Decision(
                 policy, "redis_down" if self.shared.enabled else "local", d.ranking
             )
@@ -135,7 +188,7 @@ class Router:
                 policy,
                 cands,
                 n_tokens,
-                self.config,
+                config,
                 self.rng,
                 sequence=self.sequence,
                 session_key=req.session_key,

@@ -61,6 +61,9 @@ class Candidate:
     """In-flight requests on the worker (shared across router replicas)."""
     prefill_tokens: int = 0
     """Prompt tokens queued on the worker that have not produced a first token yet."""
+    setup_blocks: float = 0.0
+    """Work, in prefill blocks, the worker must do before this request's prefill (loading a
+    LoRA adapter it does not hold); the kv policy adds it to the cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +99,7 @@ def kv_cost(c: Candidate, prompt_tokens: int, cfg: ScoringConfig) -> float:
     """The kv policy's cost of sending a `prompt_tokens` prompt to `c` (blocks of work)."""
     own = max(0, prompt_tokens - c.matched_blocks * cfg.block_size)
     prefill_blocks = (own + cfg.queue_weight * c.prefill_tokens) / cfg.block_size
-    return cfg.prefill_weight * prefill_blocks + cfg.decode_weight * c.requests
+    return cfg.prefill_weight * (prefill_blocks + c.setup_blocks) + cfg.decode_weight * c.requests
 
 
 def guard_limit(least_requests: int, cfg: ScoringConfig) -> float:

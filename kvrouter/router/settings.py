@@ -19,6 +19,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from kvrouter.index.connection import redact_url
 from kvrouter.index.keys import KeyNameError, KeySchema, validate_model, validate_worker_id
+from kvrouter.router.models import (
+    LORA_PLACEMENTS,
+    ConfigError,
+    ConfigFile,
+    ModelCatalogue,
+    ModelConfig,
+    load_config_file,
+)
 from kvrouter.router.scoring import POLICIES
 
 DISCOVERY_MODES = ("static", "redis", "kubernetes")
@@ -36,6 +44,9 @@ class WorkerSpec:
     url: str
     dp_rank: int | None = None
     """Data-parallel rank to pin requests to (``#dpN``); None = let the server choose."""
+    models: tuple[str, ...] = ()
+    """Models it serves (config file ``[[workers]]``); empty = learn from its /v1/models,
+    else every model."""
 
     @classmethod
     def parse(cls, text: str) -> WorkerSpec:
@@ -101,6 +112,12 @@ def _spec(name: str, parse: Callable[[str], Any], help_text: str, **kw: bool) ->
 
 
 SPECS: tuple[Spec, ...] = (
+    _spec(
+        "config",
+        str,
+        "TOML or YAML file: [router] settings, [[models]] (per-model settings, adapters), "
+        "[[workers]] (see docs/configuration.md); the environment and flags win over it",
+    ),
     _spec("host", str, "address to listen on"),
     _spec("port", int, "port to listen on"),
     _spec(
@@ -122,9 +139,22 @@ SPECS: tuple[Spec, ...] = (
         "KVR_MODEL",
         "--model",
         str,
-        "model name(s) served; other names get 404 (env: comma-separated; flag: repeatable)",
+        "base model name(s) served, besides the config file's; adapters come from the workers' "
+        "/v1/models; other names get 404 (env: comma-separated; flag: repeatable)",
         repeatable=True,
     ),
+    _spec(
+        "lora_placement",
+        str,
+        "adapter requests go to workers that list the adapter (loaded_only) or, preferring "
+        "those, to any worker of its base model (any_base_worker)",
+    ),
+    _spec(
+        "lora_load_cost_blocks",
+        int,
+        "any_base_worker: extra cost, in prefill blocks, of a worker that must load the adapter",
+    ),
+    _spec("models_interval_s", float, "how often each worker's /v1/models is polled (0 = off)"),
     _spec("tokenizer", str, "tokenizer.json or a model directory ('' = pre-tokenized only)"),
     _spec("block_size", int, "tokens per KV block; must equal the engine's --block-size"),
     _spec("policy", str, "routing policy: " + ", ".join(POLICIES)),
@@ -196,6 +226,9 @@ class RouterSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     workers: tuple[WorkerSpec, ...] = ()
     models: tuple[str, ...] = ()
+    lora_placement: str = "loaded_only"
+    lora_load_cost_blocks: int = 64
+    models_interval_s: float = 10.0
     tokenizer: str = ""
     block_size: int = 16
     policy: str = "kv"
@@ -238,6 +271,9 @@ class RouterSettings:
     heartbeat_timeout_s: float = 15.0
     retry_after_s: int = 1
     log_level: str = "info"
+    config: str = ""
+    model_configs: tuple[ModelConfig, ...] = ()
+    """Per-model settings and adapters from the config file (no variable of its own)."""
 
     def __post_init__(self) -> None:
         self._validate()
@@ -259,6 +295,18 @@ class RouterSettings:
         `overrides` (field values, for tests and embedding)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        config_path = overrides.get("config")
+        if config_path is None and args is not None:
+            config_path = getattr(args, "config", None)
+        if config_path is None:
+            config_path = env.get("KVR_CONFIG")
+        conf: ConfigFile | None = None
+        if config_path:
+            try:
+                conf = load_config_file(config_path)
+            except ConfigError as exc:
+                raise SettingsError(f"KVR_CONFIG / --config: {exc}") from None
+            values.update(_config_values(conf))
         for spec in SPECS:
             raw = env.get(spec.env)
             if raw is not None:
@@ -268,6 +316,15 @@ class RouterSettings:
             flag_value = getattr(args, spec.field, None) if args is not None else None
             if flag_value is not None:
                 values[spec.field] = _convert(spec, flag_value, spec.flag)
+        if conf is not None:
+            # Lists add up: the file's models and workers plus those of the env / flags.
+            for name in ("models", "workers"):
+                if name in values and name in conf_lists(conf):
+                    both = tuple(conf_lists(conf)[name]) + tuple(values[name])
+                    values[name] = tuple(dict.fromkeys(both)) if name == "models" else both
+                elif name in conf_lists(conf):
+                    values[name] = tuple(conf_lists(conf)[name])
+            values["model_configs"] = conf.models
         values.update(overrides)
         if "workers" in values:
             values["workers"] = tuple(
@@ -300,6 +357,20 @@ class RouterSettings:
         user = quote(parts.username or "", safe="")
         netloc = f"{user}:{quote(self.redis_password, safe='')}@{parts.netloc.rsplit('@', 1)[-1]}"
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    def catalogue(self) -> ModelCatalogue:
+        """The configured models with their resolved per-model settings."""
+        return ModelCatalogue.build(
+            self.models,
+            self.model_configs,
+            tokenizer=self.tokenizer,
+            block_size=self.block_size,
+            hash_seed=self.hash_seed,
+            prefill_weight=self.prefill_weight,
+            queue_weight=self.queue_weight,
+            decode_weight=self.decode_weight,
+            temperature=self.temperature,
+        )
 
     @property
     def record_ttl_ms(self) -> int:
@@ -337,6 +408,21 @@ class RouterSettings:
                 validate_model(m)
             except KeyNameError as exc:
                 raise bad("models", str(exc)) from None
+        configs = {c.name: c for c in self.model_configs}
+        for c in self.model_configs:
+            if c.name not in self.models:
+                raise bad("models", f"config model {c.name!r} is missing from the model list")
+            parent_conf = configs.get(c.parent or "")
+            if c.parent is not None and (
+                c.parent not in self.models
+                or (parent_conf is not None and parent_conf.parent is not None)
+            ):
+                raise bad(
+                    "config",
+                    f"adapter {c.name!r}: parent {c.parent!r} is not a configured base model",
+                )
+        if self.lora_placement not in LORA_PLACEMENTS:
+            raise bad("lora_placement", f"must be one of {', '.join(LORA_PLACEMENTS)}")
         ids = [w.id for w in self.workers]
         if len(set(ids)) != len(ids):
             raise bad("workers", f"worker ids must be unique, got {ids}")
@@ -354,6 +440,8 @@ class RouterSettings:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         non_negative = (
             "worker_capacity_blocks",
+            "lora_load_cost_blocks",
+            "models_interval_s",
             "max_prompt_tokens",
             "tokenize_thread_bytes",
             "balance_abs",
@@ -398,6 +486,48 @@ class RouterSettings:
             raise bad("discovery", "redis discovery needs a Redis URL")
         if self.session_header != self.session_header.strip() or not self.session_header:
             raise bad("session_header", "must be a header name")
+
+
+def conf_lists(conf: ConfigFile) -> dict[str, tuple[Any, ...]]:
+    """The model names and workers a config file contributes."""
+    out: dict[str, tuple[Any, ...]] = {}
+    if conf.models:
+        out["models"] = tuple(m.name for m in conf.models)
+    if conf.workers:
+        try:
+            out["workers"] = tuple(
+                replace(
+                    WorkerSpec.parse(
+                        (f"{w['id']}=" if "id" in w else "")
+                        + w["url"]
+                        + (f"#dp{w['dp_rank']}" if "dp_rank" in w else "")
+                    ),
+                    models=tuple(w.get("models", ())),
+                )
+                for w in conf.workers
+            )
+        except ValueError as exc:
+            raise SettingsError(f"KVR_CONFIG / --config: {conf.path}: workers: {exc}") from None
+    return out
+
+
+def _config_values(conf: ConfigFile) -> dict[str, Any]:
+    """The ``[router]`` table as field values (names as the flags, with underscores)."""
+    out: dict[str, Any] = {}
+    for name, raw in conf.router.items():
+        spec = SPEC_BY_FIELD.get(str(name).replace("-", "_"))
+        if spec is None or spec.field in ("config", "models", "workers"):
+            hint = " (use [[models]] / [[workers]])" if name in ("models", "workers") else ""
+            raise SettingsError(
+                f"KVR_CONFIG / --config: {conf.path}: [router] has no setting {name!r}{hint}"
+            )
+        where = f"KVR_CONFIG / --config: {conf.path}: [router] {name}"
+        if isinstance(raw, bool | int | float) and not isinstance(raw, str):
+            raw = str(raw).lower() if isinstance(raw, bool) else str(raw)
+        if not isinstance(raw, str):
+            raise SettingsError(f"{where}: expected a string, number or boolean")
+        out[spec.field] = _convert(spec, raw, where)
+    return out
 
 
 def _convert(spec: Spec, raw: Any, source: str) -> Any:

@@ -53,6 +53,11 @@ class FakeWorker:
     fast: bool = False
     """Benchmark mode: no prefix-cache bookkeeping, a canned answer."""
     healthy: bool = True
+    model_list: tuple[str, ...] | None = None
+    """Models it lists on ``/v1/models`` and accepts (others get vLLM's 404); None = no
+    ``/v1/models`` (404) and any model accepted."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapter -> base model, listed with their ``parent`` (add to `model_list` too)."""
     faults: list[str] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     cancelled: int = 0
@@ -74,6 +79,8 @@ class FakeWorker:
         app.router.add_post("/v1/completions", self._complete)
         app.router.add_post("/v1/chat/completions", self._complete)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/load_lora_adapter", self._load_lora)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -105,6 +112,36 @@ class FakeWorker:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({}, status=200 if self.healthy else 503)
 
+    async def _models(self, request: web.Request) -> web.Response:
+        if self.model_list is None:
+            return web.json_response({"error": "not found"}, status=404)
+        data = [
+            {
+                "id": m,
+                "object": "model",
+                "created": 0,
+                "owned_by": "vllm",
+                "root": f"/adapters/{m}" if m in self.adapters else m,
+                "parent": self.adapters.get(m),
+            }
+            for m in self.model_list
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _load_lora(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        name = body["lora_name"]
+        self.requests.append({"path": request.path, "body": body, "headers": {}})
+        if self.model_list is not None and name in self.model_list:
+            return web.Response(
+                status=400, text=f"The lora adapter '{name}' has already been loaded."
+            )
+        base = next((m for m in self.model_list or () if m not in self.adapters), self.model)
+        self.adapters[name] = base
+        if self.model_list is not None:
+            self.model_list = (*self.model_list, name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
     async def _metrics(self, request: web.Request) -> web.Response:
         text = (
             "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n"
@@ -131,9 +168,13 @@ class FakeWorker:
             return list(prompt.encode())
         return list(prompt)
 
-    def _cached_tokens(self, ids: list[int]) -> int:
-        """Prefix-cache hit as vLLM reports it: full blocks, at most n - 1 tokens."""
-        keys = BlockHasher(self.model, self.block_size).keys(ids)
+    def _cached_tokens(self, ids: list[int], model: str | None = None) -> int:
+        """Prefix-cache hit as vLLM reports it: full blocks, at most n - 1 tokens. An
+        adapter's blocks are its own (the engine folds the adapter into its block hashes)."""
+        model = model or self.model
+        parent = self.adapters.get(model)
+        hasher = BlockHasher(parent or model, self.block_size)
+        keys = hasher.keys(ids, lora_name=model if parent else None)
         hit = 0
         for k in keys:
             if k not in self._cache:
@@ -167,8 +208,21 @@ class FakeWorker:
             )
         if fault == "hang":
             await asyncio.sleep(3600)
+        if self.model_list is not None and body.get("model") not in self.model_list:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"The model `{body.get('model')}` does not exist.",
+                        "type": "NotFoundError",
+                        "param": None,
+                        "code": 404,
+                    }
+                },
+                status=404,
+            )
         ids = self._prompt_ids(body, chat)
-        cached = self._cached_tokens(ids)
+        listed = self.model_list is not None
+        cached = self._cached_tokens(ids, body.get("model") if listed else None)
         record["prompt_tokens"] = len(ids)
         record["cached_tokens"] = cached
         n_out = int(

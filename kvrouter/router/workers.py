@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kvrouter.router.models import Resolved
 from kvrouter.router.settings import RouterSettings
 
 
@@ -31,7 +32,13 @@ class Worker:
     url: str
     dp_rank: int | None = None
     models: frozenset[str] = frozenset()
-    """Models served; empty = every model the router serves."""
+    """Models served as configured (config file, registry); empty = every model the router
+    serves, unless the worker's /v1/models says otherwise."""
+    listed: frozenset[str] | None = None
+    """Models its ``GET /v1/models`` listed at the last poll (adapters included); None =
+    never polled successfully. When known, it wins over `models`."""
+    parents: dict[str, str] = field(default_factory=dict)
+    """Adapter -> base model, from the ``parent`` of its /v1/models entries."""
     capacity_blocks: int = 0
     """KV capacity in router blocks; 0 = unknown (no LRU trim)."""
     source: str = "static"
@@ -61,7 +68,13 @@ class Worker:
         return self.registered and self.healthy and now >= self.ejected_until
 
     def serves(self, model: str) -> bool:
-        return not self.models or model in self.models
+        names = self.listed if self.listed is not None else self.models
+        return not names or model in names
+
+    @property
+    def wildcard(self) -> bool:
+        """True when nothing says which models it serves (taken to serve every model)."""
+        return self.listed is None and not self.models
 
     def state(self, now: float) -> str:
         if not self.registered:
@@ -84,6 +97,7 @@ class WorkerPool:
                 spec.id,
                 spec.url,
                 spec.dp_rank,
+                models=frozenset(spec.models),
                 capacity_blocks=settings.worker_capacity_blocks,
                 capacity_source="config" if settings.worker_capacity_blocks else "",
             )
@@ -91,6 +105,43 @@ class WorkerPool:
     def candidates(self, model: str, now: float) -> list[Worker]:
         """Workers that serve `model` and can take a request now."""
         return [w for w in self.workers.values() if w.serves(model) and w.available(now)]
+
+    def candidates_for(
+        self, model: Resolved, placement: str, now: float
+    ) -> list[tuple[Worker, bool]]:
+        """(worker, has the model loaded) for the workers that can take `model` now.
+
+        A base model: the workers serving it. An adapter: those that list it (or say nothing
+        about their models) and, with ``placement == "any_base_worker"``, the other workers of
+        its base model, flagged as not having it loaded.
+        """
+        out: list[tuple[Worker, bool]] = []
+        for w in self.workers.values():
+            if not w.available(now):
+                continue
+            if w.serves(model.name):
+                out.append((w, True))
+            elif (
+                model.lora_name is not None
+                and placement == "any_base_worker"
+                and w.serves(model.base.name)
+            ):
+                out.append((w, False))
+        return out
+
+    def lists(self, model: str) -> bool:
+        """True if some known worker, available or not, names `model` among its models."""
+        return any(
+            model in (w.listed if w.listed is not None else w.models) for w in self.workers.values()
+        )
+
+    def adapter_parent(self, model: str) -> str | None:
+        """The base model some worker's /v1/models gives as `model`'s parent, if any."""
+        for w in self.workers.values():
+            parent = w.parents.get(model)
+            if parent is not None:
+                return parent
+        return None
 
     def get(self, worker_id: str) -> Worker | None:
         return self.workers.get(worker_id)

@@ -39,6 +39,8 @@ _HELP: dict[str, str] = {
         "15 GiB of weights and ~5 GiB of activations leaves 52 GiB = 26,624 blocks of 16"
     ),
     "model": "model name served (and checked) on the OpenAI API",
+    "lora_adapters": "comma-separated LoRA adapter names also served (parent: --model); each "
+    "adapter's blocks are its own, and its KV events carry lora_name",
     "max_model_len": "longest prompt + max_tokens accepted",
     "prefill_tokens_per_s": "uncached prompt tokens prefilled per simulated second",
     "decode_step_ms": "base duration of one engine step (simulated ms)",

@@ -95,9 +95,23 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------
 
-    def submit(self, prompt: Sequence[int], max_tokens: int) -> SimRequest:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        *,
+        root: bytes | None = None,
+        lora_name: str | None = None,
+    ) -> SimRequest:
         """Queue a request; raises RequestRejected if it can never run on this worker."""
-        req = self.scheduler.add(f"{next(self._ids)}", prompt, max_tokens, self.now_s())
+        req = self.scheduler.add(
+            f"{next(self._ids)}",
+            prompt,
+            max_tokens,
+            self.now_s(),
+            root=root,
+            lora_name=lora_name,
+        )
         req.notify = asyncio.Event()
         self._wake()
         return req

@@ -29,6 +29,8 @@ class BlockStored:
     parent_block_hash: int | None
     token_ids: list[int]
     block_size: int
+    lora_name: str | None = None
+    """The LoRA adapter the blocks were computed under (None: the base model)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +61,7 @@ def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, A
                 event.block_size,
                 None,  # lora_id
                 MEDIUM_GPU,
-                None,  # lora_name
+                event.lora_name,
                 extra_keys,
                 0,  # group_idx
                 SPEC_KIND,
@@ -73,7 +75,7 @@ def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, A
             "block_size": event.block_size,
             "lora_id": None,
             "medium": MEDIUM_GPU,
-            "lora_name": None,
+            "lora_name": event.lora_name,
             "extra_keys": extra_keys,
             "group_idx": 0,
             "kv_cache_spec_kind": SPEC_KIND,
@@ -124,6 +126,7 @@ def decode_batch(payload: bytes) -> tuple[float, list[KVEvent], int | None]:
                         raw["parent_block_hash"],
                         list(raw["token_ids"]),
                         int(raw["block_size"]),
+                        raw.get("lora_name"),
                     )
                 )
             elif tag == "BlockRemoved":
@@ -133,7 +136,8 @@ def decode_batch(payload: bytes) -> tuple[float, list[KVEvent], int | None]:
         else:
             tag = raw[0]
             if tag == "BlockStored":
-                events.append(BlockStored(list(raw[1]), raw[2], list(raw[3]), int(raw[4])))
+                lora = raw[7] if len(raw) > 7 else None
+                events.append(BlockStored(list(raw[1]), raw[2], list(raw[3]), int(raw[4]), lora))
             elif tag == "BlockRemoved":
                 events.append(BlockRemoved(list(raw[1])))
             elif tag == "AllBlocksCleared":

@@ -211,6 +211,7 @@ class KVCache:
         block_hashes: Sequence[int],
         tokens: Sequence[int],
         num_full_blocks: int,
+        lora_name: str | None = None,
     ) -> None:
         """Hash the table's blocks up to `num_full_blocks` (now full) and announce them.
 
@@ -241,6 +242,7 @@ class KVCache:
                 parent_block_hash=block_hashes[start - 1] if start else None,
                 token_ids=chunk.tolist() if isinstance(chunk, array) else list(chunk),
                 block_size=bs,
+                lora_name=lora_name,
             )
         )
 

@@ -192,6 +192,7 @@ async def replay_trace(
     model: str | None = None,
     seed: int = 0,
     first_index: int = 0,
+    start_ms: float | None = None,
     timeout_s: float = 600.0,
     session: aiohttp.ClientSession | None = None,
     on_record: Callable[[RequestRecord], None] | None = None,
@@ -202,6 +203,8 @@ async def replay_trace(
     Several URLs (router replicas) are used round-robin, request by request: the simplest
     load-balancer front.
     `first_index` is the trace position of `requests[0]` (for the records' `index`).
+    `start_ms`: the trace time replay starts at (default: the first request's); several
+    replays given the same one keep their relative timing (one trace split by model).
     `on_record` is called as each request completes (e.g. to stream records to a file).
     Pass a `session` to reuse a connection pool; otherwise one is made with a connection
     limit equal to `concurrency`.
@@ -224,7 +227,7 @@ async def replay_trace(
     ]
     if not requests:
         return records
-    t_first = requests[0].timestamp_ms
+    t_first = requests[0].timestamp_ms if start_ms is None else start_ms
     for rec, req in zip(records, requests, strict=True):
         rec.arrival_s = max(0.0, (req.timestamp_ms - t_first) / 1000.0 / time_scale)
     bar = progress if isinstance(progress, ProgressBar) else None

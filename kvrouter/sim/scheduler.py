@@ -116,6 +116,7 @@ class SimRequest:
         "finish_s",
         "first_token_s",
         "hashes",
+        "lora_name",
         "max_tokens",
         "notify",
         "num_computed",
@@ -130,9 +131,15 @@ class SimRequest:
     )
 
     def __init__(
-        self, request_id: str, prompt: Sequence[int], max_tokens: int, root: bytes
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        max_tokens: int,
+        root: bytes,
+        lora_name: str | None = None,
     ) -> None:
         self.request_id = request_id
+        self.lora_name = lora_name
         self.tokens: array[int] = array("I", prompt)
         self.prompt_len = len(self.tokens)
         self.max_tokens = max_tokens
@@ -244,11 +251,19 @@ class Scheduler:
             )
 
     def add(
-        self, request_id: str, prompt: Sequence[int], max_tokens: int, now_s: float
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        max_tokens: int,
+        now_s: float,
+        *,
+        root: bytes | None = None,
+        lora_name: str | None = None,
     ) -> SimRequest:
-        """Queue a request arriving at simulated time `now_s`."""
+        """Queue a request arriving at simulated time `now_s` (`root`: the hash root of its
+        model, default the engine's; `lora_name`: its adapter, named in its KV events)."""
         self.check(len(prompt), max_tokens)
-        req = SimRequest(request_id, prompt, max_tokens, self.root)
+        req = SimRequest(request_id, prompt, max_tokens, root or self.root, lora_name)
         req.arrival_s = now_s
         self.waiting.append(req)
         return req
@@ -410,7 +425,7 @@ class Scheduler:
         full = req.num_computed // bs
         if full > req.table.num_registered:
             req.ensure_hashes(full, bs)
-            self.cache.register(req.table, req.hashes, req.tokens, full)
+            self.cache.register(req.table, req.hashes, req.tokens, full, req.lora_name)
 
     def _grow(self, req: SimRequest, need: int) -> bool:
         """Give a running request `need` more blocks, preempting the newest requests (vLLM's

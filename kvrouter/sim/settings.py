@@ -53,6 +53,9 @@ class SimSettings:
     block_size: int = 16
     capacity_tokens: int = DEFAULT_CAPACITY_TOKENS
     model: str = DEFAULT_MODEL
+    lora_adapters: str = ""
+    """Comma-separated LoRA adapter names served besides `model` (listed with it as parent;
+    each caches its blocks apart: the adapter folded into the hash root, named in events)."""
     max_model_len: int = 131_072
     prefill_tokens_per_s: float = 16_000.0
     decode_step_ms: float = 10.0
@@ -101,6 +104,13 @@ class SimSettings:
             raise bad("kv_events_buffer_steps", "must be >= 0")
         if not self.model:
             raise bad("model", "must not be empty")
+        if self.model in self.adapters:
+            raise bad("lora_adapters", f"must not name the base model {self.model!r}")
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapter names (parsed `lora_adapters`)."""
+        return tuple(dict.fromkeys(a.strip() for a in self.lora_adapters.split(",") if a.strip()))
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -172,6 +182,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "block_size": _int,
     "capacity_tokens": _int,
     "model": _str,
+    "lora_adapters": _str,
     "max_model_len": _int,
     "prefill_tokens_per_s": _float,
     "decode_step_ms": _float,

@@ -135,6 +135,11 @@ class SimWorker:
                 topic=settings.kv_events_topic,
                 buffer_steps=settings.kv_events_buffer_steps,
             )
+        # An adapter's blocks never match the base model's or another adapter's (as in vLLM,
+        # whose block hashes fold in the LoRA): its own hash root.
+        self.adapter_roots = {
+            a: root_digest(f"{settings.model}\0lora\0{a}", settings.seed) for a in settings.adapters
+        }
         self.engine = Engine(
             engine_config(settings),
             root_digest(settings.model, settings.seed),
@@ -224,7 +229,13 @@ class SimWorker:
         if self.is_down:
             raise ApiError(503, "the engine is restarting", "ServiceUnavailableError")
         try:
-            req = self.engine.submit(prompt, max_tokens)
+            lora = model if model in self.adapter_roots else None
+            req = self.engine.submit(
+                prompt,
+                max_tokens,
+                root=self.adapter_roots[lora] if lora else None,
+                lora_name=lora,
+            )
         except RequestRejected as exc:
             raise ApiError(400, str(exc), param="max_tokens") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -441,7 +452,7 @@ def _int_param(body: Mapping[str, Any], *names: str, default: int) -> int:
 
 def _common(body: Mapping[str, Any], worker: SimWorker) -> tuple[str, bool, bool]:
     model = body.get("model") or worker.settings.model
-    if model != worker.settings.model:
+    if model != worker.settings.model and model not in worker.adapter_roots:
         raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
     if body.get("n", 1) != 1:
         raise ApiError(400, "the simulator supports n=1 only", param="n")
@@ -492,7 +503,10 @@ async def models(request: web.Request) -> web.Response:
     s = worker.settings
     card = {"id": s.model, "object": "model", "created": 0, "owned_by": "vllm",
             "root": s.model, "parent": None, "max_model_len": s.max_model_len}  # fmt: skip
-    return web.json_response({"object": "list", "data": [card]})
+    cards = [card] + [
+        {**card, "id": a, "root": f"/adapters/{a}", "parent": s.model} for a in s.adapters
+    ]
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def health(request: web.Request) -> web.Response:
