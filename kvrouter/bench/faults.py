@@ -149,9 +149,9 @@ class Blackhole:
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 
 
-async def wait_http(url: str, proc: Proc | None = None, timeout: float = START_TIMEOUT_S) -> None:
+async def wait_http(url: str, proc: Proc | None = None, limit_s: float = START_TIMEOUT_S) -> None:
     """Until GET url answers 200 (fails early when the process exits)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
             if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
@@ -161,7 +161,7 @@ async def wait_http(url: str, proc: Proc | None = None, timeout: float = START_T
                     if r.status == 200:
                         return
             await asyncio.sleep(0.05)
-    raise FaultError(f"{url} not ready in {timeout} s: {proc.tail() if proc else ''}")
+    raise FaultError(f"{url} not ready in {limit_s} s: {proc.tail() if proc else ''}")
 
 
 @dataclass
@@ -204,8 +204,10 @@ class Stack:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.02)
             info = read_ready_file(ready).workers[0]
-            sp.url, sp.events, sp.replay = info.url, info.events_endpoint or "", (
-                info.replay_endpoint or ""
+            sp.url, sp.events, sp.replay = (
+                info.url,
+                info.events_endpoint or "",
+                (info.replay_endpoint or ""),
             )
         if self.kv_events and self.listener:
             self.start_listener()
@@ -244,7 +246,7 @@ class Stack:
             "--model", MODEL, "--block-size", str(BLOCK), *flags,
         ], env).start()  # fmt: skip
         self.router_url = f"http://127.0.0.1:{port}"
-        await wait_http(f"{self.router_url}/health", self.router_proc)
+        await wait_http(f"{self.router_url}/ready", self.router_proc)
 
     def sim(self, wid: str) -> SimProc:
         return next(s for s in self.sims if s.wid == wid)
@@ -315,8 +317,10 @@ class Load:
                 if status != 200:
                     err = data[:200].decode(errors="replace")
                 elif stream:
-                    ok = data.rstrip().endswith(b"data: [DONE]") and b'"error"' not in data
-                    err = "" if ok else "stream incomplete or error event"
+                    done = data.rstrip().endswith(b"data: [DONE]")
+                    ok = done and b'"error"' not in data
+                    if not ok:
+                        err = "error event, then [DONE]" if done else "stream truncated"
                 else:
                     ok = b'"choices"' in data
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -327,7 +331,10 @@ class Load:
     async def _client(self) -> None:
         assert self._session is not None
         while not self._stop.is_set():
-            self.outcomes.append(await self.one(self._session))
+            o = await self.one(self._session)
+            self.outcomes.append(o)
+            if not o.ok:
+                await asyncio.sleep(0.05)  # a client backs off after an error
 
     async def start(self) -> Load:
         self._session = aiohttp.ClientSession()
@@ -347,7 +354,15 @@ class Load:
         for o in self.outcomes:
             if o.ok:
                 continue
-            if excuse_worker and o.worker == excuse_worker and o.streamed and o.start < died_at:
+            # Excused: a stream already running on the dying worker that the router ended
+            # cleanly (error event, then [DONE]); a truncated stream is never excused.
+            if (
+                excuse_worker
+                and o.worker == excuse_worker
+                and o.streamed
+                and o.start < died_at
+                and o.error != "stream truncated"
+            ):
                 excused += 1
             else:
                 failed += 1
@@ -359,16 +374,17 @@ class Load:
 
 async def ready_status(url: str) -> str:
     with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-        async with aiohttp.ClientSession() as s, s.get(
-            f"{url}/ready", timeout=aiohttp.ClientTimeout(total=1)
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{url}/ready", timeout=aiohttp.ClientTimeout(total=1)) as r,
+        ):
             return str((await r.json()).get("status", ""))
     return ""
 
 
-async def wait_recovered(load: Load, url: str, since: float, timeout: float = 20.0) -> float:
+async def wait_recovered(load: Load, url: str, since: float, limit_s: float = 20.0) -> float:
     """Seconds from `since` until /ready is 'ready' and a request started after that hit."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     t_ready: float | None = None
     while time.monotonic() < deadline:
         if t_ready is None and await ready_status(url) == "ready":
@@ -577,7 +593,9 @@ async def engine_restart() -> FaultResult:
         left = len(old & await worker_records(server.url, victim))
         restarts = await _listener_metric(stack.listener_url, "kvr_listener_resync")
         await load.stop()
-        failed, excused = load.failures()
+        # The engine fails the requests it was running, as a crashed vLLM does: streams
+        # already under way end with an error event (excused); the rest are retried.
+        failed, excused = load.failures(victim, t0)
         return FaultResult("engine restart (cache emptied, seq reset, 0.5 s down)",
                            len(load.outcomes), failed, excused, rec, left,
                            f"{len(old)} records before; listener resyncs {restarts:.0f}",
@@ -618,7 +636,7 @@ class SentinelSet:
     """A primary, one replica and three redis-sentinel processes on loopback."""
 
     def __init__(self) -> None:
-        self.primary = RedisServer()
+        self.primary = RedisServer(args=("--repl-diskless-sync-delay", "0"))
         self.replica: RedisServer | None = None
         self.sentinels: list[subprocess.Popen[bytes]] = []
         self.sentinel_ports: list[int] = []
@@ -629,7 +647,10 @@ class SentinelSet:
         if binary is None:
             raise RedisUnavailable("redis-sentinel not found")
         self.primary.start()
-        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", str(self.primary.port)))
+        self.replica = RedisServer(
+            args=("--replicaof", "127.0.0.1", str(self.primary.port),
+                  "--repl-diskless-sync-delay", "0")
+        )  # fmt: skip
         self.replica.start()
         for i in range(3):
             port = free_port()
@@ -651,11 +672,17 @@ class SentinelSet:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         return f"redis+sentinel://{hosts}/kvr/0"
 
-    async def wait_synced(self, timeout: float = 20.0) -> None:
+    async def wait_synced(self, limit_s: float = 20.0) -> None:
         """Until the replica is in sync and every sentinel knows the replica."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             ok = 0
+            assert self.replica is not None
+            rc = connect(self.replica.url)
+            with contextlib.suppress(Exception):
+                info = await rc.info("replication")
+                ok = -10 if info.get("master_link_status") != "up" else 0
+            await rc.aclose()
             for p in self.sentinel_ports:
                 c = connect(f"redis://127.0.0.1:{p}/0")
                 with contextlib.suppress(Exception):
@@ -693,7 +720,7 @@ async def sentinel_failover() -> FaultResult:
         await _warm(load)
         sset.primary.kill()
         t0 = time.monotonic()
-        rec = await wait_recovered(load, stack.router_url, t0, timeout=30)
+        rec = await wait_recovered(load, stack.router_url, t0, limit_s=30)
         await asyncio.sleep(0.5)
         await load.stop()
         failed, excused = load.failures()
@@ -726,7 +753,7 @@ async def cluster_failover() -> FaultResult:
         victim = next(n for n in cluster.nodes if n.port == port)
         victim.kill()
         t0 = time.monotonic()
-        rec = await wait_recovered(load, stack.router_url, t0, timeout=30)
+        rec = await wait_recovered(load, stack.router_url, t0, limit_s=30)
         await asyncio.sleep(0.5)
         await load.stop()
         failed, excused = load.failures()
