@@ -174,6 +174,9 @@ class Stack:
     listener: bool = True
     blackhole: bool = False
     router_env: dict[str, str] = field(default_factory=dict)
+    sim_args: list[str] = field(default_factory=list)
+    extra_engines: list[str] = field(default_factory=list)
+    """More `--engine` specs for the listener (e.g. a fake publisher a test controls)."""
     sims: list[SimProc] = field(default_factory=list)
     listener_proc: Proc | None = None
     listener_url: str = ""
@@ -193,6 +196,7 @@ class Stack:
                 "--block-size", str(BLOCK), "--capacity-tokens", str(4096 * BLOCK),
                 "--kv-events", "positional" if self.kv_events else "off",
                 "--kv-events-base-port", "0", "--seed", str(i), "--ready-file", str(ready),
+                *self.sim_args,
             ]).start()  # fmt: skip
             self.sims.append(SimProc(f"w{i}", p))
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -224,6 +228,8 @@ class Stack:
         engines: list[str] = []
         for sp in self.sims:
             engines += ["--engine", f"{sp.wid}={sp.events},replay={sp.replay}"]
+        for spec in self.extra_engines:
+            engines += ["--engine", spec]
         self.listener_proc = self._proc("listener", [
             "listen", "--redis-url", self.redis_url, "--model", MODEL, "--block-size",
             str(BLOCK), "--metrics-host", "127.0.0.1", "--metrics-port", port, *engines,
@@ -784,3 +790,41 @@ async def run_all(names: Sequence[str] = ()) -> list[FaultResult]:
     for name in names or SCENARIOS:
         out.append(await SCENARIOS[name]())
     return out
+
+
+# -- index integrity -------------------------------------------------------------------------
+_KEY_PATTERNS = [
+    r"kvr:\{[^{}]+\}:(wrk|cut|emap):[^\s|]+",
+    r"kvr:\{[^{}]+\}:head:[0-9a-f]{16}",
+    r"kvr:\{[^{}]+\}:(workers|lseq|load|lease|meta)",
+    r"kvr:(registry|heartbeat|listeners)",
+    r"kvr:listener:owner:[^\s|]+",
+]
+
+
+def check_index_sync(redis_url: str, models: Sequence[str] = (MODEL,)) -> list[str]:
+    """Problems with the index (empty when intact): keys outside the documented schema, a
+    residency ZSET member that is not 16 hex digits, or a score that is not an integer."""
+    import re
+
+    import redis
+
+    pattern = re.compile("|".join(f"(?:{p})" for p in _KEY_PATTERNS))
+    hex16 = re.compile(r"[0-9a-f]{16}")
+    problems: list[str] = []
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for key in client.scan_iter(count=1000):
+            if not pattern.fullmatch(key):
+                problems.append(f"key outside the schema: {key!r}")
+                continue
+            if ":wrk:" in key or ":cut:" in key:
+                pairs: list[Any] = list(client.zrange(key, 0, -1, withscores=True))
+                for member, score in pairs:
+                    if not hex16.fullmatch(str(member)):
+                        problems.append(f"{key}: member {member!r} is not 16 hex digits")
+                    if score != int(score):
+                        problems.append(f"{key}: score {score!r} is not an integer")
+    finally:
+        client.close()
+    return problems[:20]

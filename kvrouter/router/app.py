@@ -108,6 +108,7 @@ def create_app(
     app.router.add_get("/ready", ready, name="ready")
     app.router.add_get("/metrics", metrics_handler, name="metrics")
     app.router.add_post("/debug/route", debug_route, name="debug")
+    app.router.add_get("/openapi.json", openapi_handler, name="openapi")
     return app
 
 
@@ -256,6 +257,13 @@ async def metrics_handler(request: web.Request) -> web.Response:
         charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},
     )
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    """The OpenAPI description of this API (kvrouter/router/openapi.py)."""
+    from kvrouter.router.openapi import openapi_spec
+
+    return web.json_response(openapi_spec())
 
 
 def _check_admin(request: web.Request) -> None:
