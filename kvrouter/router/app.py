@@ -377,8 +377,13 @@ class RouterServer:
 
 def settings_summary(settings: RouterSettings) -> dict[str, Any]:
     """Settings as a dict with secrets redacted (for the start-up log line)."""
+    from kvrouter.router.settings import SPECS
+
     d = asdict(settings)
-    d["admin_token"] = "***" if settings.admin_token else ""
+    for spec in SPECS:
+        # Every secret setting (admin_token, redis_password, ...), not a hand-kept list.
+        if spec.secret:
+            d[spec.field] = "***" if d.get(spec.field) else ""
     from kvrouter.index.connection import redact_url
 
     d["redis_url"] = redact_url(settings.redis_url)
