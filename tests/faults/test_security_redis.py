@@ -283,10 +283,13 @@ async def test_admin_token_compared_in_constant_time(
                     if resp.status != 200:
                         err = (await resp.json())["error"]
                         assert err["type"] == "authentication_error"
-        async with RouterServer(base) as r, aiohttp.ClientSession() as s:
-            async with s.post(f"{r.url}/debug/route", json=body,
-                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:  # fmt: skip
-                off = resp.status
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with (
+            RouterServer(base) as r,
+            aiohttp.ClientSession() as s,
+            s.post(f"{r.url}/debug/route", json=body, headers=auth) as resp,
+        ):
+            off = resp.status
     assert results == {"missing": 401, "wrong": 401, "prefix of the token": 401,
                        "basic scheme": 401, "right": 200}  # fmt: skip
     assert off == 403
@@ -327,8 +330,12 @@ async def test_workers_only_from_configured_sources(tls_redis: TlsRedis, reliabi
             for i in range(10):
                 body = {"model": faults.MODEL, "prompt": [i, 1, 2], "max_tokens": 1,
                         "worker": canary_url, "base_url": canary_url}  # fmt: skip
-                headers = {"x-kvrouter-worker": "evil", "Host": f"127.0.0.1:{cport}",
-                           "X-Forwarded-Host": f"127.0.0.1:{cport}", "X-data-parallel-rank": "1"}  # fmt: skip
+                headers = {
+                    "x-kvrouter-worker": "evil",
+                    "Host": f"127.0.0.1:{cport}",
+                    "X-Forwarded-Host": f"127.0.0.1:{cport}",
+                    "X-data-parallel-rank": "1",
+                }
                 async with s.post(f"{stack.router_url}/v1/completions", json=body,
                                   headers=headers) as r:  # fmt: skip
                     assert r.status == 200
