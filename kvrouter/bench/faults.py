@@ -177,6 +177,10 @@ class Stack:
     sim_args: list[str] = field(default_factory=list)
     extra_engines: list[str] = field(default_factory=list)
     """More `--engine` specs for the listener (e.g. a fake publisher a test controls)."""
+    listener_env: dict[str, str] = field(default_factory=dict)
+    replicas: int = 1
+    routers: list[Proc] = field(default_factory=list)
+    router_urls: list[str] = field(default_factory=list)
     sims: list[SimProc] = field(default_factory=list)
     listener_proc: Proc | None = None
     listener_url: str = ""
@@ -233,10 +237,9 @@ class Stack:
         self.listener_proc = self._proc("listener", [
             "listen", "--redis-url", self.redis_url, "--model", MODEL, "--block-size",
             str(BLOCK), "--metrics-host", "127.0.0.1", "--metrics-port", port, *engines,
-        ], {"KVR_WORKER_CAPACITY_BLOCKS": "4096"}).start()  # fmt: skip
+        ], {"KVR_WORKER_CAPACITY_BLOCKS": "4096", **self.listener_env}).start()  # fmt: skip
 
     async def start_router(self) -> None:
-        port = free_port()
         flags: list[str] = []
         for sp in self.sims:
             flags += ["--worker", f"{sp.wid}={sp.url}"]
@@ -247,19 +250,25 @@ class Stack:
             "KVR_KV_EVENTS": "true" if self.kv_events and self.listener else "false",
             **self.router_env,
         }
-        self.router_proc = self._proc("router", [
-            "serve", "--host", "127.0.0.1", "--port", str(port), "--redis-url", self.redis_url,
-            "--model", MODEL, "--block-size", str(BLOCK), *flags,
-        ], env).start()  # fmt: skip
-        self.router_url = f"http://127.0.0.1:{port}"
-        await wait_http(f"{self.router_url}/ready", self.router_proc)
+        for i in range(self.replicas):
+            port = free_port()
+            name = "router" if i == 0 else f"router-{i}"
+            proc = self._proc(name, [
+                "serve", "--host", "127.0.0.1", "--port", str(port), "--redis-url",
+                self.redis_url, "--model", MODEL, "--block-size", str(BLOCK), *flags,
+            ], env).start()  # fmt: skip
+            self.routers.append(proc)
+            self.router_urls.append(f"http://127.0.0.1:{port}")
+        self.router_proc, self.router_url = self.routers[0], self.router_urls[0]
+        for proc, url in zip(self.routers, self.router_urls, strict=True):
+            await wait_http(f"{url}/ready", proc)
 
     def sim(self, wid: str) -> SimProc:
         return next(s for s in self.sims if s.wid == wid)
 
     async def close(self) -> None:
-        if self.router_proc is not None:
-            self.router_proc.kill(signal.SIGTERM)
+        for proc in self.routers:
+            proc.kill(signal.SIGTERM)
         if self.listener_proc is not None:
             self.listener_proc.kill(signal.SIGTERM)
         for sp in self.sims:
@@ -286,8 +295,18 @@ class Load:
     prefixes (pre-tokenized prompts), half of them streaming. ``phase`` switches to a
     disjoint set of conversations (so residency written after a fault is distinguishable)."""
 
-    def __init__(self, url: str, concurrency: int = 4, seed: int = 0, max_tokens: int = 24):
+    def __init__(
+        self,
+        url: str,
+        concurrency: int = 4,
+        seed: int = 0,
+        max_tokens: int = 24,
+        conversations: int = 6,
+        urls: Sequence[str] = (),
+    ):
         self.url = url
+        self.urls = list(urls)
+        self.conversations = conversations
         self.concurrency = concurrency
         self.rng = random.Random(seed)
         self.max_tokens = max_tokens
@@ -298,8 +317,8 @@ class Load:
         self._session: aiohttp.ClientSession | None = None
 
     def prompt(self) -> list[int]:
-        conv = self.rng.randrange(6)
-        base = 1000 + self.phase * 100_000 + conv * 1000
+        conv = self.rng.randrange(self.conversations)
+        base = 1000 + self.phase * 100_000_000 + conv * 1000
         prefix = [base + i for i in range(48)]
         return prefix + [self.rng.randrange(50_000, 60_000) for _ in range(16)]
 
@@ -310,8 +329,9 @@ class Load:
         t0 = time.monotonic()
         status, worker, matched, ok, err, got_bytes = 0, "", 0, False, "", False
         try:
+            url = self.rng.choice(self.urls) if self.urls else self.url
             async with session.post(
-                f"{self.url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=20)
+                f"{url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=20)
             ) as r:
                 status = r.status
                 worker = r.headers.get("x-kvrouter-worker", "")
