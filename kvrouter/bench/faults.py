@@ -433,6 +433,8 @@ class FaultResult:
     stale: int | None
     notes: str = ""
     samples: list[str] = field(default_factory=list)
+    exercised: bool = True
+    """False when the fault never touched a request (the scenario proved nothing)."""
 
     def row(self) -> dict[str, Any]:
         return {
@@ -518,9 +520,11 @@ async def worker_killed() -> FaultResult:
         stale = len(await worker_records(server.url, victim))
         await load.stop()
         failed, excused = load.failures(victim, died)
+        served = sum(1 for o in load.outcomes if o.worker == victim)
         return FaultResult("worker process killed (SIGKILL) mid-stream", len(load.outcomes),
                            failed, excused, rec, stale,
-                           f"{before} records before; checked {grace + 1.5:.1f} s after",
+                           f"{served} requests served by it, {before} records before; "
+                           f"records checked {grace + 1.5:.1f} s after",
                            load.failure_samples())  # fmt: skip
     finally:
         await load.stop()
@@ -544,16 +548,24 @@ async def worker_blackhole() -> FaultResult:
         await load.stop()
         failed, excused = load.failures()
         slow = max((o.end - o.start for o in load.outcomes), default=0.0)
-        return FaultResult("worker accepts TCP, never answers (blackhole)", len(load.outcomes),
-                           failed, excused, rec, stale, f"slowest request {slow:.2f} s",
-                           load.failure_samples())  # fmt: skip
+        retries = await _metric(stack.router_url, "kvrouter_retries_total")
+        hole_errors = await _metric(
+            stack.router_url, 'kvrouter_upstream_errors_total{worker="hole"'
+        )
+        result = FaultResult("worker accepts TCP, never answers (blackhole)", len(load.outcomes),
+                             failed, excused, rec, stale,
+                             f"{hole_errors:.0f} upstream errors on it, {retries:.0f} retried "
+                             f"elsewhere; slowest request {slow:.2f} s",
+                             load.failure_samples())  # fmt: skip
+        result.exercised = hole_errors > 0
+        return result
     finally:
         await load.stop()
         await stack.close()
         server.close()
 
 
-async def _listener_metric(url: str, name: str) -> float:
+async def _metric(url: str, name: str) -> float:
     total = 0.0
     with contextlib.suppress(aiohttp.ClientError, TimeoutError):
         async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
@@ -617,7 +629,7 @@ async def engine_restart() -> FaultResult:
         rec = await wait_recovered(load, stack.router_url, t0)
         await asyncio.sleep(2.0)
         left = len(old & await worker_records(server.url, victim))
-        restarts = await _listener_metric(stack.listener_url, "kvr_listener_resync")
+        restarts = await _metric(stack.listener_url, "kvr_listener_resync")
         await load.stop()
         # The engine fails the requests it was running, as a crashed vLLM does: streams
         # already under way end with an error event (excused); the rest are retried.
@@ -646,7 +658,7 @@ async def events_dropped() -> FaultResult:
         t0 = time.monotonic()
         rec = await wait_recovered(load, stack.router_url, t0)
         await asyncio.sleep(1.5)
-        gaps = await _listener_metric(stack.listener_url, "kvr_listener_gap")
+        gaps = await _metric(stack.listener_url, "kvr_listener_gap")
         await load.stop()
         failed, excused = load.failures()
         return FaultResult("engine drops 3 KV-event batches (gap, replayable)",

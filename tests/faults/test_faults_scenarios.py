@@ -39,6 +39,7 @@ async def test_fault(scenario: str, reliability: object) -> None:
     result = await faults.SCENARIOS[scenario]()
     reliability.add("faults", result.row())  # type: ignore[attr-defined]
     assert result.requests >= 20, "the load did not run"
+    assert result.exercised, f"the fault touched no request: {result.notes}"
     assert result.failed == 0, result.samples
     if scenario not in ("worker_killed", "engine_restart"):
         assert result.excused == 0, result.samples
