@@ -312,6 +312,8 @@ class Load:
         self.max_tokens = max_tokens
         self.phase = 0
         self.outcomes: list[Outcome] = []
+        self.streaming: dict[str, int] = {}
+        """Streams under way right now, by worker (headers received, body not finished)."""
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -337,9 +339,15 @@ class Load:
                 worker = r.headers.get("x-kvrouter-worker", "")
                 matched = int(r.headers.get("x-kvrouter-matched-tokens", "0") or 0)
                 data = b""
-                async for chunk in r.content.iter_any():
-                    got_bytes = True
-                    data += chunk
+                if stream:
+                    self.streaming[worker] = self.streaming.get(worker, 0) + 1
+                try:
+                    async for chunk in r.content.iter_any():
+                        got_bytes = True
+                        data += chunk
+                finally:
+                    if stream:
+                        self.streaming[worker] -= 1
                 if status != 200:
                     err = data[:200].decode(errors="replace")
                 elif stream:
@@ -510,7 +518,15 @@ async def worker_killed() -> FaultResult:
         load.url = stack.router_url
         await load.start()
         await _warm(load)
-        victim = "w1"
+        # The busiest worker, killed while at least one stream from it is under way.
+        served: dict[str, int] = {}
+        for o in load.outcomes:
+            served[o.worker] = served.get(o.worker, 0) + 1
+        victim = max((s.wid for s in stack.sims), key=lambda w: served.get(w, 0))
+        deadline = time.monotonic() + 5.0
+        while load.streaming.get(victim, 0) == 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a counter the clients update
+            await asyncio.sleep(0.005)
+        streams_cut = load.streaming.get(victim, 0)
         before = len(await worker_records(server.url, victim))
         stack.sim(victim).proc.kill()
         died = time.monotonic()
@@ -520,12 +536,15 @@ async def worker_killed() -> FaultResult:
         stale = len(await worker_records(server.url, victim))
         await load.stop()
         failed, excused = load.failures(victim, died)
-        served = sum(1 for o in load.outcomes if o.worker == victim)
-        return FaultResult("worker process killed (SIGKILL) mid-stream", len(load.outcomes),
-                           failed, excused, rec, stale,
-                           f"{served} requests served by it, {before} records before; "
-                           f"records checked {grace + 1.5:.1f} s after",
-                           load.failure_samples())  # fmt: skip
+        n_served = sum(1 for o in load.outcomes if o.worker == victim)
+        result = FaultResult("worker process killed (SIGKILL) mid-stream",
+                             len(load.outcomes), failed, excused, rec, stale,
+                             f"{victim}: {n_served} requests served, {streams_cut} streaming "
+                             f"when killed, {before} records before; records checked "
+                             f"{grace + 1.5:.1f} s after",
+                             load.failure_samples())  # fmt: skip
+        result.exercised = streams_cut > 0 and before > 0
+        return result
     finally:
         await load.stop()
         await stack.close()

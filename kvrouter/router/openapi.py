@@ -27,7 +27,12 @@ _ERROR = {
     },
 }
 
-_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+# The router hashes token ids as uint32: [0, 2**32) is its own rule (400 otherwise).
+_TOKEN_IDS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+}
 
 _COMMON_PROPS: dict[str, Any] = {
     "model": {"type": "string", "minLength": 1},

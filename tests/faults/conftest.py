@@ -111,9 +111,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path = session.config.getoption("--reliability-report")
     if not path or not _COLLECTOR.rows:
         return
+    import shlex
     import sys
 
-    command = "PYTHONPATH=. python -m pytest " + " ".join(sys.argv[1:])
+    soak = os.environ.get("KVR_SOAK_S")
+    command = (f"KVR_SOAK_S={soak} " if soak else "") + "PYTHONPATH=. python -m pytest "
+    command += shlex.join(sys.argv[1:])
     machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
     machine += f"Python {platform.python_version()}"
     parts = [

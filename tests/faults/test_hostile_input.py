@@ -164,7 +164,7 @@ def from_schema(schema: dict[str, Any], spec: dict[str, Any]) -> st.SearchStrate
     if types == "string":
         return st.text(min_size=schema.get("minLength", 0), max_size=40)
     if types == "integer":
-        return st.integers(min_value=schema.get("minimum"), max_value=2**64)
+        return st.integers(min_value=schema.get("minimum"), max_value=schema.get("maximum"))
     if types == "boolean":
         return st.booleans()
     if types == "null":
