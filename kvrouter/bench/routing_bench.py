@@ -64,9 +64,9 @@ VARIANTS = (
     Variant("session", "session", False),
     Variant("kv_4x", "kv", True, replicas=4),
 )
-# --quick: the first 1,200 requests (about 6.5 minutes of the trace), 8 times faster.
-QUICK_LIMIT = 1200
-QUICK_TIME_SCALE = 8.0
+# --quick: the first 900 requests (about 5 minutes of the trace), 6 times faster.
+QUICK_LIMIT = 900
+QUICK_TIME_SCALE = 6.0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

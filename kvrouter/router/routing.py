@@ -71,6 +71,7 @@ class Router:
         self.config = ScoringConfig(
             block_size=settings.block_size,
             prefill_weight=settings.prefill_weight,
+            queue_weight=settings.queue_weight,
             decode_weight=settings.decode_weight,
             temperature=settings.temperature,
             balance_abs=settings.balance_abs,

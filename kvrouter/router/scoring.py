@@ -7,11 +7,15 @@ before its first byte is retried.
 
 The default ``kv`` policy is a cost model, in blocks of prefill work::
 
-    cost(w) = prefill_weight * (blocks w must prefill + w's queued prefill blocks)
+    cost(w) = prefill_weight * (blocks w must prefill + queue_weight * w's queued prefill blocks)
             + decode_weight  * w's in-flight requests
 
-lowest cost wins, exact ties broken at random; with ``temperature > 0`` the choice is sampled
-with probability proportional to ``exp(-(cost - min cost) / temperature)``.
+``queue_weight`` (default 0.5) counts another request's queued prefill at half the weight of
+this request's own: leaving a worker that holds the conversation costs more than this request's
+prefill (the next turn misses too), and on the Mooncake trace full weight moved half the
+continuations away (0.72 of the pooled-cache ideal against 0.90 at 0.5, TTFT no worse; see
+docs/benchmarks.md). Lowest cost wins, exact ties broken at random; with ``temperature > 0``
+the choice is sampled with probability proportional to ``exp(-(cost - min cost) / temperature)``.
 
 **The hot-spot guard.** A prefix held by one worker pulls every request that shares it (a
 system prompt) onto that worker: its cost stays lowest until its decode load outweighs the
@@ -65,6 +69,7 @@ class ScoringConfig:
 
     block_size: int = 16
     prefill_weight: float = 1.0
+    queue_weight: float = 0.5
     decode_weight: float = 2.0
     temperature: float = 0.0
     balance_abs: int = 4
@@ -90,7 +95,7 @@ class Decision:
 def kv_cost(c: Candidate, prompt_tokens: int, cfg: ScoringConfig) -> float:
     """The kv policy's cost of sending a `prompt_tokens` prompt to `c` (blocks of work)."""
     own = max(0, prompt_tokens - c.matched_blocks * cfg.block_size)
-    prefill_blocks = (own + c.prefill_tokens) / cfg.block_size
+    prefill_blocks = (own + cfg.queue_weight * c.prefill_tokens) / cfg.block_size
     return cfg.prefill_weight * prefill_blocks + cfg.decode_weight * c.requests
 
 

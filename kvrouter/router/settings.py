@@ -149,6 +149,7 @@ SPECS: tuple[Spec, ...] = (
     _spec("worker_capacity_blocks", int, "KV capacity per worker in blocks (0 = scrape or none)"),
     _spec("scrape_capacity", _bool, "read capacity from vLLM's vllm:cache_config_info metric"),
     _spec("prefill_weight", float, "kv cost per block to prefill (own and queued)"),
+    _spec("queue_weight", float, "kv: weight of a worker's queued prefill against its own"),
     _spec("decode_weight", float, "kv cost per in-flight request on the worker"),
     _spec("temperature", float, "kv softmax temperature over cost (0 = pick the lowest)"),
     _spec("balance_abs", int, "guard: a worker may lead the least-loaded by this many requests"),
@@ -208,6 +209,7 @@ class RouterSettings:
     worker_capacity_blocks: int = 0
     scrape_capacity: bool = True
     prefill_weight: float = 1.0
+    queue_weight: float = 0.5
     decode_weight: float = 2.0
     temperature: float = 0.0
     balance_abs: int = 4
@@ -357,6 +359,7 @@ class RouterSettings:
             "balance_abs",
             "retry_after_s",
             "prefill_weight",
+            "queue_weight",
             "decode_weight",
             "temperature",
             "health_interval_s",

@@ -303,7 +303,21 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             if req.prefilling:
+                # Like vLLM, a prefill chunk gets its blocks in the step that computes it,
+                # so a long prompt does not evict (and announce) all its blocks at once.
                 n = min(len(req.tokens) - req.num_computed, budget)
+                need = _cdiv(req.num_computed + n, bs) - len(req.table.block_ids)
+                preempted_self = False
+                while need > 0 and cache.num_free < need:
+                    victim = running[-1]
+                    self._preempt(victim)
+                    if victim is req:
+                        preempted_self = True
+                        break
+                if preempted_self:
+                    break
+                if need > 0:
+                    cache.allocate(req.table, (), need)
                 prefill.append((req, n))
                 budget -= n
                 i += 1
@@ -329,7 +343,8 @@ class Scheduler:
             n_tokens = len(req.tokens)
             req.ensure_hashes(n_tokens // bs, bs)
             hit = cache.match_prefix(req.hashes, n_tokens)
-            need = _cdiv(n_tokens, bs) - len(hit)
+            first = min(n_tokens - len(hit) * bs, budget)
+            need = _cdiv(len(hit) * bs + first, bs) - len(hit)
             if not cache.can_allocate(hit, need):
                 break
             self.waiting.popleft()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -20,8 +21,10 @@ def rng(seed: int = 0) -> random.Random:
 
 def test_kv_cost_formula() -> None:
     c = Candidate("a", matched_blocks=10, requests=3, prefill_tokens=320)
-    # (1000 - 160) / 16 own blocks + 320 / 16 queued, + 2 x 3 requests
-    assert kv_cost(c, 1000, CFG) == pytest.approx(52.5 + 20 + 6)
+    # (1000 - 160) / 16 own blocks + 0.5 x 320 / 16 queued (queue_weight), + 2 x 3 requests
+    assert kv_cost(c, 1000, CFG) == pytest.approx(52.5 + 0.5 * 20 + 6)
+    full = dataclasses.replace(CFG, queue_weight=1.0)
+    assert kv_cost(c, 1000, full) == pytest.approx(52.5 + 20 + 6)
 
 
 def test_kv_prefers_the_cached_prefix_at_equal_load() -> None:

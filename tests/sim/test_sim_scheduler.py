@@ -259,3 +259,22 @@ def test_restart_empties_everything_without_events() -> None:
     assert victims == [r] and r.state is RequestState.ABORTED
     assert sched.cache.cached_hashes() == set() and sched.cache.take_events() == []
     assert sched.stats.prefix_queries_tokens == 0
+
+
+def test_prefill_chunks_get_their_blocks_step_by_step() -> None:
+    """As in vLLM, a chunked prefill allocates (and so evicts) only the blocks of the chunk
+    scheduled in each step, not the whole prompt's at admission."""
+    cfg = dataclasses.replace(CFG, max_batched_tokens=16)
+    sched = Scheduler(cfg, ROOT)
+    r = sched.add("a", prompt(40), 1, 0.0)  # 40 tokens = 10 blocks of 4; 16 tokens a step
+    blocks_after_each_plan = []
+    t = 0.0
+    while r.state is not RequestState.FINISHED:
+        plan = sched.plan()
+        assert plan is not None
+        blocks_after_each_plan.append(len(r.table.block_ids))
+        t += plan.step_s
+        sched.execute(plan, 1, t)
+    # chunks of 16, 16 and 8 tokens: 4, then 8, then 10 blocks; then one decode step (the
+    # 41st token opens an 11th block)
+    assert blocks_after_each_plan[:3] == [4, 8, 10]
