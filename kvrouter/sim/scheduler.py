@@ -307,33 +307,15 @@ class Scheduler:
                 # so a long prompt does not evict (and announce) all its blocks at once.
                 n = min(len(req.tokens) - req.num_computed, budget)
                 need = _cdiv(req.num_computed + n, bs) - len(req.table.block_ids)
-                preempted_self = False
-                while need > 0 and cache.num_free < need:
-                    victim = running[-1]
-                    self._preempt(victim)
-                    if victim is req:
-                        preempted_self = True
-                        break
-                if preempted_self:
+                if not self._grow(req, need):
                     break
-                if need > 0:
-                    cache.allocate(req.table, (), need)
                 prefill.append((req, n))
                 budget -= n
                 i += 1
                 continue
             need = _cdiv(req.num_computed + 1, bs) - len(req.table.block_ids)
-            preempted_self = False
-            while need > 0 and cache.num_free < need:
-                victim = running[-1]
-                self._preempt(victim)
-                if victim is req:
-                    preempted_self = True
-                    break
-            if preempted_self:
+            if not self._grow(req, need):
                 break
-            if need > 0:
-                cache.allocate(req.table, (), need)
             decode.append(req)
             budget -= 1
             i += 1
@@ -429,6 +411,18 @@ class Scheduler:
         if full > req.table.num_registered:
             req.ensure_hashes(full, bs)
             self.cache.register(req.table, req.hashes, req.tokens, full)
+
+    def _grow(self, req: SimRequest, need: int) -> bool:
+        """Give a running request `need` more blocks, preempting the newest requests (vLLM's
+        recompute preemption) until they fit. False if `req` itself had to be preempted."""
+        while need > 0 and self.cache.num_free < need:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        if need > 0:
+            self.cache.allocate(req.table, (), need)
+        return True
 
     def _preempt(self, req: SimRequest) -> None:
         self.running.remove(req)
