@@ -2,16 +2,16 @@
 PYTHON ?= python3
 PIP_FLAGS ?= -q
 
-.PHONY: help install deps helm test lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
+.PHONY: help install deps helm test reliability lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-deps:  ## system packages the tests need: redis-server, redis-cli and redis-sentinel (Debian)
-	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-sentinel >/dev/null; then \
-		echo "installing redis-server, redis-tools and redis-sentinel from Debian's packages"; \
+deps:  ## system packages the tests need: redis-server, redis-cli, redis-sentinel, openssl (Debian)
+	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || ! command -v redis-sentinel >/dev/null || ! command -v openssl >/dev/null; then \
+		echo "installing redis-server, redis-tools, redis-sentinel and openssl from Debian's packages"; \
 		if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server redis-tools redis-sentinel >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server redis-tools redis-sentinel openssl >/dev/null; \
 	fi
 
 # helm for the chart tests, built from the Go module proxy (no other download is possible
@@ -53,6 +53,9 @@ pytest:  ## the test suite alone (real Redis, standalone and a 3-master Cluster)
 	$(PYTHON) -m pytest -q
 
 test: install lint typecheck pytest  ## everything CI runs: install, lint, types, tests
+
+reliability: install  ## faults, hostile input, security and a 2-minute soak; rewrites docs/reliability.md
+	KVR_SOAK_S=120 $(PYTHON) -m pytest tests/faults -m "faults or soak" -q --reliability-report docs/reliability.md
 
 demo: install  ## the demo: Redis, 8 simulated vLLM workers, listener and router on loopback
 	$(PYTHON) -m kvrouter demo

@@ -159,6 +159,10 @@ class RedisClusterProcs:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "2000",
+                    # Replicas sync at once (the default waits 5 s for more replicas): a
+                    # replica that never synced will not be promoted when its master dies.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ),
             )
             self.nodes.append(node.start())
@@ -180,11 +184,15 @@ class RedisClusterProcs:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             states = [self._cluster_state(cli, n.port) for n in self.nodes]
-            if all(s == "ok" for s in states):
+            if all(s == "ok" for s in states) and all(
+                self._replica_synced(cli, n.port) for n in self.nodes
+            ):
                 return self
             time.sleep(0.1)
         self.close()
-        raise RedisUnavailable("the cluster did not reach cluster_state:ok")
+        raise RedisUnavailable(
+            "the cluster did not reach cluster_state:ok with every replica in sync"
+        )
 
     @staticmethod
     def _cluster_state(cli: str, port: int) -> str:
@@ -199,6 +207,20 @@ class RedisClusterProcs:
             if line.startswith("cluster_state:"):
                 return line.split(":", 1)[1].strip()
         return "unknown"
+
+    @staticmethod
+    def _replica_synced(cli: str, port: int) -> bool:
+        """True for a primary, or a replica whose link to its primary is up (synced)."""
+        res = subprocess.run(
+            [cli, "-p", str(port), "info", "replication"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        if "role:slave" not in res.stdout:
+            return True
+        return "master_link_status:up" in res.stdout
 
     def close(self) -> None:
         for n in self.nodes:

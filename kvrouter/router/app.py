@@ -135,6 +135,7 @@ def create_app(
     app.router.add_get("/ready", ready, name="ready")
     app.router.add_get("/metrics", metrics_handler, name="metrics")
     app.router.add_post("/debug/route", debug_route, name="debug")
+    app.router.add_get("/openapi.json", openapi_handler, name="openapi")
     return app
 
 
@@ -325,6 +326,13 @@ async def metrics_handler(request: web.Request) -> web.Response:
     )
 
 
+async def openapi_handler(request: web.Request) -> web.Response:
+    """The OpenAPI description of this API (kvrouter/router/openapi.py)."""
+    from kvrouter.router.openapi import openapi_spec
+
+    return web.json_response(openapi_spec())
+
+
 def _check_admin(request: web.Request) -> None:
     token = request.app[SETTINGS].admin_token
     if not token:
@@ -436,8 +444,13 @@ class RouterServer:
 
 def settings_summary(settings: RouterSettings) -> dict[str, Any]:
     """Settings as a dict with secrets redacted (for the start-up log line)."""
+    from kvrouter.router.settings import SPECS
+
     d = asdict(settings)
-    d["admin_token"] = "***" if settings.admin_token else ""
+    for spec in SPECS:
+        # Every secret setting (admin_token, redis_password, ...), not a hand-kept list.
+        if spec.secret:
+            d[spec.field] = "***" if d.get(spec.field) else ""
     from kvrouter.index.connection import redact_url
 
     d["redis_url"] = redact_url(settings.redis_url)
