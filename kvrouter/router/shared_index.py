@@ -28,7 +28,7 @@ from typing import Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from kvrouter.index.connection import connect, redact_url
 from kvrouter.index.errors import IndexError_
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 # What a failed Redis call can raise: connection and protocol errors, socket timeouts, and
 # our own typed script errors (which would mean a bug, but must not fail a request either).
-REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError, IndexError_)
+# RedisClusterException (e.g. SlotNotCoveredError while a Cluster fails over) is not a
+# RedisError in redis-py: without it a failover mid-request escaped as a 500.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError, IndexError_)
 
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
