@@ -307,3 +307,28 @@ async def test_script_sha_is_what_redis_computes_and_is_computed_once(
         assert await any_client.script_load(script.source) == script.sha
         # A stored attribute, not a property hashing the source on every EVALSHA.
         assert not isinstance(getattr(type(script), "sha", None), property)
+
+
+async def test_head_entries_follow_the_records(idx: ResidencyIndex, any_client: Any) -> None:
+    """Head keys are bounded by the live records, not by their TTL: a trim, an expiry or a
+    clear that removes a chain's records drops its head entries too."""
+    k = KeySchema().model(M)
+    chains = [chain(4, seed=500 + i) for i in range(30)]
+    for i, c in enumerate(chains):
+        await idx.record(M, "w", c, ttl_new_ms=HOUR, capacity=8, now_ms=T0 + i)
+    # capacity 8 holds the last two 4-block chains; only their heads remain
+    live = {f"{c[0]:016x}" for c in chains[-2:]}
+    assert set(await any_client.zrange(k.worker_heads("w"), 0, -1)) == live
+    for c in chains[:-2]:
+        assert await any_client.exists(k.head(f"{c[0]:016x}")) == 0
+    for c in chains[-2:]:
+        assert (await idx.lookup(M, c, now_ms=T0 + 100)).depth("w") == 4
+    # Expiry drops heads too (the next write for the worker sweeps what has expired).
+    await idx.record(M, "w", chain(4, seed=999), ttl_new_ms=HOUR, now_ms=T0 + 2 * HOUR)
+    assert await any_client.zrange(k.worker_heads("w"), 0, -1) == [f"{chain(4, seed=999)[0]:016x}"]
+    # A clear drops every head of the worker, and other workers' entries stay.
+    await idx.record(M, "w2", chains[0], ttl_new_ms=HOUR, now_ms=T0 + 2 * HOUR)
+    await idx.record(M, "w", chains[0], ttl_new_ms=HOUR, now_ms=T0 + 2 * HOUR)
+    await idx.clear_worker(M, "w")
+    assert await any_client.exists(k.worker_heads("w")) == 0
+    assert await any_client.zrange(k.head(f"{chains[0][0]:016x}"), 0, -1) == ["w2"]

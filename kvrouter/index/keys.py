@@ -102,6 +102,11 @@ class ModelKeys:
         """ZSET worker -> valid-until us: who recorded a chain starting with this block."""
         return f"{self.base}:head:{key_hex}"
 
+    def worker_heads(self, worker: str) -> str:
+        """ZSET head block hex -> valid-until us: the chain heads one worker recorded, so they
+        are dropped with the records behind them (scripts derive it from the head prefix)."""
+        return f"{self.base}:head:@{validate_worker_id(worker)}"
+
     # -- load ----------------------------------------------------------------------------
     @property
     def load(self) -> str:

@@ -259,7 +259,7 @@ class ResidencyIndex:
     """Typed access to the shared residency index, leases and engine maps in Redis.
 
     ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``. Every method is
-    one round trip (``clear_worker`` one per drain step); ``run_pipeline`` sends several
+    one round trip; ``run_pipeline`` sends several
     prepared calls in one.
     """
 
@@ -464,7 +464,7 @@ class ResidencyIndex:
         w = _worker(worker)
         return ScriptCall(
             self.scripts["clear_worker"],
-            [k.worker(w), k.cut(w), k.engine_map(w), k.workers],
+            [k.worker(w), k.cut(w), k.engine_map(w), k.workers, k.head_prefix],
             [w],
             int,
         )
@@ -490,14 +490,8 @@ class ResidencyIndex:
 
     async def clear_worker(self, model: str, worker: str) -> int:
         """Forget everything `worker` holds for `model`, atomically; returns records dropped."""
-        k = self.keys(model)
-        w = _worker(worker)
-        call = ScriptCall(
-            self.scripts["clear_worker"],
-            [k.worker(w), k.cut(w), k.engine_map(w), k.workers],
-            [w],
-        )
-        return int(await self._run(call))
+        result: int = await self._run(self.clear_worker_call(model, worker))
+        return result
 
     # -- engine maps ---------------------------------------------------------------------
     async def store_engine_blocks(

@@ -58,6 +58,32 @@ local function extend_expiry(key, at_us)
   end
 end
 
+-- Chain heads. `<head prefix><block>` lists the workers that recorded a chain starting with
+-- that block (what a lookup probes); `<head prefix>@<worker>` lists the heads one worker
+-- recorded, scored like the head block's record. A chain's head scores highest of its blocks,
+-- so once a trim or expiry has removed a worker's records up to some score, every head of
+-- its at or below that score is dead: drop_heads removes them, which keeps head keys bounded
+-- by the live records instead of by their TTL.
+local function heads_key(head_prefix, worker) return head_prefix .. '@' .. worker end
+
+local function add_head(head_prefix, worker, h, score)
+  local hk = head_prefix .. h
+  redis.call('ZADD', hk, 'GT', score, worker)
+  extend_expiry(hk, score)
+  local wk = heads_key(head_prefix, worker)
+  redis.call('ZADD', wk, 'GT', score, h)
+  extend_expiry(wk, score)
+end
+
+-- Drop `worker` from every head it recorded with a score up to `bound` (a ZRANGEBYSCORE
+-- bound: "(x" exclusive, "x" inclusive, "+inf" all).
+local function drop_heads(head_prefix, worker, bound)
+  local wk = heads_key(head_prefix, worker)
+  local dead = redis.call('ZRANGEBYSCORE', wk, '-inf', bound)
+  for _, h in ipairs(dead) do redis.call('ZREM', head_prefix .. h, worker) end
+  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', wk, '-inf', bound) end
+end
+
 -- Record `hexes` (a Lua list of block hex keys, head first) for `worker`: the first `held`
 -- blocks get now + ttl_held (the caller saw the worker holding them), the rest now + ttl_new
 -- (now and both TTLs in us).
@@ -89,11 +115,7 @@ local function record_blocks(wrk_key, cut_key, workers_key, head_prefix, worker,
   extend_expiry(wrk_key, max_score)
   redis.call('ZADD', workers_key, 'GT', max_score, worker)
   extend_expiry(workers_key, max_score)
-  if head_prefix then
-    local hk = head_prefix .. hexes[1]
-    redis.call('ZADD', hk, 'GT', max_score, worker)
-    extend_expiry(hk, max_score)
-  end
+  if head_prefix then add_head(head_prefix, worker, hexes[1], max_score) end
   -- A block recorded again is no longer a hole in its chain.
   if redis.call('EXISTS', cut_key) == 1 then
     i = 1
@@ -113,23 +135,36 @@ local function mark_hole(cut_key, h, until_ms)
   extend_expiry(cut_key, until_ms)
 end
 
--- Drop the worker's records (and holes) whose time has passed. Returns how many records.
-local function expire_records(wrk_key, cut_key, now)
+-- Drop the worker's records (holes, heads) whose time has passed. Returns how many records.
+local function expire_records(wrk_key, cut_key, now, head_prefix, worker)
   redis.call('ZREMRANGEBYSCORE', cut_key, '-inf', '(' .. now)
+  drop_heads(head_prefix, worker, '(' .. now)
   return redis.call('ZREMRANGEBYSCORE', wrk_key, '-inf', '(' .. now)
 end
 
 -- Trim the worker to `capacity` blocks (0 = no limit), lowest valid-until first, at most
--- `limit` in one call so a shrunken capacity cannot stall Redis. Returns how many.
-local function trim_to_capacity(wrk_key, capacity, limit)
+-- `limit` in one call so a shrunken capacity cannot stall Redis, with the heads of the
+-- chains trimmed away. Returns how many records.
+local function trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker)
   if capacity == 0 then return 0 end
   local over = redis.call('ZCARD', wrk_key) - capacity
   if over <= 0 then return 0 end
   if over > limit then over = limit end
+  -- Heads scored at or below the last trimmed record lose their chains with it (a head on
+  -- that exact score that survives the trim only loses its head entry: a missed match,
+  -- never a wrong one).
+  local last = redis.call('ZRANGE', wrk_key, over - 1, over - 1, 'WITHSCORES')
+  if last[2] then drop_heads(head_prefix, worker, last[2]) end
   -- ZREMRANGEBYRANK rather than ZPOPMIN: it returns no members, so nothing is copied back
   -- into Lua (for thousands of blocks that copy costs more than the removal).
   redis.call('ZREMRANGEBYRANK', wrk_key, 0, over - 1)
   return over
+end
+
+-- Drop every head a worker recorded (clearing the worker).
+local function clear_heads(head_prefix, worker)
+  drop_heads(head_prefix, worker, '+inf')
+  redis.call('UNLINK', heads_key(head_prefix, worker))
 end
 
 -- Split a packed string of fixed-width fields into a Lua list.

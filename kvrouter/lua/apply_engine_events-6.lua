@@ -85,7 +85,7 @@ if cur then
   end
 end
 
-local expired = expire_records(wrk_key, cut_key, now)
+local expired = expire_records(wrk_key, cut_key, now, head_prefix, worker)
 
 -- Parse the ops. Everything referenced before the first clear is read from Redis up front;
 -- after a clear the state is empty and lives in the tables alone.
@@ -270,6 +270,7 @@ end
 -- Write back.
 if cleared then
   redis.call('UNLINK', wrk_key, cut_key, emap_key)
+  clear_heads(head_prefix, worker)
   redis.call('ZREM', workers_key, worker)
 end
 
@@ -343,14 +344,12 @@ end
 for rk, s in pairs(holes_at) do mark_hole(cut_key, rk, s) end
 for rk, s in pairs(heads) do
   if R[rk] then
-    local hk = head_prefix .. rk
-    redis.call('ZADD', hk, 'GT', R[rk], worker)
-    extend_expiry(hk, R[rk])
+    add_head(head_prefix, worker, rk, R[rk])
   end
 end
 
 redis.call('HSET', lseq_key, worker, epoch .. ':' .. seq)
 extend_expiry(lseq_key, now + ttl)
-local evicted = trim_to_capacity(wrk_key, capacity, limit)
+local evicted = trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker)
 return {1, stored, dups, released, removed, unknown, holes, clears, added, changed - added,
         evicted, expired}

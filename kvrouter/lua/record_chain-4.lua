@@ -7,7 +7,8 @@ dispatch (speculative: a short ttl_new) and by the listener for notices naming r
 KEYS[1]  the worker's LRU ZSET   "kvr:{m}:wrk:<worker>"   block hex -> valid-until us
 KEYS[2]  the worker's hole ZSET  "kvr:{m}:cut:<worker>"
 KEYS[3]  workers ZSET            "kvr:{m}:workers"        worker -> latest valid-until us
-KEYS[4]  head key prefix         "kvr:{m}:head:"          (ZSET per chain head block)
+KEYS[4]  head key prefix         "kvr:{m}:head:"          (ZSET per chain head block; the
+         worker's own heads in KEYS[4] .. "@" .. worker)
 ARGV[1]  worker id
 ARGV[2]  the chain from its first block: 16 lowercase hex digits per block, back to back
 ARGV[3]  now, ms since the epoch (0 = the Redis server clock)
@@ -42,8 +43,8 @@ local limit = int_arg(ARGV[8], 1)
 if not limit then return fail(-3, 'limit', 'must be a positive integer') end
 local now = now_us(ARGV[3])
 
-local expired = expire_records(wrk_key, cut_key, now)
+local expired = expire_records(wrk_key, cut_key, now, head_prefix, worker)
 local added, refreshed = record_blocks(wrk_key, cut_key, workers_key, head_prefix, worker,
   unpack_fixed(chain, 16), now, ttl_new * 1000, ttl_held * 1000, held)
-local evicted = trim_to_capacity(wrk_key, capacity, limit)
+local evicted = trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker)
 return {added, refreshed, evicted, expired}

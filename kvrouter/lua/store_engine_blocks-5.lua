@@ -42,7 +42,7 @@ local now = now_us(ARGV[4])
 ttl = ttl * 1000
 
 local ENTRY = '^(%x+):([%x-]*):(%d+):(%d+)$'
-local expired = expire_records(wrk_key, cut_key, now)
+local expired = expire_records(wrk_key, cut_key, now, head_prefix, worker)
 local stored, dups = 0, 0
 local hexes = {}
 local heads = {}
@@ -75,10 +75,6 @@ for i = 1, #blocks / 48 do
 end
 extend_expiry(emap_key, now + ttl)
 local added, refreshed = record_blocks(wrk_key, cut_key, workers_key, nil, worker, hexes, now, ttl, ttl, 0)
-for _, h in ipairs(heads) do
-  local hk = head_prefix .. h
-  redis.call('ZADD', hk, 'GT', now + ttl, worker)
-  extend_expiry(hk, now + ttl)
-end
-local evicted = trim_to_capacity(wrk_key, capacity, limit)
+for _, h in ipairs(heads) do add_head(head_prefix, worker, h, now + ttl) end
+local evicted = trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker)
 return {stored, dups, added, refreshed, evicted, expired}
