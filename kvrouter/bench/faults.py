@@ -37,6 +37,7 @@ from typing import IO, Any
 import aiohttp
 
 from kvrouter.index.connection import connect
+from kvrouter.index.keys import KeySchema
 from kvrouter.redisproc import RedisClusterProcs, RedisServer, RedisUnavailable, free_port
 from kvrouter.sim.fleet import read_ready_file
 
@@ -459,20 +460,30 @@ class FaultResult:
 async def worker_records(redis_url: str, wid: str) -> set[str]:
     client = connect(redis_url)
     try:
-        return set(await client.zrange(f"kvr:{{{MODEL}}}:wrk:{wid}", 0, -1))
+        return set(await client.zrange(KeySchema().model(MODEL).worker(wid), 0, -1))
     finally:
         await client.aclose()
 
 
 @contextlib.asynccontextmanager
-async def running(stack: Stack, load: Load) -> AsyncIterator[None]:
+async def under_load(
+    load_kw: dict[str, Any] | None = None,
+) -> AsyncIterator[tuple[RedisServer, Stack, Load]]:
+    """A fresh Redis and stack with the steady load running and warmed up; everything is
+    stopped and closed on the way out, whatever the scenario did."""
+    server = RedisServer().start()
+    stack = Stack(server.url)
+    load = Load("", **(load_kw or {}))
     try:
         await stack.start()
+        load.url = stack.router_url
         await load.start()
-        yield
+        await _warm(load)
+        yield server, stack, load
     finally:
         await load.stop()
         await stack.close()
+        server.close()
 
 
 async def _warm(load: Load, seconds: float = 1.5) -> None:
@@ -482,14 +493,7 @@ async def _warm(load: Load, seconds: float = 1.5) -> None:
 # -- scenarios ---------------------------------------------------------------------------------
 async def redis_restart() -> FaultResult:
     """Redis SIGKILLed for 1.5 s and restarted empty on the same port."""
-    server = RedisServer().start()
-    stack = Stack(server.url)
-    load = Load("")
-    try:
-        await stack.start()
-        load.url = stack.router_url
-        await load.start()
-        await _warm(load)
+    async with under_load() as (server, stack, load):
         server.kill()
         await asyncio.sleep(1.5)
         degraded = await ready_status(stack.router_url)
@@ -502,22 +506,11 @@ async def redis_restart() -> FaultResult:
         return FaultResult("Redis killed (SIGKILL) 1.5 s, restarted empty", len(load.outcomes),
                            failed, excused, rec, None, f"/ready while down: {degraded}",
                            load.failure_samples())  # fmt: skip
-    finally:
-        await load.stop()
-        await stack.close()
-        server.close()
 
 
 async def worker_killed() -> FaultResult:
     """One sim worker process SIGKILLed mid-stream (long streams in flight)."""
-    server = RedisServer().start()
-    stack = Stack(server.url)
-    load = Load("", concurrency=6, max_tokens=48)
-    try:
-        await stack.start()
-        load.url = stack.router_url
-        await load.start()
-        await _warm(load)
+    async with under_load({"concurrency": 6, "max_tokens": 48}) as (server, stack, load):
         # The busiest worker, killed while at least one stream from it is under way.
         served: dict[str, int] = {}
         for o in load.outcomes:
@@ -545,10 +538,6 @@ async def worker_killed() -> FaultResult:
                              load.failure_samples())  # fmt: skip
         result.exercised = streams_cut > 0 and before > 0
         return result
-    finally:
-        await load.stop()
-        await stack.close()
-        server.close()
 
 
 async def worker_blackhole() -> FaultResult:
@@ -596,14 +585,7 @@ async def _metric(url: str, name: str) -> float:
 
 async def listener_killed() -> FaultResult:
     """The listener SIGKILLed for 1 s and restarted (same engines, same Redis)."""
-    server = RedisServer().start()
-    stack = Stack(server.url)
-    load = Load("")
-    try:
-        await stack.start()
-        load.url = stack.router_url
-        await load.start()
-        await _warm(load)
+    async with under_load() as (_server, stack, load):
         assert stack.listener_proc is not None
         stack.listener_proc.kill()
         await asyncio.sleep(1.0)
@@ -619,10 +601,6 @@ async def listener_killed() -> FaultResult:
                            excused, max(rec, listener_ready), None,
                            f"listener /ready after {listener_ready:.2f} s",
                            load.failure_samples())  # fmt: skip
-    finally:
-        await load.stop()
-        await stack.close()
-        server.close()
 
 
 async def _post(url: str) -> None:
@@ -632,14 +610,7 @@ async def _post(url: str) -> None:
 
 async def engine_restart() -> FaultResult:
     """The engine of one worker restarts (cache emptied, event sequence reset, 0.5 s down)."""
-    server = RedisServer().start()
-    stack = Stack(server.url)
-    load = Load("")
-    try:
-        await stack.start()
-        load.url = stack.router_url
-        await load.start()
-        await _warm(load)
+    async with under_load() as (server, stack, load):
         victim = "w0"
         old = await worker_records(server.url, victim)
         load.phase = 1  # new conversations from here on: old records are stale by definition
@@ -657,22 +628,11 @@ async def engine_restart() -> FaultResult:
                            len(load.outcomes), failed, excused, rec, left,
                            f"{len(old)} records before; listener resyncs {restarts:.0f}",
                            load.failure_samples())  # fmt: skip
-    finally:
-        await load.stop()
-        await stack.close()
-        server.close()
 
 
 async def events_dropped() -> FaultResult:
     """One engine drops 3 event batches (kept for replay): the listener sees a gap."""
-    server = RedisServer().start()
-    stack = Stack(server.url)
-    load = Load("")
-    try:
-        await stack.start()
-        load.url = stack.router_url
-        await load.start()
-        await _warm(load)
+    async with under_load() as (_server, stack, load):
         await _post(f"{stack.sim('w2').url}/admin/drop_events?count=3&replay=1")
         t0 = time.monotonic()
         rec = await wait_recovered(load, stack.router_url, t0)
@@ -683,10 +643,6 @@ async def events_dropped() -> FaultResult:
         return FaultResult("engine drops 3 KV-event batches (gap, replayable)",
                            len(load.outcomes), failed, excused, rec, None,
                            f"listener gap counter {gaps:.0f}", load.failure_samples())  # fmt: skip
-    finally:
-        await load.stop()
-        await stack.close()
-        server.close()
 
 
 class SentinelSet:
