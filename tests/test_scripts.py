@@ -189,6 +189,67 @@ async def test_script_cache_flushed_first_call_works(idx: ResidencyIndex, any_cl
     assert rec.added == 3 and lk.depth("w") == 3
 
 
+async def test_record_uses_the_server_clock_not_the_hosts(
+    idx: ResidencyIndex, any_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no now_ms a record's scores come from Redis's clock: a router host whose clock
+    is an hour fast still writes records that expire a TTL after Redis's now."""
+    real = time.time
+    monkeypatch.setattr("kvrouter.index.scripts.time.time", lambda: real() + 3600)
+    await idx.record(M, "w", chain(4), ttl_new_ms=60_000)
+    reply = await any_client.time()
+    if isinstance(reply, dict):  # Cluster: one (sec, usec) per node
+        reply = next(iter(reply.values()))
+    sec, usec = reply
+    server_now = int(sec) * 1_000_000 + int(usec)
+    k = KeySchema().model(M)
+    scores = [s for _, s in await any_client.zrange(k.worker("w"), 0, -1, withscores=True)]
+    assert len(scores) == 4
+    # 60 s of life from the server's now (within the test's own run time), not 3,660 s.
+    assert all(server_now + 50e6 <= s <= server_now + 61e6 for s in scores), scores
+    assert sorted(scores, reverse=True) == [max(scores) - i for i in range(4)]
+
+
+async def test_record_finished_after_a_script_flush_between_its_commands(
+    idx: ResidencyIndex, any_client: Any
+) -> None:
+    """A flushed script cache hits a record after its ZADD: the finishing script is loaded and
+    run alone, so the chain still gets its head entry and the worker its trim."""
+    await idx.record(M, "w", chain(6, seed=1), ttl_new_ms=HOUR, now_ms=T0)
+    await any_client.script_flush()
+    rec = await idx.record(M, "w", chain(6, seed=2), ttl_new_ms=HOUR, now_ms=T0 + 1, capacity=8)
+    assert (rec.added, rec.evicted) == (6, 4)
+    got = await idx.lookup(M, chain(6, seed=2), now_ms=T0 + 1)
+    assert got.depth("w") == 6
+
+
+async def test_long_commands_are_packed_in_c(any_client: Any) -> None:
+    """Clients from connect() pack a record's long ZADD with hiredis, byte for byte what
+    redis-py would send."""
+    from redis.asyncio.connection import Connection
+
+    from kvrouter.index.connection import FAST_PACK_MIN_ARGS, fast_packing
+
+    fast = fast_packing(Connection)()
+    plain = Connection()
+    for args in [
+        ("ZADD", "k", "GT", "CH", *[x for i in range(40) for x in (10**15 + i, f"{i:016x}")]),
+        ("CONFIG GET", *["maxmemory"] * FAST_PACK_MIN_ARGS),
+        (b"SADD", "k\u00e9", b"\x00\xff", 7, *range(40)),
+    ]:
+        assert b"".join(fast.pack_command(*args)) == b"".join(plain.pack_command(*args))
+    k = KeySchema().model(M).worker("w")
+    members = {f"{i:016x}": float(10**15 + i) for i in range(500)}
+    await any_client.zadd(k, members)
+    assert dict(await any_client.zrange(k, 0, -1, withscores=True)) == members
+    classes = (
+        {type(c) for n in any_client.get_nodes() for c in n._connections}
+        if hasattr(any_client, "get_nodes")
+        else {type(c) for c in any_client.connection_pool._available_connections}
+    )
+    assert classes and all(getattr(c, "_kvr_fast_packing", False) for c in classes), classes
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 
@@ -202,6 +263,7 @@ async def test_script_cache_flushed_first_call_works(idx: ResidencyIndex, any_cl
         ({"chain": ["x"]}, "chain"),
         ({"ttl_new_ms": 0}, "ttl_new_ms"),
         ({"ttl_held_ms": -5}, "ttl_held_ms"),
+        ({"ttl_new_ms": 10**12}, "ttl_new_ms"),
         ({"capacity": -1}, "capacity"),
         ({"capacity": 1.5}, "capacity"),
         ({"limit": 0}, "limit"),
@@ -233,6 +295,9 @@ async def test_other_wrappers_reject_bad_arguments(idx: ResidencyIndex) -> None:
         await idx.lookup(M, [1], candidates=["a|b"])
 
 
+NOW_US = 1_800_000_000_000_000
+
+
 def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str]]:
     """(script, keys, args, the argument Lua must name) with every other argument valid."""
     w = "w"
@@ -240,11 +305,13 @@ def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str
     store = [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix]
     blocks48 = packed[:16] + "0" * 16 + packed[:16]
     return [
-        ("record_chain", rec, [w, packed, 0, HOUR, 0, 0, "lots", 100], "capacity"),
-        ("record_chain", rec, [w, packed + "abc", 0, HOUR, 0, 0, 0, 100], "chain"),
+        ("record_chain", rec, [w, packed, NOW_US, NOW_US, "lots", 100], "capacity"),
+        ("record_chain", rec, [w, packed + "abc", NOW_US, NOW_US, 0, 100], "chain"),
         ("evict_blocks", rec[:2], [w, packed[:-16] + "zz" * 8, 0, 1], "blocks"),
-        ("record_chain", rec, [w, packed, 0, HOUR, 0, 0, 0, 0], "limit"),
-        ("record_chain", rec, ["a|b", packed, 0, HOUR, 0, 0, 0, 100], "worker"),
+        ("record_chain", rec, [w, packed, NOW_US, NOW_US, 0, 0], "limit"),
+        ("record_chain", rec, ["a|b", packed, NOW_US, NOW_US, 0, 100], "worker"),
+        ("record_chain", rec, [w, packed, 0, NOW_US, 0, 100], "now"),
+        ("record_chain", rec, [w, packed, NOW_US, NOW_US - 1, 0, 100], "top"),
         ("evict_blocks", rec[:2], [w, packed, 0, 7], "mark_holes"),
         ("store_engine_blocks", store, [w, blocks48, "01", 0, HOUR, 0, 100], "roots"),
         ("store_engine_blocks", store, [w, blocks48, "1", 0, -4, 0, 100], "ttl"),

@@ -24,9 +24,8 @@ import random
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from kvrouter.bench.common import emit_json, percentile, print_table, redis_server
+from kvrouter.index.connection import connect
 from kvrouter.index.scripts import ResidencyIndex
 
 MODEL = "bench-model"
@@ -126,7 +125,7 @@ async def _time(n: int, fn: Any) -> list[float]:
 
 async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    client = aioredis.Redis.from_url(url, decode_responses=True)
+    client = connect(url)
     try:
         await client.flushall()
         idx = ResidencyIndex(client)

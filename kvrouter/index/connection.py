@@ -15,12 +15,21 @@ go in ``sentinel_username`` / ``sentinel_password``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import DataError
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # hiredis is a dependency; without it redis-py's own packer is used
+    _hiredis_pack = None
 
 SCHEMES = (
     "redis",
@@ -62,6 +71,90 @@ def _options(query: str) -> dict[str, Any]:
     return opts
 
 
+# Commands with at least this many arguments go through hiredis's C packer. redis-py's asyncio
+# connections pack every argument in Python (its sync client already uses hiredis): about
+# 2.8 ms for the 4,100 arguments of a 2,048-block record's ZADD, against 0.4 ms in C.
+FAST_PACK_MIN_ARGS = 32
+
+
+_FAST: dict[type[Any], type[Any]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class PackedArgs:
+    """The last arguments of a command, already encoded: `count` RESP bulk strings back to back
+    in `data`. Only connections of clients made by ``connect`` accept it (see
+    ``accepts_packed_args``); kvrouter.index.resp builds a record's ZADD arguments this way."""
+
+    count: int
+    data: bytes
+
+
+def fast_packing(cls: type[Any]) -> type[Any]:
+    """`cls` (a redis-py asyncio connection class) packing long commands with hiredis.
+
+    Short commands keep redis-py's packer, so everything else behaves exactly as before; long
+    ones are packed as redis-py's sync client packs them when hiredis is installed (a first
+    argument with spaces, like "CONFIG GET", is split into words; str is UTF-8, the
+    encoding these clients use).
+    """
+
+    def pack_command(self: Any, *args: Any) -> list[bytes]:
+        if args and isinstance(args[-1], PackedArgs):
+            raw = args[-1]
+            head = b"".join(pack_command(self, *args[:-1]))
+            end = head.index(b"\r\n")  # "*<count>\r\n": the first arguments, words split
+            return [b"*%d" % (int(head[1:end]) + raw.count) + head[end:], raw.data]
+        if _hiredis_pack is None or len(args) < FAST_PACK_MIN_ARGS:
+            packed: list[bytes] = cls.pack_command(self, *args)
+            return packed
+        head = args[0]
+        if isinstance(head, str):
+            args = tuple(head.encode().split()) + args[1:]
+        elif b" " in head:
+            args = tuple(head.split()) + args[1:]
+        try:
+            return [_hiredis_pack(args)]
+        except TypeError as exc:
+            raise DataError(str(exc)) from None
+
+    if getattr(cls, "_kvr_fast_packing", False):
+        return cls
+    if cls not in _FAST:
+        _FAST[cls] = type(
+            f"FastPack{cls.__name__}",
+            (cls,),
+            {"pack_command": pack_command, "_kvr_fast_packing": True},
+        )
+    return _FAST[cls]
+
+
+def accepts_packed_args(client: Any) -> bool:
+    """Whether `client`'s connections take a trailing ``PackedArgs`` (clients from connect)."""
+    if isinstance(client, RedisCluster):
+        cls = client.nodes_manager.connection_kwargs.get("connection_class")
+    else:
+        cls = getattr(getattr(client, "connection_pool", None), "connection_class", None)
+    return bool(getattr(cls, "_kvr_fast_packing", False))
+
+
+def _use_fast_packing(client: Any) -> Any:
+    """Make every connection `client` opens pack long commands in C (see `fast_packing`)."""
+    if isinstance(client, RedisCluster):
+        # Nodes discovered later are built from the manager's kwargs; the startup nodes
+        # exist already (they open no connection before the first command).
+        nm = client.nodes_manager
+        nm.connection_kwargs["connection_class"] = fast_packing(
+            nm.connection_kwargs.get("connection_class", aioredis.Connection)
+        )
+        for node in nm.startup_nodes.values():
+            node.connection_class = fast_packing(node.connection_class)
+    else:
+        pool = client.connection_pool
+        pool.connection_class = fast_packing(pool.connection_class)
+    return client
+
+
 def connect(url: str, *, decode_responses: bool = True, **kwargs: Any) -> Any:
     """An asyncio Redis client for `url` (``redis.asyncio.Redis`` or ``RedisCluster``).
 
@@ -94,7 +187,9 @@ def connect(url: str, *, decode_responses: bool = True, **kwargs: Any) -> Any:
     if scheme.endswith("+cluster"):
         if not parts.hostname:
             raise RedisURLError("a cluster URL needs host:port of at least one node")
-        return RedisCluster(host=parts.hostname, port=parts.port or 6379, **common)
+        return _use_fast_packing(
+            RedisCluster(host=parts.hostname, port=parts.port or 6379, **common)
+        )
 
     if scheme.endswith("+sentinel"):
         hosts = []
@@ -116,14 +211,16 @@ def connect(url: str, *, decode_responses: bool = True, **kwargs: Any) -> Any:
         if tls:
             sentinel_kwargs.update({"ssl": True, **tls_opts})
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **common)  # type: ignore[no-untyped-call]
-        return sentinel.master_for(service, db=db)
+        return _use_fast_packing(sentinel.master_for(service, db=db))
 
     db_text = parts.path.strip("/") or "0"
     if not db_text.isdigit():
         raise RedisURLError(f"database must be a number, got {db_text!r}")
     if not parts.hostname:
         raise RedisURLError("the Redis URL needs a host")
-    return aioredis.Redis(host=parts.hostname, port=parts.port or 6379, db=int(db_text), **common)
+    return _use_fast_packing(
+        aioredis.Redis(host=parts.hostname, port=parts.port or 6379, db=int(db_text), **common)
+    )
 
 
 def is_cluster(client: Any) -> bool:

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import re
 import sys
+import time
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,9 +25,11 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
+from kvrouter.index.connection import PackedArgs, accepts_packed_args
 from kvrouter.index.errors import IndexError_, ScriptArgumentError, ScriptErrorCode, from_reply
 from kvrouter.index.hashing import key_hex
 from kvrouter.index.keys import KeyNameError, KeySchema, ModelKeys, validate_worker_id
+from kvrouter.index.resp import zadd_pairs
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ log = logging.getLogger(__name__)
 # pause for everyone else, bounded.
 MAX_CHAIN_BLOCKS = 1 << 17
 MAX_LEASE_TTL_MS = 24 * 3600 * 1000
+MAX_TTL_MS = 366 * 24 * 3600 * 1000
+# How often a ResidencyIndex re-reads the Redis server's clock (``server_now_us``).
+CLOCK_REFRESH_S = 30.0
 _U64 = (1 << 64) - 1
 _LEASE_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _SCRIPT_FILE = re.compile(r"^([a-z_]+)-(\d+)\.lua$")
@@ -243,6 +249,80 @@ class ScriptCall:
     decode: Any = field(default=None)
 
 
+@dataclass(slots=True)
+class RecordCall:
+    """One prepared record (see ``ResidencyIndex.record_call`` and record_chain-4.lua).
+
+    Three commands, sent in order on one connection: ZCARD of the worker's set, a plain
+    ``ZADD GT CH`` of every block with its score, and the record_chain script that finishes
+    the record. Redis parses the ZADD's thousands of arguments natively; passing them through
+    a Lua script cost three times as much server time (docs/benchmarks.md).
+    """
+
+    script: LuaScript
+    keys: list[str]
+    worker: str
+    packed: str
+    now_ms: int
+    ttl_new_us: int
+    ttl_held_us: int
+    held: int
+    capacity: int
+    limit: int
+    encoded: bool = False
+    """Send the ZADD's pairs pre-encoded (``PackedArgs``): the client accepts them."""
+
+    @property
+    def blocks(self) -> int:
+        return len(self.packed) // 16
+
+    def zadd_args(self, now_us: int) -> tuple[list[Any], int]:
+        """The ZADD's arguments for this record's blocks and the highest score among them.
+
+        Block i (from 0) scores now + ttl - i: the first `held` blocks with ttl_held, the rest
+        with ttl_new, so each block is 1 us older than its parent.
+        """
+        n = self.blocks
+        held = min(self.held, n)
+        hi_held = now_us + (self.ttl_held_us or self.ttl_new_us)
+        hi_new = now_us + self.ttl_new_us
+        top = max(hi_held, hi_new - held) if held < n else hi_held
+        if self.encoded:
+            data = zadd_pairs([(hi_held, held), (hi_new - held, n - held)], self.packed.encode())
+            if data is not None:
+                return ["ZADD", self.keys[0], "GT", "CH", PackedArgs(2 * n, data)], top
+        scores = list(range(hi_held, hi_held - held, -1))
+        scores.extend(range(hi_new - held, hi_new - n, -1))
+        p = self.packed
+        flat: list[Any] = [None] * (2 * n)
+        flat[0::2] = scores
+        flat[1::2] = [p[i : i + 16] for i in range(0, 16 * n, 16)]
+        return ["ZADD", self.keys[0], "GT", "CH", *flat], top
+
+    def tail(self, now_us: int, top: int) -> ScriptCall:
+        return ScriptCall(
+            self.script,
+            self.keys,
+            [self.worker, self.packed, now_us, top, self.capacity, self.limit],
+        )
+
+    def commands(self, now_us: int) -> tuple[list[Any], list[Any] | None, ScriptCall]:
+        """ZCARD, the ZADD (None for an empty chain) and the finishing script call."""
+        if self.now_ms:
+            now_us = self.now_ms * 1000
+        zcard: list[Any] = ["ZCARD", self.keys[0]]
+        if not self.blocks:
+            return zcard, None, self.tail(now_us, 0)
+        zadd, top = self.zadd_args(now_us)
+        return zcard, zadd, self.tail(now_us, top)
+
+    @staticmethod
+    def result(before: Any, changed: Any, tail: Any) -> RecordResult:
+        members, evicted, expired = (int(x) for x in tail)
+        added = max(0, members - int(before))
+        return RecordResult(added, max(0, int(changed) - added), evicted, expired)
+
+
 def _parse_load(flat: Sequence[Any]) -> dict[str, WorkerLoad]:
     req: dict[str, int] = {}
     pf: dict[str, int] = {}
@@ -267,6 +347,9 @@ class ResidencyIndex:
         self.client = client
         self.schema = schema or KeySchema()
         self.scripts = load_scripts()
+        self._encoded_args = accepts_packed_args(client)
+        self._clock_offset_us: int | None = None
+        self._clock_checked = 0.0
 
     def keys(self, model: str) -> ModelKeys:
         try:
@@ -328,43 +411,117 @@ class ResidencyIndex:
             raise
         return call.decode(reply) if call.decode else reply
 
+    async def server_now_us(self) -> int:
+        """Now on the Redis server's clock, in us: the local clock plus an offset read with
+        TIME at first use and every CLOCK_REFRESH_S. Records written with it expire by the
+        same clock the scripts read, whatever the router host's clock says."""
+        mono = time.monotonic()
+        if self._clock_offset_us is None or mono - self._clock_checked > CLOCK_REFRESH_S:
+            self._clock_checked = mono  # one refresh at a time once an offset is known
+            t0 = time.time()
+            reply = await self.client.time()
+            t1 = time.time()
+            if isinstance(reply, dict):  # a Cluster answers per node: any one will do
+                reply = next(iter(reply.values()))
+            sec, usec = reply
+            self._clock_offset_us = int(sec) * 1_000_000 + int(usec) - int((t0 + t1) * 500_000)
+        return int(time.time() * 1_000_000) + self._clock_offset_us
+
     async def run_pipeline(
-        self, calls: Sequence[ScriptCall], *, return_exceptions: bool = False
+        self, calls: Sequence[ScriptCall | RecordCall], *, return_exceptions: bool = False
     ) -> list[Any]:
         """Send prepared calls in one round trip (same model, so one Cluster node).
 
-        redis-py refuses EVALSHA in Cluster pipelines, so on a Cluster the calls go out
-        concurrently on the node's pooled connections: still one round trip of wall time.
-        With ``return_exceptions`` a call that failed gives its (typed) exception in its
-        place instead of raising; a lost connection still raises.
+        On one server the calls go out in order on one connection (a record is three
+        commands, see ``RecordCall``). redis-py refuses EVALSHA in Cluster pipelines, so on a
+        Cluster the calls go out concurrently on the node's pooled connections, each record
+        as one MULTI/EXEC transaction: still one round trip of wall time. With
+        ``return_exceptions`` a call that failed gives its (typed) exception in its place
+        instead of raising; a lost connection still raises.
         """
+        now_us = 0
+        if any(isinstance(c, RecordCall) and not c.now_ms for c in calls):
+            now_us = await self.server_now_us()
         if isinstance(self.client, RedisCluster):
             return list(
                 await asyncio.gather(
-                    *(self._run(c) for c in calls), return_exceptions=return_exceptions
+                    *(
+                        self._run(c) if isinstance(c, ScriptCall) else self._run_record(c, now_us)
+                        for c in calls
+                    ),
+                    return_exceptions=return_exceptions,
                 )
             )
         pipe = self.client.pipeline(transaction=False)
+        spans: list[int] = []
+        tails: list[ScriptCall | None] = []
         for c in calls:
-            pipe.evalsha(c.script.sha, c.script.num_keys, *c.keys, *c.args)
+            if isinstance(c, ScriptCall):
+                pipe.evalsha(c.script.sha, c.script.num_keys, *c.keys, *c.args)
+                spans.append(1)
+                tails.append(None)
+                continue
+            zcard, zadd, tail = c.commands(now_us)
+            pipe.execute_command(*zcard)
+            if zadd is not None:
+                pipe.execute_command(*zadd)
+            pipe.evalsha(tail.script.sha, tail.script.num_keys, *tail.keys, *tail.args)
+            spans.append(3 if zadd is not None else 2)
+            tails.append(tail)
         replies = await pipe.execute(raise_on_error=False)
         out: list[Any] = []
-        for c, r in zip(calls, replies, strict=True):
+        at = 0
+        for c, span, maybe_tail in zip(calls, spans, tails, strict=True):
+            got = replies[at : at + span]
+            at += span
             try:
-                if isinstance(r, NoScriptError):
-                    out.append(await self._run(c))
-                    continue
-                if isinstance(r, ResponseError):
-                    typed = from_reply(str(r))
-                    raise typed if typed is not None else r
-                if isinstance(r, Exception):
-                    raise r
-                out.append(c.decode(r) if c.decode else r)
+                if maybe_tail is None:
+                    assert isinstance(c, ScriptCall)
+                    out.append(await self._script_reply(c, got[0]))
+                else:
+                    out.append(await self._record_reply(maybe_tail, got))
             except (IndexError_, ResponseError) as exc:
                 if not return_exceptions:
                     raise
                 out.append(exc)
         return out
+
+    async def _script_reply(self, c: ScriptCall, r: Any) -> Any:
+        """A script's decoded reply from a pipeline (NOSCRIPT: loaded and run again)."""
+        if isinstance(r, NoScriptError):
+            return await self._run(c)
+        if isinstance(r, ResponseError) and "near '#'" in str(r):
+            self._without_flags()  # a stand-in without script flags (see _without_flags)
+            return await self._run(replace(c, script=self.scripts[c.script.name]))
+        if isinstance(r, ResponseError):
+            typed = from_reply(str(r))
+            raise typed if typed is not None else r
+        if isinstance(r, Exception):
+            raise r
+        return c.decode(r) if c.decode else r
+
+    async def _record_reply(self, tail: ScriptCall, got: Sequence[Any]) -> RecordResult:
+        """A record's result from its ZCARD, ZADD (absent for an empty chain) and script
+        replies. A script cache flushed under the record (restart, failover) leaves the ZADD
+        done and the script not: it is loaded and run alone to finish the record."""
+        for r in got[:-1]:
+            if isinstance(r, Exception):
+                raise r
+        last = await self._script_reply(tail, got[-1])
+        return RecordCall.result(got[0], got[1] if len(got) == 3 else 0, last)
+
+    async def _run_record(self, c: RecordCall, now_us: int) -> RecordResult:
+        """A record on a Cluster: its commands as one MULTI/EXEC on the model's node."""
+        zcard, zadd, tail = c.commands(now_us)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.execute_command(*zcard)
+        if zadd is not None:
+            pipe.execute_command(*zadd)
+        pipe.execute_command(
+            "EVALSHA", tail.script.sha, tail.script.num_keys, *tail.keys, *tail.args
+        )
+        replies = await pipe.execute(raise_on_error=False)
+        return await self._record_reply(tail, replies)
 
     # -- residency ---------------------------------------------------------------------------
     def lookup_call(
@@ -413,32 +570,42 @@ class ResidencyIndex:
         held: int = 0,
         capacity: int = 0,
         now_ms: int = 0,
-        limit: int = 1000,
-    ) -> ScriptCall:
+        limit: int | None = None,
+    ) -> RecordCall:
+        """Prepare a record of `chain` for `worker` (sent by ``run_pipeline`` or ``record``).
+
+        The first `held` blocks live `ttl_held_ms` (0 = `ttl_new_ms`), the rest `ttl_new_ms`,
+        from `now_ms` (0 = the Redis server's clock, as ``server_now_us`` tracks it); each block
+        scores 1 us below its parent. The worker is then trimmed to `capacity` blocks (0 = no
+        limit), at most `limit` in this call (default: twice the chain, at least 1,000, so a
+        worker recorded with long chains stays at its capacity and one that shrank catches
+        up). Every argument is checked here, before anything is sent.
+        """
         k = self.keys(model)
         w = _worker(worker)
-        args: list[str | int] = [
-            w,
-            _pack_keys("chain", chain),
-            _nonneg("now_ms", now_ms),
-            _nonneg("ttl_new_ms", ttl_new_ms, minimum=1),
-            _nonneg("ttl_held_ms", ttl_held_ms),
-            _nonneg("held", held),
-            _nonneg("capacity", capacity),
-            _nonneg("limit", limit, minimum=1),
-        ]
-        return ScriptCall(
-            self.scripts["record_chain"],
-            [k.worker(w), k.cut(w), k.workers, k.head_prefix],
-            args,
-            lambda r: RecordResult(*(int(x) for x in r)),
+        return RecordCall(
+            script=self.scripts["record_chain"],
+            keys=[k.worker(w), k.cut(w), k.workers, k.head_prefix],
+            worker=w,
+            packed=_pack_keys("chain", chain),
+            now_ms=_nonneg("now_ms", now_ms),
+            ttl_new_us=_nonneg("ttl_new_ms", ttl_new_ms, minimum=1, maximum=MAX_TTL_MS) * 1000,
+            ttl_held_us=_nonneg("ttl_held_ms", ttl_held_ms, maximum=MAX_TTL_MS) * 1000,
+            held=_nonneg("held", held),
+            capacity=_nonneg("capacity", capacity),
+            limit=max(1000, 2 * len(chain))
+            if limit is None
+            else _nonneg("limit", limit, minimum=1),
+            encoded=self._encoded_args,
         )
 
     async def record(
         self, model: str, worker: str, chain: Sequence[int], **kw: int
     ) -> RecordResult:
-        """Record `worker` as holding `chain` (see record_chain-3.lua for the arguments)."""
-        result: RecordResult = await self._run(self.record_call(model, worker, chain, **kw))
+        """Record `worker` as holding `chain` (arguments as for ``record_call``)."""
+        result: RecordResult = (
+            await self.run_pipeline([self.record_call(model, worker, chain, **kw)])
+        )[0]
         return result
 
     def evict_call(

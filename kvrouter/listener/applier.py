@@ -50,6 +50,7 @@ from kvrouter.index.scripts import (
     ALREADY_APPLIED,
     FENCED,
     ApplyResult,
+    RecordCall,
     ResidencyIndex,
     ScriptCall,
     pack_u64,
@@ -159,7 +160,7 @@ class _Ops:
 
 @dataclass(slots=True)
 class _Call:
-    call: ScriptCall
+    call: ScriptCall | RecordCall
     state: WorkerState | None = None
     namespace: str = ""
     seq: int = -1
@@ -501,7 +502,7 @@ class Applier:
             self.block_size,
         )
 
-    def _notice_call(self, n: Notice, now: float) -> ScriptCall | None:
+    def _notice_call(self, n: Notice, now: float) -> ScriptCall | RecordCall | None:
         m = self.metrics
         m.notices[n.op] += 1
         if n.ts is not None:
@@ -609,6 +610,6 @@ class Applier:
                 delay = min(delay * 2, 2.0)
         return results
 
-    async def _send(self, calls: list[ScriptCall]) -> list[Any]:
+    async def _send(self, calls: list[ScriptCall | RecordCall]) -> list[Any]:
         """One round trip; per-call decoded replies or exceptions (NOSCRIPT reloads)."""
         return await self.index.run_pipeline(calls, return_exceptions=True)

@@ -1,8 +1,13 @@
 #!lua
 --[[
-record_chain: record that one worker holds a chain of blocks, refresh their expiry, drop
-expired records and trim the worker to its capacity (oldest first). Used by routers at
-dispatch (speculative: a short ttl_new) and by the listener for notices naming router keys.
+record_chain: finish recording that one worker holds a chain of blocks. The caller
+(ResidencyIndex.record_call) sends, on one connection and in this order: ZCARD of the worker's
+set, one plain `ZADD <wrk> GT CH` of the whole chain (Redis parses the scores and members
+natively: no Lua argument conversion for thousands of blocks), then this script, which adds
+what the ZADD cannot: the chain's head entry, the worker's latest valid-until, key expiries,
+removal of holes the chain fills, expiry of dead records, and the trim to capacity. Used by
+routers at dispatch (speculative: a short life) and by the listener for notices naming router
+keys.
 
 KEYS[1]  the worker's LRU ZSET   "kvr:{m}:wrk:<worker>"   block hex -> valid-until us
 KEYS[2]  the worker's hole ZSET  "kvr:{m}:cut:<worker>"
@@ -11,14 +16,14 @@ KEYS[4]  head key prefix         "kvr:{m}:head:"          (ZSET per chain head b
          worker's own heads in KEYS[4] .. "@" .. worker)
 ARGV[1]  worker id
 ARGV[2]  the chain from its first block: 16 lowercase hex digits per block, back to back
-ARGV[3]  now, ms since the epoch (0 = the Redis server clock)
-ARGV[4]  ttl_new, ms (> 0): life of blocks past the held prefix
-ARGV[5]  ttl_held, ms (>= 0; 0 = ttl_new): life of the first `held` blocks
-ARGV[6]  held: how many leading blocks the caller saw the worker holding (>= 0)
-ARGV[7]  capacity in blocks (0 = unlimited)
-ARGV[8]  the most records to trim in this call (> 0)
+         (may be empty: then only expiry and trim run)
+ARGV[3]  now, us since the epoch (the scores the ZADD wrote were computed from it)
+ARGV[4]  the highest score the ZADD wrote (us), the head's and the worker's valid-until
+ARGV[5]  capacity in blocks (0 = unlimited)
+ARGV[6]  the most records to trim in this call (> 0)
 
-Returns  {added, refreshed, evicted, expired}
+Returns  {members, evicted, expired}: the set's size after the ZADD (before expiry and trim),
+         and how many records the trim and the expiry removed
 Errors   KVR -1 worker | -2 chain | -3 <numeric argument name>
 ]]
 
@@ -26,25 +31,33 @@ local wrk_key, cut_key, workers_key, head_prefix = KEYS[1], KEYS[2], KEYS[3], KE
 local worker, chain = ARGV[1], ARGV[2]
 if not valid_worker(worker) then return fail(-1, 'worker', 'empty, too long, or has "|" or whitespace') end
 -- The length is checked, not the digits: on the dispatch path a full hex scan costs a tenth
--- of the call, the Python wrapper packs keys with array('Q') so they are always hex, and a
--- non-hex member could only sit unmatched until it expires.
+-- of the call, and the ZADD before this script already stored these members.
 if #chain % 16 ~= 0 then return fail(-2, 'chain', 'expected 16 lowercase hex digits per block') end
-if ARGV[3] ~= '0' and not int_arg(ARGV[3], 1) then return fail(-3, 'now', 'must be an integer >= 0 (ms)') end
-local ttl_new = int_arg(ARGV[4], 1)
-if not ttl_new then return fail(-3, 'ttl_new', 'must be a positive integer (ms)') end
-local ttl_held = int_arg(ARGV[5], 0)
-if not ttl_held then return fail(-3, 'ttl_held', 'must be an integer >= 0 (ms)') end
-if ttl_held == 0 then ttl_held = ttl_new end
-local held = int_arg(ARGV[6], 0)
-if not held then return fail(-3, 'held', 'must be an integer >= 0 (blocks)') end
-local capacity = int_arg(ARGV[7], 0)
+local now = int_arg(ARGV[3], 1)
+if not now then return fail(-3, 'now', 'must be a positive integer (us)') end
+local top = int_arg(ARGV[4], 0)
+if not top or (#chain > 0 and top < now) then
+  return fail(-3, 'top', 'must be an integer >= now (us)')
+end
+local capacity = int_arg(ARGV[5], 0)
 if not capacity then return fail(-3, 'capacity', 'must be an integer >= 0 (blocks)') end
-local limit = int_arg(ARGV[8], 1)
+local limit = int_arg(ARGV[6], 1)
 if not limit then return fail(-3, 'limit', 'must be a positive integer') end
-local now = now_us(ARGV[3])
 
+local members = redis.call('ZCARD', wrk_key)
+if #chain > 0 then
+  extend_expiry(wrk_key, top)
+  redis.call('ZADD', workers_key, 'GT', top, worker)
+  extend_expiry(workers_key, top)
+  add_head(head_prefix, worker, string.sub(chain, 1, 16), top)
+  -- A block recorded again is no longer a hole in its chain.
+  if redis.call('EXISTS', cut_key) == 1 then
+    local hexes = unpack_fixed(chain, 16)
+    for i = 1, #hexes, CHUNK do
+      redis.call('ZREM', cut_key, unpack(hexes, i, math.min(i + CHUNK - 1, #hexes)))
+    end
+  end
+end
 local expired = expire_records(wrk_key, cut_key, now, head_prefix, worker)
-local added, refreshed = record_blocks(wrk_key, cut_key, workers_key, head_prefix, worker,
-  unpack_fixed(chain, 16), now, ttl_new * 1000, ttl_held * 1000, held)
 local evicted = trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker)
-return {added, refreshed, evicted, expired}
+return {members, evicted, expired}

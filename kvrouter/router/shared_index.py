@@ -32,7 +32,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from kvrouter.index.connection import connect, redact_url
 from kvrouter.index.errors import IndexError_
-from kvrouter.index.scripts import LookupResult, ResidencyIndex
+from kvrouter.index.scripts import LookupResult, RecordCall, ResidencyIndex, ScriptCall
 from kvrouter.router.metrics import Metrics
 from kvrouter.router.settings import RouterSettings
 
@@ -164,7 +164,7 @@ class SharedIndex:
         if not self.up or self.index is None:
             return False
         s = self.settings
-        calls = [
+        calls: list[ScriptCall | RecordCall] = [
             self.index.acquire_lease_call(
                 model,
                 worker,
