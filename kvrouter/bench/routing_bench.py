@@ -33,9 +33,11 @@ import argparse
 import asyncio
 import hashlib
 import json
+import re
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="serve N models on the one fleet (the base model and N - 1 LoRA adapters), each "
         "replaying its own share of the trace's conversations; per-model hit ratios",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every variant N times, interleaved (each round runs every variant once, so "
+        "a change in the machine's load hits all alike); hit ratios are then over all runs' "
+        "requests (the mean of the runs) with their spread, latencies pooled",
+    )
     parser.add_argument("--out", default="out/bench-routing", help="report directory")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -120,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}")
     if args.models < 1:
         raise SystemExit("--models: must be >= 1")
+    if args.repeat < 1:
+        raise SystemExit("--repeat: must be >= 1")
     limit = args.limit if args.limit is not None else (QUICK_LIMIT if args.quick else None)
     scale = args.time_scale or (QUICK_TIME_SCALE if args.quick else 4.0)
     source = bundled_trace() if args.trace == "bundled" else Path(args.trace)
@@ -176,7 +188,11 @@ async def run_variant(
             )
             per_model = dict(zip(shares, results, strict=True))
             records = [r for rs in results for r in rs]
-        summary = summarize(records, time.monotonic() - t0)
+        duration = time.monotonic() - t0
+        reasons: Counter[str] = Counter()
+        for url in stack.router_urls:
+            reasons.update(decision_reasons(await stack.metrics(url)))
+    summary = finish_summary(records, duration, reasons, args.workers, scale)
     if per_model:
         summary["per_model"] = {
             name: {
@@ -189,16 +205,75 @@ async def run_variant(
             }
             for name, rs in per_model.items()
         }
+    return summary, records
+
+
+def finish_summary(
+    records: list[RequestRecord],
+    duration_s: float,
+    reasons: Counter[str],
+    workers: int,
+    scale: float,
+) -> dict[str, Any]:
+    """A variant's summary of `records` (one run's, or several runs' together): latencies in
+    simulated seconds, rejections, load spread over the workers, routing decisions."""
+    summary = summarize(records, duration_s)
     for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s"):
         if summary[k] is not None:
             summary[k] *= scale
     summary["throughput_rps"] /= scale
     summary["rejected"] = sum(1 for r in records if r.status in (429, 503))
-    counts = [summary["per_worker"].get(w, 0) for w in (f"sim-{i}" for i in range(args.workers))]
+    counts = [summary["per_worker"].get(w, 0) for w in (f"sim-{i}" for i in range(workers))]
     mean = statistics.mean(counts) if counts else 0.0
     summary["load_cv"] = statistics.pstdev(counts) / mean if mean else 0.0
     summary["load_max_over_mean"] = max(counts) / mean if mean else 0.0
-    return summary, records
+    summary["decisions"] = dict(sorted(reasons.items()))
+    return summary
+
+
+def combine_runs(
+    runs: list[tuple[dict[str, Any], list[RequestRecord]]], workers: int, scale: float
+) -> dict[str, Any]:
+    """One variant's runs as one summary: every run replays the same requests, so the hit
+    ratio over all their requests is the mean of the runs' (weighted by prompt tokens, which
+    are the same unless requests failed); `hit_ratio_runs` keeps each run's and
+    `hit_ratio_sd` their spread. Latency percentiles are over all runs' requests."""
+    if len(runs) == 1:
+        return runs[0][0]
+    records = [r for _, rs in runs for r in rs]
+    reasons: Counter[str] = Counter()
+    for s, _ in runs:
+        reasons.update(s.get("decisions", {}))
+    duration = sum(s["duration_s"] for s, _ in runs)
+    summary = finish_summary(records, duration, reasons, workers, scale)
+    ratios = [s["hit_ratio"] for s, _ in runs]
+    summary["hit_ratio_runs"] = ratios
+    summary["hit_ratio_sd"] = statistics.stdev(ratios)
+    if "per_model" in runs[0][0]:
+        summary["per_model"] = {
+            m: {
+                "requests": sum(s["per_model"][m]["requests"] for s, _ in runs),
+                "failed": sum(s["per_model"][m]["failed"] for s, _ in runs),
+                "hit_ratio": statistics.mean(s["per_model"][m]["hit_ratio"] for s, _ in runs),
+            }
+            for m in runs[0][0]["per_model"]
+        }
+    return summary
+
+
+_DECISION = re.compile(
+    r'^kvrouter_routing_decisions_total\{[^}]*reason="([^"]+)"[^}]*\} (\S+)$', re.M
+)
+
+
+def decision_reasons(metrics_text: str) -> Counter[str]:
+    """A router's routing decisions by reason (``kvrouter_routing_decisions_total``): for
+    ``kv``, how often the best-matched worker won (prefix), lost to its load (load), was held
+    back by the hot-spot guard (guard), or nobody matched (no_match)."""
+    out: Counter[str] = Counter()
+    for reason, value in _DECISION.findall(metrics_text):
+        out[reason] += int(float(value))
+    return out
 
 
 def model_names(base: str, n: int) -> tuple[str, ...]:
@@ -249,26 +324,40 @@ async def _bench(
             ),
             file=sys.stderr,
         )
-    results: dict[str, dict[str, Any]] = {}
-    ttfts: dict[str, list[float]] = {}
-    for v in variants:
-        print(f"  {v.name} ...", file=sys.stderr, flush=True)
-        summary, records = await run_variant(v, args, requests, scale)
-        results[v.name] = summary
-        ttfts[v.name] = sorted(r.ttft_s * scale for r in records if r.ok and r.ttft_s is not None)
-        print(
-            f"  {v.name}: hit {summary['hit_ratio']:.3f}, TTFT p50 {summary['ttft_p50_s']}",
-            file=sys.stderr,
-        )
+    runs: dict[str, list[tuple[dict[str, Any], list[RequestRecord]]]] = {
+        v.name: [] for v in variants
+    }
+    for round_ in range(1, args.repeat + 1):
+        for v in variants:
+            label = v.name + (f" (run {round_}/{args.repeat})" if args.repeat > 1 else "")
+            print(f"  {label} ...", file=sys.stderr, flush=True)
+            summary, records = await run_variant(v, args, requests, scale)
+            runs[v.name].append((summary, records))
+            print(
+                f"  {label}: hit {summary['hit_ratio']:.3f}, "
+                f"TTFT p50 {_fmt(summary['ttft_p50_s'])} s",
+                file=sys.stderr,
+            )
+    results = {name: combine_runs(rs, args.workers, scale) for name, rs in runs.items()}
+    ttfts = {
+        name: sorted(r.ttft_s * scale for _, rs in vr for r in rs if r.ok and r.ttft_s is not None)
+        for name, vr in runs.items()
+    }
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, after all the traffic
     table = results_table(results, ideal, pooled)
     if ideal_per_model:
         table += "\n\n" + per_model_table(results, ideal_per_model)
+    decisions = decisions_table(results)
+    if decisions:
+        table += "\n\n" + decisions
+    replicas = replica_comparison(results)
+    if replicas:
+        table += "\n\n" + replicas
     print(table)
     meta = {"requests": len(requests), "start": args.start, "workers": args.workers,
-            "capacity_tokens": args.capacity_tokens, "time_scale": scale,
+            "capacity_tokens": args.capacity_tokens, "time_scale": scale, "repeat": args.repeat,
             "ideal_hit_ratio": ideal, "pooled_hit_ratio": pooled}  # fmt: skip
     if ideal_per_model:
         meta["models"] = n_models
@@ -285,12 +374,41 @@ async def _bench(
             "ttft_p99_s": _r(s["ttft_p99_s"]),
             "failed": s["failed"],
         }
+        if "hit_ratio_runs" in s:
+            final["policies"][name]["hit_ratio_runs"] = [round(x, 4) for x in s["hit_ratio_runs"]]
         if "per_model" in s:
             final["policies"][name]["per_model"] = {
                 m: {"hit_ratio": round(pm["hit_ratio"], 4), "failed": pm["failed"]}
                 for m, pm in s["per_model"].items()
             }
+    if "kv" in results and "kv_4x" in results and results["kv"]["hit_ratio"]:
+        final["kv_4x_vs_kv"] = round(
+            results["kv_4x"]["hit_ratio"] / results["kv"]["hit_ratio"] - 1, 4
+        )
     return final
+
+
+def replica_comparison(results: dict[str, dict[str, Any]]) -> str:
+    """kv with 4 replicas against kv with one: the hit ratios (over every run) and how far
+    apart, next to each one's run-to-run spread when there were several runs."""
+    if "kv" not in results or "kv_4x" not in results or not results["kv"]["hit_ratio"]:
+        return ""
+    one, four = results["kv"], results["kv_4x"]
+    rel = four["hit_ratio"] / one["hit_ratio"] - 1
+    line = (
+        f"kv with 4 router replicas: hit ratio {four['hit_ratio']:.4f} against "
+        f"{one['hit_ratio']:.4f} with one ({rel:+.1%})"
+    )
+    if "hit_ratio_runs" in one and "hit_ratio_runs" in four:
+        runs = len(one["hit_ratio_runs"])
+        line += (
+            f", over {runs} runs each; run-to-run sd {one['hit_ratio_sd']:.4f} (1 replica), "
+            f"{four['hit_ratio_sd']:.4f} (4); runs: "
+            + " ".join(f"{x:.3f}" for x in one["hit_ratio_runs"])
+            + " / "
+            + " ".join(f"{x:.3f}" for x in four["hit_ratio_runs"])
+        )
+    return line
 
 
 def per_model_table(results: dict[str, dict[str, Any]], ideal: dict[str, float]) -> str:
@@ -306,6 +424,25 @@ def per_model_table(results: dict[str, dict[str, Any]], ideal: dict[str, float])
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     lines.append("| ideal (one infinite cache per model) | " + " | ".join(
         f"{ideal[n]:.3f}" for n in names) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def decisions_table(results: dict[str, dict[str, Any]]) -> str:
+    """The kv variants' routing decisions by reason, as shares of their requests (all
+    replicas summed): where a hit ratio was won or lost."""
+    rows = {n: s["decisions"] for n, s in results.items() if s.get("decisions", {}).get("prefix")}
+    if not rows:
+        return ""
+    reasons = ("prefix", "load", "guard", "no_match")
+    lines = [
+        "| policy | " + " | ".join(f"{r} decisions" for r in reasons) + " |",
+        "|" + "---|" * (len(reasons) + 1),
+    ]
+    for name, d in rows.items():
+        total = sum(d.values()) or 1
+        lines.append(
+            f"| {name} | " + " | ".join(f"{d.get(r, 0) / total:.1%}" for r in reasons) + " |"
+        )
     return "\n".join(lines)
 
 

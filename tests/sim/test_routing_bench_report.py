@@ -1,0 +1,98 @@
+"""The routing bench's report: decisions by reason from /metrics, repeated runs combined, and
+the 4-replica comparison; plus one small repeated run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kvrouter.bench.routing_bench import (
+    combine_runs,
+    decision_reasons,
+    finish_summary,
+    replica_comparison,
+)
+from kvrouter.sim.replay import RequestRecord
+
+ROOT = Path(__file__).resolve().parents[2]
+
+METRICS = """\
+# HELP kvrouter_routing_decisions_total routing decisions by policy and reason
+# TYPE kvrouter_routing_decisions_total counter
+kvrouter_routing_decisions_total{policy="kv",reason="prefix"} 70.0
+kvrouter_routing_decisions_total{policy="kv",reason="load"} 20.0
+kvrouter_routing_decisions_total{policy="kv",reason="no_match"} 10.0
+kvrouter_requests_total{endpoint="/v1/completions",status="200"} 100.0
+"""
+
+
+def test_decision_reasons_from_metrics() -> None:
+    assert decision_reasons(METRICS) == Counter(prefix=70, load=20, no_match=10)
+    assert decision_reasons("") == Counter()
+
+
+def _run(hits: list[int], worker: str = "sim-0") -> list[RequestRecord]:
+    return [
+        RequestRecord(i, 0.0, 0.0, worker, 200, 0.1 * (i + 1), 1.0, 100, h)
+        for i, h in enumerate(hits)
+    ]
+
+
+def test_runs_combine_to_the_mean_hit_ratio_with_their_spread() -> None:
+    a, b = _run([10, 30]), _run([20, 40], worker="sim-1")
+    runs = [
+        (finish_summary(a, 10.0, Counter(prefix=2), 2, 4.0), a),
+        (finish_summary(b, 10.0, Counter(prefix=1, load=1), 2, 4.0), b),
+    ]
+    assert [s["hit_ratio"] for s, _ in runs] == [0.2, 0.3]
+    combined = combine_runs(runs, 2, 4.0)
+    assert combined["hit_ratio"] == pytest.approx(0.25)
+    assert combined["hit_ratio_runs"] == [0.2, 0.3]
+    assert combined["hit_ratio_sd"] == pytest.approx(0.0707, abs=1e-4)
+    assert combined["decisions"] == {"load": 1, "prefix": 3}
+    assert combined["requests"] == 4 and combined["per_worker"] == {"sim-0": 2, "sim-1": 2}
+    assert combine_runs(runs[:1], 2, 4.0) is runs[0][0]
+
+
+def test_replica_comparison() -> None:
+    one = {"hit_ratio": 0.125, "hit_ratio_runs": [0.12, 0.13], "hit_ratio_sd": 0.007}
+    four = {"hit_ratio": 0.1225, "hit_ratio_runs": [0.121, 0.124], "hit_ratio_sd": 0.002}
+    line = replica_comparison({"kv": one, "kv_4x": four})
+    assert "0.1225 against 0.1250 with one (-2.0%)" in line
+    assert "over 2 runs each" in line and "0.120 0.130 / 0.121 0.124" in line
+    assert replica_comparison({"kv": one}) == ""
+
+
+@pytest.mark.redis
+def test_bench_routing_repeat_runs_each_variant_and_compares_replicas(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "kvrouter", "bench", "routing", "--variants", "kv,kv_4x",
+            "--repeat", "2", "--limit", "40", "--time-scale", "40", "--workers", "2",
+            "--no-plots", "--out", str(tmp_path),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert final["repeat"] == 2
+    for name in ("kv", "kv_4x"):
+        p = final["policies"][name]
+        assert p["failed"] == 0 and len(p["hit_ratio_runs"]) == 2
+    assert "kv_4x_vs_kv" in final
+    assert proc.stderr.count("(run 2/2):") == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "kv with 4 router replicas" in report and "prefix decisions" in report
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["variants"]["kv_4x"]["requests"] == 80
+    assert sum(results["variants"]["kv_4x"]["decisions"].values()) == 80
