@@ -71,3 +71,31 @@ def test_packed_args_ride_behind_ordinary_ones() -> None:
     for i, s in enumerate(scores):
         flat += [s, members[16 * i : 16 * i + 16]]
     assert got == b"".join(Connection().pack_command("ZADD", "k", "GT", "CH", *flat))
+
+
+@pytest.mark.parametrize(
+    ("held", "ttl_held", "ttl_new", "top"),
+    [
+        (0, 5_000, 1_000, 1_000_000),  # nothing held: ttl_held is not written at all
+        (0, 0, 1_000, 1_000_000),
+        (2, 5_000, 1_000, 5_000_000),
+        (2, 1_000, 5_000, 4_999_998),  # the first new block (2 us below) outlives the head
+        (4, 1_000, 5_000, 1_000_000),
+    ],
+)
+def test_record_top_is_the_highest_score_written(
+    held: int, ttl_held: int, ttl_new: int, top: int
+) -> None:
+    """ttls in ms, top in us above now."""
+    from kvrouter.index.scripts import RecordCall, load_scripts
+
+    now = 10**15
+    for encoded in (False, True):
+        rc = RecordCall(
+            load_scripts()["record_chain"], ["a", "b", "c", "d"], "w", pack_u64([1, 2, 3, 4]),
+            0, ttl_new * 1000, ttl_held * 1000, held, 0, 10, encoded,
+        )  # fmt: skip
+        args, got = rc.zadd_args(now)
+        assert got == now + top
+        if not encoded:
+            assert max(args[4::2]) == got

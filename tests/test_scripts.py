@@ -273,13 +273,16 @@ async def test_long_commands_are_packed_in_c(any_client: Any) -> None:
     ],
 )
 async def test_wrapper_rejects_bad_arguments(
-    idx: ResidencyIndex, kwargs: dict[str, Any], argument: str
+    idx: ResidencyIndex, any_client: Any, kwargs: dict[str, Any], argument: str
 ) -> None:
+    """A record is several commands (ZADD, then the script): every argument is checked
+    before the first is sent, so a rejected record writes nothing at all."""
     args: dict[str, Any] = {"model": M, "worker": "w", "chain": [1, 2], "ttl_new_ms": HOUR}
     args.update(kwargs)
     with pytest.raises(ScriptArgumentError) as err:
         await idx.record(args.pop("model"), args.pop("worker"), args.pop("chain"), **args)
     assert err.value.argument == argument
+    assert await any_client.keys("*") == []
 
 
 async def test_other_wrappers_reject_bad_arguments(idx: ResidencyIndex) -> None:

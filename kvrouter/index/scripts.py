@@ -286,7 +286,8 @@ class RecordCall:
         held = min(self.held, n)
         hi_held = now_us + (self.ttl_held_us or self.ttl_new_us)
         hi_new = now_us + self.ttl_new_us
-        top = max(hi_held, hi_new - held) if held < n else hi_held
+        # The highest score written: the head's, or the first new block's if it outlives it.
+        top = hi_new if held == 0 else max(hi_held, hi_new - held) if held < n else hi_held
         if self.encoded:
             data = zadd_pairs([(hi_held, held), (hi_new - held, n - held)], self.packed.encode())
             if data is not None:
