@@ -84,47 +84,56 @@ local function drop_heads(head_prefix, worker, bound)
   if #dead > 0 then redis.call('ZREMRANGEBYSCORE', wk, '-inf', bound) end
 end
 
--- Record `hexes` (a Lua list of block hex keys, head first) for `worker`: the first `held`
--- blocks get now + ttl_held (the caller saw the worker holding them), the rest now + ttl_new
--- (now and both TTLs in us).
--- One ZADD GT pass: a score never moves backwards, so a racing writer that gave a block a
--- longer life keeps it. If `head_prefix` is given, hexes[1] is a chain's first block and the
--- worker is added to that block's head ZSET. Returns added, refreshed.
-local function record_blocks(wrk_key, cut_key, workers_key, head_prefix, worker, hexes, now,
-                             ttl_new, ttl_held, held)
+-- Split a packed string of fixed-width fields into a Lua list.
+local function unpack_fixed(s, width)
+  local out = {}
+  for i = 1, #s, width do
+    out[#out + 1] = string.sub(s, i, i + width - 1)
+  end
+  return out
+end
+
+-- What a record writes besides its blocks' scores, once they are in the worker's set: the
+-- set's expiry, the worker's latest valid-until (`top`, the highest score written), the
+-- chain's head entry when `head_prefix` is given, and the removal of holes the chain fills.
+-- `blocks` is the chain head first: a Lua list of hex keys, or the packed hex string (split
+-- only when the worker has holes).
+local function finish_record(wrk_key, cut_key, workers_key, head_prefix, worker, blocks, top)
+  extend_expiry(wrk_key, top)
+  redis.call('ZADD', workers_key, 'GT', top, worker)
+  extend_expiry(workers_key, top)
+  if head_prefix then
+    local head = type(blocks) == 'string' and string.sub(blocks, 1, 16) or blocks[1]
+    add_head(head_prefix, worker, head, top)
+  end
+  if redis.call('EXISTS', cut_key) == 1 then
+    if type(blocks) == 'string' then blocks = unpack_fixed(blocks, 16) end
+    for i = 1, #blocks, CHUNK do
+      redis.call('ZREM', cut_key, unpack(blocks, i, math.min(i + CHUNK - 1, #blocks)))
+    end
+  end
+end
+
+-- Record `hexes` (a Lua list of block hex keys) for `worker`, block i (from 1) scored
+-- now + ttl - (i - 1) (now and ttl in us), then finish the record (no head entry: the caller
+-- adds its own). One ZADD GT pass: a score never moves backwards, so a racing writer that
+-- gave a block a longer life keeps it. Returns added, refreshed. (Routers' records do the
+-- ZADD as a plain command instead: see record_chain.)
+local function record_blocks(wrk_key, cut_key, workers_key, worker, hexes, now, ttl)
   local n = #hexes
   if n == 0 then return 0, 0 end
   local before = redis.call('ZCARD', wrk_key)
   local changed = 0
-  local max_score = 0
-  local i = 1
-  while i <= n do
-    local j = math.min(i + CHUNK - 1, n)
+  for i = 1, n, CHUNK do
     local buf = {}
-    for k = i, j do
-      local s = now - (k - 1)
-      if k <= held then s = s + ttl_held else s = s + ttl_new end
-      buf[#buf + 1] = s
+    for k = i, math.min(i + CHUNK - 1, n) do
+      buf[#buf + 1] = now + ttl - (k - 1)
       buf[#buf + 1] = hexes[k]
-      if s > max_score then max_score = s end
     end
     changed = changed + redis.call('ZADD', wrk_key, 'GT', 'CH', unpack(buf))
-    i = j + 1
   end
   local added = redis.call('ZCARD', wrk_key) - before
-  extend_expiry(wrk_key, max_score)
-  redis.call('ZADD', workers_key, 'GT', max_score, worker)
-  extend_expiry(workers_key, max_score)
-  if head_prefix then add_head(head_prefix, worker, hexes[1], max_score) end
-  -- A block recorded again is no longer a hole in its chain.
-  if redis.call('EXISTS', cut_key) == 1 then
-    i = 1
-    while i <= n do
-      local j = math.min(i + CHUNK - 1, n)
-      redis.call('ZREM', cut_key, unpack(hexes, i, j))
-      i = j + 1
-    end
-  end
+  finish_record(wrk_key, cut_key, workers_key, nil, worker, hexes, now + ttl)
   return added, changed - added
 end
 
@@ -165,13 +174,4 @@ end
 local function clear_heads(head_prefix, worker)
   drop_heads(head_prefix, worker, '+inf')
   redis.call('UNLINK', heads_key(head_prefix, worker))
-end
-
--- Split a packed string of fixed-width fields into a Lua list.
-local function unpack_fixed(s, width)
-  local out = {}
-  for i = 1, #s, width do
-    out[#out + 1] = string.sub(s, i, i + width - 1)
-  end
-  return out
 end

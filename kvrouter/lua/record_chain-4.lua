@@ -46,17 +46,7 @@ if not limit then return fail(-3, 'limit', 'must be a positive integer') end
 
 local members = redis.call('ZCARD', wrk_key)
 if #chain > 0 then
-  extend_expiry(wrk_key, top)
-  redis.call('ZADD', workers_key, 'GT', top, worker)
-  extend_expiry(workers_key, top)
-  add_head(head_prefix, worker, string.sub(chain, 1, 16), top)
-  -- A block recorded again is no longer a hole in its chain.
-  if redis.call('EXISTS', cut_key) == 1 then
-    local hexes = unpack_fixed(chain, 16)
-    for i = 1, #hexes, CHUNK do
-      redis.call('ZREM', cut_key, unpack(hexes, i, math.min(i + CHUNK - 1, #hexes)))
-    end
-  end
+  finish_record(wrk_key, cut_key, workers_key, head_prefix, worker, chain, top)
 end
 local expired = expire_records(wrk_key, cut_key, now, head_prefix, worker)
 local evicted = trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker)

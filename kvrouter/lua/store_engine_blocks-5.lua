@@ -74,7 +74,7 @@ for i = 1, #blocks / 48 do
   if string.sub(roots, i, i) == '1' then heads[#heads + 1] = rk end
 end
 extend_expiry(emap_key, now + ttl)
-local added, refreshed = record_blocks(wrk_key, cut_key, workers_key, nil, worker, hexes, now, ttl, ttl, 0)
+local added, refreshed = record_blocks(wrk_key, cut_key, workers_key, worker, hexes, now, ttl)
 for _, h in ipairs(heads) do add_head(head_prefix, worker, h, now + ttl) end
 local evicted = trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker)
 return {stored, dups, added, refreshed, evicted, expired}
