@@ -462,12 +462,8 @@ class ResidencyIndex:
                 spans.append(1)
                 tails.append(None)
                 continue
-            zcard, zadd, tail = c.commands(now_us)
-            pipe.execute_command(*zcard)
-            if zadd is not None:
-                pipe.execute_command(*zadd)
-            pipe.evalsha(tail.script.sha, tail.script.num_keys, *tail.keys, *tail.args)
-            spans.append(3 if zadd is not None else 2)
+            span, tail = self._queue_record(pipe, c, now_us)
+            spans.append(span)
             tails.append(tail)
         replies = await pipe.execute(raise_on_error=False)
         out: list[Any] = []
@@ -511,16 +507,23 @@ class ResidencyIndex:
         last = await self._script_reply(tail, got[-1])
         return RecordCall.result(got[0], got[1] if len(got) == 3 else 0, last)
 
-    async def _run_record(self, c: RecordCall, now_us: int) -> RecordResult:
-        """A record on a Cluster: its commands as one MULTI/EXEC on the model's node."""
+    @staticmethod
+    def _queue_record(pipe: Any, c: RecordCall, now_us: int) -> tuple[int, ScriptCall]:
+        """Queue a record's commands on `pipe`: how many, and the finishing script call.
+        (EVALSHA through execute_command: Cluster pipelines refuse the evalsha method.)"""
         zcard, zadd, tail = c.commands(now_us)
-        pipe = self.client.pipeline(transaction=True)
         pipe.execute_command(*zcard)
         if zadd is not None:
             pipe.execute_command(*zadd)
         pipe.execute_command(
             "EVALSHA", tail.script.sha, tail.script.num_keys, *tail.keys, *tail.args
         )
+        return (3 if zadd is not None else 2), tail
+
+    async def _run_record(self, c: RecordCall, now_us: int) -> RecordResult:
+        """A record on a Cluster: its commands as one MULTI/EXEC on the model's node."""
+        pipe = self.client.pipeline(transaction=True)
+        _, tail = self._queue_record(pipe, c, now_us)
         replies = await pipe.execute(raise_on_error=False)
         return await self._record_reply(tail, replies)
 
