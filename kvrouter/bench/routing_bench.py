@@ -381,20 +381,27 @@ async def _bench(
                 m: {"hit_ratio": round(pm["hit_ratio"], 4), "failed": pm["failed"]}
                 for m, pm in s["per_model"].items()
             }
-    if "kv" in results and "kv_4x" in results and results["kv"]["hit_ratio"]:
-        final["kv_4x_vs_kv"] = round(
-            results["kv_4x"]["hit_ratio"] / results["kv"]["hit_ratio"] - 1, 4
-        )
+    gap = replica_gap(results)
+    if gap is not None:
+        final["kv_4x_vs_kv"] = round(gap, 4)
     return final
+
+
+def replica_gap(results: dict[str, dict[str, Any]]) -> float | None:
+    """kv_4x's hit ratio relative to kv's (0.01 = 1% higher); None unless both ran."""
+    if "kv" not in results or "kv_4x" not in results or not results["kv"]["hit_ratio"]:
+        return None
+    ratio: float = results["kv_4x"]["hit_ratio"] / results["kv"]["hit_ratio"]
+    return ratio - 1
 
 
 def replica_comparison(results: dict[str, dict[str, Any]]) -> str:
     """kv with 4 replicas against kv with one: the hit ratios (over every run) and how far
     apart, next to each one's run-to-run spread when there were several runs."""
-    if "kv" not in results or "kv_4x" not in results or not results["kv"]["hit_ratio"]:
+    rel = replica_gap(results)
+    if rel is None:
         return ""
     one, four = results["kv"], results["kv_4x"]
-    rel = four["hit_ratio"] / one["hit_ratio"] - 1
     line = (
         f"kv with 4 router replicas: hit ratio {four['hit_ratio']:.4f} against "
         f"{one['hit_ratio']:.4f} with one ({rel:+.1%})"
