@@ -195,32 +195,25 @@ class RedisClusterProcs:
         )
 
     @staticmethod
-    def _cluster_state(cli: str, port: int) -> str:
+    def _cli(cli: str, port: int, *args: str) -> str:
+        """What `redis-cli -p <port> <args>` prints (empty if it fails)."""
         res = subprocess.run(
-            [cli, "-p", str(port), "cluster", "info"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
+            [cli, "-p", str(port), *args], capture_output=True, text=True, timeout=5, check=False
         )
-        for line in res.stdout.splitlines():
+        return res.stdout
+
+    @classmethod
+    def _cluster_state(cls, cli: str, port: int) -> str:
+        for line in cls._cli(cli, port, "cluster", "info").splitlines():
             if line.startswith("cluster_state:"):
                 return line.split(":", 1)[1].strip()
         return "unknown"
 
-    @staticmethod
-    def _replica_synced(cli: str, port: int) -> bool:
+    @classmethod
+    def _replica_synced(cls, cli: str, port: int) -> bool:
         """True for a primary, or a replica whose link to its primary is up (synced)."""
-        res = subprocess.run(
-            [cli, "-p", str(port), "info", "replication"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if "role:slave" not in res.stdout:
-            return True
-        return "master_link_status:up" in res.stdout
+        info = cls._cli(cli, port, "info", "replication")
+        return "role:slave" not in info or "master_link_status:up" in info
 
     def close(self) -> None:
         for n in self.nodes:
