@@ -29,7 +29,7 @@ Hashing agreement with the listener (kvrouter/listener/applier.py): an engine ev
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,21 @@ def read_config_text(path: str) -> dict[str, Any]:
     return data
 
 
+def _tables(
+    data: Mapping[str, Any], key: str, required: str, path: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The `[[key]]` tables of a config one by one, each with where it is (for messages);
+    each must be a table with a `required` entry."""
+    raw = data.get(key) or []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: {key!r} must be a list of tables ([[{key}]])")
+    for i, entry in enumerate(raw):
+        where = f"{path}: {key}[{i}]"
+        if not isinstance(entry, dict) or required not in entry:
+            raise ConfigError(f"{where}: must be a table with a {required!r}")
+        yield where, entry
+
+
 def parse_config(data: Mapping[str, Any], path: str = "<config>") -> ConfigFile:
     """Validate a config mapping (router setting names are checked by the settings loader)."""
     unknown = set(data) - {"router", "models", "workers"}
@@ -143,13 +158,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> ConfigFile:
     if not isinstance(router, dict):
         raise ConfigError(f"{path}: [router] must be a table")
     models: list[ModelConfig] = []
-    raw_models = data.get("models") or []
-    if not isinstance(raw_models, list):
-        raise ConfigError(f"{path}: 'models' must be a list of tables ([[models]])")
-    for i, entry in enumerate(raw_models):
-        where = f"{path}: models[{i}]"
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise ConfigError(f"{where}: must be a table with a 'name'")
+    for where, entry in _tables(data, "models", "name", path):
         allowed = _ADAPTER_KEYS if "parent" in entry else _BASE_KEYS
         bad = set(entry) - set(allowed)
         if bad:
@@ -179,13 +188,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> ConfigFile:
         if m.is_adapter and m.parent in adapter_names:
             raise ConfigError(f"{path}: adapter {m.name!r} has an adapter as its parent")
     workers: list[dict[str, Any]] = []
-    raw_workers = data.get("workers") or []
-    if not isinstance(raw_workers, list):
-        raise ConfigError(f"{path}: 'workers' must be a list of tables ([[workers]])")
-    for i, entry in enumerate(raw_workers):
-        where = f"{path}: workers[{i}]"
-        if not isinstance(entry, dict) or "url" not in entry:
-            raise ConfigError(f"{where}: must be a table with a 'url'")
+    for where, entry in _tables(data, "workers", "url", path):
         bad = set(entry) - set(_WORKER_KEYS)
         if bad:
             raise ConfigError(f"{where}: unknown keys {sorted(bad)}")
