@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from kvrouter.index.hashing import BlockHasher
@@ -365,6 +366,25 @@ _FAST_BODY = json.dumps(
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
 ).encode()
+
+
+async def route_depths(
+    router_url: str, model: str, prompt: list[int], admin_token: str
+) -> dict[str, int]:
+    """Each worker's matched depth in blocks for `prompt` under `model`, as the router's
+    ``/debug/route`` reports it. Raises AssertionError unless the router answers 200."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            router_url + "/debug/route",
+            json={"model": model, "prompt": prompt},
+            headers={"Authorization": f"Bearer {admin_token}"},
+        ) as r,
+    ):
+        if r.status != 200:
+            raise AssertionError(f"/debug/route answered {r.status}: {await r.text()}")
+        body = await r.json()
+    return {w["worker"]: int(w["depth_blocks"]) for w in body["workers"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from openai import AsyncOpenAI
 
 from kvrouter.router.app import POOL, TASKS, RouterServer
 from kvrouter.router.settings import RouterSettings, WorkerSpec
-from kvrouter.router.testing import FakeWorker
+from kvrouter.router.testing import FakeWorker, route_depths
 
 pytestmark = pytest.mark.redis
 
@@ -197,9 +197,7 @@ async def test_the_same_prompt_under_two_adapters_never_shares_blocks(
     assert (index, matched, cached) == (0, 0, 0)
     # Nor does the base model match either adapter's blocks, on any worker.
     for model in (LLAMA, SQL, CHAT):
-        status, body = await debug_route(server, model, ids)
-        assert status == 200
-        depths = {w["worker"]: w["depth_blocks"] for w in body["workers"]}
+        depths = await route_depths(server.url, model, ids, ADMIN)
         if model == LLAMA:
             assert set(depths.values()) == {0}
         else:
@@ -209,20 +207,6 @@ async def test_the_same_prompt_under_two_adapters_never_shares_blocks(
     assert any(k.startswith(f"kvr:{{{SQL}}}:") for k in keys)
     assert any(k.startswith(f"kvr:{{{CHAT}}}:") for k in keys)
     assert not any(k.startswith(f"kvr:{{{LLAMA}}}:blk") for k in keys)
-
-
-async def debug_route(server: RouterServer, model: str, ids: list[int]) -> tuple[int, Any]:
-    import aiohttp
-
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            server.url + "/debug/route",
-            json={"model": model, "prompt": ids},
-            headers={"Authorization": f"Bearer {ADMIN}"},
-        ) as r,
-    ):
-        return r.status, await r.json()
 
 
 async def test_one_models_traffic_never_reads_anothers_keys(

@@ -20,7 +20,7 @@ from kvrouter.listener.settings import ListenerSettings, parse_engines
 from kvrouter.listener.testing import VllmEventPublisher, free_tcp_port, sync_listener, wait_applied
 from kvrouter.router.app import POOL, RouterServer
 from kvrouter.router.settings import RouterSettings, WorkerSpec
-from kvrouter.router.testing import FakeWorker
+from kvrouter.router.testing import FakeWorker, route_depths
 
 pytestmark = pytest.mark.redis
 
@@ -100,17 +100,7 @@ async def setup(
 
 
 async def depths(router: RouterServer, model: str, ids: list[int]) -> dict[str, int]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            router.url + "/debug/route",
-            json={"model": model, "prompt": ids},
-            headers={"Authorization": f"Bearer {ADMIN}"},
-        ) as r,
-    ):
-        assert r.status == 200, await r.text()
-        body = await r.json()
-    return {w["worker"]: w["depth_blocks"] for w in body["workers"]}
+    return await route_depths(router.url, model, ids, ADMIN)
 
 
 async def test_an_adapter_event_is_found_by_the_routers_lookup_for_that_adapter(
