@@ -4,8 +4,9 @@
 #   docker run --rm -p 8000:8000 -e KVR_REDIS_URL=redis://host.docker.internal:6379/0 \
 #       -e KVR_MODEL=... -e KVR_WORKERS=http://vllm:8000 kvrouter:0.1.0 serve
 #
-# Builder stage: build the kvrouter wheel and install it with its dependencies (all of which
-# ship manylinux wheels for amd64 and arm64, so no compiler is needed) into a virtualenv.
+# Builder stage: uv (pinned) installs exactly what uv.lock pins, the runtime dependencies and
+# the yaml extra, then kvrouter itself as a regular (non-editable) install, into /opt/venv.
+# Every dependency ships manylinux wheels for amd64 and arm64, so no compiler is needed.
 # Final stage: the same slim Python with only that virtualenv, running as uid 10001, and
 # fit for a read-only root filesystem (nothing writes outside /tmp).
 
@@ -13,13 +14,19 @@ ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1
+RUN python -m pip install --no-cache-dir uv==0.13.8
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, in a layer of their own that a code change does not rebuild.
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --locked --no-install-project --no-editable --extra yaml
 COPY kvrouter ./kvrouter
-RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
-    && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install /wheels/kvrouter-*.whl \
+RUN uv sync --locked --no-editable --extra yaml \
     && /opt/venv/bin/kvrouter --version
 
 FROM ${PYTHON_IMAGE}

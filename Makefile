@@ -1,8 +1,22 @@
 # kvrouter: the commands the README and CI use. `make help` lists them.
-PYTHON ?= python3
-PIP_FLAGS ?= -q
+#
+# Every Python command runs in the project's own virtual environment (.venv), built by uv from
+# the committed lock (uv.lock) with every optional extra, so a machine's own site-packages can
+# never stand in for a missing dependency. uv itself is pinned and installed from PyPI into
+# ~/.cache/kvrouter on first use (set UV=... to use another).
+UV_VERSION ?= 0.13.8
+UV_HOME ?= $(HOME)/.cache/kvrouter/uv-$(UV_VERSION)
+UV ?= $(UV_HOME)/bin/uv
+VENV ?= .venv
+PY = $(VENV)/bin/python
+# uv uses the machine's python3 (3.11+) and never downloads an interpreter of its own.
+export UV_PYTHON_DOWNLOADS = never
+export UV_PROJECT_ENVIRONMENT = $(VENV)
+# Tools the tests run by name (hadolint, kvrouter) come from the venv first.
+RUN = PATH="$(abspath $(VENV))/bin:$(dir $(UV)):$$PATH" PYTHONNOUSERSITE=1
+LATEST_VENV ?= $(HOME)/.cache/kvrouter/venv-latest
 
-.PHONY: help install deps helm test reliability lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
+.PHONY: help install deps uv lock helm test test-latest reliability lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,36 +53,55 @@ helm:  ## helm (pinned) into ~/.cache/kvrouter/bin with `go install`, when Go is
 		rm -rf "$$tmp"; echo "helm built in $$(( $$(date +%s) - t0 )) s: $$("$(HELM_BIN_DIR)/helm" version --short)"; \
 	fi
 
-install: deps  ## the project with its test extras, editable
-	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]'
+uv:  ## uv $(UV_VERSION) into ~/.cache/kvrouter (from PyPI, into a venv of its own)
+	@if ! "$(UV)" --version 2>/dev/null | grep -q "^uv $(UV_VERSION)"; then \
+		echo "installing uv $(UV_VERSION) into $(UV_HOME)"; \
+		python3 -m venv "$(UV_HOME)" && "$(UV_HOME)/bin/pip" install -q --disable-pip-version-check "uv==$(UV_VERSION)"; \
+	fi
+
+lock: uv  ## refresh uv.lock after a change to pyproject.toml's dependencies (commit it)
+	"$(UV)" lock
+
+install: deps uv  ## the project and every extra into .venv, exactly as uv.lock pins them
+	@out=$$("$(UV)" lock --check 2>&1) || { echo "$$out" >&2; \
+		echo "uv.lock does not match pyproject.toml: run 'make lock' (uv lock) and commit uv.lock" >&2; exit 1; }
+	"$(UV)" sync --locked --all-extras
 
 lint:  ## ruff: lint and formatting
-	$(PYTHON) -m ruff check kvrouter tests
-	$(PYTHON) -m ruff format --check kvrouter tests
+	$(RUN) $(PY) -m ruff check kvrouter tests
+	$(RUN) $(PY) -m ruff format --check kvrouter tests
 
 typecheck:  ## mypy --strict on the package
-	$(PYTHON) -m mypy kvrouter
+	$(RUN) $(PY) -m mypy kvrouter
 
 pytest:  ## the test suite alone (real Redis, standalone and a 3-master Cluster)
-	$(PYTHON) -m pytest -q
+	$(RUN) $(PY) -m pytest -q
 
 test: install lint typecheck pytest  ## everything CI runs: install, lint, types, tests
 
+# Dependency drift, on purpose: the newest versions the declared ranges allow, in a throwaway
+# venv, through the same checks. Not part of CI; run it before bumping the lock (`make lock`).
+test-latest: deps uv  ## lint, types and tests on the newest versions pyproject.toml allows (not the lock)
+	rm -rf "$(LATEST_VENV)"
+	"$(UV)" venv -q "$(LATEST_VENV)"
+	VIRTUAL_ENV="$(LATEST_VENV)" "$(UV)" pip install -q --upgrade --resolution highest -e '.[test,bench,yaml,demo]'
+	VIRTUAL_ENV="$(LATEST_VENV)" "$(UV)" pip list 2>/dev/null | grep -iE '^(redis|aiohttp|tokenizers|pyzmq|mypy|ruff) ' || true
+	$(MAKE) --no-print-directory lint typecheck pytest VENV="$(LATEST_VENV)"
+
 reliability: install  ## faults, hostile input, security and a 2-minute soak; rewrites docs/reliability.md
-	KVR_SOAK_S=120 $(PYTHON) -m pytest tests/faults -m "faults or soak" -q --reliability-report docs/reliability.md
+	KVR_SOAK_S=120 $(RUN) $(PY) -m pytest tests/faults -m "faults or soak" -q --reliability-report docs/reliability.md
 
 demo: install  ## the demo: Redis, 8 simulated vLLM workers, listener and router on loopback
-	$(PYTHON) -m kvrouter demo
+	$(RUN) $(PY) -m kvrouter demo
 
 bench-index: install  ## the index benchmark, quick mode
-	$(PYTHON) -m kvrouter bench index --quick
+	$(RUN) $(PY) -m kvrouter bench index --quick
 
 bench-routing: install  ## every routing policy on the Mooncake trace, quick mode
-	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[bench]'
-	$(PYTHON) -m kvrouter bench routing --quick
+	$(RUN) $(PY) -m kvrouter bench routing --quick
 
 bench-listener: install  ## the listener benchmark, quick mode
-	$(PYTHON) -m kvrouter bench listener --quick
+	$(RUN) $(PY) -m kvrouter bench listener --quick
 
 bench-router: install  ## the router benchmark, quick mode: added latency, throughput, tokenizer cache
-	$(PYTHON) -m kvrouter bench router --quick
+	$(RUN) $(PY) -m kvrouter bench router --quick

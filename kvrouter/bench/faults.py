@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import aiohttp
 
@@ -827,7 +827,7 @@ def check_index_sync(redis_url: str, models: Sequence[str] = (MODEL,)) -> list[s
                 problems.append(f"key outside the schema: {key!r}")
                 continue
             if ":wrk:" in key or ":cut:" in key or ":head:@" in key:
-                pairs: list[Any] = list(client.zrange(key, 0, -1, withscores=True))
+                pairs = cast(list[Any], client.zrange(key, 0, -1, withscores=True))
                 for member, score in pairs:
                     if not hex16.fullmatch(str(member)):
                         problems.append(f"{key}: member {member!r} is not 16 hex digits")
