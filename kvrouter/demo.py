@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from kvrouter.bench.routing_bench import VARIANTS, results_table, run_variant
 from kvrouter.redisproc import RedisServer, free_port
@@ -86,13 +86,15 @@ def run(args: argparse.Namespace) -> int:
     variants = [v for v in VARIANTS if v.name in DEMO_VARIANTS]
     results = {}
     t0 = time.monotonic()
-    with embedded_redis() as url:
+    # A given --redis-url is used as it is: no embedded server is started beside it.
+    redis: AbstractContextManager[str] = (
+        nullcontext(args.redis_url) if args.redis_url else embedded_redis()
+    )
+    with redis as url:
         for v in variants:
             print(f"  {v.name:<12} ", end="", flush=True)
             summary, _ = asyncio.run(
-                run_variant(
-                    v, bench_args, requests, args.time_scale, redis_url=args.redis_url or url
-                )
+                run_variant(v, bench_args, requests, args.time_scale, redis_url=url)
             )
             results[v.name] = summary
             print(

@@ -75,7 +75,7 @@ def test_bench_routing_repeat_runs_each_variant_and_compares_replicas(tmp_path: 
         [
             sys.executable, "-m", "kvrouter", "bench", "routing", "--variants", "kv,kv_4x",
             "--repeat", "2", "--limit", "40", "--time-scale", "40", "--workers", "2",
-            "--no-plots", "--out", str(tmp_path),
+            "--out", str(tmp_path),
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -93,6 +93,10 @@ def test_bench_routing_repeat_runs_each_variant_and_compares_replicas(tmp_path: 
     assert proc.stderr.count("(run 2/2):") == 2
     report = (tmp_path / "report.md").read_text()
     assert "kv with 4 router replicas" in report and "prefix decisions" in report
+    # the report's plots, rendered by matplotlib from the lock (the bench extra)
+    for name in ("ttft_cdf.png", "hit_ratio.png", "load.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000, name
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["variants"]["kv_4x"]["requests"] == 80
     assert sum(results["variants"]["kv_4x"]["decisions"].values()) == 80
