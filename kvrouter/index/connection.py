@@ -225,3 +225,20 @@ def connect(url: str, *, decode_responses: bool = True, **kwargs: Any) -> Any:
 
 def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
+
+
+def pubsub_client(client: Any) -> Any:
+    """A client whose ``pubsub()`` works: `client` itself, or for a Cluster a plain client on
+    one of its nodes, with the same credentials and TLS.
+
+    redis-py's asyncio ``RedisCluster`` has no ``pubsub()``; classic SUBSCRIBE on any node
+    receives every PUBLISH made on any node (the cluster bus broadcasts it). Call after the
+    Cluster client has run a command (it learns its nodes then); close the returned client
+    when it is not `client`.
+    """
+    if not is_cluster(client):
+        return client
+    node = client.get_random_node()
+    # the node's connection kwargs carry its host and port, credentials and TLS
+    pool = aioredis.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+    return aioredis.Redis(connection_pool=pool)

@@ -196,7 +196,10 @@ async def publish_notice(
     ``fields`` are ``encode_notice``'s keyword arguments (keys, tokens, from_block,
     lora_name, cache_salt, ts). Publish on the base model's channel, adapters included.
     """
-    n = await client.publish(notice_channel(model, prefix), encode_notice(op, worker, **fields))
+    # PUBLISH through execute_command: redis-py's asyncio RedisCluster (6.x, 7.x) has no
+    # publish() method, but sends the command to a node, and the cluster bus delivers it.
+    channel = notice_channel(model, prefix)
+    n = await client.execute_command("PUBLISH", channel, encode_notice(op, worker, **fields))
     return int(n)
 
 

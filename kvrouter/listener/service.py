@@ -39,7 +39,7 @@ import zmq.asyncio
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from kvrouter.index.connection import connect, redact_url
+from kvrouter.index.connection import connect, pubsub_client, redact_url
 from kvrouter.index.keys import KeySchema
 from kvrouter.index.scripts import ClaimResult, OwnerLease, ResidencyIndex
 from kvrouter.listener.applier import Applier, InboxItem, KeyCache, WorkerState
@@ -488,10 +488,13 @@ class Listener:
         first = True
         while True:
             pubsub = None
+            sub = self._pubsub_client
             try:
-                # A Cluster client maps slots on its first command; its pubsub needs the map.
+                # A Cluster client learns its nodes on its first command; then one node's
+                # plain connection subscribes (notices are published cluster-wide).
                 await self._pubsub_client.ping()
-                pubsub = self._pubsub_client.pubsub()
+                sub = pubsub_client(self._pubsub_client)
+                pubsub = sub.pubsub()
                 await pubsub.subscribe(channel)
                 if not first:
                     await self._after_notice_gap()
@@ -517,6 +520,9 @@ class Listener:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()
+                if sub is not self._pubsub_client:
+                    with contextlib.suppress(Exception):
+                        await sub.aclose()
 
     async def _on_notice(self, data: bytes) -> None:
         try:
