@@ -26,6 +26,9 @@ WORKDIR /src
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --locked --no-install-project --no-editable --extra yaml
 COPY kvrouter ./kvrouter
+COPY router_node ./router_node
+COPY eviction_listener ./eviction_listener
+COPY lua ./lua
 RUN uv sync --locked --no-editable --extra yaml \
     && /opt/venv/bin/kvrouter --version
 

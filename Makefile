@@ -14,6 +14,8 @@ export UV_PYTHON_DOWNLOADS = never
 export UV_PROJECT_ENVIRONMENT = $(VENV)
 # Tools the tests run by name (hadolint, kvrouter) come from the venv first.
 RUN = PATH="$(abspath $(VENV))/bin:$(dir $(UV)):$$PATH" PYTHONNOUSERSITE=1
+# The shipped Python packages: the core and tools, and the two processes.
+PACKAGES = kvrouter router_node eviction_listener
 LATEST_VENV ?= $(HOME)/.cache/kvrouter/venv-latest
 
 .PHONY: help install deps uv lock helm test test-latest reliability lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
@@ -68,11 +70,11 @@ install: deps uv  ## the project and every extra into .venv, exactly as uv.lock 
 	"$(UV)" sync --locked --all-extras
 
 lint:  ## ruff: lint and formatting
-	$(RUN) $(PY) -m ruff check kvrouter tests
-	$(RUN) $(PY) -m ruff format --check kvrouter tests
+	$(RUN) $(PY) -m ruff check $(PACKAGES) tests
+	$(RUN) $(PY) -m ruff format --check $(PACKAGES) tests
 
 typecheck:  ## mypy --strict on the package
-	$(RUN) $(PY) -m mypy kvrouter
+	$(RUN) $(PY) -m mypy $(PACKAGES)
 
 pytest:  ## the test suite alone (real Redis, standalone and a 3-master Cluster)
 	$(RUN) $(PY) -m pytest -q

@@ -22,7 +22,7 @@ from kvrouter import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kvrouter.bench.cli", "benchmarks that print a ratio against an in-run baseline"),
     "listen": (
-        "kvrouter.listener.cli",
+        "eviction_listener.cli",
         "eviction listener: engine KV events and worker notices into the shared index",
     ),
     "sim": ("kvrouter.sim.cli", "simulated vLLM-compatible workers (KV cache, timing, KV events)"),
@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "everything on an embedded default: Redis, 8 simulated workers, router",
     ),
     "replay": ("kvrouter.sim.replay", "replay a Mooncake trace against a router or worker"),
-    "serve": ("kvrouter.router.cli", "run a router replica (OpenAI-compatible, KV-cache-aware)"),
+    "serve": ("router_node.cli", "run a router replica (OpenAI-compatible, KV-cache-aware)"),
 }
 
 

@@ -349,7 +349,7 @@ async def test_lua_rejects_bad_arguments_and_writes_nothing(any_client: Any) -> 
 
 
 def test_every_script_has_a_complete_header() -> None:
-    pkg = resources.files("kvrouter") / "lua"
+    pkg = resources.files("kvrouter.lua")
     names = [
         e.name for e in pkg.iterdir() if e.name.endswith(".lua") and not e.name.startswith("_")
     ]

@@ -27,22 +27,22 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvrouter.bench.common import emit_json, print_table, redis_server
-from kvrouter.index.connection import connect
-from kvrouter.index.hashing import BlockHasher, extend_chain
-from kvrouter.index.keys import KeySchema
-from kvrouter.index.scripts import EngineBlock, ResidencyIndex
-from kvrouter.listener.applier import Applier, InboxItem, KeyCache, WorkerState
-from kvrouter.listener.events import (
+from eviction_listener.applier import Applier, InboxItem, KeyCache, WorkerState
+from eviction_listener.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     KVEvent,
     decode_batch,
 )
-from kvrouter.listener.metrics import ListenerMetrics
-from kvrouter.listener.testing import encode_batch
-from kvrouter.listener.zmq_source import Delivered
+from eviction_listener.metrics import ListenerMetrics
+from eviction_listener.testing import encode_batch
+from eviction_listener.zmq_source import Delivered
+from kvrouter.bench.common import emit_json, print_table, redis_server
+from kvrouter.index.connection import connect
+from kvrouter.index.hashing import BlockHasher, extend_chain
+from kvrouter.index.keys import KeySchema
+from kvrouter.index.scripts import EngineBlock, ResidencyIndex
 
 MODEL = "bench-model"
 B = 16

@@ -79,7 +79,7 @@ def _processes(redis_url: str) -> Iterator[tuple[str, str]]:
         prefix="kvr-bench-router-", suffix=".log", delete=False
     )
     worker = subprocess.Popen(
-        [sys.executable, "-m", "kvrouter.router.testing", "--port", str(wport), "--fast"],
+        [sys.executable, "-m", "router_node.testing", "--port", str(wport), "--fast"],
         stdout=subprocess.DEVNULL,
         stderr=log,
         env=env,

@@ -1,6 +1,6 @@
 """Lua scripts: loading from package data, EVALSHA with NOSCRIPT reload, typed wrappers.
 
-Scripts live in ``kvrouter/lua/`` as ``verb_noun-N.lua`` (N = number of KEYS). ``_lib.lua`` is
+Scripts live in ``lua/`` as ``verb_noun-N.lua`` (N = number of KEYS). ``_lib.lua`` is
 spliced in after each script's header comment, so the shared helpers exist once in the source
 tree and every script is still a single body for EVALSHA. ``ResidencyIndex`` is the only
 Python that calls them: it validates arguments (raising ``ScriptArgumentError`` naming the
@@ -76,7 +76,7 @@ def _splice(source: str, lib: str) -> str:
 @cache
 def load_scripts() -> dict[str, LuaScript]:
     """All scripts shipped in the package, by name (e.g. ``lookup_chain``)."""
-    pkg = resources.files("kvrouter") / "lua"
+    pkg = resources.files("kvrouter.lua")
     lib = (pkg / "_lib.lua").read_text(encoding="utf-8")
     out: dict[str, LuaScript] = {}
     for entry in pkg.iterdir():

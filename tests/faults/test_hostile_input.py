@@ -120,8 +120,8 @@ def check_answer(resp: requests.Response) -> None:
 
 # -- the OpenAPI description -------------------------------------------------------------------
 def test_openapi_lists_every_route(hostile: Hostile) -> None:
-    from kvrouter.router.app import create_app
-    from kvrouter.router.settings import RouterSettings
+    from router_node.app import create_app
+    from router_node.settings import RouterSettings
 
     spec = hostile.http.get(f"{hostile.url}/openapi.json", timeout=5).json()
     listed = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
@@ -135,7 +135,7 @@ def test_openapi_lists_every_route(hostile: Hostile) -> None:
 
 
 def _operations() -> list[tuple[str, str]]:
-    from kvrouter.router.openapi import openapi_spec
+    from router_node.openapi import openapi_spec
 
     return [(m, p) for p, ops in openapi_spec()["paths"].items() for m in ops]
 
@@ -195,7 +195,7 @@ def _body_strategy(spec: dict[str, Any], op: dict[str, Any]) -> st.SearchStrateg
 
 @pytest.mark.parametrize(("method", "path"), _operations())
 def test_fuzz_operation(hostile: Hostile, method: str, path: str, reliability: Any) -> None:
-    from kvrouter.router.openapi import openapi_spec
+    from router_node.openapi import openapi_spec
 
     spec = openapi_spec()
     op = spec["paths"][path][method]

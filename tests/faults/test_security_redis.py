@@ -23,7 +23,7 @@ from aiohttp import web
 from kvrouter.bench import faults
 from kvrouter.index.keys import KeySchema
 from kvrouter.redisproc import RedisServer, free_port
-from kvrouter.router.registry import read_registry, register_worker
+from router_node.registry import read_registry, register_worker
 
 pytestmark = [
     pytest.mark.faults,
@@ -131,8 +131,8 @@ async def test_router_and_listener_over_tls_with_acl_user(
         await load.start()
         await asyncio.sleep(2.0)
         # The listener's notice path, through the same ACL user over TLS.
+        from eviction_listener.notices import publish_notice
         from kvrouter.index.connection import connect
-        from kvrouter.listener.notices import publish_notice
 
         c = connect(tls_redis.url())
         try:
@@ -233,9 +233,9 @@ async def test_wrong_redis_password_is_not_logged(tls_redis: TlsRedis, reliabili
 
 
 def test_settings_repr_redacts_secrets() -> None:
-    from kvrouter.listener.settings import ListenerSettings
-    from kvrouter.router.app import settings_summary
-    from kvrouter.router.settings import RouterSettings
+    from eviction_listener.settings import ListenerSettings
+    from router_node.app import settings_summary
+    from router_node.settings import RouterSettings
 
     url = f"rediss://kvr:{PASSWORD}@127.0.0.1:1/0"
     rs = RouterSettings(models=("m",), redis_url=url, admin_token=ADMIN_TOKEN,
@@ -248,10 +248,10 @@ def test_settings_repr_redacts_secrets() -> None:
 async def test_admin_token_compared_in_constant_time(
     monkeypatch: pytest.MonkeyPatch, reliability: Any
 ) -> None:
-    from kvrouter.router import app as app_module
-    from kvrouter.router.app import RouterServer
-    from kvrouter.router.settings import RouterSettings, WorkerSpec
-    from kvrouter.router.testing import FakeWorker
+    from router_node import app as app_module
+    from router_node.app import RouterServer
+    from router_node.settings import RouterSettings, WorkerSpec
+    from router_node.testing import FakeWorker
 
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest

@@ -87,7 +87,8 @@ def test_dockerignore_lets_in_what_the_build_copies() -> None:
     for op, args in instructions():
         if op == "COPY" and not args.startswith("--from"):
             copied.update(shlex.split(args)[:-1])
-    assert copied == {"pyproject.toml", "uv.lock", "README.md", "kvrouter"}
+    sources = {"kvrouter", "router_node", "eviction_listener", "lua"}
+    assert copied == {"pyproject.toml", "uv.lock", "README.md", *sources}
     assert copied <= allowed
 
 

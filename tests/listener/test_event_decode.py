@@ -9,7 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from kvrouter.listener.events import (
+from eviction_listener.events import (
     ERROR_KINDS,
     MAX_EVENTS_PER_BATCH,
     MAX_EXTRA_KEY_DEPTH,

@@ -11,7 +11,7 @@ import msgpack
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kvrouter.listener.events import (
+from eviction_listener.events import (
     ERROR_KINDS,
     AllBlocksCleared,
     BlockRemoved,
@@ -20,7 +20,7 @@ from kvrouter.listener.events import (
     KVEvent,
     decode_batch,
 )
-from kvrouter.listener.testing import (
+from eviction_listener.testing import (
     FIELDS_2026_EXTRA_KEYS,
     FIELDS_2026_GROUP,
     FIELDS_ERAS,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from eviction_listener.discovery import RedisRegistryDiscovery
 from kvrouter.index.keys import KeySchema
-from kvrouter.listener.discovery import RedisRegistryDiscovery
 
 pytestmark = pytest.mark.redis
 

@@ -12,18 +12,18 @@ from typing import Any
 
 import pytest
 
-from kvrouter.index.hashing import BlockHasher
-from kvrouter.index.keys import KeySchema
-from kvrouter.index.scripts import ResidencyIndex
-from kvrouter.listener.events import BlockStored
-from kvrouter.listener.service import Listener
-from kvrouter.listener.settings import ListenerSettings, parse_engines
-from kvrouter.listener.testing import (
+from eviction_listener.events import BlockStored
+from eviction_listener.service import Listener
+from eviction_listener.settings import ListenerSettings, parse_engines
+from eviction_listener.testing import (
     VllmEventPublisher,
     free_tcp_port,
     sync_listener,
     wait_applied,
 )
+from kvrouter.index.hashing import BlockHasher
+from kvrouter.index.keys import KeySchema
+from kvrouter.index.scripts import ResidencyIndex
 
 pytestmark = pytest.mark.redis
 M = "llama-test"
@@ -291,7 +291,7 @@ async def test_metrics_health_ready_and_bad_input(
 async def test_on_a_redis_cluster_with_notices(
     make_pub: Callable[..., VllmEventPublisher], redis_cluster_url: str, cluster_client: Any
 ) -> None:
-    from kvrouter.listener.notices import publish_notice
+    from eviction_listener.notices import publish_notice
 
     base = free_tcp_port(2)
     pub = make_pub(tcp(base), tcp(base + 1), bind=True)

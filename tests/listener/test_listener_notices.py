@@ -13,17 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvrouter.index.hashing import BlockHasher
-from kvrouter.index.scripts import ResidencyIndex
-from kvrouter.listener.notices import (
+from eviction_listener.notices import (
     NOTICE_ERROR_KINDS,
     NoticeDecodeError,
     decode_notice,
     encode_notice,
     publish_notice,
 )
-from kvrouter.listener.service import Listener
-from kvrouter.listener.settings import ListenerSettings
+from eviction_listener.service import Listener
+from eviction_listener.settings import ListenerSettings
+from kvrouter.index.hashing import BlockHasher
+from kvrouter.index.scripts import ResidencyIndex
 
 M = "llama-test"
 B = 16

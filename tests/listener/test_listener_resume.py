@@ -21,16 +21,16 @@ from typing import Any
 
 import pytest
 
-from kvrouter.index.keys import KeySchema
-from kvrouter.listener.service import Listener
-from kvrouter.listener.settings import ListenerSettings, parse_engines
-from kvrouter.listener.testing import (
+from eviction_listener.service import Listener
+from eviction_listener.settings import ListenerSettings, parse_engines
+from eviction_listener.testing import (
     VllmEventPublisher,
     applied_seq,
     free_tcp_port,
     sync_listener,
     wait_applied,
 )
+from kvrouter.index.keys import KeySchema
 
 pytestmark = pytest.mark.redis
 M = "llama-test"

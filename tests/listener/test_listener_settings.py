@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kvrouter.listener.settings import EngineSpec, ListenerSettings, SettingsError
+from eviction_listener.settings import EngineSpec, ListenerSettings, SettingsError
 
 
 def test_from_env_reads_every_kind_of_value() -> None:

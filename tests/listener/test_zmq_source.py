@@ -13,14 +13,14 @@ from typing import Any
 import msgpack
 import pytest
 
-from kvrouter.listener.events import AllBlocksCleared, BlockRemoved, BlockStored
-from kvrouter.listener.testing import (
+from eviction_listener.events import AllBlocksCleared, BlockRemoved, BlockStored
+from eviction_listener.testing import (
     FIELDS_V0_9_0,
     VllmEventPublisher,
     free_tcp_port,
     handshake,
 )
-from kvrouter.listener.zmq_source import (
+from eviction_listener.zmq_source import (
     Delivered,
     EngineEndpoint,
     Resync,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvrouter.index.hashing import BlockHasher
-from kvrouter.router.models import ModelConfig
-from kvrouter.router.settings import RouterSettings, SettingsError, add_arguments
+from router_node.models import ModelConfig
+from router_node.settings import RouterSettings, SettingsError, add_arguments
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"

@@ -20,9 +20,9 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from kvrouter.router.app import POOL, TASKS, RouterServer
-from kvrouter.router.settings import RouterSettings, WorkerSpec
-from kvrouter.router.testing import FakeWorker, route_depths
+from router_node.app import POOL, TASKS, RouterServer
+from router_node.settings import RouterSettings, WorkerSpec
+from router_node.testing import FakeWorker, route_depths
 
 pytestmark = pytest.mark.redis
 
@@ -249,7 +249,7 @@ async def test_an_adapter_nobody_serves_is_a_404_that_names_it(
         await client(server).completions.create(model="ghost-lora", prompt=prompt(1))
     assert e.value.body["code"] == "model_not_found"  # type: ignore[index]
     # A configured adapter that no worker has loaded (placement loaded_only): 404 naming it.
-    from kvrouter.router.models import ModelConfig
+    from router_node.models import ModelConfig
 
     server2 = await router_for(
         start,
@@ -265,7 +265,7 @@ async def test_an_adapter_nobody_serves_is_a_404_that_names_it(
 async def test_any_base_worker_places_an_adapter_and_prefers_loaded_workers(
     start: Any, fleet: list[FakeWorker]
 ) -> None:
-    from kvrouter.router.models import ModelConfig
+    from router_node.models import ModelConfig
 
     server = await router_for(
         start,

@@ -15,12 +15,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from kvrouter.listener.service import Listener
-from kvrouter.listener.settings import ListenerSettings, parse_engines
-from kvrouter.listener.testing import VllmEventPublisher, free_tcp_port, sync_listener, wait_applied
-from kvrouter.router.app import POOL, RouterServer
-from kvrouter.router.settings import RouterSettings, WorkerSpec
-from kvrouter.router.testing import FakeWorker, route_depths
+from eviction_listener.service import Listener
+from eviction_listener.settings import ListenerSettings, parse_engines
+from eviction_listener.testing import VllmEventPublisher, free_tcp_port, sync_listener, wait_applied
+from router_node.app import POOL, RouterServer
+from router_node.settings import RouterSettings, WorkerSpec
+from router_node.testing import FakeWorker, route_depths
 
 pytestmark = pytest.mark.redis
 

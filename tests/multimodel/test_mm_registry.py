@@ -11,10 +11,10 @@ import openai
 import pytest
 
 from kvrouter.index.keys import KeySchema
-from kvrouter.router.app import POOL, RouterServer
-from kvrouter.router.registry import read_registry, register_worker
-from kvrouter.router.settings import RouterSettings
-from kvrouter.router.testing import FakeWorker
+from router_node.app import POOL, RouterServer
+from router_node.registry import read_registry, register_worker
+from router_node.settings import RouterSettings
+from router_node.testing import FakeWorker
 
 pytestmark = pytest.mark.redis
 LLAMA, QWEN, LORA = "llama", "qwen", "reg-lora"

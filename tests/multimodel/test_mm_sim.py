@@ -12,15 +12,15 @@ from typing import Any
 import aiohttp
 import pytest
 
+from eviction_listener.service import Listener
+from eviction_listener.settings import ListenerSettings, parse_engines
+from eviction_listener.testing import applied_seq
 from kvrouter.index.keys import KeySchema
-from kvrouter.listener.service import Listener
-from kvrouter.listener.settings import ListenerSettings, parse_engines
-from kvrouter.listener.testing import applied_seq
-from kvrouter.router.app import POOL, RouterServer
-from kvrouter.router.settings import RouterSettings, WorkerSpec
 from kvrouter.sim.events import BlockStored, decode_batch, encode_batch
 from kvrouter.sim.fleet import SimFleet
 from kvrouter.sim.settings import SettingsError, SimSettings
+from router_node.app import POOL, RouterServer
+from router_node.settings import RouterSettings, WorkerSpec
 
 BASE, A, B = "sim-base", "lora-a", "lora-b"
 PROMPT = [(31 * i + 7) % 20_000 for i in range(16 * 10 + 3)]

@@ -3,10 +3,10 @@ model or an adapter under each placement, and which names the catalogue serves."
 
 from __future__ import annotations
 
-from kvrouter.router.models import ModelCatalogue, ModelConfig
-from kvrouter.router.monitor import parse_model_list
-from kvrouter.router.settings import RouterSettings, WorkerSpec
-from kvrouter.router.workers import WorkerPool
+from router_node.models import ModelCatalogue, ModelConfig
+from router_node.monitor import parse_model_list
+from router_node.settings import RouterSettings, WorkerSpec
+from router_node.workers import WorkerPool
 
 BASE, OTHER, LORA = "base", "other", "lora"
 

@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 from openai import AsyncOpenAI
 
-from kvrouter.router.app import TASKS, RouterServer
-from kvrouter.router.settings import RouterSettings, WorkerSpec
-from kvrouter.router.testing import FakeWorker
 from kvrouter.tokenizer import Tokenizer
 from kvrouter.tokenizer.testing import build_test_tokenizer
+from router_node.app import TASKS, RouterServer
+from router_node.settings import RouterSettings, WorkerSpec
+from router_node.testing import FakeWorker
 
 MODEL = "test-model"
 StartRouter = Callable[..., Awaitable[RouterServer]]

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from kvrouter.redisproc import RedisServer
-from kvrouter.router.testing import FakeWorker
+from router_node.testing import FakeWorker
 from tests.router.conftest import (
     MODEL,
     StartRouter,

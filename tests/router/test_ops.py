@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 
 from kvrouter.index.keys import KeySchema
-from kvrouter.router.app import POOL
-from kvrouter.router.registry import deregister_worker, heartbeat, read_registry, register_worker
-from kvrouter.router.testing import FakeWorker
+from router_node.app import POOL
+from router_node.registry import deregister_worker, heartbeat, read_registry, register_worker
+from router_node.testing import FakeWorker
 from tests.router.conftest import (
     MODEL,
     StartRouter,

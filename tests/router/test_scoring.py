@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvrouter.router.scoring import Candidate, ScoringConfig, decide, guard_limit, kv_cost
+from router_node.scoring import Candidate, ScoringConfig, decide, guard_limit, kv_cost
 
 CFG = ScoringConfig(block_size=16, prefill_weight=1.0, decode_weight=2.0, balance_abs=4)
 

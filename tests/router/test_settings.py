@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvrouter.router.settings import (
+from router_node.settings import (
     SPECS,
     RouterSettings,
     SettingsError,

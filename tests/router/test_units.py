@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 
 from kvrouter.cli import main
-from kvrouter.router.errors import APIError
-from kvrouter.router.metrics import Counter, Histogram, Metrics
-from kvrouter.router.monitor import parse_vllm_cache_config
-from kvrouter.router.request import CHAT, COMPLETIONS, parse_request, tokenize
-from kvrouter.router.settings import RouterSettings, WorkerSpec
-from kvrouter.router.workers import WorkerPool
 from kvrouter.tokenizer import Tokenizer
+from router_node.errors import APIError
+from router_node.metrics import Counter, Histogram, Metrics
+from router_node.monitor import parse_vllm_cache_config
+from router_node.request import CHAT, COMPLETIONS, parse_request, tokenize
+from router_node.settings import RouterSettings, WorkerSpec
+from router_node.workers import WorkerPool
 
 S = RouterSettings(
     models=("m",),

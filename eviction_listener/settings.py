@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from eviction_listener.zmq_source import EngineEndpoint, dp_worker_id, expand_dp_ranks
 from kvrouter.index.connection import SCHEMES, redact_url
 from kvrouter.index.keys import (
     DEFAULT_PREFIX,
@@ -33,7 +34,6 @@ from kvrouter.index.keys import (
     validate_model,
     validate_worker_id,
 )
-from kvrouter.listener.zmq_source import EngineEndpoint, dp_worker_id, expand_dp_ranks
 
 Discovery = Literal["static", "redis"]
 DISCOVERY_MODES: tuple[str, ...] = get_args(Discovery)

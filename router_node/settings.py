@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from kvrouter.index.connection import redact_url
 from kvrouter.index.keys import KeyNameError, KeySchema, validate_model, validate_worker_id
-from kvrouter.router.models import (
+from router_node.models import (
     LORA_PLACEMENTS,
     ConfigError,
     ConfigFile,
@@ -27,7 +27,7 @@ from kvrouter.router.models import (
     ModelConfig,
     load_config_file,
 )
-from kvrouter.router.scoring import POLICIES
+from router_node.scoring import POLICIES
 
 DISCOVERY_MODES = ("static", "redis", "kubernetes")
 

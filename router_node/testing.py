@@ -11,7 +11,7 @@ inject faults per request and read what it received.
 
 Run standalone (the benchmark does, to keep it out of the client's process)::
 
-    python -m kvrouter.router.testing --port 9000 --fast
+    python -m router_node.testing --port 9000 --fast
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from kvrouter.index.hashing import BlockHasher
-from kvrouter.router.request import PromptTokenizer
+from router_node.request import PromptTokenizer
 
 # Faults, consumed one per request from FakeWorker.faults:
 #   "reset"     close the connection before answering (the router retries elsewhere)
@@ -389,7 +389,7 @@ async def route_depths(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve one fake worker until killed."""
-    p = argparse.ArgumentParser(prog="python -m kvrouter.router.testing")
+    p = argparse.ArgumentParser(prog="python -m router_node.testing")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", default="test-model")

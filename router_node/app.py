@@ -22,11 +22,11 @@ import aiohttp
 from aiohttp import web
 
 from kvrouter.discovery.base import EndpointSource
-from kvrouter.router.errors import APIError, bad_request, too_large, unauthorized
-from kvrouter.router.metrics import Metrics
-from kvrouter.router.monitor import Monitor
-from kvrouter.router.proxy import BackgroundTasks, Proxy
-from kvrouter.router.request import (
+from router_node.errors import APIError, bad_request, too_large, unauthorized
+from router_node.metrics import Metrics
+from router_node.monitor import Monitor
+from router_node.proxy import BackgroundTasks, Proxy
+from router_node.request import (
     CHAT,
     COMPLETIONS,
     ParsedRequest,
@@ -35,10 +35,10 @@ from kvrouter.router.request import (
     parse_request,
     tokenize,
 )
-from kvrouter.router.routing import Plan, Router
-from kvrouter.router.settings import RouterSettings, kubernetes_source
-from kvrouter.router.shared_index import SharedIndex
-from kvrouter.router.workers import WorkerPool
+from router_node.routing import Plan, Router
+from router_node.settings import RouterSettings, kubernetes_source
+from router_node.shared_index import SharedIndex
+from router_node.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +327,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    """The OpenAPI description of this API (kvrouter/router/openapi.py)."""
-    from kvrouter.router.openapi import openapi_spec
+    """The OpenAPI description of this API (router_node/openapi.py)."""
+    from router_node.openapi import openapi_spec
 
     return web.json_response(openapi_spec())
 
@@ -444,7 +444,7 @@ class RouterServer:
 
 def settings_summary(settings: RouterSettings) -> dict[str, Any]:
     """Settings as a dict with secrets redacted (for the start-up log line)."""
-    from kvrouter.router.settings import SPECS
+    from router_node.settings import SPECS
 
     d = asdict(settings)
     for spec in SPECS:

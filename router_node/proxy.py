@@ -37,13 +37,13 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from kvrouter.router.errors import APIError, not_found, sse_error_event, unavailable
-from kvrouter.router.metrics import Metrics
-from kvrouter.router.request import ParsedRequest
-from kvrouter.router.routing import Plan
-from kvrouter.router.settings import RouterSettings
-from kvrouter.router.shared_index import SharedIndex
-from kvrouter.router.workers import Worker, WorkerPool
+from router_node.errors import APIError, not_found, sse_error_event, unavailable
+from router_node.metrics import Metrics
+from router_node.request import ParsedRequest
+from router_node.routing import Plan
+from router_node.settings import RouterSettings
+from router_node.shared_index import SharedIndex
+from router_node.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 

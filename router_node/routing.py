@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass, field
 
 from kvrouter.index.scripts import WorkerLoad
-from kvrouter.router.errors import not_found, unavailable
-from kvrouter.router.metrics import Metrics
-from kvrouter.router.models import ModelCatalogue, Resolved
-from kvrouter.router.request import ParsedRequest
-from kvrouter.router.scoring import Candidate, Decision, ScoringConfig, decide
-from kvrouter.router.settings import RouterSettings
-from kvrouter.router.shared_index import SharedIndex
-from kvrouter.router.workers import WorkerPool
+from router_node.errors import not_found, unavailable
+from router_node.metrics import Metrics
+from router_node.models import ModelCatalogue, Resolved
+from router_node.request import ParsedRequest
+from router_node.scoring import Candidate, Decision, ScoringConfig, decide
+from router_node.settings import RouterSettings
+from router_node.shared_index import SharedIndex
+from router_node.workers import WorkerPool
 
 # Policies that read residency or shared load; the others route without a lookup.
 _NEEDS_LOOKUP = frozenset({"kv", "prefix_only", "least_load"})

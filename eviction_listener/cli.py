@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from kvrouter.listener.settings import (
+from eviction_listener.settings import (
     ListenerSettings,
     SettingsError,
     env_name,
@@ -70,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
     except (SettingsError, ValueError) as exc:
         print(f"kvrouter listen: error: {exc}", file=sys.stderr)
         return 2
-    from kvrouter.listener.service import run_listener
+    from eviction_listener.service import run_listener
 
     return run_listener(settings)
 
 
 def _parse_flag(name: str, raw: str) -> object:
-    from kvrouter.listener.settings import _PARSERS
+    from eviction_listener.settings import _PARSERS
 
     try:
         return _PARSERS[name](raw)

@@ -12,7 +12,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kvrouter.listener.zmq_source import LogLimiter, SourceStats, add_stats
+from eviction_listener.zmq_source import LogLimiter, SourceStats, add_stats
 
 __all__ = ["ListenerMetrics", "LogLimiter", "render"]
 

@@ -39,16 +39,13 @@ import zmq.asyncio
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from kvrouter.index.connection import connect, pubsub_client, redact_url
-from kvrouter.index.keys import KeySchema
-from kvrouter.index.scripts import ClaimResult, OwnerLease, ResidencyIndex
-from kvrouter.listener.applier import Applier, InboxItem, KeyCache, WorkerState
-from kvrouter.listener.discovery import EngineDiscovery, make_discovery
-from kvrouter.listener.metrics import ListenerMetrics, LogLimiter, render
-from kvrouter.listener.notices import Notice, NoticeDecodeError, decode_notice
-from kvrouter.listener.ownership import Ownership, rendezvous_owner
-from kvrouter.listener.settings import EngineSpec, ListenerSettings
-from kvrouter.listener.zmq_source import (
+from eviction_listener.applier import Applier, InboxItem, KeyCache, WorkerState
+from eviction_listener.discovery import EngineDiscovery, make_discovery
+from eviction_listener.metrics import ListenerMetrics, LogLimiter, render
+from eviction_listener.notices import Notice, NoticeDecodeError, decode_notice
+from eviction_listener.ownership import Ownership, rendezvous_owner
+from eviction_listener.settings import EngineSpec, ListenerSettings
+from eviction_listener.zmq_source import (
     Delivered,
     EngineEndpoint,
     SourceFailedError,
@@ -57,6 +54,9 @@ from kvrouter.listener.zmq_source import (
     add_stats,
     dp_worker_id,
 )
+from kvrouter.index.connection import connect, pubsub_client, redact_url
+from kvrouter.index.keys import KeySchema
+from kvrouter.index.scripts import ClaimResult, OwnerLease, ResidencyIndex
 
 logger = logging.getLogger(__name__)
 

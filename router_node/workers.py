@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kvrouter.router.models import Resolved
-from kvrouter.router.settings import RouterSettings
+from router_node.models import Resolved
+from router_node.settings import RouterSettings
 
 
 @dataclass(slots=True)

@@ -45,6 +45,10 @@ from typing import Any, Final
 import xxhash
 from redis.exceptions import RedisError, ResponseError
 
+from eviction_listener.events import AllBlocksCleared, BlockRemoved, BlockStored
+from eviction_listener.metrics import ListenerMetrics, LogLimiter
+from eviction_listener.notices import Notice
+from eviction_listener.zmq_source import Delivered, Resync, SourceItem
 from kvrouter.index.hashing import BlockHasher, extend_chain, tokens_to_bytes
 from kvrouter.index.scripts import (
     ALREADY_APPLIED,
@@ -55,10 +59,6 @@ from kvrouter.index.scripts import (
     ScriptCall,
     pack_u64,
 )
-from kvrouter.listener.events import AllBlocksCleared, BlockRemoved, BlockStored
-from kvrouter.listener.metrics import ListenerMetrics, LogLimiter
-from kvrouter.listener.notices import Notice
-from kvrouter.listener.zmq_source import Delivered, Resync, SourceItem
 
 logger = logging.getLogger(__name__)
 

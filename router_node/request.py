@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import orjson
 
 from kvrouter.index.hashing import TokenIdError, tokens_to_bytes
-from kvrouter.router.errors import APIError, bad_request, not_found, too_large
-from kvrouter.router.settings import RouterSettings
+from router_node.errors import APIError, bad_request, not_found, too_large
+from router_node.settings import RouterSettings
 
 COMPLETIONS = "completions"
 CHAT = "chat"

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from kvrouter.router.settings import RouterSettings, SettingsError, add_arguments
+from router_node.settings import RouterSettings, SettingsError, add_arguments
 
 
 def configure(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from kvrouter.router.app import create_app
+    from router_node.app import create_app
 
     try:
         app = create_app(settings)
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"kvrouter serve: {exc}", file=sys.stderr)
             return 2
         raise
-    logging.getLogger("kvrouter.router").info("starting: %r", settings)
+    logging.getLogger("router_node").info("starting: %r", settings)
     loop = _event_loop()
     web.run_app(
         app,
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         access_log=None,
         handler_cancellation=True,
         loop=loop,
-        print=lambda text: logging.getLogger("kvrouter.router").info("%s", text.strip()),
+        print=lambda text: logging.getLogger("router_node").info("%s", text.strip()),
     )
     return 0
 

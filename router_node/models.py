@@ -20,7 +20,7 @@ with the wrong block size and silently never hit); adapters a worker lists are s
 their parent is a configured base model, since everything about them but the name comes from
 the base.
 
-Hashing agreement with the listener (kvrouter/listener/applier.py): an engine event with
+Hashing agreement with the listener (eviction_listener/applier.py): an engine event with
 ``lora_name = A`` from a worker of base model ``B`` is written under namespace ``A`` with keys
 ``BlockHasher(B, block_size, hash_seed).keys(tokens, lora_name=A)``. A request for adapter
 ``A`` is looked up the same way (`ModelCatalogue.resolve`).

@@ -75,7 +75,7 @@ from typing import Final
 import zmq
 import zmq.asyncio
 
-from kvrouter.listener.events import (
+from eviction_listener.events import (
     MAX_PAYLOAD_BYTES,
     AllBlocksCleared,
     BlockRemoved,

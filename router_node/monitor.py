@@ -18,11 +18,11 @@ import time
 import aiohttp
 
 from kvrouter.discovery.base import EndpointSource
-from kvrouter.router.metrics import Metrics
-from kvrouter.router.registry import read_registry
-from kvrouter.router.settings import RouterSettings
-from kvrouter.router.shared_index import REDIS_FAILURES, SharedIndex
-from kvrouter.router.workers import Worker, WorkerPool
+from router_node.metrics import Metrics
+from router_node.registry import read_registry
+from router_node.settings import RouterSettings
+from router_node.shared_index import REDIS_FAILURES, SharedIndex
+from router_node.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 

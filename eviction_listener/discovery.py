@@ -24,8 +24,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from eviction_listener.settings import EngineSpec, ListenerSettings
 from kvrouter.index.keys import KeySchema
-from kvrouter.listener.settings import EngineSpec, ListenerSettings
 
 logger = logging.getLogger(__name__)
 

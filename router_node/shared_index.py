@@ -33,8 +33,8 @@ from redis.exceptions import RedisClusterException, RedisError
 from kvrouter.index.connection import connect, redact_url
 from kvrouter.index.errors import IndexError_
 from kvrouter.index.scripts import LookupResult, RecordCall, ResidencyIndex, ScriptCall
-from kvrouter.router.metrics import Metrics
-from kvrouter.router.settings import RouterSettings
+from router_node.metrics import Metrics
+from router_node.settings import RouterSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvrouter.index.keys import KeyNameError, KeySchema, validate_worker_id
-from kvrouter.router.settings import WorkerSpec
+from router_node.settings import WorkerSpec
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from typing import Any, Final, Literal
 import msgpack
 import zmq
 
-from kvrouter.listener.events import (
+from eviction_listener.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     KVEvent,
 )
-from kvrouter.listener.zmq_source import (
+from eviction_listener.zmq_source import (
     END_SEQ,
     Delivered,
     SourceItem,
