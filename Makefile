@@ -69,9 +69,10 @@ install: deps uv  ## the project and every extra into .venv, exactly as uv.lock 
 		echo "uv.lock does not match pyproject.toml: run 'make lock' (uv lock) and commit uv.lock" >&2; exit 1; }
 	"$(UV)" sync --locked --all-extras
 
-lint:  ## ruff: lint and formatting
+lint:  ## ruff (lint and formatting) and the import layers (import-linter)
 	$(RUN) $(PY) -m ruff check $(PACKAGES) tests
 	$(RUN) $(PY) -m ruff format --check $(PACKAGES) tests
+	$(RUN) lint-imports
 
 typecheck:  ## mypy --strict on the package
 	$(RUN) $(PY) -m mypy $(PACKAGES)
