@@ -9,7 +9,6 @@ upstream request.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import random
@@ -22,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from kvrouter.discovery.base import EndpointSource
+from router_node.core import RoutingCore
 from router_node.errors import APIError, bad_request, too_large, unauthorized
 from router_node.metrics import Metrics
 from router_node.monitor import Monitor
@@ -29,14 +29,13 @@ from router_node.proxy import BackgroundTasks, Proxy
 from router_node.request import (
     CHAT,
     COMPLETIONS,
-    ParsedRequest,
     PromptTokenizer,
     parse_body,
     parse_request,
     tokenize,
 )
-from router_node.routing import Plan, Router
-from router_node.settings import RouterSettings, kubernetes_source
+from router_node.routing import Router
+from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
 from router_node.workers import WorkerPool
 
@@ -54,32 +53,11 @@ TOKENIZERS: web.AppKey[dict[str, PromptTokenizer | None]] = web.AppKey("tokenize
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
 MONITOR = web.AppKey("monitor", Monitor)
+CORE = web.AppKey("routing_core", RoutingCore)
+"""The decision path both front ends share (router_node/core.py)."""
 SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def load_tokenizer(path: str, chat_template: str = "") -> PromptTokenizer:
-    """Load a tokenizer.json or a model directory (raises TokenizerLoadError); a
-    `chat_template` file replaces the directory's default template."""
-    from kvrouter.tokenizer import Tokenizer
-
-    if not chat_template:
-        return Tokenizer.load(path)
-    from dataclasses import replace
-    from pathlib import Path
-
-    from kvrouter.tokenizer.errors import TokenizerLoadError
-    from kvrouter.tokenizer.loading import read_tokenizer_files
-
-    files = read_tokenizer_files(path)
-    try:
-        text = Path(chat_template).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TokenizerLoadError(Path(chat_template), f"cannot read: {exc.strerror}") from None
-    templates = {**files.chat_templates, "default": text}
-    origin = Path(chat_template)
-    return Tokenizer(replace(files, chat_templates=templates, chat_template_origin=origin))
 
 
 def create_app(
@@ -93,36 +71,17 @@ def create_app(
     (so a bad tokenizer path fails here, at start-up). With ``discovery=kubernetes`` it
     builds the EndpointSlice watch unless `endpoint_source` is given (tests, embedding)."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors_middleware])
-    metrics = Metrics()
+    core = RoutingCore(settings, tokenizer=tokenizer, rng=rng, endpoint_source=endpoint_source)
+    app[CORE] = core
     app[SETTINGS] = settings
-    app[METRICS] = metrics
-    app[POOL] = WorkerPool(settings)
-    app[SHARED] = SharedIndex(settings, metrics)
-    app[ROUTER] = Router(settings, app[POOL], app[SHARED], metrics, rng)
-    app[TASKS] = BackgroundTasks()
-    if tokenizer is None and settings.tokenizer:
-        tokenizer = load_tokenizer(settings.tokenizer)
-    app[TOKENIZER] = tokenizer
-    # One tokenizer per distinct (path, template): models sharing files share the cache.
-    loaded: dict[tuple[str, str], PromptTokenizer | None] = {(settings.tokenizer, ""): tokenizer}
-    per_model: dict[str, PromptTokenizer | None] = {}
-    for name, base in app[ROUTER].catalogue.bases.items():
-        key = (base.tokenizer, base.chat_template)
-        if key not in loaded:
-            loaded[key] = load_tokenizer(*key) if base.tokenizer else None
-        per_model[name] = loaded[key]
-    app[TOKENIZERS] = per_model
-    if endpoint_source is None and settings.discovery == "kubernetes":
-        endpoint_source = kubernetes_source(settings)
-    app[SOURCE] = endpoint_source
-    if tokenizer is not None and hasattr(tokenizer, "cache_stats"):
-        stats = tokenizer.cache_stats
-
-        def collect() -> list[tuple[tuple[str, ...], float]]:
-            s = stats()
-            return [((k,), float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")]
-
-        metrics.tokenizer_cache.collect = collect
+    app[METRICS] = core.metrics
+    app[POOL] = core.pool
+    app[SHARED] = core.shared
+    app[ROUTER] = core.router
+    app[TASKS] = core.tasks
+    app[TOKENIZER] = core.tokenizer
+    app[TOKENIZERS] = core.tokenizers
+    app[SOURCE] = core.source
 
     app.cleanup_ctx.append(_shared_index_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
@@ -153,7 +112,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     # auto_decompress off: bodies pass through byte for byte, Content-Encoding included.
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     app[SESSION] = session
-    app[PROXY] = Proxy(s, app[POOL], app[SHARED], app[METRICS], session, app[TASKS])
+    core = app[CORE]
+    app[PROXY] = Proxy(s, core.pool, core.shared, core.metrics, session, core.tasks, core.lease)
     yield
     await app[TASKS].drain()
     await session.close()
@@ -203,43 +163,13 @@ async def _read_body(request: web.Request) -> bytes:
         raise too_large(f"request body exceeds the {limit}-byte limit") from None
 
 
-def _tokenizer_for(app: web.Application, model: str) -> PromptTokenizer | None:
-    resolved = app[ROUTER].resolve(model)
-    if resolved is None:
-        return app[TOKENIZER]
-    return app[TOKENIZERS].get(resolved.base.name, app[TOKENIZER])
-
-
-async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRequest, Plan]:
-    app = request.app
-    settings = app[SETTINGS]
-    raw = await _read_body(request)
-    body = parse_body(raw)
-    req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
-    tok = _tokenizer_for(app, req.model)
-    start = time.perf_counter()
-    if len(raw) > settings.tokenize_thread_bytes:
-        # Long prompts are the router's main CPU cost; a thread keeps the loop serving others
-        # (tokenizers releases the GIL while it encodes).
-        await asyncio.to_thread(tokenize, req, tok, settings)
-    else:
-        tokenize(req, tok, settings)
-    app[METRICS].tokenize_seconds.observe(time.perf_counter() - start)
-    plan = await app[ROUTER].plan(req)
-    return raw, req, plan
-
-
 def _inference(endpoint: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
-        raw, req, plan = await _prepare(request, endpoint)
-        m = app[METRICS]
-        d = plan.decision
-        m.decisions.inc(d.policy, d.reason)
-        matched = plan.matched_tokens(d.worker)
-        m.matched_tokens.observe(matched)
-        m.matched_tokens_total.inc(amount=matched)
-        m.prompt_tokens_total.inc(amount=req.prompt_tokens)
+        core = app[CORE]
+        raw = await _read_body(request)
+        req, plan = await core.prepare(endpoint, raw, request.headers)
+        core.count(req, plan)
         return await app[PROXY].forward(request, req, plan, raw)
 
     handle.__name__ = f"handle_{endpoint}"
@@ -359,7 +289,7 @@ async def debug_route(request: web.Request) -> web.Response:
     if endpoint == COMPLETIONS and "prompt" not in body:
         raise bad_request("a completions body ('prompt') or a chat body ('messages') is required")
     req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
-    tokenize(req, _tokenizer_for(app, req.model), settings)
+    tokenize(req, app[CORE].tokenizer_for(req.model), settings)
     plan = await app[ROUTER].plan(req)
     bs = plan.block_size
     d = plan.decision

@@ -165,6 +165,7 @@ class Proxy:
         metrics: Metrics,
         session: aiohttp.ClientSession,
         tasks: BackgroundTasks,
+        lease: Callable[[ParsedRequest, Plan, Worker], Lease],
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -172,36 +173,13 @@ class Proxy:
         self.metrics = metrics
         self.session = session
         self.tasks = tasks
+        self._lease = lease
+        """Takes the lease on a worker (RoutingCore.lease: the same for both front ends)."""
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout_s,
             sock_read=settings.read_timeout_s,
         )
-
-    def _lease(self, req: ParsedRequest, plan: Plan, worker: Worker) -> Lease:
-        bs = plan.block_size
-        held = plan.depths.get(worker.id, 0)
-        prefill = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id, bs))
-
-        async def dispatch(lease_id: str) -> bool:
-            return await self.shared.dispatch(
-                req.model,
-                worker.id,
-                plan.chain,
-                held=held,
-                capacity=worker.capacity_blocks,
-                lease_id=lease_id,
-                prefill_tokens=prefill,
-            )
-
-        # This replica's own view of the worker's prefill queue, current at once; the shared
-        # view in Redis lags by the dispatch round trip (see Router.plan).
-        worker.prefill_pending += prefill
-
-        def prefilled() -> None:
-            worker.prefill_pending -= prefill
-
-        return Lease(self.shared, self.tasks, req.model, worker.id, prefill, dispatch, prefilled)
 
     def _headers(self, request: web.Request, worker: Worker) -> dict[str, str]:
         h = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}

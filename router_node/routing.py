@@ -103,14 +103,22 @@ class Router:
         tokens = req.token_bytes if req.token_bytes is not None else req.token_ids
         return model.keys(tokens, cache_salt=req.cache_salt)
 
-    async def plan(self, req: ParsedRequest) -> Plan:
+    async def plan(self, req: ParsedRequest, *, allowed: frozenset[str] | None = None) -> Plan:
         """Rank the workers for `req`. Raises APIError 404 for a model no one serves, 503
-        when no worker can take it now."""
+        when no worker can take it now. `allowed`, when given, keeps only the workers whose
+        address (``host:port``) it names (an endpoint picker's subset hint)."""
         model = self.resolve(req.model)
         if model is None:
             raise not_found(f"The model `{req.model}` does not exist.", "model", "model_not_found")
         placement = self.settings.lora_placement
         pairs = self.pool.candidates_for(model, placement, time.monotonic())
+        if allowed is not None:
+            pairs = [(w, loaded) for w, loaded in pairs if w.address in allowed]
+            if not pairs:
+                raise unavailable(
+                    f"no worker named by the subset hint can serve model {req.model!r}",
+                    self.settings.retry_after_s,
+                )
         if not pairs:
             if model.lora_name is not None and not self.pool.lists(model.name):
                 where = (

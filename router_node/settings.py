@@ -211,6 +211,15 @@ SPECS: tuple[Spec, ...] = (
     _spec("k8s_api_url", str, "kubernetes discovery: API server URL ('' = in-cluster)"),
     _spec("registry_interval_s", float, "how often the registry is read"),
     _spec("heartbeat_timeout_s", float, "a registry worker whose heartbeat is older drops out"),
+    _spec("epp_port", int, "kvrouter epp: gRPC port of the ext_proc service (Envoy's EPP)"),
+    _spec("epp_health_port", int, "kvrouter epp: gRPC health port (-1 = only on --epp-port)"),
+    _spec(
+        "epp_fallbacks",
+        int,
+        "kvrouter epp: fallback endpoints listed after the first choice (0 for an ORIGINAL_DST "
+        "cluster, which takes one address; Envoy's override_host policy retries on the rest)",
+    ),
+    _spec("metrics_port", int, "kvrouter epp: HTTP port of /metrics (-1 = off)"),
     _spec("retry_after_s", int, "Retry-After on 503 when no worker can take a request"),
     _spec("log_level", str, "debug, info, warning or error"),
 )
@@ -269,6 +278,10 @@ class RouterSettings:
     k8s_api_url: str = ""
     registry_interval_s: float = 2.0
     heartbeat_timeout_s: float = 15.0
+    epp_port: int = 9002
+    epp_health_port: int = 9003
+    epp_fallbacks: int = 0
+    metrics_port: int = 9090
     retry_after_s: int = 1
     log_level: str = "info"
     config: str = ""

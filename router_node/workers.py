@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from router_node.models import Resolved
 from router_node.settings import RouterSettings
@@ -63,6 +64,13 @@ class Worker:
         if self.dp_rank is not None:
             # vLLM (and SGLang) route a request to the data-parallel rank this header names.
             self.headers = {"X-data-parallel-rank": str(self.dp_rank)}
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of its URL: the name an endpoint picker gives Envoy (and a subset
+        hint uses) for this worker."""
+        netloc = urlsplit(self.url).netloc
+        return netloc.rpartition("@")[2]
 
     def available(self, now: float) -> bool:
         return self.registered and self.healthy and now >= self.ejected_until
