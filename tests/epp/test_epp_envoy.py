@@ -4,10 +4,12 @@ ORIGINAL_DST cluster, simulated vLLM workers, and the official `openai` client."
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import aiohttp
 import pytest
-from openai import AsyncOpenAI
+from openai import APIStatusError, AsyncOpenAI, NotFoundError
 
 from kvrouter.sim.worker import SimWorker
 from tests.epp.conftest import MODEL, StartEnvoy, StartEpp
@@ -54,3 +56,176 @@ async def test_requests_land_on_the_worker_holding_their_prefix(
     assert min(cached) >= 320
     decisions = epp.core.metrics.decisions.values
     assert sum(v for k, v in decisions.items() if k[0] == "kv") == 7
+
+
+async def test_streaming_passes_through(
+    sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
+) -> None:
+    epp = await start_epp(sims)
+    envoy = await start_envoy([epp.port])
+    c = client(envoy.url)
+    stream = await c.completions.create(model=MODEL, prompt=prompt(0), max_tokens=12, stream=True)
+    chunks = [chunk async for chunk in stream]
+    text = [ch.choices[0] for ch in chunks if ch.choices]
+    # SSE chunks arrived one by one through Envoy (not one buffered body) to the end.
+    assert len(text) >= 2
+    assert text[-1].finish_reason == "length"
+    # The lease was released when the last chunk passed: nothing left in flight.
+    await asyncio.sleep(0.05)
+    assert all(w.inflight == 0 for w in epp.core.pool.workers.values())
+
+
+async def test_a_worker_down_before_the_first_byte_is_retried_on_the_next_fallback(
+    sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
+) -> None:
+    # ORIGINAL_DST takes one address, so fallbacks need Envoy's override_host policy.
+    epp = await start_epp(sims, epp_fallbacks=2)
+    workers = [(w.info.host, w.info.port) for w in sims if w.info is not None]
+    envoy = await start_envoy([epp.port], override_host=workers)
+    c = client(envoy.url)
+    first, _ = await complete(c, prompt(0))
+    await asyncio.sleep(0.05)
+    await by_id(sims)[first].stop()  # the prefix holder dies; the picker still ranks it first
+    wid, out = await complete(c, prompt(1))
+    assert wid != first
+    assert out.choices[0].text
+    assert envoy.stats("cluster.pool.upstream_rq_retry")["cluster.pool.upstream_rq_retry"] >= 1
+    # The picker learnt from Envoy's served endpoint: the lease moved, the first choice
+    # counted a failure.
+    assert epp.core.metrics.retries.values.get((), 0) >= 1
+
+
+async def test_no_ready_endpoint_gives_503(
+    sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
+) -> None:
+    epp = await start_epp(sims)
+    envoy = await start_envoy([epp.port])
+    for w in epp.core.pool.workers.values():
+        epp.core.pool.record_check(w, False)
+    with pytest.raises(APIStatusError) as err:
+        await complete(client(envoy.url), prompt(0))
+    assert err.value.status_code == 503
+    assert err.value.response.headers["retry-after"] == "1"
+    assert "no healthy worker" in err.value.message
+
+
+async def test_the_subset_hint_is_respected(
+    sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
+) -> None:
+    epp = await start_epp(sims)
+    envoy = await start_envoy([epp.port])
+    c = client(envoy.url)
+    first, _ = await complete(c, prompt(0))
+    await asyncio.sleep(0.05)
+    other = next(w for w in sims if w.worker_id != first and w.info is not None)
+    assert other.info is not None
+    hint = {"x-subset": f"{other.info.host}:{other.info.port}"}
+    for i in range(1, 4):
+        wid, _ = await complete(c, prompt(i), extra_headers=hint)
+        assert wid == other.worker_id  # not the prefix holder: the hint wins
+    with pytest.raises(APIStatusError) as err:
+        await complete(c, prompt(9), extra_headers={"x-subset": "10.255.255.1:8000"})
+    assert err.value.status_code == 503
+
+
+async def test_bad_input_gets_the_protocol_answer_and_the_server_keeps_serving(
+    sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
+) -> None:
+    epp = await start_epp(sims)
+    envoy = await start_envoy([epp.port])
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{envoy.url}/v1/completions",
+            data=b"{not json",
+            headers={"content-type": "application/json"},
+        ) as resp,
+    ):
+        assert resp.status == 400
+        assert "not valid JSON" in (await resp.json())["error"]["message"]
+    c = client(envoy.url)
+    with pytest.raises(NotFoundError):
+        await c.completions.create(model="no-such-model", prompt=[1, 2, 3], max_tokens=2)
+    wid, _ = await complete(c, prompt(0))
+    assert wid.startswith("sim-")
+
+
+async def test_an_ext_proc_message_out_of_order_is_answered_not_hung(
+    sims: list[SimWorker], start_epp: StartEpp
+) -> None:
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    epp = await start_epp(sims)
+    async with grpc.aio.insecure_channel(epp.address) as channel:
+        stub = pb_grpc.ExternalProcessorStub(channel)
+
+        async def body_first() -> Any:
+            yield pb.ProcessingRequest(request_body=pb.HttpBody(body=b"{}", end_of_stream=True))
+
+        answers = [a async for a in stub.Process(body_first(), timeout=5)]
+        assert len(answers) == 1
+        assert answers[0].immediate_response.status.code == 400
+        # The server goes on serving.
+        health_answers = [a async for a in stub.Process(body_first(), timeout=5)]
+        assert health_answers[0].immediate_response.status.code == 400
+
+
+async def test_killing_the_picker_follows_the_failure_mode(
+    redis_url: str, sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
+) -> None:
+    epp = await start_epp(sims)
+    port = epp.port
+    envoy = await start_envoy([port])  # failure_mode_allow false: FailClose
+    c = client(envoy.url)
+    await complete(c, prompt(0))
+    await epp.close(grace_s=0)
+    t0 = time.monotonic()
+    with pytest.raises(APIStatusError) as err:
+        await complete(c, prompt(1))
+    assert err.value.status_code >= 500
+    assert time.monotonic() - t0 < 10  # an answer, not a hung request
+    # A picker back on the same port: Envoy reconnects and routing resumes.
+    await start_epp(sims, epp_port=port)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            wid, _ = await complete(c, prompt(2))
+            break
+        except APIStatusError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    assert wid.startswith("sim-")
+
+
+async def test_two_pickers_share_the_index_and_the_in_flight_load(
+    sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
+) -> None:
+    a = await start_epp(sims)
+    b = await start_epp(sims)
+    envoy = await start_envoy([a.port, b.port])
+    c = client(envoy.url)
+    first, _ = await complete(c, prompt(0))
+    await asyncio.sleep(0.05)
+    served = [(await complete(c, prompt(i)))[0] for i in range(1, 9)]
+    assert served == [first] * 8  # whichever picker decided, the prefix holder won
+
+    def kv_decisions(e: Any) -> float:
+        return sum(v for k, v in e.core.metrics.decisions.values.items() if k[0] == "kv")
+
+    assert kv_decisions(a) >= 1 and kv_decisions(b) >= 1  # both pickers took requests
+    # A long stream through Envoy: its lease is in Redis, so both pickers see the load.
+    stream = await c.completions.create(
+        model=MODEL, prompt=[7, 7, 7, 7], max_tokens=400, stream=True
+    )
+    it = stream.__aiter__()
+    for _ in range(3):
+        await it.__anext__()
+    ids = list(a.core.pool.workers)
+    for picker in (a, b):
+        result = await picker.core.shared.lookup(MODEL, [], ids)
+        assert result is not None
+        assert sum(load.requests for load in result.load.values()) == 1
+    await stream.close()
