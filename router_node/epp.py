@@ -36,6 +36,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import grpc
@@ -391,10 +392,9 @@ class EppServer:
             settings, tokenizer=tokenizer, rng=rng, endpoint_source=endpoint_source
         )
         self.picker = EndpointPicker(self.core)
-        self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # The gRPC server and health servicer bind to the running loop: made in start().
+        self.health: Any = None
+        self.server: Any = None
         self.port = 0
         self.health_port = 0
         self.metrics_port = 0
@@ -416,6 +416,11 @@ class EppServer:
             s, self.core.pool, self.core.shared, self._session, self.core.metrics, self.core.source
         )
         self._monitor.start()
+        self.health = health.aio.HealthServicer()
+        # so_reuseport off: a second picker on a taken port fails instead of sharing it.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host = s.host or "0.0.0.0"
         self.port = self.server.add_insecure_port(f"{host}:{s.epp_port}")
         if s.epp_health_port >= 0:
@@ -465,8 +470,9 @@ class EppServer:
             self._readiness.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._readiness
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace_s)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self._monitor is not None:

@@ -206,6 +206,12 @@ SPECS: tuple[Spec, ...] = (
         "kubernetes (EndpointSlices)",
     ),
     _spec("k8s_selector", str, "kubernetes discovery: label selector of the vLLM EndpointSlices"),
+    _spec(
+        "k8s_inference_pool",
+        str,
+        "kubernetes discovery: an InferencePool's name; its selector's Ready pods, one worker "
+        "per target port (instead of EndpointSlices)",
+    ),
     _spec("k8s_namespace", str, "kubernetes discovery: namespace ('' = the pod's own)"),
     _spec("k8s_http_port_name", str, "kubernetes discovery: name of the Service's HTTP port"),
     _spec("k8s_api_url", str, "kubernetes discovery: API server URL ('' = in-cluster)"),
@@ -273,6 +279,7 @@ class RouterSettings:
     clear_grace_s: float = 30.0
     discovery: str = "static"
     k8s_selector: str = ""
+    k8s_inference_pool: str = ""
     k8s_namespace: str = ""
     k8s_http_port_name: str = "http"
     k8s_api_url: str = ""
@@ -493,8 +500,14 @@ class RouterSettings:
             raise bad("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
         if self.discovery not in DISCOVERY_MODES:
             raise bad("discovery", f"must be one of {', '.join(DISCOVERY_MODES)}")
-        if self.discovery == "kubernetes" and not self.k8s_selector.strip():
-            raise bad("k8s_selector", "is required with kubernetes discovery")
+        if (
+            self.discovery == "kubernetes"
+            and not self.k8s_selector.strip()
+            and not self.k8s_inference_pool.strip()
+        ):
+            raise bad(
+                "k8s_selector", "(or KVR_K8S_INFERENCE_POOL) is required with kubernetes discovery"
+            )
         if self.discovery == "redis" and not self.redis_url:
             raise bad("discovery", "redis discovery needs a Redis URL")
         if self.session_header != self.session_header.strip() or not self.session_header:
@@ -619,6 +632,10 @@ def kubernetes_source(settings: RouterSettings) -> Any:
                 "KVR_K8S_NAMESPACE is not set and there is no service-account namespace file"
             )
         namespace = ns_file.read_text().strip()
+    if settings.k8s_inference_pool:
+        from kvrouter.discovery.inferencepool import InferencePoolSource
+
+        return InferencePoolSource(api, namespace, settings.k8s_inference_pool)
     return KubernetesEndpointSource(
         api,
         namespace,
