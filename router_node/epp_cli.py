@@ -50,7 +50,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         raise
     logging.getLogger("router_node").info("starting the endpoint picker: %r", settings)
-    asyncio.run(_serve(server))
+    from router_node.cli import _event_loop
+
+    loop = _event_loop()
+    try:
+        loop.run_until_complete(_serve(server))
+    finally:
+        loop.close()
     return 0
 
 

