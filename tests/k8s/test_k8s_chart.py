@@ -31,7 +31,26 @@ EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
 KUBE_VERSION = "1.30.0"  # a release kubernetes-validate ships schemas for
 CACHED_HELM = Path.home() / ".cache" / "kvrouter" / "bin" / "helm"
 # Custom resources kubernetes-validate has no schema for; checked by hand below.
-CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("inference.networking.k8s.io/v1", "InferencePool"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+}
+
+
+def check_custom_resource(doc: dict[str, Any]) -> None:
+    """The fields each custom resource cannot work without (no schema of theirs here)."""
+    spec = doc["spec"]
+    if doc["kind"] == "ServiceMonitor":
+        assert spec["endpoints"] and spec["selector"]["matchLabels"]
+    elif doc["kind"] == "InferencePool":
+        assert spec["selector"]["matchLabels"]
+        assert all(1 <= p["number"] <= 65535 for p in spec["targetPorts"])
+        assert spec["endpointPickerRef"]["failureMode"] in ("FailOpen", "FailClose")
+    else:
+        [rule] = spec["rules"]
+        assert spec["parentRefs"] and rule["backendRefs"][0]["kind"] == "InferencePool"
+
 
 ROUTER_SETTINGS = {
     "KVR_HOST",
@@ -147,6 +166,7 @@ def secret_ref(c: dict[str, Any], name: str) -> tuple[str, str]:
 
 def test_examples_exist() -> None:
     assert [p.name for p in EXAMPLES] == [
+        "epp.yaml",
         "external-redis-cluster.yaml",
         "minimal.yaml",
         "production.yaml",
@@ -166,7 +186,7 @@ def test_example_manifests_validate_against_kubernetes_schemas(helm: str, exampl
     assert docs
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CRDS:
-            assert doc["spec"]["endpoints"] and doc["spec"]["selector"]["matchLabels"]
+            check_custom_resource(doc)
             continue
         try:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
@@ -315,6 +335,35 @@ def test_rbac_is_read_only_endpointslices(minimal: list[dict[str, Any]]) -> None
         pod = find(minimal, "Deployment", name)["spec"]["template"]["spec"]
         assert pod["automountServiceAccountToken"] is True
         assert pod["serviceAccountName"] == "kvr-kv-router"
+
+
+def test_epp_switch_installs_the_picker_its_service_rbac_pool_and_route(helm: str) -> None:
+    docs = render(helm, "-f", str(CHART / "examples" / "epp.yaml"))
+    deploy = find(docs, "Deployment", "kvr-kv-router-epp")
+    c = container(deploy, "epp")
+    assert c["args"] == ["epp"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KVR_K8S_INFERENCE_POOL"] == "llama-pool"
+    assert env["KVR_EPP_PORT"] == "9002" and env["KVR_DISCOVERY"] == "kubernetes"
+    assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
+    assert deploy["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    svc = find(docs, "Service", "kvr-kv-router-epp")
+    pool = find(docs, "InferencePool", "llama-pool")
+    ref = pool["spec"]["endpointPickerRef"]
+    # The pool names the picker's Service and its ext_proc port.
+    assert ref["name"] == svc["metadata"]["name"]
+    assert ref["port"]["number"] in [p["port"] for p in svc["spec"]["ports"]]
+    route = find(docs, "HTTPRoute")
+    assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == "llama-pool"
+    role = find(docs, "Role", "kvr-kv-router-epp")
+    assert {r["apiGroups"][0]: r["resources"] for r in role["rules"]} == {
+        "": ["pods"],
+        "inference.networking.k8s.io": ["inferencepools"],
+    }
+    assert all(r["verbs"] == ["get", "list", "watch"] for r in role["rules"])
+    # Off by default: the minimal install has no picker.
+    plain = render(helm, *BASE)
+    assert not [d for d in plain if d["metadata"]["name"].endswith("-epp")]
 
 
 def test_static_discovery_needs_no_api_access(helm: str) -> None:

@@ -350,3 +350,15 @@ roll every pod on every GitOps sync. A changed password or Secret name still rol
 {{- define "kv-router.secretChecksum" -}}
 {{- toJson (list .Values.auth .Values.redis.enabled .Values.redis.auth .Values.externalRedis) | sha256sum -}}
 {{- end -}}
+
+{{/* The endpoint picker's Service (what an InferencePool's endpointPickerRef names). */}}
+{{- define "kv-router.epp.serviceName" -}}
+{{- printf "%s-epp" (include "kv-router.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The InferencePool the picker watches: the one the chart creates, or an existing one; empty
+when neither (the picker then uses `discovery`). */}}
+{{- define "kv-router.epp.poolName" -}}
+{{- $p := .Values.epp.inferencePool -}}
+{{- if $p.create -}}{{ default (include "kv-router.fullname" .) $p.name }}{{- else -}}{{ $p.name }}{{- end -}}
+{{- end -}}
