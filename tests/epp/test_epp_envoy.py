@@ -227,3 +227,40 @@ async def test_two_pickers_share_the_index_and_the_in_flight_load(
         assert result is not None
         assert sum(load.requests for load in result.load.values()) == 1
     await stream.close()
+
+
+async def test_health_services_metrics_and_a_request_without_a_body(
+    sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
+) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from router_node.epp import SERVICE_NAME
+
+    epp = await start_epp(sims, epp_health_port=0, metrics_port=0)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for port in (epp.port, epp.health_port):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("liveness", "readiness", SERVICE_NAME):
+                resp = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert resp.status == serving, name
+    envoy = await start_envoy([epp.port])
+    async with aiohttp.ClientSession() as s:
+        # GET without a body: routed at once, by load (the worker lists the model).
+        async with s.get(f"{envoy.url}/v1/models") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["data"][0]["id"] == MODEL
+        async with s.get(f"http://127.0.0.1:{epp.metrics_port}/metrics") as resp:
+            text = await resp.text()
+    assert 'kvrouter_requests_total{endpoint="epp",status="routed"} 1' in text
+    # No worker can take requests: readiness goes NOT_SERVING (liveness stays SERVING).
+    for w in epp.core.pool.workers.values():
+        epp.core.pool.record_check(w, False)
+    await epp._update_readiness()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.health_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        ready = await stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=5)
+        live = await stub.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+    assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert live.status == serving
