@@ -23,7 +23,7 @@ from aiohttp import web
 
 from kvrouter.discovery.base import EndpointSource
 from router_node.errors import APIError, bad_request, too_large, unauthorized
-from router_node.metrics import Metrics
+from router_node.metrics import CONTENT_TYPE, Metrics
 from router_node.monitor import Monitor
 from router_node.proxy import BackgroundTasks, Proxy
 from router_node.request import (
@@ -55,6 +55,8 @@ SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
 MONITOR = web.AppKey("monitor", Monitor)
 SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
+# The request's model, once parsed, for the per-model request counter in the middleware.
+_MODEL = web.RequestKey("model", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -118,11 +120,11 @@ def create_app(
     if tokenizer is not None and hasattr(tokenizer, "cache_stats"):
         stats = tokenizer.cache_stats
 
-        def collect() -> list[tuple[tuple[str, ...], float]]:
+        def collect() -> list[tuple[str, float]]:
             s = stats()
-            return [((k,), float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")]
+            return [(k, float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")]
 
-        metrics.tokenizer_cache.collect = collect
+        metrics.tokenizer_cache.source = collect
 
     app.cleanup_ctx.append(_shared_index_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
@@ -186,7 +188,7 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
             code, exc.reason, type_="invalid_request_error" if code < 500 else "server_error"
         )
         resp = err.response()
-    metrics.requests.inc(route, str(resp.status))
+    metrics.requests.labels(route, str(resp.status), request.get(_MODEL, "")).inc()
     return resp
 
 
@@ -216,6 +218,7 @@ async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRe
     raw = await _read_body(request)
     body = parse_body(raw)
     req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
+    request[_MODEL] = req.model
     tok = _tokenizer_for(app, req.model)
     start = time.perf_counter()
     if len(raw) > settings.tokenize_thread_bytes:
@@ -235,11 +238,11 @@ def _inference(endpoint: str) -> Handler:
         raw, req, plan = await _prepare(request, endpoint)
         m = app[METRICS]
         d = plan.decision
-        m.decisions.inc(d.policy, d.reason)
+        m.decisions.labels(d.policy, d.reason, req.model).inc()
         matched = plan.matched_tokens(d.worker)
-        m.matched_tokens.observe(matched)
-        m.matched_tokens_total.inc(amount=matched)
-        m.prompt_tokens_total.inc(amount=req.prompt_tokens)
+        m.matched_tokens.labels(req.model).observe(matched)
+        m.matched_tokens_total.inc(req.model, matched)
+        m.prompt_tokens_total.labels(req.model).inc(req.prompt_tokens)
         return await app[PROXY].forward(request, req, plan, raw)
 
     handle.__name__ = f"handle_{endpoint}"
@@ -317,12 +320,9 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render()
     return web.Response(
-        text=text,
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"X-Content-Type-Options": "nosniff"},
+        body=request.app[METRICS].render().encode(),
+        headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"},
     )
 
 
