@@ -184,7 +184,7 @@ class Listener:
         logger.info(
             "listener %s for model %s on %s", s.listener_id, s.model, redact_url(s.redis_url)
         )
-        self._client = connect(s.redis_url)
+        self._client = connect(s.redis_connect_url)
         self.index = ResidencyIndex(self._client, self.schema)
         await self._client.ping()
         await self.index.load()
@@ -213,7 +213,7 @@ class Listener:
                 asyncio.create_task(self._discovery_loop(), name="listener discovery")
             )
         if s.notices:
-            self._pubsub_client = connect(s.redis_url, decode_responses=False)
+            self._pubsub_client = connect(s.redis_connect_url, decode_responses=False)
             self._tasks.append(asyncio.create_task(self._notice_loop(), name="listener notices"))
 
     async def run(self) -> None:

@@ -15,7 +15,6 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
 from typing import Any
 
 import aiohttp
@@ -334,7 +333,7 @@ async def openapi_handler(request: web.Request) -> web.Response:
 
 
 def _check_admin(request: web.Request) -> None:
-    token = request.app[SETTINGS].admin_token
+    token = request.app[SETTINGS].admin_token.get_secret_value()
     if not token:
         raise APIError(
             403, "debug endpoints are off: set KVR_ADMIN_TOKEN", type_="permission_error"
@@ -444,14 +443,5 @@ class RouterServer:
 
 def settings_summary(settings: RouterSettings) -> dict[str, Any]:
     """Settings as a dict with secrets redacted (for the start-up log line)."""
-    from router_node.settings import SPECS
-
-    d = asdict(settings)
-    for spec in SPECS:
-        # Every secret setting (admin_token, redis_password, ...), not a hand-kept list.
-        if spec.secret:
-            d[spec.field] = "***" if d.get(spec.field) else ""
-    from kvrouter.index.connection import redact_url
-
-    d["redis_url"] = redact_url(settings.redis_url)
-    return d
+    # The schema knows which fields are secrets, not a hand-kept list.
+    return settings.summary()

@@ -207,7 +207,7 @@ class Monitor:
         try:
             entries = await read_registry(
                 self.shared.client,
-                self.settings.schema,
+                self.settings.key_schema,
                 max_age_ms=int(self.settings.heartbeat_timeout_s * 1000),
             )
         except REDIS_FAILURES as exc:

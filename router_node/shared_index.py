@@ -78,7 +78,7 @@ class SharedIndex:
             # the reconnect loop below retries instead, off the request path.
             retry=Retry(NoBackoff(), 0),
         )
-        self.index = ResidencyIndex(self.client, self.settings.schema)
+        self.index = ResidencyIndex(self.client, self.settings.key_schema)
         try:
             await self.index.load()
             self._set_up()
