@@ -14,7 +14,6 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
 from typing import Any
 
 import aiohttp
@@ -23,12 +22,13 @@ from aiohttp import web
 from kvrouter.discovery.base import EndpointSource
 from router_node.core import RoutingCore
 from router_node.errors import APIError, bad_request, too_large, unauthorized
-from router_node.metrics import Metrics
+from router_node.metrics import CONTENT_TYPE, Metrics
 from router_node.monitor import Monitor
 from router_node.proxy import BackgroundTasks, Proxy
 from router_node.request import (
     CHAT,
     COMPLETIONS,
+    ParsedRequest,
     PromptTokenizer,
     parse_body,
     parse_request,
@@ -56,6 +56,8 @@ MONITOR = web.AppKey("monitor", Monitor)
 CORE = web.AppKey("routing_core", RoutingCore)
 """The decision path both front ends share (router_node/core.py)."""
 SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
+# The request's model, once parsed, for the per-model request counter in the middleware.
+_MODEL = web.RequestKey("model", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -146,7 +148,7 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
             code, exc.reason, type_="invalid_request_error" if code < 500 else "server_error"
         )
         resp = err.response()
-    metrics.requests.inc(route, str(resp.status))
+    metrics.requests.labels(route, str(resp.status), request.get(_MODEL, "")).inc()
     return resp
 
 
@@ -168,7 +170,11 @@ def _inference(endpoint: str) -> Handler:
         app = request.app
         core = app[CORE]
         raw = await _read_body(request)
-        req, plan = await core.prepare(endpoint, raw, request.headers)
+
+        def parsed(req: ParsedRequest) -> None:
+            request[_MODEL] = req.model
+
+        req, plan = await core.prepare(endpoint, raw, request.headers, on_parsed=parsed)
         core.count(req, plan)
         return await app[PROXY].forward(request, req, plan, raw)
 
@@ -247,12 +253,9 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render()
     return web.Response(
-        text=text,
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"X-Content-Type-Options": "nosniff"},
+        body=request.app[METRICS].render().encode(),
+        headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"},
     )
 
 
@@ -264,7 +267,7 @@ async def openapi_handler(request: web.Request) -> web.Response:
 
 
 def _check_admin(request: web.Request) -> None:
-    token = request.app[SETTINGS].admin_token
+    token = request.app[SETTINGS].admin_token.get_secret_value()
     if not token:
         raise APIError(
             403, "debug endpoints are off: set KVR_ADMIN_TOKEN", type_="permission_error"
@@ -374,14 +377,5 @@ class RouterServer:
 
 def settings_summary(settings: RouterSettings) -> dict[str, Any]:
     """Settings as a dict with secrets redacted (for the start-up log line)."""
-    from router_node.settings import SPECS
-
-    d = asdict(settings)
-    for spec in SPECS:
-        # Every secret setting (admin_token, redis_password, ...), not a hand-kept list.
-        if spec.secret:
-            d[spec.field] = "***" if d.get(spec.field) else ""
-    from kvrouter.index.connection import redact_url
-
-    d["redis_url"] = redact_url(settings.redis_url)
-    return d
+    # The schema knows which fields are secrets, not a hand-kept list.
+    return settings.summary()

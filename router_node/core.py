@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from kvrouter.discovery.base import EndpointSource
 from router_node.metrics import Metrics
@@ -97,13 +97,11 @@ class RoutingCore:
         if tokenizer is not None and hasattr(tokenizer, "cache_stats"):
             stats = tokenizer.cache_stats
 
-            def collect() -> list[tuple[tuple[str, ...], float]]:
+            def collect() -> list[tuple[str, float]]:
                 s = stats()
-                return [
-                    ((k,), float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")
-                ]
+                return [(k, float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")]
 
-            self.metrics.tokenizer_cache.collect = collect
+            self.metrics.tokenizer_cache.source = collect
 
     def tokenizer_for(self, model: str) -> PromptTokenizer | None:
         resolved = self.router.resolve(model)
@@ -118,16 +116,20 @@ class RoutingCore:
         headers: Mapping[str, str],
         *,
         allowed: frozenset[str] | None = None,
+        on_parsed: Callable[[ParsedRequest], None] | None = None,
     ) -> tuple[ParsedRequest, Plan]:
         """Parse, tokenize, look up and score one request body: the routing decision.
 
         Raises APIError (400 malformed, 404 unknown model, 413 too large, 503 when no worker
         can take it). `allowed` restricts the candidates to workers whose address
-        (``host:port``) it names (the endpoint picker's subset hint).
+        (``host:port``) it names (the endpoint picker's subset hint). `on_parsed` sees the
+        request once its fields are checked (the proxy labels its metrics with the model).
         """
         settings = self.settings
         body = parse_body(raw)
         req = parse_request(endpoint, body, headers, settings, self.router.knows)
+        if on_parsed is not None:
+            on_parsed(req)
         tok = self.tokenizer_for(req.model)
         start = time.perf_counter()
         if len(raw) > settings.tokenize_thread_bytes:
@@ -144,11 +146,11 @@ class RoutingCore:
         """Decision metrics for a request about to be sent to its plan's workers."""
         m = self.metrics
         d = plan.decision
-        m.decisions.inc(d.policy, d.reason)
+        m.decisions.labels(d.policy, d.reason, req.model).inc()
         matched = plan.matched_tokens(d.worker)
-        m.matched_tokens.observe(matched)
-        m.matched_tokens_total.inc(amount=matched)
-        m.prompt_tokens_total.inc(amount=req.prompt_tokens)
+        m.matched_tokens.labels(req.model).observe(matched)
+        m.matched_tokens_total.inc(req.model, matched)
+        m.prompt_tokens_total.labels(req.model).inc(req.prompt_tokens)
 
     def lease(self, req: ParsedRequest, plan: Plan, worker: Worker) -> Lease:
         """Round trip 2 for `worker`: speculative residency of the prompt's chain and an

@@ -51,6 +51,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kvrouter.discovery.base import EndpointSource
 from router_node.core import RoutingCore
 from router_node.errors import APIError, bad_request, too_large, unavailable
+from router_node.metrics import CONTENT_TYPE
 from router_node.monitor import Monitor
 from router_node.proxy import Lease
 from router_node.request import CHAT, COMPLETIONS, ParsedRequest, PromptTokenizer
@@ -203,12 +204,13 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                 try:
                     out = await self._step(ex, msg)
                 except APIError as err:
-                    metrics.requests.inc("epp", str(err.status))
+                    model = ex.req.model if ex.req is not None else ""
+                    metrics.requests.labels("epp", str(err.status), model).inc()
                     ex.stage = "done"
                     yield immediate(err)
                     return
                 except OutOfOrder as exc:
-                    metrics.requests.inc("epp", "400")
+                    metrics.requests.labels("epp", "400", "").inc()
                     ex.stage = "done"
                     yield immediate(bad_request(f"ext_proc message out of order: {exc}"))
                     return
@@ -285,7 +287,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         ranked = sorted(up, key=lambda w: (w.inflight, random.random()))
         ex.stage = "sent"
         value = ",".join(w.address for w in ranked[: self.settings.epp_fallbacks + 1])
-        self.core.metrics.requests.inc("epp", "routed")
+        self.core.metrics.requests.labels("epp", "routed", "").inc()
         return [self._headers_response(value, None)]
 
     async def _decide(self, ex: _Exchange, *, eos: bool) -> list[pb.ProcessingResponse]:
@@ -309,7 +311,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         ex.req, ex.plan = req, plan
         self._hold(ex, ranked[0])
         ex.stage = "sent"
-        self.core.metrics.requests.inc("epp", "routed")
+        self.core.metrics.requests.labels("epp", "routed", req.model).inc()
         value = ",".join(w.address for w in ranked)
         out = [self._headers_response(value, len(raw))]
         if eos:
@@ -352,7 +354,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         log.info("Envoy served %s from fallback %s (first choice %s)", ex.req.model, served, w.id)
         self.core.metrics.retries.inc()
         if self.core.pool.record_failure(w, time.monotonic()):
-            self.core.metrics.ejections.inc(w.id)
+            self.core.metrics.ejections.labels(w.id).inc()
         self._release(ex)
         self._hold(ex, target)
 
@@ -360,7 +362,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         if ex.lease is not None and ex.worker is not None:
             ex.lease.end()
             ex.worker.inflight -= 1
-            self.core.metrics.worker_requests.inc(ex.worker.id)
+            self.core.metrics.worker_requests.labels(ex.worker.id).inc()
         ex.lease = None
 
     def _finish(self, ex: _Exchange) -> None:
@@ -444,7 +446,7 @@ class EppServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
-            text=self.core.metrics.render(), content_type="text/plain", charset="utf-8"
+            body=self.core.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE}
         )
 
     async def _update_readiness(self) -> None:

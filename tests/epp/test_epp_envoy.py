@@ -12,7 +12,9 @@ import pytest
 from openai import APIStatusError, AsyncOpenAI, NotFoundError
 
 from kvrouter.sim.worker import SimWorker
+from router_node.epp import EppServer
 from tests.epp.conftest import MODEL, EppProcess, StartEnvoy, StartEpp, StartProcess
+from tests.support.metrics import Scrape, parse
 
 pytestmark = pytest.mark.redis
 
@@ -31,6 +33,14 @@ def prompt(tail: int) -> list[int]:
 async def complete(c: AsyncOpenAI, ids: list[int], **kw: Any) -> tuple[str, Any]:
     raw = await c.completions.with_raw_response.create(model=MODEL, prompt=ids, max_tokens=4, **kw)
     return raw.headers["x-sim-worker"], raw.parse()
+
+
+def scrape(epp: EppServer) -> Scrape:
+    return parse(epp.core.metrics.render())
+
+
+def kv_decisions(epp: EppServer) -> float:
+    return scrape(epp).value("kvrouter_routing_decisions_total", policy="kv")
 
 
 def by_id(sims: list[SimWorker]) -> dict[str, SimWorker]:
@@ -54,8 +64,7 @@ async def test_requests_land_on_the_worker_holding_their_prefix(
     assert served == [first] * 6
     # The worker really had the prefix in its (simulated) KV cache: 20 blocks reused.
     assert min(cached) >= 320
-    decisions = epp.core.metrics.decisions.values
-    assert sum(v for k, v in decisions.items() if k[0] == "kv") == 7
+    assert kv_decisions(epp) == 7
 
 
 async def test_streaming_passes_through(
@@ -92,7 +101,7 @@ async def test_a_worker_down_before_the_first_byte_is_retried_on_the_next_fallba
     assert envoy.stats("cluster.pool.upstream_rq_retry")["cluster.pool.upstream_rq_retry"] >= 1
     # The picker learnt from Envoy's served endpoint: the lease moved, the first choice
     # counted a failure.
-    assert epp.core.metrics.retries.values.get((), 0) >= 1
+    assert scrape(epp).value("kvrouter_retries_total") >= 1
 
 
 async def test_no_ready_endpoint_gives_503(
@@ -210,9 +219,6 @@ async def test_two_pickers_share_the_index_and_the_in_flight_load(
     served = [(await complete(c, prompt(i)))[0] for i in range(1, 9)]
     assert served == [first] * 8  # whichever picker decided, the prefix holder won
 
-    def kv_decisions(e: Any) -> float:
-        return sum(v for k, v in e.core.metrics.decisions.values.items() if k[0] == "kv")
-
     assert kv_decisions(a) >= 1 and kv_decisions(b) >= 1  # both pickers took requests
     # A long stream through Envoy: its lease is in Redis, so both pickers see the load.
     stream = await c.completions.create(
@@ -253,7 +259,7 @@ async def test_health_services_metrics_and_a_request_without_a_body(
             assert (await resp.json())["data"][0]["id"] == MODEL
         async with s.get(f"http://127.0.0.1:{epp.metrics_port}/metrics") as resp:
             text = await resp.text()
-    assert 'kvrouter_requests_total{endpoint="epp",status="routed"} 1' in text
+    assert parse(text).value("kvrouter_requests_total", endpoint="epp", status="routed") == 1
     # No worker can take requests: readiness goes NOT_SERVING (liveness stays SERVING).
     for w in epp.core.pool.workers.values():
         epp.core.pool.record_check(w, False)
