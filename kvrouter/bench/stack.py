@@ -48,6 +48,10 @@ class StackConfig:
     seed: int = 0
     redis_url: str | None = None
     extra_router_env: tuple[tuple[str, str], ...] = ()
+    prefill_tokens_per_s: float | None = None
+    """Each worker's prefill throughput (None: the simulator's default)."""
+    speed_mix: str = ""
+    """The simulator's ``--speed-mix`` (speed factors given to the workers in turn)."""
     adapters: tuple[str, ...] = ()
     """LoRA adapters of `model` every simulated worker also serves (routers learn them from
     the workers' /v1/models; the listener indexes their events under their own names)."""
@@ -134,6 +138,9 @@ class LocalStack:
             "--kv-events-base-port", "0",
             "--seed", str(cfg.seed), "--ready-file", str(ready),
             *(["--lora-adapters", ",".join(cfg.adapters)] if cfg.adapters else []),
+            *(["--prefill-tokens-per-s", str(cfg.prefill_tokens_per_s)]
+              if cfg.prefill_tokens_per_s else []),
+            *(["--speed-mix", cfg.speed_mix] if cfg.speed_mix else []),
         ])  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.exists():

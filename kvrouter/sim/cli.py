@@ -43,6 +43,8 @@ _HELP: dict[str, str] = {
     "adapter's blocks are its own, and its KV events carry lora_name",
     "max_model_len": "longest prompt + max_tokens accepted",
     "prefill_tokens_per_s": "uncached prompt tokens prefilled per simulated second",
+    "speed_mix": "comma-separated speed factors given to the workers in turn (2,1: every other "
+    "worker twice as fast in prefill and decode); empty = all alike",
     "decode_step_ms": "base duration of one engine step (simulated ms)",
     "decode_step_ms_per_seq": "added to each step per sequence in the batch (simulated ms)",
     "max_batch": "most sequences in the running batch (vLLM max_num_seqs)",

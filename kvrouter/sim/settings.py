@@ -58,6 +58,10 @@ class SimSettings:
     each caches its blocks apart: the adapter folded into the hash root, named in events)."""
     max_model_len: int = 131_072
     prefill_tokens_per_s: float = 16_000.0
+    speed_mix: str = ""
+    """Comma-separated speed factors given to the workers in turn ("2,1": every other worker
+    twice as fast): a mixed fleet. A factor multiplies prefill throughput and divides the
+    decode step times, as a faster GPU does both. Empty: every worker at factor 1."""
     decode_step_ms: float = 10.0
     decode_step_ms_per_seq: float = 0.25
     max_batch: int = 256
@@ -96,6 +100,14 @@ class SimSettings:
                 f"must hold at least one block of {self.block_size} tokens, "
                 f"got {self.capacity_tokens}",
             )
+        try:
+            speeds = self.speeds
+        except ValueError:
+            raise bad(
+                "speed_mix", f"expected comma-separated numbers, got {self.speed_mix!r}"
+            ) from None
+        if any(not x > 0 for x in speeds):
+            raise bad("speed_mix", f"every factor must be > 0, got {self.speed_mix!r}")
         if self.max_model_len < 1:
             raise bad("max_model_len", f"must be >= 1, got {self.max_model_len}")
         if self.kv_events not in KV_EVENTS_MODES:
@@ -111,6 +123,16 @@ class SimSettings:
     def adapters(self) -> tuple[str, ...]:
         """The LoRA adapter names (parsed `lora_adapters`)."""
         return tuple(dict.fromkeys(a.strip() for a in self.lora_adapters.split(",") if a.strip()))
+
+    @property
+    def speeds(self) -> tuple[float, ...]:
+        """The parsed `speed_mix` (empty when unset)."""
+        return tuple(float(x) for x in self.speed_mix.split(",") if x.strip())
+
+    def speed_of(self, index: int) -> float:
+        """The speed factor of worker `index` (the mix repeats over the fleet)."""
+        speeds = self.speeds
+        return speeds[index % len(speeds)] if speeds else 1.0
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -185,6 +207,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "lora_adapters": _str,
     "max_model_len": _int,
     "prefill_tokens_per_s": _float,
+    "speed_mix": _str,
     "decode_step_ms": _float,
     "decode_step_ms_per_seq": _float,
     "max_batch": _int,

@@ -87,14 +87,15 @@ class WorkerInfo:
         return asdict(self)
 
 
-def engine_config(settings: SimSettings) -> EngineConfig:
-    """The engine shape a worker gets from the fleet's settings."""
+def engine_config(settings: SimSettings, speed: float = 1.0) -> EngineConfig:
+    """The engine shape a worker gets from the fleet's settings, at speed factor `speed`
+    (its entry of ``--speed-mix``)."""
     return EngineConfig(
         block_size=settings.block_size,
         num_blocks=settings.num_gpu_blocks,
-        prefill_tokens_per_s=settings.prefill_tokens_per_s,
-        decode_step_s=settings.decode_step_ms / 1000.0,
-        decode_step_s_per_seq=settings.decode_step_ms_per_seq / 1000.0,
+        prefill_tokens_per_s=settings.prefill_tokens_per_s * speed,
+        decode_step_s=settings.decode_step_ms / 1000.0 / speed,
+        decode_step_s_per_seq=settings.decode_step_ms_per_seq / 1000.0 / speed,
         max_batch=settings.max_batch,
         max_batched_tokens=settings.max_batched_tokens,
         max_model_len=settings.max_model_len,
@@ -117,8 +118,10 @@ class SimWorker:
         replay_port: int = 0,
         zmq_ctx: zmq.asyncio.Context | None = None,
         tokenizer: Tokenizer | None = None,
+        speed: float = 1.0,
     ) -> None:
         self.worker_id = worker_id
+        self.speed = speed
         self.settings = settings
         self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
         self._port = port
@@ -141,7 +144,7 @@ class SimWorker:
             a: root_digest(f"{settings.model}\0lora\0{a}", settings.seed) for a in settings.adapters
         }
         self.engine = Engine(
-            engine_config(settings),
+            engine_config(settings, speed),
             root_digest(settings.model, settings.seed),
             time_scale=settings.time_scale,
             on_events=self.publisher.publish if self.publisher else None,
