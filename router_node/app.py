@@ -23,6 +23,7 @@ from aiohttp import web
 
 from kvrouter.discovery.base import EndpointSource
 from router_node.errors import APIError, bad_request, too_large, unauthorized
+from router_node.loop_lag import LoopLagProbe
 from router_node.metrics import Metrics
 from router_node.monitor import Monitor
 from router_node.proxy import BackgroundTasks, Proxy
@@ -165,7 +166,10 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[MONITOR] = monitor
     monitor.start()
+    probe = LoopLagProbe(app[METRICS])
+    probe.start()
     yield
+    await probe.close()
     await monitor.close()
 
 

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+# Event-loop lag: from "on time" to "the run measured the machine, not the router".
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 
 
@@ -175,6 +177,15 @@ class Metrics:
             "kvrouter_tokenizer_cache",
             "segment cache counters (hits, misses, entries, tokens)",
             ("stat",),
+        )
+
+        self.loop_lag = Histogram(
+            "kvrouter_event_loop_lag_seconds",
+            "how late the event loop woke a periodic probe (a busy loop delays every request)",
+            buckets=LAG_BUCKETS,
+        )
+        self.loop_lag_max = Gauge(
+            "kvrouter_event_loop_lag_max_seconds", "largest event-loop lag since start"
         )
 
     def all(self) -> list[_Metric]:

@@ -118,6 +118,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "a change in the machine's load hits all alike); hit ratios are then over all runs' "
         "requests (the mean of the runs) with their spread, latencies pooled",
     )
+    parser.add_argument(
+        "--max-lag-s",
+        type=float,
+        default=DEFAULT_MAX_LAG_S,
+        help="a run is invalid when the client's send lateness or a router's event-loop lag "
+        f"(p99, simulated seconds) exceeds this (default {DEFAULT_MAX_LAG_S:g})",
+    )
     parser.add_argument("--out", default="out/bench-routing", help="report directory")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -159,6 +166,8 @@ async def run_variant(
         workers=args.workers, policy=v.policy, kv_events=v.kv_events, replicas=v.replicas,
         capacity_tokens=args.capacity_tokens, time_scale=scale, redis_url=redis_url,
         model=base, adapters=names[1:],
+        prefill_tokens_per_s=getattr(args, "prefill_tokens_per_s", None),
+        speed_mix=getattr(args, "speed_mix", "") or "",
     )  # fmt: skip
     per_model: dict[str, list[RequestRecord]] = {}
     async with LocalStack(cfg) as stack:
@@ -190,9 +199,17 @@ async def run_variant(
             records = [r for rs in results for r in rs]
         duration = time.monotonic() - t0
         reasons: Counter[str] = Counter()
+        lags: list[tuple[float | None, float | None]] = []
         for url in stack.router_urls:
-            reasons.update(decision_reasons(await stack.metrics(url)))
+            text = await stack.metrics(url)
+            reasons.update(decision_reasons(text))
+            lags.append(loop_lag(text))
     summary = finish_summary(records, duration, reasons, args.workers, scale)
+    # The worst replica's lag counts: requests through it waited for its loop.
+    p99s = [p for p, _ in lags if p is not None]
+    peaks = [m for _, m in lags if m is not None]
+    summary["loop_lag_p99_s"] = max(p99s) * scale if p99s else None
+    summary["loop_lag_max_s"] = max(peaks) * scale if peaks else None
     if per_model:
         summary["per_model"] = {
             name: {
@@ -218,7 +235,7 @@ def finish_summary(
     """A variant's summary of `records` (one run's, or several runs' together): latencies in
     simulated seconds, rejections, load spread over the workers, routing decisions."""
     summary = summarize(records, duration_s)
-    for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s"):
+    for k in SIMULATED_SECONDS:
         if summary[k] is not None:
             summary[k] *= scale
     summary["throughput_rps"] /= scale
@@ -246,6 +263,9 @@ def combine_runs(
         reasons.update(s.get("decisions", {}))
     duration = sum(s["duration_s"] for s, _ in runs)
     summary = finish_summary(records, duration, reasons, workers, scale)
+    for key in ("loop_lag_p99_s", "loop_lag_max_s"):
+        lags = [s[key] for s, _ in runs if s.get(key) is not None]
+        summary[key] = max(lags) if lags else None
     ratios = [s["hit_ratio"] for s, _ in runs]
     summary["hit_ratio_runs"] = ratios
     summary["hit_ratio_sd"] = statistics.stdev(ratios)
@@ -259,6 +279,47 @@ def combine_runs(
             for m in runs[0][0]["per_model"]
         }
     return summary
+
+
+# Summary fields in seconds that finish_summary turns from real into simulated seconds.
+SIMULATED_SECONDS = (
+    "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s", "tpot_p50_s",
+    "tpot_p99_s", "late_p99_s", "late_max_s",
+)  # fmt: skip
+# A run whose client sent requests late, or whose router's loop lagged, by more than this
+# (simulated seconds, p99) measured the machine: 5% of the default 2 s TTFT objective.
+DEFAULT_MAX_LAG_S = 0.1
+
+_LAG_BUCKET = re.compile(r'^kvrouter_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.M)
+_LAG_MAX = re.compile(r"^kvrouter_event_loop_lag_max_seconds (\S+)$", re.M)
+
+
+def loop_lag(metrics_text: str) -> tuple[float | None, float | None]:
+    """(p99, max) of a router's event-loop lag in real seconds from its /metrics text; the
+    p99 is the upper bound of the histogram bucket it falls in (None without samples)."""
+    buckets = [(float(le), float(n)) for le, n in _LAG_BUCKET.findall(metrics_text)]
+    m = _LAG_MAX.search(metrics_text)
+    peak = float(m.group(1)) if m else None
+    if not buckets or buckets[-1][1] <= 0:
+        return None, peak
+    total = buckets[-1][1]
+    p99 = next(le for le, n in buckets if n >= 0.99 * total)
+    if p99 == float("inf"):
+        p99 = peak if peak is not None else p99
+    return p99, peak
+
+
+def validity(summary: dict[str, Any], max_lag_s: float) -> list[str]:
+    """Why a run measured the machine rather than the router: the client's send lateness
+    or a router's event-loop lag (p99, simulated seconds) over `max_lag_s`. Empty: valid."""
+    why = []
+    late = summary.get("late_p99_s")
+    if late is not None and late > max_lag_s:
+        why.append(f"client sent late: p99 {late:.3f} s > {max_lag_s:g} s")
+    lag = summary.get("loop_lag_p99_s")
+    if lag is not None and lag > max_lag_s:
+        why.append(f"router event loop lagged: p99 {lag:.3f} s > {max_lag_s:g} s")
+    return why
 
 
 _DECISION = re.compile(
@@ -339,6 +400,9 @@ async def _bench(
                 file=sys.stderr,
             )
     results = {name: combine_runs(rs, args.workers, scale) for name, rs in runs.items()}
+    max_lag = getattr(args, "max_lag_s", DEFAULT_MAX_LAG_S)
+    for s in results.values():
+        s["invalid"] = validity(s, max_lag)
     ttfts = {
         name: sorted(r.ttft_s * scale for _, rs in vr for r in rs if r.ok and r.ttft_s is not None)
         for name, vr in runs.items()
@@ -355,6 +419,7 @@ async def _bench(
     replicas = replica_comparison(results)
     if replicas:
         table += "\n\n" + replicas
+    table += "\n\n" + validity_lines(results)
     print(table)
     meta = {"requests": len(requests), "start": args.start, "workers": args.workers,
             "capacity_tokens": args.capacity_tokens, "time_scale": scale, "repeat": args.repeat,
@@ -373,6 +438,7 @@ async def _bench(
             "ttft_p50_s": _r(s["ttft_p50_s"]),
             "ttft_p99_s": _r(s["ttft_p99_s"]),
             "failed": s["failed"],
+            "invalid": s["invalid"],
         }
         if "hit_ratio_runs" in s:
             final["policies"][name]["hit_ratio_runs"] = [round(x, 4) for x in s["hit_ratio_runs"]]
@@ -385,6 +451,15 @@ async def _bench(
     if gap is not None:
         final["kv_4x_vs_kv"] = round(gap, 4)
     return final
+
+
+def validity_lines(results: dict[str, dict[str, Any]]) -> str:
+    """One line per variant whose run measured the machine, or one saying all were valid."""
+    bad = [f"- **{n} INVALID**: {'; '.join(s['invalid'])}" for n, s in results.items()
+           if s.get("invalid")]  # fmt: skip
+    if bad:
+        return "Runs that measured the machine, not the router:\n" + "\n".join(bad)
+    return "Every run valid: client send lateness and router event-loop lag within bounds."
 
 
 def replica_gap(results: dict[str, dict[str, Any]]) -> float | None:

@@ -71,6 +71,21 @@ class RequestRecord:
     def ok(self) -> bool:
         return self.status == 200 and self.error is None
 
+    @property
+    def late_s(self) -> float | None:
+        """How much later than scheduled it was sent (the client or the concurrency cap
+        fell behind); None if never sent."""
+        return None if self.sent_s is None else max(0.0, self.sent_s - self.arrival_s)
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: (e2e - TTFT) / (tokens - 1)."""
+        if self.ttft_s is None or self.e2e_s is None or not self.completion_tokens:
+            return None
+        if self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -314,6 +329,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float | None = None)
     cached = sum(r.cached_tokens or 0 for r in ok)
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
+    tpot = [t for t in (r.tpot_s for r in ok) if t is not None]
+    late = [t for t in (r.late_s for r in records) if t is not None]
     if duration_s is None:
         ends = [(r.sent_s or 0.0) + (r.e2e_s or 0.0) for r in records]
         duration_s = max(ends, default=0.0)
@@ -329,6 +346,10 @@ def summarize(records: Sequence[RequestRecord], duration_s: float | None = None)
         "ttft_p99_s": percentile(ttft, 99),
         "e2e_p50_s": percentile(e2e, 50),
         "e2e_p99_s": percentile(e2e, 99),
+        "tpot_p50_s": percentile(tpot, 50),
+        "tpot_p99_s": percentile(tpot, 99),
+        "late_p99_s": percentile(late, 99),
+        "late_max_s": max(late, default=None),
         "duration_s": duration_s,
         "throughput_rps": len(ok) / duration_s if duration_s else 0.0,
         "per_worker": dict(sorted(Counter(r.worker or "?" for r in ok).items())),

@@ -16,7 +16,9 @@ from kvrouter.bench.routing_bench import (
     combine_runs,
     decision_reasons,
     finish_summary,
+    loop_lag,
     replica_comparison,
+    validity,
 )
 from kvrouter.sim.replay import RequestRecord
 
@@ -100,3 +102,33 @@ def test_bench_routing_repeat_runs_each_variant_and_compares_replicas(tmp_path: 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["variants"]["kv_4x"]["requests"] == 80
     assert sum(results["variants"]["kv_4x"]["decisions"].values()) == 80
+
+
+LAG_METRICS = """\
+kvrouter_event_loop_lag_seconds_bucket{le="0.001"} 90
+kvrouter_event_loop_lag_seconds_bucket{le="0.0025"} 98
+kvrouter_event_loop_lag_seconds_bucket{le="0.005"} 99
+kvrouter_event_loop_lag_seconds_bucket{le="0.01"} 100
+kvrouter_event_loop_lag_seconds_bucket{le="+Inf"} 100
+kvrouter_event_loop_lag_seconds_count 100
+kvrouter_event_loop_lag_max_seconds 0.008
+"""
+
+
+def test_loop_lag_p99_and_max_from_metrics() -> None:
+    assert loop_lag(LAG_METRICS) == (0.005, 0.008)
+    assert loop_lag("") == (None, None)
+
+
+def test_a_late_client_or_a_lagging_router_makes_a_run_invalid() -> None:
+    ok = {"late_p99_s": 0.02, "loop_lag_p99_s": 0.04}
+    assert validity(ok, 0.1) == []
+    late = validity({**ok, "late_p99_s": 0.3}, 0.1)
+    assert len(late) == 1 and "client sent late" in late[0]
+    lag = validity({**ok, "loop_lag_p99_s": 0.5}, 0.1)
+    assert len(lag) == 1 and "event loop" in lag[0]
+    # Lateness counts in the summary, in simulated seconds (real x time scale).
+    recs = [RequestRecord(i, 0.0, 0.01 * i, "sim-0", 200, 0.1, 1.0, 100, 0, 5) for i in range(3)]
+    s = finish_summary(recs, 1.0, Counter(), 1, 4.0)
+    assert s["late_max_s"] == pytest.approx(0.08)
+    assert s["tpot_p50_s"] == pytest.approx((1.0 - 0.1) / 4 * 4.0)
