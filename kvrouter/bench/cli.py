@@ -15,6 +15,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "kvrouter.bench.routing_bench",
         "every routing policy on a simulated fleet replaying a Mooncake trace",
     ),
+    "sweep": (
+        "kvrouter.bench.sweep",
+        "every policy at several offered loads: TTFT, TPOT, goodput at SLO, validity",
+    ),
     "listener": (
         "kvrouter.bench.listener_bench",
         "block events/s one listener applies to Redis vs one Lua call per event",
