@@ -71,7 +71,13 @@ class Router:
         self.shared = shared
         self.metrics = metrics
         self.rng = rng or random.Random()
-        self.sequence = 0
+        # Each replica starts its round-robin at a random position: replicas that all
+        # started at 0 would send their first requests (a burst behind a round-robin front)
+        # to the same workers in the same order.
+        # Drawn from a copy of `rng`, so the draws the policies make stay as they were.
+        offset = random.Random()
+        offset.setstate(self.rng.getstate())
+        self.sequence = offset.randrange(1 << 30)
         self.catalogue: ModelCatalogue = settings.catalogue()
         self.configs = {
             name: ScoringConfig(
