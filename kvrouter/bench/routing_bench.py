@@ -430,7 +430,7 @@ async def _bench(
     (out / "results.json").write_text(json.dumps({**meta, "variants": results}, indent=2))
     (out / "report.md").write_text(_markdown(table, meta, args))
     if not args.no_plots:
-        _plots(out, results, ttfts, ideal, pooled)
+        plot_results(out, results, ttfts, ideal, pooled)
     final: dict[str, Any] = {"bench": "routing", "quick": bool(args.quick), **meta, "policies": {}}
     for name, s in results.items():
         final["policies"][name] = {
@@ -565,13 +565,14 @@ def _markdown(table: str, meta: dict[str, Any], args: argparse.Namespace) -> str
     )
 
 
-def _plots(
+def plot_results(
     out: Path,
     results: dict[str, dict[str, Any]],
     ttfts: dict[str, list[float]],
     ideal: float,
     pooled: float,
 ) -> None:
+    """ttft_cdf.png, hit_ratio.png and load.png in `out` (nothing without matplotlib)."""
     try:
         import matplotlib
 
