@@ -292,6 +292,7 @@ class Proxy:
                 return failed
         lease = self._lease(req, plan, worker)
         worker.inflight += 1
+        dispatched = time.monotonic()
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
@@ -313,7 +314,7 @@ class Proxy:
                     f"The model `{req.model}` does not exist.", "model", "model_not_found"
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
-                out = await self._stream(request, resp, plan, worker, lease)
+                out = await self._stream(request, resp, plan, worker, lease, dispatched)
                 if isinstance(out, web.StreamResponse):
                     self.metrics.worker_requests.inc(worker.id)
                 return out
@@ -347,6 +348,7 @@ class Proxy:
         plan: Plan,
         worker: Worker,
         lease: Lease,
+        dispatched: float,
     ) -> web.StreamResponse | APIError:
         try:
             first = await resp.content.readany()
@@ -355,6 +357,11 @@ class Proxy:
         if not first:
             return self._fail(worker, "stream", "empty stream")
         lease.first_byte()
+        # The worker's prefill speed: its TTFT covered this prompt's uncached tokens and the
+        # prefill queued ahead of it when it was dispatched.
+        queued = next((c.prefill_tokens for c in plan.candidates if c.worker == worker.id), 0)
+        uncached = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id))
+        worker.observe_prefill(uncached + queued, time.monotonic() - dispatched)
         self.pool.record_success(worker)
         out = web.StreamResponse(
             status=resp.status, headers=self._response_headers(resp, plan, worker)

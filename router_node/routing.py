@@ -20,7 +20,7 @@ from router_node.request import ParsedRequest
 from router_node.scoring import Candidate, Decision, ScoringConfig, decide
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
-from router_node.workers import WorkerPool
+from router_node.workers import WorkerPool, relative_speeds
 
 # Policies that read residency or shared load; the others route without a lookup.
 _NEEDS_LOOKUP = frozenset({"kv", "prefix_only", "least_load"})
@@ -164,6 +164,7 @@ class Router:
             plan.depths = result.depths
             plan.load = result.load
             empty = WorkerLoad()
+            speed = relative_speeds(workers) if self.settings.speed_aware else {}
             # Shared load comes from leases that land a round trip after each dispatch, so
             # a burst of arrivals would all see the same "least loaded" worker and pile onto
             # it. This replica's own counts are current: take whichever is larger.
@@ -174,6 +175,7 @@ class Router:
                     max(result.load.get(w.id, empty).requests, w.inflight),
                     max(result.load.get(w.id, empty).prefill_tokens, w.prefill_pending),
                     load_penalty.get(w.id, 0.0),
+                    speed.get(w.id, 1.0),
                 )
                 for w in workers
             ]

@@ -64,6 +64,10 @@ class Candidate:
     setup_blocks: float = 0.0
     """Work, in prefill blocks, the worker must do before this request's prefill (loading a
     LoRA adapter it does not hold); the kv policy adds it to the cost."""
+    speed: float = 1.0
+    """The worker's prefill speed over the fleet's mean (2.0: prefills twice as fast). The kv
+    cost divides its prefill work by it, so the cost is predicted time to first token in
+    units of "one block at the fleet's mean speed"; 1.0 when unknown or not speed-aware."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +103,8 @@ def kv_cost(c: Candidate, prompt_tokens: int, cfg: ScoringConfig) -> float:
     """The kv policy's cost of sending a `prompt_tokens` prompt to `c` (blocks of work)."""
     own = max(0, prompt_tokens - c.matched_blocks * cfg.block_size)
     prefill_blocks = (own + cfg.queue_weight * c.prefill_tokens) / cfg.block_size
-    return cfg.prefill_weight * (prefill_blocks + c.setup_blocks) + cfg.decode_weight * c.requests
+    prefill = (prefill_blocks + c.setup_blocks) / c.speed
+    return cfg.prefill_weight * prefill + cfg.decode_weight * c.requests
 
 
 def guard_limit(least_requests: int, cfg: ScoringConfig) -> float:

@@ -181,6 +181,12 @@ SPECS: tuple[Spec, ...] = (
     _spec("prefill_weight", float, "kv cost per block to prefill (own and queued)"),
     _spec("queue_weight", float, "kv: weight of a worker's queued prefill against its own"),
     _spec("decode_weight", float, "kv cost per in-flight request on the worker"),
+    _spec(
+        "speed_aware",
+        _bool,
+        "kv: divide each worker's prefill cost by its prefill speed relative to the fleet's, "
+        "learned from its own TTFTs (a fleet of mixed GPUs)",
+    ),
     _spec("temperature", float, "kv softmax temperature over cost (0 = pick the lowest)"),
     _spec("balance_abs", int, "guard: a worker may lead the least-loaded by this many requests"),
     _spec("balance_rel", float, "guard: ... or by this factor of the least-loaded one's load"),
@@ -244,6 +250,7 @@ class RouterSettings:
     prefill_weight: float = 1.0
     queue_weight: float = 0.5
     decode_weight: float = 2.0
+    speed_aware: bool = False
     temperature: float = 0.0
     balance_abs: int = 4
     balance_rel: float = 1.5

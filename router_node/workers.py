@@ -25,6 +25,22 @@ from dataclasses import dataclass, field
 from router_node.models import Resolved
 from router_node.settings import RouterSettings
 
+# Samples below this many prefill tokens are ignored: their TTFT is decode step and network.
+PREFILL_SAMPLE_MIN_TOKENS = 256
+PREFILL_RATE_ALPHA = 0.1
+# Samples a worker needs before its learned speed counts (the first few are noisy).
+PREFILL_MIN_SAMPLES = 8
+
+
+def relative_speeds(workers: list[Worker]) -> dict[str, float]:
+    """Each worker's learned prefill rate over the mean of the learned ones; workers not yet
+    learned (and every worker until two are) count as 1.0."""
+    known = {w.id: w.prefill_rate for w in workers if w.prefill_samples >= PREFILL_MIN_SAMPLES}
+    if len(known) < 2:
+        return {}
+    mean = sum(known.values()) / len(known)
+    return {wid: rate / mean for wid, rate in known.items()}
+
 
 @dataclass(slots=True)
 class Worker:
@@ -58,6 +74,21 @@ class Worker:
     """Prompt tokens this replica sent the worker that have no first token yet."""
     capacity_source: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    prefill_rate: float = 0.0
+    """Prompt tokens per second it prefills, learned from its TTFTs (0 = not yet known)."""
+    prefill_samples: int = 0
+
+    def observe_prefill(self, tokens: float, seconds: float) -> None:
+        """One TTFT: `tokens` of prefill (the request's uncached prompt plus the prefill
+        queued ahead of it at dispatch) took `seconds` to the first byte. An exponentially
+        weighted mean of tokens/s, so a worker that slows down (or a replacement GPU) is
+        learned again within tens of requests."""
+        if tokens < PREFILL_SAMPLE_MIN_TOKENS or seconds <= 0:
+            return  # a short prefill's TTFT is mostly fixed overhead, not throughput
+        rate = tokens / seconds
+        self.prefill_samples += 1
+        alpha = max(PREFILL_RATE_ALPHA, 1.0 / self.prefill_samples)
+        self.prefill_rate += alpha * (rate - self.prefill_rate)
 
     def __post_init__(self) -> None:
         if self.dp_rank is not None:
