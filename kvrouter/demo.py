@@ -26,7 +26,15 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from kvrouter.bench.routing_bench import VARIANTS, plot_results, results_table, run_variant
+from kvrouter.bench.routing_bench import (
+    DEFAULT_MAX_LAG_S,
+    VARIANTS,
+    plot_results,
+    results_table,
+    run_variant,
+    validity,
+    validity_lines,
+)
 from kvrouter.redisproc import RedisServer, free_port
 from kvrouter.sim.replay import RequestRecord
 from kvrouter.sim.settings import DEFAULT_CAPACITY_TOKENS, SimSettings
@@ -169,8 +177,13 @@ def run(args: argparse.Namespace) -> int:
                 f"TTFT p50 {summary['ttft_p50_s'] or 0:.2f} s",
                 flush=True,
             )
+    for summary in results.values():
+        summary["invalid"] = validity(summary, DEFAULT_MAX_LAG_S)
     print()
     print(results_table(results, ideal, pooled))
+    # A busy laptop delays the client or the router: say so rather than show its numbers as
+    # the router's.
+    print(validity_lines(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_results(out, results, ttfts, ideal, pooled)

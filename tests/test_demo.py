@@ -68,4 +68,6 @@ def test_demo_on_the_shared_prefix_workload_says_what_routing_did(tmp_path: Path
             rf"^kv against {other}: hit ratio .* TTFT p50 .* TTFT p90 ", proc.stdout, re.M
         )
     assert "0 failed requests" in proc.stdout and str(tmp_path / "ttft_cdf.png") in proc.stdout
+    # Whether the machine kept up is said either way (a shared CI runner may not).
+    assert "Every run valid" in proc.stdout or "measured the machine" in proc.stdout
     assert (tmp_path / "ttft_cdf.png").read_bytes().startswith(b"\x89PNG")
