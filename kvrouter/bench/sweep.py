@@ -15,8 +15,10 @@ more than ``--max-lag-s`` (p99, simulated seconds) measured the machine, not the
 is marked INVALID in the tables, the JSON (``invalid``: the reasons) and the peak summary.
 
 Time scale: the simulator runs ``--time-scale`` simulated seconds per real second, lowered at
-high loads so the client never offers more than ``--max-real-rps`` requests per real second
-(the machine's limit, not the fleet's: above it every point is invalid).
+high loads so the client never offers more than ``--max-real-rps`` requests or
+``--max-real-tokens-per-s`` prompt tokens per real second (the machine's limits, not the
+fleet's: on two shared cores the bundled trace's 14k-token prompts at time scale 6 made every
+point invalid).
 
 Workloads: ``--trace bundled`` (the bundled conversation trace), ``--trace shared-prefix``
 (the generator in kvrouter.sim.workload, sized by the ``--groups`` ... flags), or any
@@ -129,6 +131,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         help="lower the time scale so no point sends more requests per real second (default 60)",
+    )
+    parser.add_argument(
+        "--max-real-tokens-per-s",
+        type=float,
+        default=100_000.0,
+        help="likewise for prompt tokens per real second (default 100,000): long prompts cost "
+        "the client and the router per token",
     )
     parser.add_argument("--concurrency", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds per point")
@@ -260,8 +269,7 @@ async def _sweep(
     points: list[dict[str, Any]] = []
     for load in loads:
         scaled = at_load(requests, load, fleet)
-        rps = (len(scaled) - 1) / span_s(scaled)
-        scale = min(args.time_scale, args.max_real_rps / rps)
+        scale = real_time_scale(scaled, args)
         runs: dict[str, list[tuple[dict[str, Any], list[RequestRecord]]]] = {
             v.name: [] for v in variants
         }
@@ -308,6 +316,15 @@ async def _sweep(
         "invalid_points": sum(1 for p in points if p["invalid"]),
         "failed": sum(p["failed"] for p in points),
     }
+
+
+def real_time_scale(requests: list[TraceRequest], args: argparse.Namespace) -> float:
+    """The time scale of one point: ``--time-scale``, lowered until neither requests nor
+    prompt tokens arrive faster per real second than the machine can send and route."""
+    span = span_s(requests)
+    rps = (len(requests) - 1) / span
+    tps = sum(r.input_length for r in requests[1:]) / span
+    return float(min(args.time_scale, args.max_real_rps / rps, args.max_real_tokens_per_s / tps))
 
 
 def peak_goodput(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,7 +12,13 @@ from typing import Any
 
 import pytest
 
-from kvrouter.bench.sweep import SHARED_PREFIX_CAPACITY_TOKENS, Slo, peak_goodput, report
+from kvrouter.bench.sweep import (
+    SHARED_PREFIX_CAPACITY_TOKENS,
+    Slo,
+    peak_goodput,
+    real_time_scale,
+    report,
+)
 from kvrouter.sim.replay import RequestRecord
 from kvrouter.sim.scheduler import step_time_s
 from kvrouter.sim.settings import SettingsError, SimSettings
@@ -164,3 +171,14 @@ def test_a_small_sweep_end_to_end(tmp_path: Path) -> None:
     assert "--speed-mix 2,1" in (tmp_path / "report.md").read_text()
     for name in ("ttft_p90_vs_load.png", "goodput_vs_load.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_time_scale_keeps_the_real_rate_within_the_machines_limits() -> None:
+    reqs = at_load(shared_prefix_trace(SharedPrefixSpec(requests=200)), 1.0, 128_000.0)
+    rps = (len(reqs) - 1) / span_s(reqs)  # about 59 simulated requests per second
+    args = argparse.Namespace(time_scale=4.0, max_real_rps=1e9, max_real_tokens_per_s=1e9)
+    assert real_time_scale(reqs, args) == 4.0
+    args.max_real_rps = 30.0
+    assert real_time_scale(reqs, args) == pytest.approx(30.0 / rps)
+    args.max_real_tokens_per_s = 2176 * 10.0  # ten of these prompts per real second
+    assert real_time_scale(reqs, args) == pytest.approx(10.0 / rps)
