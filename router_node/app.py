@@ -236,6 +236,8 @@ def _inference(endpoint: str) -> Handler:
         m = app[METRICS]
         d = plan.decision
         m.decisions.inc(d.policy, d.reason)
+        if plan.pair is not None:
+            m.pd_decisions.inc(plan.pair.reason)
         matched = plan.matched_tokens(d.worker)
         m.matched_tokens.observe(matched)
         m.matched_tokens_total.inc(amount=matched)
@@ -312,11 +314,17 @@ async def ready(request: web.Request) -> web.Response:
         "status": status,
         "redis": redis,
         "workers": {w.id: w.state(now) for w in pool.workers.values()},
+        # Prefill/decode pools (available workers by role); "both" serves whole requests.
+        "pools": pool.pools(now),
     }
     return web.json_response(body, status=200 if up else 503)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
+    pools = request.app[POOL].pools(time.monotonic())
+    gauge = request.app[METRICS].pool_workers
+    for role, ids in pools.items():
+        gauge.set(role, value=len(ids))
     text = request.app[METRICS].render()
     return web.Response(
         text=text,
@@ -392,8 +400,27 @@ async def debug_route(request: web.Request) -> web.Response:
             "ranking": list(d.ranking),
             "workers": workers,
             "token_ids": req.token_ids if body.get("return_token_ids") else None,
+            "pd": _pd_view(plan),
         }
     )
+
+
+def _pd_view(plan: Plan) -> dict[str, Any] | None:
+    """The prefill/decode choice for /debug/route (None when the fleet is not split)."""
+    pair = plan.pair
+    if pair is None:
+        return None
+    return {
+        "split": pair.split,
+        "reason": pair.reason,
+        "prefill": pair.prefill[0] if pair.prefill else None,
+        "decode": pair.decode[0],
+        "prefill_ranking": list(pair.prefill),
+        "decode_ranking": list(pair.decode),
+        "suffix_tokens": pair.suffix_tokens,
+        "prefill_costs": dict(pair.prefill_costs),
+        "decode_costs": dict(pair.costs),
+    }
 
 
 # -- running inside an event loop --------------------------------------------------------------

@@ -171,6 +171,27 @@ class Metrics:
             "residency cleared for workers out longer than the grace period",
             ("worker",),
         )
+        self.pd_decisions = Counter(
+            "kvrouter_pd_decisions_total",
+            "prefill/decode decisions: split, or why the request ran whole on a decode worker "
+            "(short_suffix, prefill_saturated, no_prefill_worker)",
+            ("reason",),
+        )
+        self.pd_fallbacks = Counter(
+            "kvrouter_pd_fallbacks_total",
+            "split requests that ran whole on the decode worker after all, by cause "
+            "(prefill_failed, missing_params, malformed_params)",
+            ("cause",),
+        )
+        self.pd_prefill_cancelled = Counter(
+            "kvrouter_pd_prefill_cancelled_total",
+            "prefill legs cancelled because the client went away",
+        )
+        self.pool_workers = Gauge(
+            "kvrouter_pool_workers",
+            "workers able to take requests, by prefill/decode role (prefill, decode, both)",
+            ("role",),
+        )
         self.tokenizer_cache = Gauge(
             "kvrouter_tokenizer_cache",
             "segment cache counters (hits, misses, entries, tokens)",

@@ -81,7 +81,7 @@ _BASE_KEYS = {
     "temperature": float,
 }
 _ADAPTER_KEYS = {"name": str, "parent": str, "lora_path": str}
-_WORKER_KEYS = {"url": str, "id": str, "models": list, "dp_rank": int}
+_WORKER_KEYS = {"url": str, "id": str, "models": list, "dp_rank": int, "role": str}
 
 
 @dataclass(frozen=True, slots=True)

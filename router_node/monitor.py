@@ -216,6 +216,7 @@ class Monitor:
         joined = self.pool.sync_registry(
             (e.id, e.url, e.models, e.capacity_blocks, e.dp_rank) for e in entries
         )
+        self.pool.set_roles("registry", ((e.id, e.role) for e in entries))
         for e in entries:
             w = self.pool.get(e.id)
             if w is not None and w.source == "registry" and w.listed is None:
@@ -245,6 +246,7 @@ class Monitor:
                         if e.ready
                     ),
                 )
+                self.pool.set_roles("kubernetes", ((e.worker_id, e.role) for e in snapshot))
                 await self._joined(joined, "discovery")
         except asyncio.CancelledError:
             raise

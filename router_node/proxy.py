@@ -30,10 +30,12 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -64,6 +66,72 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 HEADER_WORKER = "x-kvrouter-worker"
 HEADER_MATCHED = "x-kvrouter-matched-tokens"
+HEADER_PREFILL = "x-kvrouter-prefill-worker"
+"""On a split request: the worker that ran the prefill leg (absent when none did)."""
+
+# The prefill leg's kv_transfer_params (vLLM NixlConnector, as its toy proxy and llm-d's
+# sidecar send them; docs/disaggregation.md).
+PREFILL_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+# Fields a decode worker needs from the prefill answer to pull the KV cache; without them it
+# logs "invalid KVTransferParams" and recomputes the prompt, so the router does not forward
+# such params (the request runs whole on the decode worker instead, counted).
+REQUIRED_PARAMS = ("remote_engine_id", "remote_host", "remote_port", "remote_block_ids")
+
+
+class ParamsError(ValueError):
+    """A prefill answer's kv_transfer_params are missing (`cause` missing_params) or cannot be
+    used (malformed_params)."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(detail)
+        self.cause = cause
+
+
+def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The prefill leg's body: the client's, asking for one token, not streamed, with
+    ``do_remote_decode`` so the worker keeps the KV blocks for the decode worker."""
+    out = dict(body)
+    out["kv_transfer_params"] = dict(PREFILL_PARAMS)
+    out["stream"] = False
+    out["max_tokens"] = 1
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    # One token exactly: a minimum above 1 would contradict max_tokens; no stream, no options.
+    for key in ("stream_options", "min_tokens", "min_completion_tokens"):
+        out.pop(key, None)
+    return out
+
+
+def transfer_params(answer: Any) -> dict[str, Any]:
+    """The usable kv_transfer_params of a prefill answer (a decoded JSON body); raises
+    ParamsError when they are absent or malformed."""
+    if not isinstance(answer, dict):
+        raise ParamsError("malformed_params", "the prefill answer is not a JSON object")
+    params = answer.get("kv_transfer_params")
+    if params is None:
+        raise ParamsError("missing_params", "the prefill answer has no kv_transfer_params")
+    if not isinstance(params, dict):
+        raise ParamsError("malformed_params", "kv_transfer_params is not an object")
+    missing = [k for k in REQUIRED_PARAMS if params.get(k) is None]
+    if missing:
+        raise ParamsError("malformed_params", f"kv_transfer_params lacks {', '.join(missing)}")
+    port, blocks = params["remote_port"], params["remote_block_ids"]
+    if not isinstance(params["remote_host"], str) or not params["remote_host"]:
+        raise ParamsError("malformed_params", "remote_host is not a host name")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ParamsError("malformed_params", "remote_port is not a TCP port")
+    if not isinstance(blocks, list) or not all(
+        isinstance(b, int) and not isinstance(b, bool) for b in blocks
+    ):
+        raise ParamsError("malformed_params", "remote_block_ids is not a list of block ids")
+    return params
 
 
 class BackgroundTasks:
@@ -178,10 +246,15 @@ class Proxy:
             sock_read=settings.read_timeout_s,
         )
 
-    def _lease(self, req: ParsedRequest, plan: Plan, worker: Worker) -> Lease:
+    def _lease(
+        self, req: ParsedRequest, plan: Plan, worker: Worker, prefill: int | None = None
+    ) -> Lease:
+        """Record the chain for `worker` and take its lease; `prefill` overrides the prompt
+        tokens it counts (0 for a decode leg: the prefill ran elsewhere)."""
         bs = plan.block_size
         held = plan.depths.get(worker.id, 0)
-        prefill = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id, bs))
+        if prefill is None:
+            prefill = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id, bs))
 
         async def dispatch(lease_id: str) -> bool:
             return await self.shared.dispatch(
@@ -212,10 +285,54 @@ class Proxy:
     async def forward(
         self, request: web.Request, req: ParsedRequest, plan: Plan, raw: bytes
     ) -> web.StreamResponse:
-        """Send the request to the plan's workers in order until one answers."""
-        last_error: APIError | None = None
+        """Send the request to the plan's workers in order until one answers (a split P/D
+        request: its prefill leg first, then the decode leg)."""
+        if plan.pair is not None and plan.pair.split:
+            return await self._forward_pd(request, req, plan, raw)
+        return await self._forward(request, req, plan, raw, plan.decision.ranking)
+
+    async def _forward_pd(
+        self, request: web.Request, req: ParsedRequest, plan: Plan, raw: bytes
+    ) -> web.StreamResponse:
+        assert plan.pair is not None
+        # One request id for both legs: vLLM's connectors and llm-d's sidecar match the legs
+        # (and their logs) by it.
+        rid = request.headers.get("x-request-id") or str(uuid.uuid4())
+        params: dict[str, Any] | None = None
+        prefill_worker: Worker | None = None
+        try:
+            params, prefill_worker = await self._prefill_leg(request, req, plan, rid)
+        except ParamsError as exc:
+            log.warning("P/D request %s runs whole on the decode worker: %s", rid, exc)
+            self.metrics.pd_fallbacks.inc(exc.cause)
+        if params is None:
+            # Whole on the decode pool: it prefills itself (its lease counts the prompt).
+            return await self._forward(request, req, plan, raw, plan.pair.decode, request_id=rid)
+        body = dict(req.body)
+        body["kv_transfer_params"] = params
+        return await self._forward(
+            request,
+            req,
+            plan,
+            orjson.dumps(body),
+            plan.pair.decode,
+            request_id=rid,
+            decode_leg=True,
+            prefill_worker=prefill_worker,
+        )
+
+    async def _prefill_leg(
+        self, request: web.Request, req: ParsedRequest, plan: Plan, rid: str
+    ) -> tuple[dict[str, Any] | None, Worker | None]:
+        """Run the prefill leg on the prefill ranking until a worker answers. Returns the
+        transfer params and that worker; (None, None) when every prefill worker failed (the
+        caller runs the request whole). Raises ParamsError for an answer without usable
+        params. A cancelled handler (the client left) closes the prefill connection, so the
+        prefill worker aborts and frees its blocks."""
+        assert plan.pair is not None
+        data = orjson.dumps(prefill_body(req.body))
         attempts = 0
-        for wid in plan.decision.ranking:
+        for wid in plan.pair.prefill:
             if attempts >= self.settings.max_attempts:
                 break
             worker = self.pool.get(wid)
@@ -224,7 +341,86 @@ class Proxy:
             attempts += 1
             if attempts > 1:
                 self.metrics.retries.inc()
-            outcome = await self._attempt(request, req, plan, raw, worker)
+            headers = self._headers(request, worker)
+            headers["X-Request-Id"] = rid
+            lease = self._lease(req, plan, worker)
+            worker.inflight += 1
+            resp: aiohttp.ClientResponse | None = None
+            try:
+                try:
+                    resp = await self.session.post(
+                        f"{worker.url}{request.path}",
+                        data=data,
+                        headers=headers,
+                        timeout=self.timeout,
+                    )
+                    answer = await resp.read()
+                except UPSTREAM_ERRORS as exc:
+                    self._fail(worker, "prefill", f"{type(exc).__name__}: {exc}")
+                    continue
+                self.metrics.worker_requests.inc(worker.id)
+                if resp.status != 200:
+                    if resp.status >= 500 or resp.status in RETRY_STATUSES:
+                        self._fail(worker, "prefill", f"HTTP {resp.status}")
+                    else:
+                        self.metrics.upstream_errors.inc(worker.id, "prefill")
+                    continue
+                self.pool.record_success(worker)
+                try:
+                    decoded = orjson.loads(answer)
+                except orjson.JSONDecodeError:
+                    raise ParamsError(
+                        "malformed_params", "the prefill answer is not JSON"
+                    ) from None
+                return transfer_params(decoded), worker
+            except asyncio.CancelledError:
+                self.metrics.pd_prefill_cancelled.inc()
+                raise
+            finally:
+                worker.inflight -= 1
+                lease.end()
+                if resp is not None:
+                    if resp.content.is_eof():
+                        resp.release()
+                    else:
+                        resp.close()
+        self.metrics.pd_fallbacks.inc("prefill_failed")
+        log.warning("P/D request %s: no prefill worker answered; running it whole", rid)
+        return None, None
+
+    async def _forward(
+        self,
+        request: web.Request,
+        req: ParsedRequest,
+        plan: Plan,
+        raw: bytes,
+        ranking: tuple[str, ...],
+        *,
+        request_id: str | None = None,
+        decode_leg: bool = False,
+        prefill_worker: Worker | None = None,
+    ) -> web.StreamResponse:
+        last_error: APIError | None = None
+        attempts = 0
+        for wid in ranking:
+            if attempts >= self.settings.max_attempts:
+                break
+            worker = self.pool.get(wid)
+            if worker is None or not worker.available(time.monotonic()):
+                continue
+            attempts += 1
+            if attempts > 1:
+                self.metrics.retries.inc()
+            outcome = await self._attempt(
+                request,
+                req,
+                plan,
+                raw,
+                worker,
+                request_id=request_id,
+                decode_leg=decode_leg,
+                prefill_worker=prefill_worker,
+            )
             if isinstance(outcome, web.StreamResponse):
                 return outcome
             last_error = outcome
@@ -249,7 +445,11 @@ class Proxy:
         )
 
     def _response_headers(
-        self, resp: aiohttp.ClientResponse, plan: Plan, worker: Worker
+        self,
+        resp: aiohttp.ClientResponse,
+        plan: Plan,
+        worker: Worker,
+        prefill_worker: Worker | None = None,
     ) -> CIMultiDict[str]:
         h: CIMultiDict[str] = CIMultiDict()
         for k in FORWARD_RESPONSE:
@@ -258,6 +458,8 @@ class Proxy:
                 h[k] = v
         h[HEADER_WORKER] = worker.id
         h[HEADER_MATCHED] = str(plan.matched_tokens(worker.id))
+        if prefill_worker is not None:
+            h[HEADER_PREFILL] = prefill_worker.id
         return h
 
     async def _load_adapter(self, worker: Worker, name: str, path: str) -> APIError | None:
@@ -283,21 +485,32 @@ class Proxy:
         return None
 
     async def _attempt(
-        self, request: web.Request, req: ParsedRequest, plan: Plan, raw: bytes, worker: Worker
+        self,
+        request: web.Request,
+        req: ParsedRequest,
+        plan: Plan,
+        raw: bytes,
+        worker: Worker,
+        *,
+        request_id: str | None = None,
+        decode_leg: bool = False,
+        prefill_worker: Worker | None = None,
     ) -> web.StreamResponse | APIError:
         url = f"{worker.url}{request.path}"
         if worker.id in plan.not_loaded and plan.lora_name and plan.lora_path:
             failed = await self._load_adapter(worker, plan.lora_name, plan.lora_path)
             if failed is not None:
                 return failed
-        lease = self._lease(req, plan, worker)
+        # A decode leg's lease counts the request, not the prompt: the prefill ran elsewhere.
+        lease = self._lease(req, plan, worker, 0 if decode_leg else None)
         worker.inflight += 1
+        headers = self._headers(request, worker)
+        if request_id is not None:
+            headers["X-Request-Id"] = request_id
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
-                resp = await self.session.post(
-                    url, data=raw, headers=self._headers(request, worker), timeout=self.timeout
-                )
+                resp = await self.session.post(url, data=raw, headers=headers, timeout=self.timeout)
             except UPSTREAM_ERRORS as exc:
                 return self._fail(worker, "connect", f"{type(exc).__name__}: {exc}")
             if resp.status in RETRY_STATUSES:
@@ -313,7 +526,7 @@ class Proxy:
                     f"The model `{req.model}` does not exist.", "model", "model_not_found"
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
-                out = await self._stream(request, resp, plan, worker, lease)
+                out = await self._stream(request, resp, plan, worker, lease, prefill_worker)
                 if isinstance(out, web.StreamResponse):
                     self.metrics.worker_requests.inc(worker.id)
                 return out
@@ -327,7 +540,9 @@ class Proxy:
                 self.pool.record_success(worker)
             self.metrics.worker_requests.inc(worker.id)
             return web.Response(
-                body=data, status=resp.status, headers=self._response_headers(resp, plan, worker)
+                body=data,
+                status=resp.status,
+                headers=self._response_headers(resp, plan, worker, prefill_worker),
             )
         finally:
             worker.inflight -= 1
@@ -347,6 +562,7 @@ class Proxy:
         plan: Plan,
         worker: Worker,
         lease: Lease,
+        prefill_worker: Worker | None = None,
     ) -> web.StreamResponse | APIError:
         try:
             first = await resp.content.readany()
@@ -357,7 +573,8 @@ class Proxy:
         lease.first_byte()
         self.pool.record_success(worker)
         out = web.StreamResponse(
-            status=resp.status, headers=self._response_headers(resp, plan, worker)
+            status=resp.status,
+            headers=self._response_headers(resp, plan, worker, prefill_worker),
         )
         try:
             await out.prepare(request)

@@ -17,7 +17,15 @@ from router_node.errors import not_found, unavailable
 from router_node.metrics import Metrics
 from router_node.models import ModelCatalogue, Resolved
 from router_node.request import ParsedRequest
-from router_node.scoring import Candidate, Decision, ScoringConfig, decide
+from router_node.scoring import (
+    Candidate,
+    Decision,
+    PairConfig,
+    PairDecision,
+    ScoringConfig,
+    decide,
+    decide_pair,
+)
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
 from router_node.workers import WorkerPool
@@ -49,12 +57,21 @@ class Plan:
     lora_name: str | None = None
     lora_path: str | None = None
     """Where a worker loads the adapter from (config), for ``/v1/load_lora_adapter``."""
+    pair: PairDecision | None = None
+    """Set when the fleet is disaggregated (some worker has role prefill) and the policy is
+    kv: the prefill/decode choice. ``decision.ranking`` is then the decode pool's ranking."""
 
     def matched_blocks(self, worker: str) -> int:
         return min(self.depths.get(worker, 0), self.useful_blocks)
 
     def matched_tokens(self, worker: str, block_size: int | None = None) -> int:
         return self.matched_blocks(worker) * (block_size or self.block_size)
+
+
+def policy_is_kv(policy: str) -> bool:
+    """The P/D split needs the kv policy's view of residency and load; baseline policies
+    route whole requests (prefill-only workers then take none)."""
+    return policy == "kv"
 
 
 class Router:
@@ -73,6 +90,11 @@ class Router:
         self.rng = rng or random.Random()
         self.sequence = 0
         self.catalogue: ModelCatalogue = settings.catalogue()
+        self.pair_config = PairConfig(
+            min_prefill_tokens=settings.pd_min_prefill_tokens,
+            saturation_tokens=settings.pd_saturation_tokens,
+            transfer_weight=settings.pd_transfer_weight,
+        )
         self.configs = {
             name: ScoringConfig(
                 block_size=b.block_size,
@@ -111,7 +133,13 @@ class Router:
             raise not_found(f"The model `{req.model}` does not exist.", "model", "model_not_found")
         placement = self.settings.lora_placement
         pairs = self.pool.candidates_for(model, placement, time.monotonic())
-        if not pairs:
+        # Prefill-only workers never take a whole request: they answer one token and hand
+        # the KV cache over. They are candidates of the prefill leg only (below).
+        prefill_only = {w.id for w, _ in pairs if w.role == "prefill"}
+        disaggregated = bool(prefill_only) and policy_is_kv(self.settings.policy)
+        if not disaggregated:
+            pairs = [(w, loaded) for w, loaded in pairs if w.role != "prefill"]
+        if not pairs or all(w.role == "prefill" for w, _ in pairs):
             if model.lora_name is not None and not self.pool.lists(model.name):
                 where = (
                     "no worker has it loaded"
@@ -178,6 +206,15 @@ class Router:
             ]
         plan.candidates = cands
         self.sequence += 1
+        if disaggregated:
+            roles = {w.id: w.role for w in workers}
+            pre = [c for c in cands if roles[c.worker] in ("prefill", "both")]
+            dec = [c for c in cands if roles[c.worker] in ("decode", "both")]
+            pair = decide_pair(pre, dec, n_tokens, config, self.pair_config, self.rng)
+            plan.pair = pair
+            reason = "redis_down" if result is None else pair.reason
+            plan.decision = Decision(policy, reason, pair.decode, pair.costs)
+            return plan
         if policy in _NEEDS_LOOKUP and result is None:
             d = decide("least_load", cands, n_tokens, config, self.rng)
             plan.decision = Decision(

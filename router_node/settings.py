@@ -30,6 +30,16 @@ from router_node.models import (
 from router_node.scoring import POLICIES
 
 DISCOVERY_MODES = ("static", "redis", "kubernetes")
+ROLES = ("both", "prefill", "decode")
+"""Worker roles for prefill/decode disaggregation; ``both`` serves whole requests."""
+
+
+def parse_role(text: str) -> str:
+    """A worker role (case-insensitive); raises ValueError naming the choices."""
+    role = text.strip().lower()
+    if role not in ROLES:
+        raise ValueError(f"worker role must be one of {', '.join(ROLES)}, got {text!r}")
+    return role
 
 
 class SettingsError(ValueError):
@@ -38,7 +48,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """One statically configured worker: ``[ID=]URL[#dpN]``."""
+    """One statically configured worker: ``[ID=]URL[#dpN][@ROLE]``."""
 
     id: str
     url: str
@@ -47,15 +57,23 @@ class WorkerSpec:
     models: tuple[str, ...] = ()
     """Models it serves (config file ``[[workers]]``); empty = learn from its /v1/models,
     else every model."""
+    role: str = "both"
+    """``prefill``, ``decode`` or ``both`` (prefill/decode disaggregation)."""
 
     @classmethod
     def parse(cls, text: str) -> WorkerSpec:
-        """Parse ``[ID=]URL`` where URL may end in ``#dpN`` for data-parallel rank N.
+        """Parse ``[ID=]URL[#dpN][@ROLE]``: ``#dpN`` pins data-parallel rank N, ``@prefill`` or
+        ``@decode`` puts the worker in that pool (default ``both``).
 
         The id defaults to the URL's host:port (plus ``#dpN`` for N > 0): the id the listener
         and the index use for the same engine.
         """
         text = text.strip()
+        role = "both"
+        head, at, tail = text.rpartition("@")
+        # Only a known role after the last '@' is a role: a URL's user@host stays a URL.
+        if at and tail.strip().lower() in ROLES:
+            text, role = head, tail.strip().lower()
         wid, sep, url = text.partition("=")
         if not sep or "://" in wid:
             wid, url = "", text
@@ -78,7 +96,7 @@ class WorkerSpec:
             validate_worker_id(wid)
         except KeyNameError as exc:
             raise ValueError(str(exc)) from None
-        return cls(wid, url.rstrip("/"), rank)
+        return cls(wid, url.rstrip("/"), rank, role=role)
 
 
 def _bool(text: str) -> bool:
@@ -131,7 +149,8 @@ SPECS: tuple[Spec, ...] = (
         "KVR_WORKERS",
         "--worker",
         str,
-        "static workers, `[ID=]URL[#dpN]` (env: comma-separated; flag: repeatable)",
+        "static workers, `[ID=]URL[#dpN][@ROLE]`, ROLE prefill, decode or both (env: "
+        "comma-separated; flag: repeatable)",
         repeatable=True,
     ),
     Spec(
@@ -185,6 +204,18 @@ SPECS: tuple[Spec, ...] = (
     _spec("balance_abs", int, "guard: a worker may lead the least-loaded by this many requests"),
     _spec("balance_rel", float, "guard: ... or by this factor of the least-loaded one's load"),
     _spec("session_header", str, "request header naming a session (session policy)"),
+    _spec(
+        "pd_min_prefill_tokens",
+        int,
+        "P/D: skip the prefill hop when the decode worker's uncached suffix is shorter (tokens)",
+    ),
+    _spec(
+        "pd_saturation_tokens",
+        int,
+        "P/D: prefill pool saturated (requests run whole on a decode worker) when every "
+        "prefill worker has this many prompt tokens queued (0 = never)",
+    ),
+    _spec("pd_transfer_weight", float, "P/D: cost of pulling a KV block against computing it"),
     _spec("max_body_bytes", int, "largest request body accepted (413 above)"),
     _spec("max_prompt_tokens", int, "largest prompt in tokens (413 above; 0 = no limit)"),
     _spec("tokenize_thread_bytes", int, "bodies larger than this tokenize in a worker thread"),
@@ -248,6 +279,9 @@ class RouterSettings:
     balance_abs: int = 4
     balance_rel: float = 1.5
     session_header: str = "x-session-id"
+    pd_min_prefill_tokens: int = 256
+    pd_saturation_tokens: int = 0
+    pd_transfer_weight: float = 0.1
     max_body_bytes: int = 16 * 1024 * 1024
     max_prompt_tokens: int = 131072
     tokenize_thread_bytes: int = 256 * 1024
@@ -484,6 +518,11 @@ class RouterSettings:
             raise bad("k8s_selector", "is required with kubernetes discovery")
         if self.discovery == "redis" and not self.redis_url:
             raise bad("discovery", "redis discovery needs a Redis URL")
+        for name in ("pd_min_prefill_tokens", "pd_saturation_tokens"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.pd_transfer_weight >= 0:
+            raise bad("pd_transfer_weight", f"must be >= 0, got {self.pd_transfer_weight}")
         if self.session_header != self.session_header.strip() or not self.session_header:
             raise bad("session_header", "must be a header name")
 
@@ -503,6 +542,7 @@ def conf_lists(conf: ConfigFile) -> dict[str, tuple[Any, ...]]:
                         + (f"#dp{w['dp_rank']}" if "dp_rank" in w else "")
                     ),
                     models=tuple(w.get("models", ())),
+                    role=parse_role(w.get("role", "both")),
                 )
                 for w in conf.workers
             )

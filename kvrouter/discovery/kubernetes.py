@@ -72,6 +72,9 @@ DP_SIZE_LABEL = "kvrouter.io/dp-size"
 HTTP_PORT_LABEL = "kvrouter.io/http-port"
 EVENTS_PORT_LABEL = "kvrouter.io/kv-events-port"
 REPLAY_PORT_LABEL = "kvrouter.io/kv-replay-port"
+ROLE_LABEL = "kvrouter.io/role"
+"""prefill, decode or both: the Service's pool (one Service per pool; copied to its slices)."""
+ROLES = ("both", "prefill", "decode")
 
 # Environment variables of the Kubernetes discovery settings (the Helm chart sets them).
 ENV_NAMESPACE = "KVR_K8S_NAMESPACE"
@@ -257,6 +260,9 @@ def endpoints_from_slices(
             http = _label_int(labels, HTTP_PORT_LABEL, 1, 65535) or named.get(ports.http)
             events = _label_int(labels, EVENTS_PORT_LABEL, 1, 65535) or named.get(ports.events)
             replay = _label_int(labels, REPLAY_PORT_LABEL, 1, 65535) or named.get(ports.replay)
+            role = (labels.get(ROLE_LABEL) or "both").strip().lower()
+            if role not in ROLES:
+                raise ValueError(f"label {ROLE_LABEL}={labels[ROLE_LABEL]!r} is not one of {ROLES}")
         except ValueError as exc:
             if on_problem:
                 on_problem(f"EndpointSlice {name}: {exc}; skipped")
@@ -303,6 +309,7 @@ def endpoints_from_slices(
                     dp_rank=rank,
                     ready=ready,
                     pod=pod,
+                    role=role,
                 )
                 seen = found.get(worker_id)
                 if seen is None or (endpoint.ready and not seen.ready):
