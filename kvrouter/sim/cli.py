@@ -55,6 +55,10 @@ _HELP: dict[str, str] = {
     "kv_events_buffer_steps": "event batches kept for replay",
     "seed": "seed folded into the engine block hashes",
     "ready_file": "write the fleet's JSON description here once listening",
+    "prefill_workers": "P/D: the first N workers are prefill workers, the rest decode workers "
+    "(0 = all serve whole requests)",
+    "kv_bytes_per_token": "P/D: KV cache bytes per token a decode worker pulls",
+    "transfer_gb_per_s": "P/D: prefill-to-decode link bandwidth in GB/s (simulated time)",
 }
 
 

@@ -102,8 +102,10 @@ class Engine:
         *,
         root: bytes | None = None,
         lora_name: str | None = None,
+        remote_tokens: int = 0,
     ) -> SimRequest:
-        """Queue a request; raises RequestRejected if it can never run on this worker."""
+        """Queue a request; raises RequestRejected if it can never run on this worker.
+        `remote_tokens`: leading prompt tokens whose KV was pulled from a prefill worker."""
         req = self.scheduler.add(
             f"{next(self._ids)}",
             prompt,
@@ -113,6 +115,7 @@ class Engine:
             lora_name=lora_name,
         )
         req.notify = asyncio.Event()
+        req.remote_tokens = remote_tokens
         self._wake()
         return req
 

@@ -94,6 +94,7 @@ class SimFleet:
                     replay_port=ev + 2 * i + 1 if ev else 0,
                     zmq_ctx=self._zmq,
                     tokenizer=tokenizer,
+                    role=s.role(i),
                 )
             )
         self.info: FleetInfo | None = None

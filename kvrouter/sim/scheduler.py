@@ -124,6 +124,7 @@ class SimRequest:
         "num_preemptions",
         "prefilling",
         "prompt_len",
+        "remote_tokens",
         "request_id",
         "state",
         "table",
@@ -147,6 +148,9 @@ class SimRequest:
         self.num_computed = 0
         self.num_preemptions = 0
         self.prefilling = True
+        self.remote_tokens = 0
+        """Leading prompt tokens whose KV was pulled from a prefill worker (P/D): admitted as
+        computed, without prefill time (the pull was already waited for)."""
         self.table = BlockTable()
         self.hashes: list[int] = []
         self._digest = root
@@ -340,19 +344,24 @@ class Scheduler:
             n_tokens = len(req.tokens)
             req.ensure_hashes(n_tokens // bs, bs)
             hit = cache.match_prefix(req.hashes, n_tokens)
-            first = min(n_tokens - len(hit) * bs, budget)
-            need = _cdiv(len(hit) * bs + first, bs) - len(hit)
+            # Pulled KV counts as computed, in whole blocks, short of the last prompt token
+            # (computed here, as vLLM does, to sample the first token).
+            start = max(len(hit) * bs, min(req.remote_tokens, n_tokens - 1) // bs * bs)
+            first = min(n_tokens - start, budget)
+            need = _cdiv(start + first, bs) - len(hit)
             if not cache.can_allocate(hit, need):
                 break
             self.waiting.popleft()
             cache.allocate(req.table, hit, need)
-            req.num_computed = len(hit) * bs
+            req.num_computed = start
+            if start > len(hit) * bs:
+                self._register(req, bs)  # the pulled blocks are cached now (BlockStored)
             req.prefilling = True
             req.state = RequestState.RUNNING
             if req.cached_tokens is None:
-                req.cached_tokens = req.num_computed
+                req.cached_tokens = len(hit) * bs
             self.stats.prefix_queries_tokens += n_tokens
-            self.stats.prefix_hits_tokens += req.num_computed
+            self.stats.prefix_hits_tokens += len(hit) * bs
             running.append(req)
             n = min(n_tokens - req.num_computed, budget)
             prefill.append((req, n))
@@ -443,6 +452,7 @@ class Scheduler:
         self.running.remove(req)
         self.cache.free(req.table)
         req.num_computed = 0
+        req.remote_tokens = 0  # the pulled KV is gone with the blocks: recompute
         req.prefilling = True
         req.num_preemptions += 1
         req.state = RequestState.WAITING

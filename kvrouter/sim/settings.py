@@ -69,6 +69,14 @@ class SimSettings:
     kv_events_buffer_steps: int = 10_000
     seed: int = 0
     ready_file: str | None = None
+    prefill_workers: int = 0
+    """Prefill/decode disaggregation: the first N workers are prefill workers, the others
+    decode workers (0 = every worker serves whole requests, role "both")."""
+    kv_bytes_per_token: int = 131_072
+    """KV cache bytes per token moved from a prefill to a decode worker (Llama-3-8B in bf16:
+    2 x 32 layers x 8 KV heads x 128 dims x 2 bytes)."""
+    transfer_gb_per_s: float = 25.0
+    """Link bandwidth between prefill and decode workers, in GB/s (simulated time)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> SettingsError:
@@ -102,6 +110,15 @@ class SimSettings:
             raise bad("kv_events", f"must be one of {', '.join(KV_EVENTS_MODES)}")
         if self.kv_events_buffer_steps < 0:
             raise bad("kv_events_buffer_steps", "must be >= 0")
+        if not 0 <= self.prefill_workers < self.workers:
+            raise bad(
+                "prefill_workers",
+                f"must be in [0, workers) so a decode worker remains, got {self.prefill_workers}",
+            )
+        if self.kv_bytes_per_token < 0:
+            raise bad("kv_bytes_per_token", "must be >= 0")
+        if not self.transfer_gb_per_s > 0:
+            raise bad("transfer_gb_per_s", f"must be > 0, got {self.transfer_gb_per_s}")
         if not self.model:
             raise bad("model", "must not be empty")
         if self.model in self.adapters:
@@ -111,6 +128,16 @@ class SimSettings:
     def adapters(self) -> tuple[str, ...]:
         """The LoRA adapter names (parsed `lora_adapters`)."""
         return tuple(dict.fromkeys(a.strip() for a in self.lora_adapters.split(",") if a.strip()))
+
+    def role(self, index: int) -> str:
+        """The prefill/decode role of worker `index`."""
+        if not self.prefill_workers:
+            return "both"
+        return "prefill" if index < self.prefill_workers else "decode"
+
+    def transfer_s(self, tokens: int) -> float:
+        """Simulated seconds to pull `tokens` tokens of KV cache over the link."""
+        return tokens * self.kv_bytes_per_token / (self.transfer_gb_per_s * 1e9)
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -196,4 +223,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "kv_events_buffer_steps": _int,
     "seed": _int,
     "ready_file": _str,
+    "prefill_workers": _int,
+    "kv_bytes_per_token": _int,
+    "transfer_gb_per_s": _float,
 }

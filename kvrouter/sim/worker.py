@@ -7,12 +7,22 @@ Endpoints (as vLLM's OpenAI server unless marked):
   `prompt_tokens_details.cached_tokens`; `stream_options.include_usage` adds a final usage
   chunk. Generation always runs to `max_tokens` (EOS is ignored).
 - `GET /v1/models`, `GET /health`, `GET /metrics`, `POST /reset_prefix_cache`.
+- Prefill/decode disaggregation as vLLM's NixlConnector speaks it (docs/disaggregation.md):
+  a request with ``kv_transfer_params.do_remote_decode`` is a prefill leg, answered with
+  ``kv_transfer_params`` (``do_remote_prefill``, ``remote_block_ids``, ``remote_engine_id``,
+  ``remote_request_id``, ``remote_host``, ``remote_port``, ``tp_size``); a request with
+  ``do_remote_prefill`` and those fields is a decode leg: the worker "pulls" the prompt
+  blocks it does not hold (waiting ``kv_bytes_per_token x tokens / transfer_gb_per_s``
+  simulated seconds), caches them (BlockStored events) and decodes. Params without the
+  fields are logged, counted (``invalid_params``) and the prompt is recomputed, as vLLM does.
 - Simulator-only fault injection: `POST /admin/reset_prefix_cache` (same as vLLM's),
   `POST /admin/restart?down_s=S` (fail every request, empty the cache silently, restart
   the event seq at 0; with S > 0 also stop listening for S real seconds and answer 503 on
   kept-alive connections meanwhile), `POST /admin/drop_events?count=K&replay=1` (swallow
   the next K event batches on the live stream; replay=0 also keeps them out of the replay
-  buffer), `GET /admin/state` (JSON snapshot).
+  buffer), `GET /admin/state` (JSON snapshot, P/D counters and the last legs' params
+  included), `POST /admin/pd_fault?mode=omit|malformed|fail&count=K` (the next K prefill
+  legs answer without kv_transfer_params, with malformed ones, or with a 503).
 
 Every response carries `x-sim-worker: <worker id>`.
 """
@@ -34,7 +44,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from kvrouter.sim.engine import Engine
-from kvrouter.sim.kvcache import root_digest
+from kvrouter.sim.kvcache import chain_hashes, root_digest, token_bytes
 from kvrouter.sim.metrics import render_metrics
 from kvrouter.sim.publisher import EventPublisher
 from kvrouter.sim.scheduler import EngineConfig, RequestRejected, RequestState, SimRequest
@@ -82,6 +92,8 @@ class WorkerInfo:
     replay_endpoint: str | None
     topic: str
     dp_rank: int = 0
+    role: str = "both"
+    """prefill, decode or both (`kvrouter sim --prefill-workers`)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,8 +129,22 @@ class SimWorker:
         replay_port: int = 0,
         zmq_ctx: zmq.asyncio.Context | None = None,
         tokenizer: Tokenizer | None = None,
+        role: str = "both",
     ) -> None:
         self.worker_id = worker_id
+        self.role = role
+        self.pd: dict[str, Any] = {
+            "prefill_legs": 0,
+            "prefill_aborted": 0,
+            "remote_decodes": 0,
+            "invalid_params": 0,
+            "pulled_tokens": 0,
+            "pulled_bytes": 0,
+            "last_prefill": None,
+            "last_decode": None,
+        }
+        """Prefill/decode counters and the last legs seen (for /admin/state and tests)."""
+        self.pd_fault: tuple[str, int] = ("", 0)
         self.settings = settings
         self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
         self._port = port
@@ -172,6 +198,7 @@ class SimWorker:
             events_endpoint=pub.endpoint if pub else None,
             replay_endpoint=pub.replay_endpoint if pub else None,
             topic=self.settings.kv_events_topic,
+            role=self.role,
         )
         return self.info
 
@@ -224,18 +251,34 @@ class SimWorker:
         stream: bool,
         include_usage: bool,
         model: str,
+        kv_params: Mapping[str, Any] | None = None,
     ) -> web.StreamResponse:
-        """Run one request through the engine and answer it, streaming or not."""
+        """Run one request through the engine and answer it, streaming or not. `kv_params`:
+        the request's kv_transfer_params (a prefill or a decode leg of a split request)."""
         if self.is_down:
             raise ApiError(503, "the engine is restarting", "ServiceUnavailableError")
+        lora = model if model in self.adapter_roots else None
+        root = self.adapter_roots[lora] if lora else self.engine.scheduler.root
+        prefill_leg = bool(kv_params and kv_params.get("do_remote_decode"))
+        remote = 0
+        if prefill_leg:
+            assert kv_params is not None
+            self.pd["prefill_legs"] += 1
+            self.pd["last_prefill"] = {
+                "kv_transfer_params": dict(kv_params),
+                "max_tokens": max_tokens,
+                "stream": stream,
+                "request_id": request.headers.get("x-request-id"),
+            }
+            if self.pd_fault[0] == "fail" and self._take_fault():
+                raise ApiError(503, "injected prefill failure", "ServiceUnavailableError")
+        elif kv_params and kv_params.get("do_remote_prefill"):
+            remote = await self._pull(prompt, root, kv_params, request, max_tokens, stream)
         try:
-            lora = model if model in self.adapter_roots else None
             req = self.engine.submit(
-                prompt,
-                max_tokens,
-                root=self.adapter_roots[lora] if lora else None,
-                lora_name=lora,
-            )
+                prompt, max_tokens, root=root if lora else None, lora_name=lora,
+                remote_tokens=remote,
+            )  # fmt: skip
         except RequestRejected as exc:
             raise ApiError(400, str(exc), param="max_tokens") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -248,9 +291,81 @@ class SimWorker:
                 pass
             if req.state is not RequestState.FINISHED:
                 raise ApiError(503, req.error or "request aborted", "ServiceUnavailableError")
-            return web.json_response(fmt.full(req), headers={WORKER_HEADER: self.worker_id})
+            body = fmt.full(req)
+            if prefill_leg:
+                params: dict[str, Any] | None = self._transfer_params(req, rid)
+                fault = self.pd_fault[0]
+                if fault == "omit" and self._take_fault():
+                    params = None
+                elif fault == "malformed" and self._take_fault():
+                    params = {"do_remote_prefill": True, "remote_block_ids": "not a list"}
+                body["kv_transfer_params"] = params
+            return web.json_response(body, headers={WORKER_HEADER: self.worker_id})
         finally:
+            if prefill_leg and req.state is not RequestState.FINISHED:
+                self.pd["prefill_aborted"] += 1  # the router (client) went away mid-prefill
             self.engine.abort(req)
+
+    def _take_fault(self) -> bool:
+        fault, left = self.pd_fault
+        if left <= 0:
+            return False
+        self.pd_fault = (fault, left - 1)
+        return True
+
+    def _transfer_params(self, req: SimRequest, rid: str) -> dict[str, Any]:
+        """What vLLM's prefill worker answers: where the decode worker pulls the KV from."""
+        bs = self.settings.block_size
+        req.ensure_hashes(req.prompt_len // bs, bs)
+        held = self.engine.scheduler.cache.match_prefix(
+            req.hashes[: req.prompt_len // bs], req.prompt_len
+        )
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": list(held),
+            "remote_engine_id": self.worker_id,
+            "remote_request_id": rid,
+            "remote_host": self.settings.host,
+            "remote_port": self._port,
+            "tp_size": 1,
+        }
+
+    async def _pull(
+        self,
+        prompt: Sequence[int],
+        root: bytes,
+        params: Mapping[str, Any],
+        request: web.Request,
+        max_tokens: int,
+        stream: bool,
+    ) -> int:
+        """A decode leg: wait for the pull of the blocks this worker lacks; returns the prompt
+        tokens now held (0 when the params are unusable: the prompt is recomputed)."""
+        self.pd["last_decode"] = {
+            "kv_transfer_params": dict(params),
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "request_id": request.headers.get("x-request-id"),
+        }
+        blocks = params.get("remote_block_ids")
+        needed = ("remote_engine_id", "remote_host", "remote_port", "remote_block_ids")
+        if any(params.get(k) is None for k in needed) or not isinstance(blocks, list):
+            self.pd["invalid_params"] += 1
+            log.warning("%s: invalid KVTransferParams %r; recomputing", self.worker_id, params)
+            return 0
+        bs = self.settings.block_size
+        remote = min(len(blocks), len(prompt) // bs) * bs
+        hashes, _ = chain_hashes(root, token_bytes(prompt[:remote]), bs)
+        local = len(self.engine.scheduler.cache.match_prefix(hashes, len(prompt))) * bs
+        pulled = max(0, remote - local)  # blocks it already holds need no transfer
+        self.pd["remote_decodes"] += 1
+        self.pd["pulled_tokens"] += pulled
+        self.pd["pulled_bytes"] += pulled * self.settings.kv_bytes_per_token
+        wait = self.settings.transfer_s(pulled) / self.settings.time_scale
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return remote
 
     async def _stream(
         self, request: web.Request, req: SimRequest, fmt: _ChunkFormat, include_usage: bool
@@ -300,6 +415,8 @@ class SimWorker:
             "usage": cache.usage,
             "sim_time_s": self.engine.now_s(),
             "stats": asdict(sched.stats),
+            "role": self.role,
+            "pd": self.pd,
             "events": None
             if pub is None
             else {
@@ -450,6 +567,13 @@ def _int_param(body: Mapping[str, Any], *names: str, default: int) -> int:
     return default
 
 
+def _kv_params(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    params = body.get("kv_transfer_params")
+    if params is not None and not isinstance(params, dict):
+        raise ApiError(400, "kv_transfer_params must be an object", param="kv_transfer_params")
+    return params
+
+
 def _common(body: Mapping[str, Any], worker: SimWorker) -> tuple[str, bool, bool]:
     model = body.get("model") or worker.settings.model
     if model != worker.settings.model and model not in worker.adapter_roots:
@@ -476,7 +600,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     max_tokens = _int_param(body, "max_tokens", default=DEFAULT_MAX_TOKENS)
     return await worker.generate(
         request, prompt, max_tokens, chat=False, stream=stream,
-        include_usage=include_usage, model=model,
+        include_usage=include_usage, model=model, kv_params=_kv_params(body),
     )  # fmt: skip
 
 
@@ -494,7 +618,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = _int_param(body, "max_completion_tokens", "max_tokens", default=DEFAULT_MAX_TOKENS)
     return await worker.generate(
         request, prompt, max_tokens, chat=True, stream=stream,
-        include_usage=include_usage, model=model,
+        include_usage=include_usage, model=model, kv_params=_kv_params(body),
     )  # fmt: skip
 
 
@@ -566,6 +690,16 @@ async def admin_drop_events(request: web.Request) -> web.Response:
                               "next_seq": worker.publisher.next_seq})  # fmt: skip
 
 
+async def admin_pd_fault(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    mode = request.query.get("mode", "")
+    if mode not in ("omit", "malformed", "fail", ""):
+        raise ApiError(400, "mode must be omit, malformed or fail", param="mode")
+    count = int(_query_number(request, "count", 1))
+    worker.pd_fault = (mode, count if mode else 0)
+    return web.json_response({"ok": True, "mode": mode, "count": count})
+
+
 async def admin_state(request: web.Request) -> web.Response:
     return web.json_response(request.app[WORKER_KEY].state())
 
@@ -620,4 +754,5 @@ def create_worker_app(worker: SimWorker) -> web.Application:
     app.router.add_post("/admin/restart", admin_restart)
     app.router.add_post("/admin/drop_events", admin_drop_events)
     app.router.add_get("/admin/state", admin_state)
+    app.router.add_post("/admin/pd_fault", admin_pd_fault)
     return app
