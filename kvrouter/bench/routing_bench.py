@@ -10,6 +10,18 @@ trace; then a report compares them:
   round_robin, random, least_load, prefix_only, session   the baselines
   kv_4x       `kv` with 4 router replicas behind a round-robin front (the replay client
               alternates between them request by request): shared state must route as well
+  kv_pd       prefill/decode disaggregation at the same GPU count: a quarter of the workers
+              prefill (2 of 8), the rest decode, kv policy, events on; the decode workers
+              pull the KV over a simulated link
+  kv_pd_4x    `kv_pd` with 4 router replicas
+
+Time per output token (TPOT) is where the split pays: in aggregated serving a prefill chunk
+batched with decodes stretches that step for every decode in it (the simulator's step time
+grows with the step's prefill tokens); decode workers of a split fleet prefill only a prompt's
+last block. `compute_hit_ratio` is 1 - prompt tokens the engines computed / prompt tokens sent,
+from the workers' own counters: comparable across split and aggregated fleets (a decode
+worker's `cached_tokens` does not count pulled blocks, as in vLLM). `transfer_gb` is the KV
+the decode workers pulled.
 
 Hit ratio is cached over prompt tokens, as the workers report it in `usage`. It is shown next
 to two ideals over the same requests: one infinite cache (`ideal_hit_ratio`) and one LRU cache
@@ -61,6 +73,11 @@ class Variant:
     policy: str
     kv_events: bool
     replicas: int = 1
+    pd: bool = False
+    """Prefill/decode split: a quarter of the workers (at least one) prefill."""
+
+    def prefill_workers(self, workers: int) -> int:
+        return max(1, workers // 4) if self.pd else 0
 
 
 VARIANTS = (
@@ -72,6 +89,8 @@ VARIANTS = (
     Variant("prefix_only", "prefix_only", False),
     Variant("session", "session", False),
     Variant("kv_4x", "kv", True, replicas=4),
+    Variant("kv_pd", "kv", True, pd=True),
+    Variant("kv_pd_4x", "kv", True, replicas=4, pd=True),
 )
 # --quick: the first 900 requests (about 5 minutes of the trace), 4 times faster. At 6x the
 # listener, simulator, router, client and Redis saturated two cores and the run measured the
@@ -158,7 +177,7 @@ async def run_variant(
     cfg = StackConfig(
         workers=args.workers, policy=v.policy, kv_events=v.kv_events, replicas=v.replicas,
         capacity_tokens=args.capacity_tokens, time_scale=scale, redis_url=redis_url,
-        model=base, adapters=names[1:],
+        model=base, adapters=names[1:], prefill_workers=v.prefill_workers(args.workers),
     )  # fmt: skip
     per_model: dict[str, list[RequestRecord]] = {}
     async with LocalStack(cfg) as stack:
@@ -190,9 +209,18 @@ async def run_variant(
             records = [r for rs in results for r in rs]
         duration = time.monotonic() - t0
         reasons: Counter[str] = Counter()
+        pd_reasons: Counter[str] = Counter()
         for url in stack.router_urls:
-            reasons.update(decision_reasons(await stack.metrics(url)))
+            text = await stack.metrics(url)
+            reasons.update(decision_reasons(text))
+            pd_reasons.update(pd_decision_reasons(text))
+        fleet = await fleet_counters(stack)
     summary = finish_summary(records, duration, reasons, args.workers, scale)
+    summary.update(fleet)
+    sent = summary["prompt_tokens"]
+    summary["compute_hit_ratio"] = 1 - fleet["computed_prompt_tokens"] / sent if sent else 0.0
+    if pd_reasons:
+        summary["pd_decisions"] = dict(sorted(pd_reasons.items()))
     if per_model:
         summary["per_model"] = {
             name: {
@@ -208,6 +236,32 @@ async def run_variant(
     return summary, records
 
 
+async def fleet_counters(stack: LocalStack) -> dict[str, Any]:
+    """The simulated workers' own counters, summed: prompt tokens computed and KV pulled."""
+    import aiohttp
+
+    assert stack.fleet is not None
+    computed = pulled = 0
+    async with aiohttp.ClientSession() as s:
+        for w in stack.fleet.workers:
+            async with s.get(f"{w.url}/admin/state") as r:
+                st = await r.json()
+            computed += int(st["stats"]["prompt_tokens"])
+            pulled += int(st.get("pd", {}).get("pulled_bytes", 0))
+    return {"computed_prompt_tokens": computed, "transfer_gb": pulled / 1e9}
+
+
+_PD_DECISION = re.compile(r'^kvrouter_pd_decisions_total\{reason="([^"]+)"\} (\S+)$', re.M)
+
+
+def pd_decision_reasons(metrics_text: str) -> Counter[str]:
+    """A router's prefill/decode decisions by reason (split, short_suffix, ...)."""
+    out: Counter[str] = Counter()
+    for reason, value in _PD_DECISION.findall(metrics_text):
+        out[reason] += int(float(value))
+    return out
+
+
 def finish_summary(
     records: list[RequestRecord],
     duration_s: float,
@@ -218,7 +272,8 @@ def finish_summary(
     """A variant's summary of `records` (one run's, or several runs' together): latencies in
     simulated seconds, rejections, load spread over the workers, routing decisions."""
     summary = summarize(records, duration_s)
-    for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s"):
+    for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s",
+              "tpot_p50_s", "tpot_p99_s"):  # fmt: skip
         if summary[k] is not None:
             summary[k] *= scale
     summary["throughput_rps"] /= scale
@@ -246,6 +301,10 @@ def combine_runs(
         reasons.update(s.get("decisions", {}))
     duration = sum(s["duration_s"] for s, _ in runs)
     summary = finish_summary(records, duration, reasons, workers, scale)
+    for key in ("computed_prompt_tokens", "transfer_gb"):
+        summary[key] = sum(s.get(key, 0) for s, _ in runs)
+    sent = summary["prompt_tokens"]
+    summary["compute_hit_ratio"] = 1 - summary["computed_prompt_tokens"] / sent if sent else 0.0
     ratios = [s["hit_ratio"] for s, _ in runs]
     summary["hit_ratio_runs"] = ratios
     summary["hit_ratio_sd"] = statistics.stdev(ratios)
@@ -343,6 +402,10 @@ async def _bench(
         name: sorted(r.ttft_s * scale for _, rs in vr for r in rs if r.ok and r.ttft_s is not None)
         for name, vr in runs.items()
     }
+    tpots = {
+        name: sorted(r.tpot_s * scale for _, rs in vr for r in rs if r.ok and r.tpot_s is not None)
+        for name, vr in runs.items()
+    }
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, after all the traffic
@@ -355,6 +418,9 @@ async def _bench(
     replicas = replica_comparison(results)
     if replicas:
         table += "\n\n" + replicas
+    pd = pd_table(results)
+    if pd:
+        table += "\n\n" + pd
     print(table)
     meta = {"requests": len(requests), "start": args.start, "workers": args.workers,
             "capacity_tokens": args.capacity_tokens, "time_scale": scale, "repeat": args.repeat,
@@ -365,13 +431,17 @@ async def _bench(
     (out / "results.json").write_text(json.dumps({**meta, "variants": results}, indent=2))
     (out / "report.md").write_text(_markdown(table, meta, args))
     if not args.no_plots:
-        _plots(out, results, ttfts, ideal, pooled)
+        _plots(out, results, ttfts, ideal, pooled, tpots)
     final: dict[str, Any] = {"bench": "routing", "quick": bool(args.quick), **meta, "policies": {}}
     for name, s in results.items():
         final["policies"][name] = {
             "hit_ratio": round(s["hit_ratio"], 4),
             "ttft_p50_s": _r(s["ttft_p50_s"]),
             "ttft_p99_s": _r(s["ttft_p99_s"]),
+            "tpot_p50_s": _r(s.get("tpot_p50_s")),
+            "tpot_p99_s": _r(s.get("tpot_p99_s")),
+            "compute_hit_ratio": _r(s.get("compute_hit_ratio")),
+            "transfer_gb": _r(s.get("transfer_gb")),
             "failed": s["failed"],
         }
         if "hit_ratio_runs" in s:
@@ -453,6 +523,28 @@ def decisions_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pd_table(results: dict[str, dict[str, Any]]) -> str:
+    """Split against aggregated serving at the same GPU count: TTFT, time per output token,
+    compute hit ratio, KV moved, and why split variants skipped the prefill hop."""
+    if not any(s.get("pd_decisions") for s in results.values()):
+        return ""
+    lines = [
+        "| variant | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | compute hit | transfer GB "
+        "| P/D decisions |",
+        "|" + "---|" * 8,
+    ]
+    for name, s in results.items():
+        d = s.get("pd_decisions") or {}
+        total = sum(d.values()) or 1
+        shown = ", ".join(f"{k} {v / total:.0%}" for k, v in d.items()) or "aggregated"
+        lines.append(
+            f"| {name} | {_fmt(s['ttft_p50_s'])} | {_fmt(s['ttft_p99_s'])} "
+            f"| {_fmt(s.get('tpot_p50_s'), 4)} | {_fmt(s.get('tpot_p99_s'), 4)} "
+            f"| {_fmt(s.get('compute_hit_ratio'))} | {_fmt(s.get('transfer_gb'), 2)} | {shown} |"
+        )
+    return "\n".join(lines)
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
@@ -486,7 +578,8 @@ def _markdown(table: str, meta: dict[str, Any], args: argparse.Namespace) -> str
         f"{meta['requests']} requests from trace offset {meta['start']}, {meta['workers']} workers "
         f"x {meta['capacity_tokens']:,} tokens of KV cache, time scale {meta['time_scale']:g}. "
         "Latencies in simulated seconds.\n\n" + table + "\n\n"
-        "![TTFT CDF](ttft_cdf.png) ![hit ratio](hit_ratio.png) ![load](load.png)\n"
+        "![TTFT CDF](ttft_cdf.png) ![TPOT CDF](tpot_cdf.png) ![hit ratio](hit_ratio.png) "
+        "![load](load.png)\n"
     )
 
 
@@ -496,6 +589,7 @@ def _plots(
     ttfts: dict[str, list[float]],
     ideal: float,
     pooled: float,
+    tpots: dict[str, list[float]] | None = None,
 ) -> None:
     try:
         import matplotlib
@@ -518,6 +612,21 @@ def _plots(
     fig.tight_layout()
     fig.savefig(out / "ttft_cdf.png", dpi=110)
     plt.close(fig)
+
+    if tpots and any(tpots.values()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, xs in tpots.items():
+            if xs:
+                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("time per output token (simulated s)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title("TPOT CDF: aggregated and prefill/decode split")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "tpot_cdf.png", dpi=110)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(results)

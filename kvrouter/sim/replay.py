@@ -60,6 +60,8 @@ class RequestRecord:
     """HTTP status; 0 when no response arrived."""
     ttft_s: float | None = None
     e2e_s: float | None = None
+    tpot_s: float | None = None
+    """Time per output token after the first: (last token - first token) / (tokens - 1)."""
     prompt_tokens: int = 0
     """Tokens sent in the prompt."""
     cached_tokens: int | None = None
@@ -133,6 +135,7 @@ async def _one(
 ) -> None:
     loop = asyncio.get_running_loop()
     t_send = loop.time()
+    t_last = 0.0
     try:
         async with session.post(
             url, data=body, headers={"Content-Type": "application/json"}, timeout=client_timeout
@@ -157,17 +160,22 @@ async def _one(
                 if "error" in chunk:
                     rec.error = json.dumps(chunk["error"])[:300]
                     continue
-                if rec.ttft_s is None and any(
+                if any(
                     c.get("text") or (c.get("delta") or {}).get("content")
                     for c in chunk.get("choices") or ()
                 ):
-                    rec.ttft_s = loop.time() - t_send
+                    t_last = loop.time() - t_send
+                    if rec.ttft_s is None:
+                        rec.ttft_s = t_last
                 usage = chunk.get("usage")
                 if usage:
                     rec.completion_tokens = usage.get("completion_tokens")
                     details = usage.get("prompt_tokens_details") or {}
                     rec.cached_tokens = details.get("cached_tokens")
             rec.e2e_s = loop.time() - t_send
+            n = rec.completion_tokens
+            if rec.ttft_s is not None and n is not None and n > 1:
+                rec.tpot_s = (t_last - rec.ttft_s) / (n - 1)
             if not done and rec.error is None:
                 rec.error = "stream ended without [DONE]"
     except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
@@ -314,6 +322,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float | None = None)
     cached = sum(r.cached_tokens or 0 for r in ok)
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
+    tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
     if duration_s is None:
         ends = [(r.sent_s or 0.0) + (r.e2e_s or 0.0) for r in records]
         duration_s = max(ends, default=0.0)
@@ -329,6 +338,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float | None = None)
         "ttft_p99_s": percentile(ttft, 99),
         "e2e_p50_s": percentile(e2e, 50),
         "e2e_p99_s": percentile(e2e, 99),
+        "tpot_p50_s": percentile(tpot, 50),
+        "tpot_p99_s": percentile(tpot, 99),
         "duration_s": duration_s,
         "throughput_rps": len(ok) / duration_s if duration_s else 0.0,
         "per_worker": dict(sorted(Counter(r.worker or "?" for r in ok).items())),
