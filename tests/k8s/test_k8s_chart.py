@@ -50,6 +50,9 @@ ROUTER_SETTINGS = {
     "KVR_K8S_SELECTOR",
     "KVR_K8S_HTTP_PORT_NAME",
     "KVR_K8S_EVENTS_PORT_NAME",
+    "KVR_PD_MIN_PREFILL_TOKENS",
+    "KVR_PD_SATURATION_TOKENS",
+    "KVR_PD_TRANSFER_WEIGHT",
 }
 LISTENER_SETTINGS = {
     "KVR_REDIS_URL",
@@ -147,6 +150,7 @@ def secret_ref(c: dict[str, Any], name: str) -> tuple[str, str]:
 
 def test_examples_exist() -> None:
     assert [p.name for p in EXAMPLES] == [
+        "disaggregated.yaml",
         "external-redis-cluster.yaml",
         "minimal.yaml",
         "production.yaml",
@@ -650,3 +654,17 @@ def test_doc_settings_table_names_every_variable_the_chart_sets() -> None:
     text = DOC.read_text()
     for name in ROUTER_SETTINGS | LISTENER_SETTINGS | SECRET_SETTINGS:
         assert f"`{name}`" in text, name
+
+
+def test_disaggregated_example_sets_the_pd_settings(helm: str) -> None:
+    docs = render(helm, "-f", str(CHART / "examples" / "disaggregated.yaml"))
+    cm = find(docs, "ConfigMap", "kvr-kv-router-router")["data"]
+    assert cm["KVR_K8S_SELECTOR"] == "app.kubernetes.io/part-of=vllm-pd"
+    assert cm["KVR_PD_MIN_PREFILL_TOKENS"] == "512"
+    assert cm["KVR_PD_SATURATION_TOKENS"] == "65536"
+    assert cm["KVR_PD_TRANSFER_WEIGHT"] == "0.1"
+    # Values the router would reject are rejected by the schema first.
+    for bad in ("router.disaggregation.minPrefillTokens=-1",
+                "router.disaggregation.transferWeight=-0.5"):  # fmt: skip
+        proc = run_helm(helm, "template", "kvr", str(CHART), "--set", bad)
+        assert proc.returncode != 0 and "disaggregation" in proc.stderr

@@ -236,6 +236,9 @@ KVR_POLICY: {{ .Values.router.policy | quote }}
 {{- $kvEvents := .Values.router.kvEvents }}
 {{- if eq (toString $kvEvents) "auto" }}{{ $kvEvents = .Values.listener.enabled }}{{ end }}
 KVR_KV_EVENTS: {{ $kvEvents | toString | quote }}
+KVR_PD_MIN_PREFILL_TOKENS: {{ .Values.router.disaggregation.minPrefillTokens | int64 | toString | quote }}
+KVR_PD_SATURATION_TOKENS: {{ .Values.router.disaggregation.saturationTokens | int64 | toString | quote }}
+KVR_PD_TRANSFER_WEIGHT: {{ .Values.router.disaggregation.transferWeight | toString | quote }}
 {{- with include "kv-router.tokenizer.path" . }}
 KVR_TOKENIZER: {{ . | quote }}
 {{- end }}
