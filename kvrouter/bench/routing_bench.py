@@ -12,7 +12,12 @@ trace; then a report compares them:
               alternates between them request by request): shared state must route as well
   kv_pd       prefill/decode disaggregation at the same GPU count: a quarter of the workers
               prefill (2 of 8), the rest decode, kv policy, events on; the decode workers
-              pull the KV over a simulated link
+              pull the KV over a simulated link; a request runs whole on a decode worker when
+              its uncached suffix is short or the prefill pool is saturated
+  kv_pd_always  `kv_pd` without the saturation guard: every long uncached prompt takes the
+              prefill hop, however long the prefill queue
+  kv_pd_half  `kv_pd` with half the workers prefilling (4 of 8): the Mooncake trace is
+              prefill-heavy (long prompts, short answers)
   kv_pd_4x    `kv_pd` with 4 router replicas
 
 Time per output token (TPOT) is where the split pays: in aggregated serving a prefill chunk
@@ -73,13 +78,19 @@ class Variant:
     policy: str
     kv_events: bool
     replicas: int = 1
-    pd: bool = False
-    """Prefill/decode split: a quarter of the workers (at least one) prefill."""
+    prefill_share: float = 0.0
+    """Prefill/decode split: this share of the workers (at least one) prefill; 0 = none."""
+    router_env: tuple[tuple[str, str], ...] = ()
 
     def prefill_workers(self, workers: int) -> int:
-        return max(1, workers // 4) if self.pd else 0
+        if not self.prefill_share:
+            return 0
+        return min(workers - 1, max(1, round(workers * self.prefill_share)))
 
 
+# The conditional split's saturation guard: once every prefill worker has about a second of
+# prefill queued (16k tokens/s simulated), requests run whole on the decode workers.
+PD_SATURATION = (("KVR_PD_SATURATION_TOKENS", "16384"),)
 VARIANTS = (
     Variant("kv", "kv", True),
     Variant("kv_approx", "kv", False),
@@ -89,8 +100,10 @@ VARIANTS = (
     Variant("prefix_only", "prefix_only", False),
     Variant("session", "session", False),
     Variant("kv_4x", "kv", True, replicas=4),
-    Variant("kv_pd", "kv", True, pd=True),
-    Variant("kv_pd_4x", "kv", True, replicas=4, pd=True),
+    Variant("kv_pd", "kv", True, prefill_share=0.25, router_env=PD_SATURATION),
+    Variant("kv_pd_always", "kv", True, prefill_share=0.25),
+    Variant("kv_pd_half", "kv", True, prefill_share=0.5, router_env=PD_SATURATION),
+    Variant("kv_pd_4x", "kv", True, replicas=4, prefill_share=0.25, router_env=PD_SATURATION),
 )
 # --quick: the first 900 requests (about 5 minutes of the trace), 4 times faster. At 6x the
 # listener, simulator, router, client and Redis saturated two cores and the run measured the
@@ -178,6 +191,7 @@ async def run_variant(
         workers=args.workers, policy=v.policy, kv_events=v.kv_events, replicas=v.replicas,
         capacity_tokens=args.capacity_tokens, time_scale=scale, redis_url=redis_url,
         model=base, adapters=names[1:], prefill_workers=v.prefill_workers(args.workers),
+        extra_router_env=v.router_env,
     )  # fmt: skip
     per_model: dict[str, list[RequestRecord]] = {}
     async with LocalStack(cfg) as stack:

@@ -60,14 +60,14 @@ class RequestRecord:
     """HTTP status; 0 when no response arrived."""
     ttft_s: float | None = None
     e2e_s: float | None = None
-    tpot_s: float | None = None
-    """Time per output token after the first: (last token - first token) / (tokens - 1)."""
     prompt_tokens: int = 0
     """Tokens sent in the prompt."""
     cached_tokens: int | None = None
     completion_tokens: int | None = None
     max_tokens: int = 0
     error: str | None = None
+    tpot_s: float | None = None
+    """Time per output token after the first: (last token - first token) / (tokens - 1)."""
 
     @property
     def ok(self) -> bool:

@@ -265,6 +265,37 @@ async def test_a_failed_prefill_worker_falls_through(stack: LocalStack) -> None:
     )
 
 
+async def test_a_failed_decode_worker_passes_the_same_params_to_the_next(
+    stack: LocalStack,
+) -> None:
+    c = client(stack)
+    # A decode worker holding a prompt ranks first for its long continuation (less to pull).
+    base = tokens(70, 1200)
+    first = await c.completions.with_raw_response.create(model=MODEL, prompt=base, max_tokens=2)
+    holder = first.headers["x-kvrouter-worker"]
+    other = next(w for w in DECODE if w != holder)
+    await settle_events()
+    longer = [*base, *tokens(71, 1200)]
+    route = await debug_route(stack, {"model": MODEL, "prompt": longer})
+    assert route["pd"]["split"] and route["pd"]["decode"] == holder
+    retries = await metric(stack, "kvrouter_retries_total")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url_of(stack, holder) + "/admin/restart?down_s=2") as r,
+    ):
+        assert r.status == 200
+    await asyncio.sleep(0.2)
+    nxt = await c.completions.with_raw_response.create(model=MODEL, prompt=longer, max_tokens=3)
+    assert nxt.headers["x-kvrouter-worker"] == other
+    assert nxt.parse().usage.completion_tokens == 3  # type: ignore[union-attr]
+    pw = nxt.headers["x-kvrouter-prefill-worker"]
+    dec = (await state(stack, other))["pd"]["last_decode"]
+    assert dec["kv_transfer_params"]["remote_engine_id"] == pw
+    assert dec["request_id"] == (await state(stack, pw))["pd"]["last_prefill"]["request_id"]
+    assert await metric(stack, "kvrouter_retries_total") >= retries + 1
+    await asyncio.sleep(2.0)  # the worker is back for the tests that follow
+
+
 @pytest.mark.parametrize(
     ("mode", "cause"), [("omit", "missing_params"), ("malformed", "malformed_params")]
 )

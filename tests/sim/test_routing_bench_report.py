@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from kvrouter.bench.routing_bench import (
+    VARIANTS,
     combine_runs,
     decision_reasons,
     finish_summary,
+    pd_decision_reasons,
+    pd_table,
     replica_comparison,
 )
 from kvrouter.sim.replay import RequestRecord
@@ -35,6 +38,44 @@ kvrouter_requests_total{endpoint="/v1/completions",status="200"} 100.0
 def test_decision_reasons_from_metrics() -> None:
     assert decision_reasons(METRICS) == Counter(prefix=70, load=20, no_match=10)
     assert decision_reasons("") == Counter()
+
+
+PD_METRICS = """\
+kvrouter_pd_decisions_total{reason="split"} 54.0
+kvrouter_pd_decisions_total{reason="prefill_saturated"} 45.0
+kvrouter_pd_decisions_total{reason="short_suffix"} 1.0
+"""
+
+
+def test_pd_decisions_and_table() -> None:
+    reasons = pd_decision_reasons(PD_METRICS)
+    assert reasons == Counter(split=54, prefill_saturated=45, short_suffix=1)
+    assert pd_decision_reasons(METRICS) == Counter()
+    agg = {"ttft_p50_s": 1.4, "ttft_p99_s": 7.7, "tpot_p50_s": 0.015, "tpot_p99_s": 0.145,
+           "compute_hit_ratio": 0.117, "transfer_gb": 0.0}  # fmt: skip
+    pd = {**agg, "tpot_p99_s": 0.075, "transfer_gb": 521.9, "pd_decisions": dict(reasons)}
+    table = pd_table({"kv": agg, "kv_pd": pd})
+    assert "| kv | 1.400 | 7.700 | 0.0150 | 0.1450 | 0.117 | 0.00 | aggregated |" in table
+    assert "| kv_pd |" in table and "split 54%, prefill_saturated 45%" in table
+    assert pd_table({"kv": agg}) == ""  # no split variant, no table
+
+
+def test_pd_variants_keep_the_gpu_count() -> None:
+    by_name = {v.name: v for v in VARIANTS}
+    assert by_name["kv_pd"].prefill_workers(8) == 2  # 2 prefill + 6 decode
+    assert by_name["kv_pd_half"].prefill_workers(8) == 4
+    assert by_name["kv_pd"].prefill_workers(2) == 1  # a decode worker always remains
+    assert by_name["kv"].prefill_workers(8) == 0
+
+
+def test_tpot_is_the_time_per_token_after_the_first() -> None:
+    from kvrouter.sim.replay import summarize
+
+    recs = [RequestRecord(i, 0.0, 0.0, "sim-0", 200, 0.5, 2.5, 10, 0, 5) for i in range(3)]
+    for r in recs:
+        r.tpot_s = 0.5  # (2.5 - 0.5) / (5 - 1), as _one computes it
+    s = summarize(recs)
+    assert s["tpot_p50_s"] == s["tpot_p99_s"] == 0.5
 
 
 def _run(hits: list[int], worker: str = "sim-0") -> list[RequestRecord]:
