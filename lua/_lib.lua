@@ -18,6 +18,31 @@ Conventions every script follows:
 
 local CHUNK = 256
 
+-- One variadic command over a long list, in slices: redis.call(cmd, key, [opts[1], opts[2]],
+-- <slice>) for each run of `per` * CHUNK items (`per`: list items per member, 1, or 2 for
+-- score/member and field/value pairs), so no call unpacks more values than Lua's C stack
+-- holds. `opts`: nil or a pair of option words (ZADD's GT CH). Returns the sum of the
+-- integer replies and the table replies concatenated in list order (false for a nil).
+local function batches(list, per, cmd, key, opts)
+  local step, n = CHUNK * per, #list
+  local sum, out = 0, {}
+  for i = 1, n, step do
+    local j = math.min(i + step - 1, n)
+    local r
+    if opts then
+      r = redis.call(cmd, key, opts[1], opts[2], unpack(list, i, j))
+    else
+      r = redis.call(cmd, key, unpack(list, i, j))
+    end
+    if type(r) == 'table' then
+      for k = 1, #r do out[#out + 1] = r[k] end
+    else
+      sum = sum + r
+    end
+  end
+  return sum, out
+end
+
 local function fail(code, arg, msg)
   return redis.error_reply('KVR ' .. code .. ' ' .. arg .. ': ' .. msg)
 end
@@ -108,9 +133,7 @@ local function finish_record(wrk_key, cut_key, workers_key, head_prefix, worker,
   end
   if redis.call('EXISTS', cut_key) == 1 then
     if type(blocks) == 'string' then blocks = unpack_fixed(blocks, 16) end
-    for i = 1, #blocks, CHUNK do
-      redis.call('ZREM', cut_key, unpack(blocks, i, math.min(i + CHUNK - 1, #blocks)))
-    end
+    batches(blocks, 1, 'ZREM', cut_key)
   end
 end
 
@@ -123,15 +146,12 @@ local function record_blocks(wrk_key, cut_key, workers_key, worker, hexes, now, 
   local n = #hexes
   if n == 0 then return 0, 0 end
   local before = redis.call('ZCARD', wrk_key)
-  local changed = 0
-  for i = 1, n, CHUNK do
-    local buf = {}
-    for k = i, math.min(i + CHUNK - 1, n) do
-      buf[#buf + 1] = now + ttl - (k - 1)
-      buf[#buf + 1] = hexes[k]
-    end
-    changed = changed + redis.call('ZADD', wrk_key, 'GT', 'CH', unpack(buf))
+  local pairs_ = {}
+  for k = 1, n do
+    pairs_[2 * k - 1] = now + ttl - (k - 1)
+    pairs_[2 * k] = hexes[k]
   end
+  local changed = batches(pairs_, 2, 'ZADD', wrk_key, {'GT', 'CH'})
   local added = redis.call('ZCARD', wrk_key) - before
   finish_record(wrk_key, cut_key, workers_key, nil, worker, hexes, now + ttl)
   return added, changed - added

@@ -123,24 +123,19 @@ local ENTRY = '^(%x+):([%x-]*):(%d+):(%d+)$'
 local E = {}        -- engine hex -> {rk, parent, refs, kids} | false (absent)
 local dirty = {}    -- engine hexes whose entry must be written back (or deleted)
 local function load_entries(list)
-  local i = 1
-  while i <= #list do
-    local j = math.min(i + CHUNK - 1, #list)
-    local vs = redis.call('HMGET', emap_key, unpack(list, i, j))
-    for k = i, j do
-      local v = vs[k - i + 1]
-      local e = false
-      if v then
-        local rk, parent, refs, kids = string.match(v, ENTRY)
-        if rk then
-          e = {rk, parent, tonumber(refs), tonumber(kids)}
-        else
-          dirty[list[k]] = true  -- malformed: delete it
-        end
+  local _, vs = batches(list, 1, 'HMGET', emap_key)
+  for k = 1, #list do
+    local v = vs[k]
+    local e = false
+    if v then
+      local rk, parent, refs, kids = string.match(v, ENTRY)
+      if rk then
+        e = {rk, parent, tonumber(refs), tonumber(kids)}
+      else
+        dirty[list[k]] = true  -- malformed: delete it
       end
-      E[list[k]] = e
     end
-    i = j + 1
+    E[list[k]] = e
   end
 end
 load_entries(want_list)
@@ -166,15 +161,10 @@ for i = 1, n do
   end
 end
 load_entries(more)
-local i0 = 1
-while i0 <= #rk_list do
-  local j = math.min(i0 + CHUNK - 1, #rk_list)
-  local scores = redis.call('ZMSCORE', wrk_key, unpack(rk_list, i0, j))
-  for k = i0, j do
-    local s = scores[k - i0 + 1]
-    Z[rk_list[k]] = s and tonumber(s) or false
-  end
-  i0 = j + 1
+local _, scores = batches(rk_list, 1, 'ZMSCORE', wrk_key)
+for k = 1, #rk_list do
+  local s = scores[k]
+  Z[rk_list[k]] = s and tonumber(s) or false
 end
 
 local R = {}        -- router hex -> new score | false (record removed)
@@ -284,18 +274,8 @@ for h in pairs(dirty) do
     hdel[#hdel + 1] = h
   end
 end
-local i1 = 1
-while i1 <= #hdel do
-  local j = math.min(i1 + CHUNK - 1, #hdel)
-  redis.call('HDEL', emap_key, unpack(hdel, i1, j))
-  i1 = j + 1
-end
-i1 = 1
-while i1 <= #hset do
-  local j = math.min(i1 + 2 * CHUNK - 1, #hset)
-  redis.call('HSET', emap_key, unpack(hset, i1, j))
-  i1 = j + 1
-end
+batches(hdel, 1, 'HDEL', emap_key)
+batches(hset, 2, 'HSET', emap_key)
 if #hset > 0 then extend_expiry(emap_key, now + ttl) end
 
 local zrem, zadd = {}, {}
@@ -309,21 +289,11 @@ for rk, s in pairs(R) do
     zrem[#zrem + 1] = rk
   end
 end
-i1 = 1
-while i1 <= #zrem do
-  local j = math.min(i1 + CHUNK - 1, #zrem)
-  redis.call('ZREM', wrk_key, unpack(zrem, i1, j))
-  i1 = j + 1
-end
+batches(zrem, 1, 'ZREM', wrk_key)
 local added, changed = 0, 0
 if #zadd > 0 then
   local before = redis.call('ZCARD', wrk_key)
-  i1 = 1
-  while i1 <= #zadd do
-    local j = math.min(i1 + 2 * CHUNK - 1, #zadd)
-    changed = changed + redis.call('ZADD', wrk_key, 'GT', 'CH', unpack(zadd, i1, j))
-    i1 = j + 1
-  end
+  changed = batches(zadd, 2, 'ZADD', wrk_key, {'GT', 'CH'})
   added = redis.call('ZCARD', wrk_key) - before
   extend_expiry(wrk_key, max_score)
   redis.call('ZADD', workers_key, 'GT', max_score, worker)
@@ -334,12 +304,7 @@ end
 if next(restored) ~= nil and redis.call('EXISTS', cut_key) == 1 then
   local list = {}
   for rk in pairs(restored) do list[#list + 1] = rk end
-  i1 = 1
-  while i1 <= #list do
-    local j = math.min(i1 + CHUNK - 1, #list)
-    redis.call('ZREM', cut_key, unpack(list, i1, j))
-    i1 = j + 1
-  end
+  batches(list, 1, 'ZREM', cut_key)
 end
 for rk, s in pairs(holes_at) do mark_hole(cut_key, rk, s) end
 for rk, s in pairs(heads) do

@@ -26,19 +26,11 @@ local now = now_us(ARGV[3])
 local holes = ARGV[4] == '1'
 
 local hexes = unpack_fixed(blocks, 16)
-local removed = 0
-local i = 1
-while i <= #hexes do
-  local j = math.min(i + CHUNK - 1, #hexes)
-  local old = redis.call('ZMSCORE', wrk_key, unpack(hexes, i, j))
-  for k = i, j do
-    local o = old[k - i + 1]
-    if o then
-      removed = removed + 1
-      if holes and tonumber(o) >= now then mark_hole(cut_key, hexes[k], tonumber(o)) end
-    end
+local _, old = batches(hexes, 1, 'ZMSCORE', wrk_key)
+if holes then
+  for k = 1, #hexes do
+    local o = old[k]
+    if o and tonumber(o) >= now then mark_hole(cut_key, hexes[k], tonumber(o)) end
   end
-  redis.call('ZREM', wrk_key, unpack(hexes, i, j))
-  i = j + 1
 end
-return removed
+return (batches(hexes, 1, 'ZREM', wrk_key))

@@ -13,16 +13,10 @@ Errors   KVR -2 blocks
 local emap_key, blocks = KEYS[1], ARGV[1]
 if not packed_ok(blocks, 16) then return fail(-2, 'blocks', 'expected 16 lowercase hex digits per block') end
 local hashes = unpack_fixed(blocks, 16)
+local _, vs = batches(hashes, 1, 'HMGET', emap_key)
 local out = {}
-local i = 1
-while i <= #hashes do
-  local j = math.min(i + CHUNK - 1, #hashes)
-  local vs = redis.call('HMGET', emap_key, unpack(hashes, i, j))
-  for k = 1, #vs do
-    local v = vs[k]
-    local rk = v and string.match(v, '^(%x+):') or nil
-    out[#out + 1] = rk or false
-  end
-  i = j + 1
+for k = 1, #hashes do
+  local v = vs[k]
+  out[k] = v and string.match(v, '^(%x+):') or false
 end
 return out

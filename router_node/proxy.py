@@ -304,7 +304,7 @@ class Proxy:
             params, prefill_worker = await self._prefill_leg(request, req, plan, rid)
         except ParamsError as exc:
             log.warning("P/D request %s runs whole on the decode worker: %s", rid, exc)
-            self.metrics.pd_fallbacks.inc(exc.cause)
+            self.metrics.pd_fallbacks.labels(exc.cause).inc()
         if params is None:
             # Whole on the decode pool: it prefills itself (its lease counts the prompt).
             return await self._forward(request, req, plan, raw, plan.pair.decode, request_id=rid)
@@ -358,12 +358,12 @@ class Proxy:
                 except UPSTREAM_ERRORS as exc:
                     self._fail(worker, "prefill", f"{type(exc).__name__}: {exc}")
                     continue
-                self.metrics.worker_requests.inc(worker.id)
+                self.metrics.worker_requests.labels(worker.id).inc()
                 if resp.status != 200:
                     if resp.status >= 500 or resp.status in RETRY_STATUSES:
                         self._fail(worker, "prefill", f"HTTP {resp.status}")
                     else:
-                        self.metrics.upstream_errors.inc(worker.id, "prefill")
+                        self.metrics.upstream_errors.labels(worker.id, "prefill").inc()
                     continue
                 self.pool.record_success(worker)
                 try:
@@ -384,7 +384,7 @@ class Proxy:
                         resp.release()
                     else:
                         resp.close()
-        self.metrics.pd_fallbacks.inc("prefill_failed")
+        self.metrics.pd_fallbacks.labels("prefill_failed").inc()
         log.warning("P/D request %s: no prefill worker answered; running it whole", rid)
         return None, None
 
@@ -433,9 +433,9 @@ class Proxy:
         )
 
     def _fail(self, worker: Worker, kind: str, detail: str) -> APIError:
-        self.metrics.upstream_errors.inc(worker.id, kind)
+        self.metrics.upstream_errors.labels(worker.id, kind).inc()
         if self.pool.record_failure(worker, time.monotonic()):
-            self.metrics.ejections.inc(worker.id)
+            self.metrics.ejections.labels(worker.id).inc()
             log.warning("worker %s ejected after %s failures (%s)", worker.id, kind, detail)
         return APIError(
             502,
@@ -478,7 +478,7 @@ class Proxy:
             return self._fail(worker, "lora_load", f"{type(exc).__name__}: {exc}")
         # vLLM answers 400 "already loaded" when another router replica was first.
         if resp.status != 200 and "already" not in text:
-            self.metrics.upstream_errors.inc(worker.id, "lora_load")
+            self.metrics.upstream_errors.labels(worker.id, "lora_load").inc()
             return APIError(503, f"worker {worker.id} could not load adapter {name!r}: {text}")
         if worker.listed is not None:
             worker.listed = worker.listed | {name}
@@ -521,14 +521,14 @@ class Proxy:
                 # unloaded since the last /v1/models poll). Not a failure of the worker:
                 # forget the model there and try the next one.
                 worker.listed = worker.listed - {req.model}
-                self.metrics.upstream_errors.inc(worker.id, "model_not_found")
+                self.metrics.upstream_errors.labels(worker.id, "model_not_found").inc()
                 return not_found(
                     f"The model `{req.model}` does not exist.", "model", "model_not_found"
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
                 out = await self._stream(request, resp, plan, worker, lease, prefill_worker)
                 if isinstance(out, web.StreamResponse):
-                    self.metrics.worker_requests.inc(worker.id)
+                    self.metrics.worker_requests.labels(worker.id).inc()
                 return out
             try:
                 data = await resp.read()
@@ -538,7 +538,7 @@ class Proxy:
                 self._fail(worker, "status", f"HTTP {resp.status}")
             else:
                 self.pool.record_success(worker)
-            self.metrics.worker_requests.inc(worker.id)
+            self.metrics.worker_requests.labels(worker.id).inc()
             return web.Response(
                 body=data,
                 status=resp.status,

@@ -195,7 +195,7 @@ async def test_record_uses_the_server_clock_not_the_hosts(
     """With no now_ms a record's scores come from Redis's clock: a router host whose clock
     is an hour fast still writes records that expire a TTL after Redis's now."""
     real = time.time
-    monkeypatch.setattr("kvrouter.index.scripts.time.time", lambda: real() + 3600)
+    monkeypatch.setattr("kvrouter.index.clock.time.time", lambda: real() + 3600)
     await idx.record(M, "w", chain(4), ttl_new_ms=60_000)
     reply = await any_client.time()
     if isinstance(reply, dict):  # Cluster: one (sec, usec) per node
@@ -341,7 +341,7 @@ async def test_lua_rejects_bad_arguments_and_writes_nothing(any_client: Any) -> 
         s = scripts[name]
         call = ScriptCall(s, keys, args)
         with pytest.raises(ScriptArgumentError) as err:
-            await idx._run(call)
+            await idx.call(call)
         assert err.value.argument == argument, name
         assert err.value.code in set(ScriptErrorCode)
         for node_keys in [await any_client.keys("*")]:

@@ -180,15 +180,14 @@ def test_roles_from_flags_and_the_config_file(tmp_path: Any) -> None:
         '[[workers]]\nurl = "http://10.0.0.1:8000"\nrole = "prefill"\n'
         '[[workers]]\nurl = "http://10.0.0.2:8000"\n'
     )
-    s = RouterSettings.from_env(
-        {"KVR_WORKERS": "http://h:9@decode"}, config=str(conf), models=("m",)
-    )
-    roles = {w.url: w.role for w in s.workers}
-    assert roles == {
+    s = RouterSettings.load(None, {"KVR_MODEL": "m"}, config=str(conf))
+    assert {w.url: w.role for w in s.workers} == {
         "http://10.0.0.1:8000": "prefill",
         "http://10.0.0.2:8000": "both",
-        "http://h:9": "decode",
     }
+    env = RouterSettings.from_env({"KVR_WORKERS": "http://h:9@decode"}, models=("m",))
+    assert [w.role for w in env.workers] == ["decode"]
+    s = s.with_(workers=(*s.workers, *env.workers))
     pool = WorkerPool(s)
     assert pool.disaggregated
     assert pool.pools(0.0) == {
@@ -198,7 +197,7 @@ def test_roles_from_flags_and_the_config_file(tmp_path: Any) -> None:
     }
     conf.write_text('[[workers]]\nurl = "http://10.0.0.1:8000"\nrole = "gpu"\n')
     with pytest.raises(SettingsError, match="role"):
-        RouterSettings.from_env({}, config=str(conf), models=("m",))
+        RouterSettings.load(None, {"KVR_MODEL": "m"}, config=str(conf))
 
 
 def test_role_from_the_endpointslice_label() -> None:

@@ -22,6 +22,7 @@ from kvrouter.bench.routing_bench import (
     replica_comparison,
 )
 from kvrouter.sim.replay import RequestRecord
+from router_node.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,6 +77,16 @@ def test_tpot_is_the_time_per_token_after_the_first() -> None:
         r.tpot_s = 0.5  # (2.5 - 0.5) / (5 - 1), as _one computes it
     s = summarize(recs)
     assert s["tpot_p50_s"] == s["tpot_p99_s"] == 0.5
+
+
+def test_decision_reasons_from_a_router_registry() -> None:
+    """What a router exports today (a `model` label, `_created` samples) reads the same,
+    summed over models."""
+    m = Metrics()
+    for model, reason, n in (("a", "prefix", 3), ("b", "prefix", 2), ("a", "load", 1)):
+        m.decisions.labels("kv", reason, model).inc(n)
+    m.requests.labels("completions", "200", "a").inc(6)
+    assert decision_reasons(m.render()) == Counter(prefix=5, load=1)
 
 
 def _run(hits: list[int], worker: str = "sim-0") -> list[RequestRecord]:
