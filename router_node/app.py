@@ -21,6 +21,14 @@ import aiohttp
 from aiohttp import web
 
 from kvrouter.discovery.base import EndpointSource
+from router_node.edge import (
+    ConcurrencyGate,
+    EdgeRunner,
+    RateLimiter,
+    client_key,
+    overloaded,
+    rate_limited,
+)
 from router_node.errors import APIError, bad_request, too_large, unauthorized
 from router_node.metrics import CONTENT_TYPE, Metrics
 from router_node.monitor import Monitor
@@ -56,6 +64,8 @@ MONITOR = web.AppKey("monitor", Monitor)
 SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
 # The request's model, once parsed, for the per-model request counter in the middleware.
 _MODEL = web.RequestKey("model", str)
+LIMITER = web.AppKey("rate_limiter", RateLimiter)
+GATE = web.AppKey("concurrency_gate", ConcurrencyGate)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -101,6 +111,8 @@ def create_app(
     app[SHARED] = SharedIndex(settings, metrics)
     app[ROUTER] = Router(settings, app[POOL], app[SHARED], metrics, rng)
     app[TASKS] = BackgroundTasks()
+    app[LIMITER] = RateLimiter(settings, app[SHARED])
+    app[GATE] = ConcurrencyGate(settings.max_concurrent)
     if tokenizer is None and settings.tokenizer:
         tokenizer = load_tokenizer(settings.tokenizer)
     app[TOKENIZER] = tokenizer
@@ -234,8 +246,27 @@ async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRe
 def _inference(endpoint: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
-        raw, req, plan = await _prepare(request, endpoint)
+        gate = app[GATE]
+        # The bound comes first, before the body is read: a replica at its limit spends
+        # nothing more on a request it refuses.
+        if not gate.enter():
+            app[METRICS].edge_refused.inc("overloaded")
+            raise overloaded(app[SETTINGS].retry_after_s)
+        try:
+            return await _admitted(request)
+        finally:
+            gate.leave()
+
+    async def _admitted(request: web.Request) -> web.StreamResponse:
+        app = request.app
         m = app[METRICS]
+        limiter = app[LIMITER]
+        if limiter.enabled:
+            wait = await limiter.take(client_key(request))
+            if wait > 0:
+                m.edge_refused.inc("rate_limited")
+                raise rate_limited(wait)
+        raw, req, plan = await _prepare(request, endpoint)
         d = plan.decision
         m.decisions.labels(d.policy, d.reason, req.model).inc()
         matched = plan.matched_tokens(d.worker)
@@ -414,7 +445,9 @@ class RouterServer:
         self.app = create_app(
             settings, tokenizer=tokenizer, rng=rng, endpoint_source=endpoint_source
         )
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self.runner = EdgeRunner(
+            self.app, settings, self.app[METRICS], handler_cancellation=True, access_log=None
+        )
         self.port = settings.port
 
     @property

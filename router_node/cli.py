@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -45,16 +46,32 @@ def run(args: argparse.Namespace) -> int:
         raise
     logging.getLogger("router_node").info("starting: %r", settings)
     loop = _event_loop()
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log=None,
-        handler_cancellation=True,
-        loop=loop,
-        print=lambda text: logging.getLogger("router_node").info("%s", text.strip()),
-    )
+    try:
+        loop.run_until_complete(_serve(app, settings))
+    finally:
+        loop.close()
     return 0
+
+
+async def _serve(app: web.Application, settings: RouterSettings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (what ``web.run_app`` does, with the edge's
+    runner: header read timeout and header limits, router_node/edge.py)."""
+    from router_node.app import METRICS
+    from router_node.edge import EdgeRunner
+
+    runner = EdgeRunner(app, settings, app[METRICS], handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        logging.getLogger("router_node").info("serving on %s", site.name)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:

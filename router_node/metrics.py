@@ -164,6 +164,13 @@ class Metrics:
             ("worker",),
             registry=r,
         )
+        self.edge_refused = Counter(
+            "kvrouter_edge_refused_total",
+            "requests or connections refused at the edge, by reason (header_timeout, "
+            "rate_limited, overloaded)",
+            ("reason",),
+            registry=r,
+        )
         self.tokenizer_cache = CallbackGauge(
             "kvrouter_tokenizer_cache",
             "segment cache counters (hits, misses, entries, tokens)",

@@ -208,6 +208,31 @@ class RouterSettings(SharedSettings):
         15.0, "a registry worker whose heartbeat is older drops out", gt=0
     )
     retry_after_s: Int = setting(1, "Retry-After on 503 when no worker can take a request", ge=0)
+    header_timeout_s: float = setting(
+        30.0,
+        "a connection whose request line and headers are not in this long after their first "
+        "byte is dropped (0 = off: aiohttp's 75 s keep-alive timer is the only bound)",
+        ge=0,
+    )
+    max_headers: Int = setting(128, "most header lines in a request (400 above)", ge=1)
+    max_header_bytes: Int = setting(
+        8190, "longest request line or header line in bytes (400 above)", ge=1
+    )
+    rate_limit_rps: float = setting(
+        0.0,
+        "requests per second per client (API key, else address), a token bucket in Redis "
+        "shared by every replica; 429 with Retry-After beyond it (0 = off)",
+        ge=0,
+        allow_inf_nan=False,
+    )
+    rate_limit_burst: Int = setting(
+        0, "token bucket size per client (0 = rate_limit_rps, at least 1)", ge=0
+    )
+    max_concurrent: Int = setting(
+        0,
+        "inference requests in flight per replica; 503 with Retry-After beyond it (0 = no bound)",
+        ge=0,
+    )
     model_configs: ModelConfigs = setting(
         (), "per-model settings and adapters from the config file", no_env=True
     )

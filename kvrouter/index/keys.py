@@ -166,6 +166,14 @@ class KeySchema:
         """ZSET listener id -> last heartbeat ms (wall clock)."""
         return f"{self.prefix}:listeners"
 
+    def rate_bucket(self, client: str) -> str:
+        """HASH tok / ts: one client's request token bucket (take_token-1.lua). `client` is
+        a digest of its API key or its address (never the key itself); the hash tag keeps
+        each bucket in one Cluster slot."""
+        if not client or any(c in client for c in "{}\n\r ") or len(client) > _MAX_ID_LEN:
+            raise KeyNameError(f"rate-limit client id {client[:40]!r} is not a key-safe id")
+        return f"{self.prefix}:rl:{{{client}}}"
+
     def model_pattern(self) -> str:
         """A SCAN MATCH pattern for the metadata key of every model."""
         return f"{self.prefix}:{{*}}:meta"
