@@ -21,6 +21,10 @@ from kvrouter import __version__
 # name -> (module, one-line help). Nested roles (bench) dispatch again inside their module.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kvrouter.bench.cli", "benchmarks that print a ratio against an in-run baseline"),
+    "inspect": (
+        "kvrouter.inspect",
+        "the shared index as an operator sees it: residency, shared prefixes, listeners, leases",
+    ),
     "listen": (
         "eviction_listener.cli",
         "eviction listener: engine KV events and worker notices into the shared index",
