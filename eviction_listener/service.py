@@ -49,7 +49,7 @@ from eviction_listener.metrics import (
     registry,
     render,
 )
-from eviction_listener.notices import Notice, NoticeDecodeError, decode_notice
+from eviction_listener.notices import Notice, NoticeDecodeError, check_channel, decode_notice
 from eviction_listener.ownership import Ownership, rendezvous_owner
 from eviction_listener.settings import EngineSpec, ListenerSettings
 from eviction_listener.zmq_source import (
@@ -68,6 +68,10 @@ from kvrouter.index.scripts import ClaimResult, OwnerLease, ResidencyIndex
 logger = logging.getLogger(__name__)
 
 LISTENER_KEY: web.AppKey[Listener] = web.AppKey("listener")
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
 
 
 def weight(item: InboxItem) -> int:
@@ -489,7 +493,8 @@ class Listener:
         return rendezvous_owner(worker, live) == self.settings.listener_id
 
     async def _notice_loop(self) -> None:
-        channel = self.schema.model(self.settings.model).notices
+        keys = self.schema.model(self.settings.model)
+        channel = keys.notices
         delay = 0.1
         first = True
         while True:
@@ -502,15 +507,18 @@ class Listener:
                 sub = pubsub_client(self._pubsub_client)
                 pubsub = sub.pubsub()
                 await pubsub.subscribe(channel)
+                # Each worker's own channel too: a notice there must name that worker.
+                await pubsub.psubscribe(keys.worker_notices_pattern)
                 if not first:
                     await self._after_notice_gap()
                 first = False
                 delay = 0.1
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is None or msg.get("type") != "message":
+                    if msg is None or msg.get("type") not in ("message", "pmessage"):
                         continue
-                    await self._on_notice(msg["data"])
+                    own = msg["type"] == "pmessage"
+                    await self._on_notice(msg["data"], _text(msg["channel"]) if own else None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let the subscription die: log, back off, retry
@@ -530,9 +538,13 @@ class Listener:
                     with contextlib.suppress(Exception):
                         await sub.aclose()
 
-    async def _on_notice(self, data: bytes) -> None:
+    async def _on_notice(self, data: bytes, own_channel: str | None = None) -> None:
+        """Apply one notice; `own_channel` is the worker channel it came on, if it did."""
         try:
             n = decode_notice(data)
+            if own_channel is not None:
+                prefix = self.schema.model(self.settings.model).worker_notices_prefix
+                check_channel(n, own_channel, prefix)
         except NoticeDecodeError as exc:
             self.metrics.notice_errors[exc.kind] += 1
             self._log.warning(f"notice:{exc.kind}", "undecodable notice skipped: %s", exc)

@@ -49,6 +49,11 @@ def validate_model(model: str) -> str:
     return model
 
 
+def glob_escape(text: str) -> str:
+    """`text` as a literal in a Redis glob (PSUBSCRIBE, SCAN MATCH, ACL ``&`` patterns)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelKeys:
     """Key names of one model's slice of the index (all in one Cluster slot)."""
@@ -126,8 +131,22 @@ class ModelKeys:
 
     @property
     def notices(self) -> str:
-        """Pub/sub channel of msgpack notices for this model."""
+        """Pub/sub channel of msgpack notices for this model (any worker's)."""
         return f"{self.base}:notices"
+
+    def worker_notices(self, worker: str) -> str:
+        """Pub/sub channel of one worker's notices: a notice on it must name that worker, so a
+        Redis ACL that lets the worker PUBLISH only here keeps it from speaking for others."""
+        return f"{self.base}:notices:{validate_worker_id(worker)}"
+
+    @property
+    def worker_notices_prefix(self) -> str:
+        return f"{self.base}:notices:"
+
+    @property
+    def worker_notices_pattern(self) -> str:
+        """PSUBSCRIBE pattern of every worker's notice channel of this model."""
+        return glob_escape(self.worker_notices_prefix) + "*"
 
 
 @dataclass(frozen=True, slots=True)
