@@ -361,6 +361,49 @@ def test_bundled_redis_without_password(helm: str) -> None:
     assert set(find(docs, "Secret")["data"]) == {"admin-token"}
 
 
+def test_notice_users_boot_a_real_redis_that_enforces_them(helm: str) -> None:
+    """The bundled Redis's per-worker notice users, rendered and then given to a real
+    redis-server as the kubelet would (the $(VAR) passwords expanded): each may publish on its
+    own notice channel only."""
+    import redis
+
+    from kvrouter.redisproc import RedisServer
+
+    docs = render(
+        helm,
+        *BASE,
+        *("--set", "redis.noticeUsers[0].worker=vllm-0:8000"),
+        *("--set", "redis.noticeUsers[0].existingSecret=notice-w0"),
+        *("--set", "redis.noticeUsers[1].worker=vllm-1:8000"),
+        *("--set", "redis.noticeUsers[1].existingSecret=notice-w1"),
+        *("--set", "redis.noticeUsers[1].passwordKey=pw"),
+    )
+    c = container(find(docs, "StatefulSet"), "redis")
+    assert secret_ref(c, "NOTICE_USER_PASSWORD_0") == ("notice-w0", "password")
+    assert secret_ref(c, "NOTICE_USER_PASSWORD_1") == ("notice-w1", "pw")
+    args = c["args"]
+    first = args.index("--user")  # only the ACL part: the pod's paths and port are its own
+    env = {
+        "REDIS_PASSWORD": "admin",
+        "NOTICE_USER_PASSWORD_0": "p0",
+        "NOTICE_USER_PASSWORD_1": "p1",
+    }
+    acl = ["--requirepass", "$(REDIS_PASSWORD)", *args[first:]]
+    for name, value in env.items():
+        acl = [a.replace(f"$({name})", value) for a in acl]
+    with RedisServer(args=acl) as server:
+        w0 = redis.Redis(port=server.port, username="notices-vllm-0:8000", password="p0")
+        try:
+            assert w0.publish("kvr:{llama}:notices:vllm-0:8000", b"x") == 0
+            for channel in ("kvr:{llama}:notices:vllm-1:8000", "kvr:{llama}:notices"):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    w0.publish(channel, b"x")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                w0.set("kvr:{llama}:meta", 1)
+        finally:
+            w0.close()
+
+
 def test_listener_off_turns_kv_events_off(helm: str) -> None:
     docs = render(helm, *BASE, "--set", "listener.enabled=false")
     names = [d["metadata"]["name"] for d in docs]
@@ -546,6 +589,15 @@ BAD_VALUES = {
     "bad-service-type": (["--set", "router.service.type=Ingress"], "/router/service/type"),
     "port-out-of-range": (["--set", "router.containerPort=70000"], "/router/containerPort"),
     "bad-maxmemory": (["--set", "redis.maxmemory=lots"], "/redis/maxmemory"),
+    "notice-user-glob-worker": (
+        [
+            "--set",
+            "redis.noticeUsers[0].worker=vllm-*",
+            "--set",
+            "redis.noticeUsers[0].existingSecret=s",
+        ],
+        "/redis/noticeUsers/0/worker",
+    ),
     "no-rbac-no-account": (
         ["--set", "rbac.create=false"],
         "with rbac.create=false needs serviceAccount.name",
