@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from opentelemetry.trace import SpanKind, Tracer
 
 from kvrouter.discovery.base import EndpointSource
 from router_node.edge import (
@@ -32,7 +33,7 @@ from router_node.edge import (
 from router_node.errors import APIError, bad_request, too_large, unauthorized
 from router_node.metrics import CONTENT_TYPE, Metrics
 from router_node.monitor import Monitor
-from router_node.proxy import BackgroundTasks, Proxy
+from router_node.proxy import HEADER_WORKER, BackgroundTasks, Proxy
 from router_node.request import (
     CHAT,
     COMPLETIONS,
@@ -45,6 +46,18 @@ from router_node.request import (
 from router_node.routing import Plan, Router
 from router_node.settings import RouterSettings, kubernetes_source
 from router_node.shared_index import SharedIndex
+from router_node.tracing import (
+    ATTR_CHOSEN,
+    ATTR_MATCHED,
+    ATTR_MODEL,
+    ATTR_PROMPT,
+    ATTR_REASON,
+    ATTR_STATUS,
+    ATTR_WORKER,
+    extract,
+    get_tracer,
+    recording,
+)
 from router_node.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -66,6 +79,7 @@ SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
 _MODEL = web.RequestKey("model", str)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
 GATE = web.AppKey("concurrency_gate", ConcurrencyGate)
+TRACER = web.AppKey("tracer", Tracer)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -99,10 +113,12 @@ def create_app(
     tokenizer: PromptTokenizer | None = None,
     rng: random.Random | None = None,
     endpoint_source: EndpointSource | None = None,
+    tracer_provider: Any | None = None,
 ) -> web.Application:
     """The router app. Loads the tokenizer from ``settings.tokenizer`` unless one is given
     (so a bad tokenizer path fails here, at start-up). With ``discovery=kubernetes`` it
-    builds the EndpointSlice watch unless `endpoint_source` is given (tests, embedding)."""
+    builds the EndpointSlice watch unless `endpoint_source` is given (tests, embedding).
+    Spans go to `tracer_provider`, else to the global one (router_node/tracing.py)."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors_middleware])
     metrics = Metrics()
     app[SETTINGS] = settings
@@ -110,6 +126,8 @@ def create_app(
     app[POOL] = WorkerPool(settings)
     app[SHARED] = SharedIndex(settings, metrics)
     app[ROUTER] = Router(settings, app[POOL], app[SHARED], metrics, rng)
+    app[TRACER] = get_tracer(tracer_provider)
+    app[ROUTER].tracer = app[TRACER]
     app[TASKS] = BackgroundTasks()
     app[LIMITER] = RateLimiter(settings, app[SHARED])
     app[GATE] = ConcurrencyGate(settings.max_concurrent)
@@ -166,7 +184,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     # auto_decompress off: bodies pass through byte for byte, Content-Encoding included.
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     app[SESSION] = session
-    app[PROXY] = Proxy(s, app[POOL], app[SHARED], app[METRICS], session, app[TASKS])
+    proxy = Proxy(s, app[POOL], app[SHARED], app[METRICS], session, app[TASKS])
+    proxy.tracer = app[TRACER]
+    proxy.propagate = recording(app[TRACER])
+    app[PROXY] = proxy
     yield
     await app[TASKS].drain()
     await session.close()
@@ -226,18 +247,23 @@ def _tokenizer_for(app: web.Application, model: str) -> PromptTokenizer | None:
 async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRequest, Plan]:
     app = request.app
     settings = app[SETTINGS]
-    raw = await _read_body(request)
-    body = parse_body(raw)
-    req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
-    request[_MODEL] = req.model
+    tracer = app[TRACER]
+    with tracer.start_as_current_span("parse") as span:
+        raw = await _read_body(request)
+        body = parse_body(raw)
+        req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
+        request[_MODEL] = req.model
+        span.set_attribute("kvrouter.body_bytes", len(raw))
     tok = _tokenizer_for(app, req.model)
     start = time.perf_counter()
-    if len(raw) > settings.tokenize_thread_bytes:
-        # Long prompts are the router's main CPU cost; a thread keeps the loop serving others
-        # (tokenizers releases the GIL while it encodes).
-        await asyncio.to_thread(tokenize, req, tok, settings)
-    else:
-        tokenize(req, tok, settings)
+    with tracer.start_as_current_span("tokenize") as span:
+        if len(raw) > settings.tokenize_thread_bytes:
+            # Long prompts are the router's main CPU cost; a thread keeps the loop serving
+            # others (tokenizers releases the GIL while it encodes).
+            await asyncio.to_thread(tokenize, req, tok, settings)
+        else:
+            tokenize(req, tok, settings)
+        span.set_attribute(ATTR_PROMPT, req.prompt_tokens)
     app[METRICS].tokenize_seconds.observe(time.perf_counter() - start)
     plan = await app[ROUTER].plan(req)
     return raw, req, plan
@@ -259,6 +285,22 @@ def _inference(endpoint: str) -> Handler:
 
     async def _admitted(request: web.Request) -> web.StreamResponse:
         app = request.app
+        with app[TRACER].start_as_current_span(
+            f"POST {request.path}",
+            context=extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "url.path": request.path},
+        ) as span:
+            try:
+                resp = await _route(request, span)
+            except APIError as exc:
+                span.set_attribute(ATTR_STATUS, exc.status)
+                raise
+            span.set_attribute(ATTR_STATUS, resp.status)
+            return resp
+
+    async def _route(request: web.Request, span: Any) -> web.StreamResponse:
+        app = request.app
         m = app[METRICS]
         limiter = app[LIMITER]
         if limiter.enabled:
@@ -273,7 +315,16 @@ def _inference(endpoint: str) -> Handler:
         m.matched_tokens.labels(req.model).observe(matched)
         m.matched_tokens_total.inc(req.model, matched)
         m.prompt_tokens_total.labels(req.model).inc(req.prompt_tokens)
-        return await app[PROXY].forward(request, req, plan, raw)
+        span.set_attribute(ATTR_MODEL, req.model)
+        span.set_attribute(ATTR_CHOSEN, d.worker)
+        span.set_attribute(ATTR_REASON, d.reason)
+        span.set_attribute(ATTR_MATCHED, matched)
+        resp = await app[PROXY].forward(request, req, plan, raw)
+        served = resp.headers.get(HEADER_WORKER)
+        if served is not None:
+            # After a retry the worker that answered is not the one the decision chose.
+            span.set_attribute(ATTR_WORKER, served)
+        return resp
 
     handle.__name__ = f"handle_{endpoint}"
     return handle
@@ -440,10 +491,15 @@ class RouterServer:
         tokenizer: PromptTokenizer | None = None,
         rng: random.Random | None = None,
         endpoint_source: EndpointSource | None = None,
+        tracer_provider: Any | None = None,
     ) -> None:
         self.settings = settings
         self.app = create_app(
-            settings, tokenizer=tokenizer, rng=rng, endpoint_source=endpoint_source
+            settings,
+            tokenizer=tokenizer,
+            rng=rng,
+            endpoint_source=endpoint_source,
+            tracer_provider=tracer_provider,
         )
         self.runner = EdgeRunner(
             self.app, settings, self.app[METRICS], handler_cancellation=True, access_log=None

@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from router_node.app import create_app
+    from router_node.settings import otel_configured
+    from router_node.tracing import setup_tracing
+
+    setup_tracing(otel_configured())
 
     try:
         app = create_app(settings)

@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from router_node.errors import APIError, not_found, sse_error_event, unavailable
 from router_node.metrics import Metrics
@@ -43,6 +44,7 @@ from router_node.request import ParsedRequest
 from router_node.routing import Plan
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
+from router_node.tracing import ATTR_ATTEMPT, ATTR_STATUS, ATTR_WORKER, get_tracer, inject
 from router_node.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -177,6 +179,10 @@ class Proxy:
             sock_connect=settings.connect_timeout_s,
             sock_read=settings.read_timeout_s,
         )
+        self.tracer = get_tracer()
+        self.propagate = False
+        """Write our attempt span's ``traceparent`` to the worker (only when spans are
+        recorded: otherwise the client's own passes through untouched)."""
 
     def _lease(self, req: ParsedRequest, plan: Plan, worker: Worker) -> Lease:
         bs = plan.block_size
@@ -184,15 +190,21 @@ class Proxy:
         prefill = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id, bs))
 
         async def dispatch(lease_id: str) -> bool:
-            return await self.shared.dispatch(
-                req.model,
-                worker.id,
-                plan.chain,
-                held=held,
-                capacity=worker.capacity_blocks,
-                lease_id=lease_id,
-                prefill_tokens=prefill,
-            )
+            # A task started inside the attempt's span: this span is the attempt's child.
+            with self.tracer.start_as_current_span("record_lease") as span:
+                ok = await self.shared.dispatch(
+                    req.model,
+                    worker.id,
+                    plan.chain,
+                    held=held,
+                    capacity=worker.capacity_blocks,
+                    lease_id=lease_id,
+                    prefill_tokens=prefill,
+                )
+                span.set_attribute(ATTR_WORKER, worker.id)
+                span.set_attribute("kvrouter.record.blocks", len(plan.chain))
+                span.set_attribute("kvrouter.lease.taken", ok)
+                return ok
 
         # This replica's own view of the worker's prefill queue, current at once; the shared
         # view in Redis lags by the dispatch round trip (see Router.plan).
@@ -207,6 +219,8 @@ class Proxy:
         h = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}
         h["Content-Type"] = "application/json"
         h.update(worker.headers)
+        if self.propagate:
+            inject(h)
         return h
 
     async def forward(
@@ -224,7 +238,7 @@ class Proxy:
             attempts += 1
             if attempts > 1:
                 self.metrics.retries.inc()
-            outcome = await self._attempt(request, req, plan, raw, worker)
+            outcome = await self._traced_attempt(request, req, plan, raw, worker, attempts)
             if isinstance(outcome, web.StreamResponse):
                 return outcome
             last_error = outcome
@@ -281,6 +295,25 @@ class Proxy:
         if worker.listed is not None:
             worker.listed = worker.listed | {name}
         return None
+
+    async def _traced_attempt(
+        self,
+        request: web.Request,
+        req: ParsedRequest,
+        plan: Plan,
+        raw: bytes,
+        worker: Worker,
+        number: int,
+    ) -> web.StreamResponse | APIError:
+        attrs: dict[str, str | int] = {ATTR_WORKER: worker.id, ATTR_ATTEMPT: number}
+        with self.tracer.start_as_current_span(
+            "attempt", kind=SpanKind.CLIENT, attributes=attrs
+        ) as span:
+            out = await self._attempt(request, req, plan, raw, worker)
+            span.set_attribute(ATTR_STATUS, out.status)
+            if isinstance(out, APIError):
+                span.set_status(Status(StatusCode.ERROR, out.message))
+            return out
 
     async def _attempt(
         self, request: web.Request, req: ParsedRequest, plan: Plan, raw: bytes, worker: Worker

@@ -20,6 +20,7 @@ from router_node.request import ParsedRequest
 from router_node.scoring import Candidate, Decision, ScoringConfig, decide
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
+from router_node.tracing import ATTR_CHOSEN, ATTR_POLICY, ATTR_REASON, get_tracer
 from router_node.workers import WorkerPool
 
 # Policies that read residency or shared load; the others route without a lookup.
@@ -72,6 +73,8 @@ class Router:
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.sequence = 0
+        self.tracer = get_tracer()
+        """Spans of the lookup and the scoring (create_app sets the app's tracer)."""
         self.catalogue: ModelCatalogue = settings.catalogue()
         self.configs = {
             name: ScoringConfig(
@@ -150,9 +153,12 @@ class Router:
         policy = self.settings.policy
         result = None
         if policy in _NEEDS_LOOKUP:
-            result = await self.shared.lookup(
-                req.model, chain[: plan.useful_blocks], [w.id for w in workers]
-            )
+            with self.tracer.start_as_current_span("lookup") as span:
+                result = await self.shared.lookup(
+                    req.model, chain[: plan.useful_blocks], [w.id for w in workers]
+                )
+                span.set_attribute("kvrouter.lookup.blocks", plan.useful_blocks)
+                span.set_attribute("kvrouter.lookup.indexed", result is not None)
         if result is not None:
             plan.indexed = True
             plan.depths = result.depths
@@ -177,20 +183,25 @@ class Router:
                 for w in workers
             ]
         plan.candidates = cands
-        self.sequence += 1
-        if policy in _NEEDS_LOOKUP and result is None:
-            d = decide("least_load", cands, n_tokens, config, self.rng)
-            plan.decision = Decision(
-                policy, "redis_down" if self.shared.enabled else "local", d.ranking
-            )
-        else:
-            plan.decision = decide(
-                policy,
-                cands,
-                n_tokens,
-                config,
-                self.rng,
-                sequence=self.sequence,
-                session_key=req.session_key,
-            )
+        with self.tracer.start_as_current_span("score") as span:
+            self.sequence += 1
+            if policy in _NEEDS_LOOKUP and result is None:
+                d = decide("least_load", cands, n_tokens, config, self.rng)
+                plan.decision = Decision(
+                    policy, "redis_down" if self.shared.enabled else "local", d.ranking
+                )
+            else:
+                plan.decision = decide(
+                    policy,
+                    cands,
+                    n_tokens,
+                    config,
+                    self.rng,
+                    sequence=self.sequence,
+                    session_key=req.session_key,
+                )
+            d = plan.decision
+            span.set_attribute(ATTR_POLICY, d.policy)
+            span.set_attribute(ATTR_REASON, d.reason)
+            span.set_attribute(ATTR_CHOSEN, d.worker)
         return plan

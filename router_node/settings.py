@@ -339,6 +339,20 @@ def _as_list(raw: Any) -> tuple[Any, ...]:
     return tuple(comma_list(raw)) if isinstance(raw, str | list | tuple) else (raw,)
 
 
+def otel_configured(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the standard OpenTelemetry variables ask for traces: an OTLP endpoint is set
+    (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT``), and neither
+    ``OTEL_SDK_DISABLED=true`` nor ``OTEL_TRACES_EXPORTER=none`` turns them off."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
 def conf_lists(conf: ConfigFile) -> dict[str, tuple[Any, ...]]:
     """The model names and workers a config file contributes."""
     out: dict[str, tuple[Any, ...]] = {}
