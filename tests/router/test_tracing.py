@@ -130,3 +130,79 @@ def test_tracing_is_off_unless_otel_variables_ask() -> None:
     on = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
     assert not otel_configured({**on, "OTEL_SDK_DISABLED": "true"})
     assert not otel_configured({**on, "OTEL_TRACES_EXPORTER": "none"})
+
+
+async def test_kvrouter_serve_exports_spans_over_otlp(tokenizer: Any) -> None:
+    """`kvrouter serve` with OTEL_EXPORTER_OTLP_ENDPOINT set sends its spans over OTLP/HTTP
+    (protobuf) to a collector: here a small aiohttp receiver that decodes them."""
+    import asyncio
+    import os
+    import sys
+
+    import aiohttp
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from kvrouter.redisproc import free_port
+
+    received: list[str] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        msg = ExportTraceServiceRequest.FromString(await request.read())
+        for rs in msg.resource_spans:
+            service = {a.key: a.value.string_value for a in rs.resource.attributes}
+            assert service["service.name"] == "kvrouter-router"
+            received.extend(s.name for ss in rs.scope_spans for s in ss.spans)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    collector = runner.addresses[0][1]
+    worker = FakeWorker(model=MODEL, tokenizer=tokenizer)
+    await worker.start()
+    port = free_port()
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "KVR_REDIS_URL": "",
+        "KVR_MODEL": MODEL,
+        "KVR_WORKERS": worker.url,
+        "KVR_HEALTH_INTERVAL_S": "0",
+        "KVR_HOST": "127.0.0.1",
+        "KVR_PORT": str(port),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter.cli", "serve", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as s:
+            for _ in range(200):
+                try:
+                    async with s.get(url + "/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+            body = {"model": MODEL, "prompt": [1, 2, 3, 4], "max_tokens": 2}
+            async with s.post(url + "/v1/completions", json=body) as r:
+                assert r.status == 200
+        for _ in range(100):
+            if "POST /v1/completions" in received:
+                break
+            await asyncio.sleep(0.05)
+        assert {"POST /v1/completions", "parse", "tokenize", "score", "attempt"} <= set(received)
+    finally:
+        proc.terminate()
+        await proc.wait()
+        await worker.stop()
+        await runner.cleanup()
