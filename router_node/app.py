@@ -276,7 +276,7 @@ def _inference(endpoint: str) -> Handler:
         # The bound comes first, before the body is read: a replica at its limit spends
         # nothing more on a request it refuses.
         if not gate.enter():
-            app[METRICS].edge_refused.inc("overloaded")
+            app[METRICS].edge_refused.labels("overloaded").inc()
             raise overloaded(app[SETTINGS].retry_after_s)
         try:
             return await _admitted(request)
@@ -306,7 +306,7 @@ def _inference(endpoint: str) -> Handler:
         if limiter.enabled:
             wait = await limiter.take(client_key(request))
             if wait > 0:
-                m.edge_refused.inc("rate_limited")
+                m.edge_refused.labels("rate_limited").inc()
                 raise rate_limited(wait)
         raw, req, plan = await _prepare(request, endpoint)
         d = plan.decision

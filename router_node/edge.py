@@ -145,7 +145,7 @@ class EdgeRunner(web.AppRunner):
 
         def on_drop() -> None:
             if metrics is not None:
-                metrics.edge_refused.inc("header_timeout")
+                metrics.edge_refused.labels("header_timeout").inc()
 
         return _EdgeServer(
             server.request_handler,
@@ -174,7 +174,7 @@ class RateLimiter:
     def __init__(self, settings: RouterSettings, shared: SharedIndex) -> None:
         self.rate = settings.rate_limit_rps
         self.burst = settings.rate_limit_burst or max(1, math.ceil(self.rate))
-        self.schema: KeySchema = settings.schema
+        self.schema: KeySchema = settings.key_schema
         self.shared = shared
         self.script = load_scripts()["take_token"]
 

@@ -339,11 +339,11 @@ def _as_list(raw: Any) -> tuple[Any, ...]:
     return tuple(comma_list(raw)) if isinstance(raw, str | list | tuple) else (raw,)
 
 
-def otel_configured(environ: Mapping[str, str] | None = None) -> bool:
+def otel_configured(variables: Mapping[str, str] | None = None) -> bool:
     """Whether the standard OpenTelemetry variables ask for traces: an OTLP endpoint is set
     (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT``), and neither
     ``OTEL_SDK_DISABLED=true`` nor ``OTEL_TRACES_EXPORTER=none`` turns them off."""
-    env = os.environ if environ is None else environ
+    env = environ() if variables is None else variables
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
     if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
