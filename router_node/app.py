@@ -22,6 +22,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind, Tracer
 
 from kvrouter.discovery.base import EndpointSource
+from router_node.admission import BATCH, INTERACTIVE, Admission, QueueFull, Ticket
 from router_node.edge import (
     ConcurrencyGate,
     EdgeRunner,
@@ -78,6 +79,7 @@ SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
 # The request's model, once parsed, for the per-model request counter in the middleware.
 _MODEL = web.RequestKey("model", str)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
+ADMISSION = web.AppKey("admission", Admission)
 GATE = web.AppKey("concurrency_gate", ConcurrencyGate)
 TRACER = web.AppKey("tracer", Tracer)
 
@@ -131,6 +133,21 @@ def create_app(
     app[TASKS] = BackgroundTasks()
     app[LIMITER] = RateLimiter(settings, app[SHARED])
     app[GATE] = ConcurrencyGate(settings.max_concurrent)
+    router = app[ROUTER]
+
+    def workers_for(model: str) -> int:
+        resolved = router.resolve(model)
+        if resolved is None:
+            return 0
+        now = time.monotonic()
+        return len(router.pool.candidates_for(resolved, settings.lora_placement, now))
+
+    app[ADMISSION] = Admission(
+        settings.worker_max_inflight,
+        settings.batch_share,
+        settings.priority_queue_max,
+        workers_for,
+    )
     if tokenizer is None and settings.tokenizer:
         tokenizer = load_tokenizer(settings.tokenizer)
     app[TOKENIZER] = tokenizer
@@ -244,7 +261,9 @@ def _tokenizer_for(app: web.Application, model: str) -> PromptTokenizer | None:
     return app[TOKENIZERS].get(resolved.base.name, app[TOKENIZER])
 
 
-async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRequest, Plan]:
+async def _prepare(
+    request: web.Request, endpoint: str
+) -> tuple[bytes, ParsedRequest, Plan, Ticket]:
     app = request.app
     settings = app[SETTINGS]
     tracer = app[TRACER]
@@ -265,8 +284,41 @@ async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRe
             tokenize(req, tok, settings)
         span.set_attribute(ATTR_PROMPT, req.prompt_tokens)
     app[METRICS].tokenize_seconds.observe(time.perf_counter() - start)
-    plan = await app[ROUTER].plan(req)
-    return raw, req, plan
+    ticket = await _admit(request, req.model)
+    try:
+        plan = await app[ROUTER].plan(req)
+    except BaseException:
+        ticket.release()
+        raise
+    return raw, req, plan, ticket
+
+
+def _priority(request: web.Request) -> str:
+    given = request.headers.get(request.app[SETTINGS].priority_header, "").strip().lower()
+    if given in ("", INTERACTIVE):
+        return INTERACTIVE
+    if given == BATCH:
+        return BATCH
+    raise bad_request(
+        f"{request.app[SETTINGS].priority_header} must be 'interactive' or 'batch'",
+        param="priority",
+    )
+
+
+async def _admit(request: web.Request, model: str) -> Ticket:
+    """A slot for the request under priority admission (router_node/admission.py)."""
+    app = request.app
+    priority = _priority(request)
+    admission = app[ADMISSION]
+    if not admission.enabled:
+        return Ticket(None, model, priority)
+    with app[TRACER].start_as_current_span("queue") as span:
+        span.set_attribute("kvrouter.priority", priority)
+        try:
+            return await admission.admit(model, priority)
+        except QueueFull:
+            app[METRICS].edge_refused.labels("queue_full").inc()
+            raise overloaded(app[SETTINGS].retry_after_s) from None
 
 
 def _inference(endpoint: str) -> Handler:
@@ -308,7 +360,17 @@ def _inference(endpoint: str) -> Handler:
             if wait > 0:
                 m.edge_refused.labels("rate_limited").inc()
                 raise rate_limited(wait)
-        raw, req, plan = await _prepare(request, endpoint)
+        raw, req, plan, ticket = await _prepare(request, endpoint)
+        try:
+            return await _forward(request, span, raw, req, plan)
+        finally:
+            ticket.release()
+
+    async def _forward(
+        request: web.Request, span: Any, raw: bytes, req: ParsedRequest, plan: Plan
+    ) -> web.StreamResponse:
+        app = request.app
+        m = app[METRICS]
         d = plan.decision
         m.decisions.labels(d.policy, d.reason, req.model).inc()
         matched = plan.matched_tokens(d.worker)

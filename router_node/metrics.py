@@ -167,7 +167,7 @@ class Metrics:
         self.edge_refused = Counter(
             "kvrouter_edge_refused_total",
             "requests or connections refused at the edge, by reason (header_timeout, "
-            "rate_limited, overloaded)",
+            "rate_limited, overloaded, queue_full)",
             ("reason",),
             registry=r,
         )

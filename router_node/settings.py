@@ -228,6 +228,25 @@ class RouterSettings(SharedSettings):
     rate_limit_burst: Int = setting(
         0, "token bucket size per client (0 = rate_limit_rps, at least 1)", ge=0
     )
+    priority_header: str = setting(
+        "x-kvrouter-priority",
+        "request header giving a request's priority: interactive (default) or batch",
+    )
+    worker_max_inflight: Int = setting(
+        0,
+        "requests per worker this replica lets in before queueing the rest, interactive ahead "
+        "of batch (0 = no router queue)",
+        ge=0,
+    )
+    batch_share: float = setting(
+        0.5,
+        "share of those slots batch requests may fill; the rest stay free for interactive ones",
+        gt=0,
+        le=1,
+    )
+    priority_queue_max: Int = setting(
+        1024, "requests that may wait in the priority queue (503 with Retry-After beyond)", ge=0
+    )
     max_concurrent: Int = setting(
         0,
         "inference requests in flight per replica; 503 with Retry-After beyond it (0 = no bound)",
