@@ -34,7 +34,7 @@ from router_node.edge import (
 from router_node.errors import APIError, bad_request, too_large, unauthorized
 from router_node.metrics import CONTENT_TYPE, Metrics
 from router_node.monitor import Monitor
-from router_node.proxy import HEADER_WORKER, BackgroundTasks, Proxy
+from router_node.proxy import HEADER_WORKER, STARTED, BackgroundTasks, Proxy
 from router_node.request import (
     CHAT,
     COMPLETIONS,
@@ -337,6 +337,7 @@ def _inference(endpoint: str) -> Handler:
 
     async def _admitted(request: web.Request) -> web.StreamResponse:
         app = request.app
+        request[STARTED] = time.perf_counter()
         with app[TRACER].start_as_current_span(
             f"POST {request.path}",
             context=extract(request.headers),

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 
@@ -112,6 +113,14 @@ class Metrics:
             "Redis lookup round trip (residency and load), by model",
             ("model",),
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_byte_seconds = Histogram(
+            "kvrouter_time_to_first_byte_seconds",
+            "from the request's arrival to the first byte sent back (a streamed response's "
+            "first chunk: TTFT through the router; a whole response otherwise), by model",
+            ("model",),
+            buckets=TTFB_BUCKETS,
             registry=r,
         )
         self.tokenize_seconds = Histogram(

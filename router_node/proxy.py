@@ -64,6 +64,8 @@ FORWARD_REQUEST = (
 FORWARD_RESPONSE = ("content-type", "content-encoding", "cache-control", "x-request-id")
 UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
+STARTED = web.RequestKey("kvrouter_started", float)
+"""When the router received the request (``time.perf_counter()``), set by the app."""
 HEADER_WORKER = "x-kvrouter-worker"
 HEADER_MATCHED = "x-kvrouter-matched-tokens"
 
@@ -250,6 +252,11 @@ class Proxy:
             self.settings.retry_after_s,
         )
 
+    def _first_byte(self, request: web.Request, model: str) -> None:
+        started = request.get(STARTED)
+        if started is not None:
+            self.metrics.first_byte_seconds.labels(model).observe(time.perf_counter() - started)
+
     def _fail(self, worker: Worker, kind: str, detail: str) -> APIError:
         self.metrics.upstream_errors.labels(worker.id, kind).inc()
         if self.pool.record_failure(worker, time.monotonic()):
@@ -346,7 +353,7 @@ class Proxy:
                     f"The model `{req.model}` does not exist.", "model", "model_not_found"
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
-                out = await self._stream(request, resp, plan, worker, lease)
+                out = await self._stream(request, resp, plan, worker, lease, req.model)
                 if isinstance(out, web.StreamResponse):
                     self.metrics.worker_requests.labels(worker.id).inc()
                 return out
@@ -359,6 +366,7 @@ class Proxy:
             else:
                 self.pool.record_success(worker)
             self.metrics.worker_requests.labels(worker.id).inc()
+            self._first_byte(request, req.model)
             return web.Response(
                 body=data, status=resp.status, headers=self._response_headers(resp, plan, worker)
             )
@@ -380,6 +388,7 @@ class Proxy:
         plan: Plan,
         worker: Worker,
         lease: Lease,
+        model: str,
     ) -> web.StreamResponse | APIError:
         try:
             first = await resp.content.readany()
@@ -395,6 +404,7 @@ class Proxy:
         try:
             await out.prepare(request)
             await out.write(first)
+            self._first_byte(request, model)
             while True:
                 try:
                     chunk = await resp.content.readany()

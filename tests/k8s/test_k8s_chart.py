@@ -404,6 +404,21 @@ def test_notice_users_boot_a_real_redis_that_enforces_them(helm: str) -> None:
             w0.close()
 
 
+def test_grafana_dashboard_configmap(helm: str, minimal: list[dict[str, Any]]) -> None:
+    """Off by default; on, a ConfigMap with the sidecar's label holding the dashboard file
+    byte for byte (its queries are checked against real scrapes in tests/test_dashboard.py)."""
+    assert not any(d["metadata"]["name"].endswith("-dashboard") for d in minimal)
+    docs = render(
+        helm, *BASE, "--set", "metrics.grafanaDashboard.enabled=true",
+        "--set", "metrics.grafanaDashboard.namespace=monitoring",
+    )  # fmt: skip
+    cm = find(docs, "ConfigMap", "kvr-kv-router-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    shipped = (CHART / "dashboards" / "kvrouter.json").read_text()
+    assert json.loads(cm["data"]["kvrouter.json"]) == json.loads(shipped)
+
+
 def test_listener_off_turns_kv_events_off(helm: str) -> None:
     docs = render(helm, *BASE, "--set", "listener.enabled=false")
     names = [d["metadata"]["name"] for d in docs]
