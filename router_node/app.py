@@ -10,6 +10,7 @@ upstream request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import random
@@ -294,7 +295,14 @@ async def _prepare(
 
 
 def _priority(request: web.Request) -> str:
-    given = request.headers.get(request.app[SETTINGS].priority_header, "").strip().lower()
+    """The request's priority: batch for an API key the settings mark so, else its header."""
+    settings = request.app[SETTINGS]
+    if settings.batch_key_digests:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() == "bearer" and digest in settings.batch_key_digests:
+            return BATCH
+    given = request.headers.get(settings.priority_header, "").strip().lower()
     if given in ("", INTERACTIVE):
         return INTERACTIVE
     if given == BATCH:

@@ -21,6 +21,7 @@ from kvrouter.index.keys import KeyNameError, validate_worker_id
 from kvrouter.settings import (
     DISCOVERY_MODES,
     Bool,
+    CommaList,
     Int,
     SettingsError,
     SharedSettings,
@@ -231,6 +232,11 @@ class RouterSettings(SharedSettings):
     priority_header: str = setting(
         "x-kvrouter-priority",
         "request header giving a request's priority: interactive (default) or batch",
+    )
+    batch_key_digests: CommaList = setting(
+        (),
+        "SHA-256 hex digests of API keys (the Authorization header's token) whose requests are "
+        "always batch, whatever their priority header says (comma-separated)",
     )
     worker_max_inflight: Int = setting(
         0,
