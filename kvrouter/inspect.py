@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -461,8 +462,11 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, RedisError) as exc:
         print(f"kvrouter inspect: {redact_url(args.redis_url)}: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(asdict(view), indent=2))
-    else:
-        print(render_table(view), end="")
+    text = json.dumps(asdict(view), indent=2) + "\n" if args.json else render_table(view)
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `kvrouter inspect | head`: the reader left; no traceback, and none at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
