@@ -14,6 +14,7 @@ from kvrouter.tokenizer.errors import (
     TokenizationRequestError,
     TokenizerError,
     TokenizerLoadError,
+    UntokenizableContent,
 )
 from kvrouter.tokenizer.tokenizer import Tokenizer
 
@@ -25,4 +26,5 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "TokenizerLoadError",
+    "UntokenizableContent",
 ]
