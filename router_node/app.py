@@ -22,13 +22,16 @@ import aiohttp
 from aiohttp import web
 
 from kvrouter.discovery.base import EndpointSource
-from router_node.errors import APIError, bad_request, too_large, unauthorized
+from router_node.errors import APIError, bad_request, not_found, too_large, unauthorized
 from router_node.metrics import Metrics
 from router_node.monitor import Monitor
 from router_node.proxy import BackgroundTasks, Proxy
 from router_node.request import (
     CHAT,
     COMPLETIONS,
+    EMBEDDINGS,
+    LOAD_ONLY,
+    RESPONSES,
     ParsedRequest,
     PromptTokenizer,
     parse_body,
@@ -130,12 +133,20 @@ def create_app(
 
     app.router.add_post("/v1/completions", _inference(COMPLETIONS), name="completions")
     app.router.add_post("/v1/chat/completions", _inference(CHAT), name="chat")
+    app.router.add_post("/v1/responses", _inference(RESPONSES), name="responses")
+    app.router.add_post("/v1/embeddings", _inference(EMBEDDINGS), name="embeddings")
+    # vLLM's scoring and tokenizer endpoints: routed on load to a worker of the model.
+    for path, name in LOAD_ONLY_PATHS:
+        app.router.add_post(path, _inference(LOAD_ONLY), name=name)
     app.router.add_get("/v1/models", models, name="models")
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/ready", ready, name="ready")
     app.router.add_get("/metrics", metrics_handler, name="metrics")
     app.router.add_post("/debug/route", debug_route, name="debug")
     app.router.add_get("/openapi.json", openapi_handler, name="openapi")
+    # Last: any other /v1/ path is one the router does not route (a random worker's answer
+    # would be worse than a clear error).
+    app.router.add_route("*", "/v1/{tail:.*}", unknown_endpoint, name="unknown")
     return app
 
 
@@ -229,6 +240,27 @@ async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRe
     return raw, req, plan
 
 
+LOAD_ONLY_PATHS = (
+    ("/v1/score", "score"),
+    ("/score", "score_root"),
+    ("/v1/rerank", "rerank"),
+    ("/rerank", "rerank_root"),
+    ("/v2/rerank", "rerank_v2"),
+    ("/tokenize", "tokenize"),
+    ("/detokenize", "detokenize"),
+)
+
+
+async def unknown_endpoint(request: web.Request) -> web.Response:
+    """A clear 404 for /v1/ paths the router does not serve."""
+    raise not_found(
+        f"{request.method} {request.path} is not an endpoint this router serves; it routes "
+        "/v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/score, "
+        "/v1/rerank and /v1/models",
+        code="unknown_endpoint",
+    )
+
+
 def _inference(endpoint: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
@@ -236,6 +268,8 @@ def _inference(endpoint: str) -> Handler:
         m = app[METRICS]
         d = plan.decision
         m.decisions.inc(d.policy, d.reason)
+        if req.inexact is not None:
+            m.tokenization_inexact.inc(endpoint, req.inexact)
         matched = plan.matched_tokens(d.worker)
         m.matched_tokens.observe(matched)
         m.matched_tokens_total.inc(amount=matched)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -61,6 +62,12 @@ FORWARD_REQUEST = (
 # Response headers passed back to the client.
 FORWARD_RESPONSE = ("content-type", "content-encoding", "cache-control", "x-request-id")
 UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+# usage.prompt_tokens (chat, completions, embeddings) or usage.input_tokens (responses).
+_USAGE_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)\s*[,}]')
+# Mismatches logged per model and process: enough to see the model and endpoint at once,
+# bounded so a wrong tokenizer does not flood the log (the metric counts them all).
+MISMATCH_LOG_LIMIT = 5
 
 HEADER_WORKER = "x-kvrouter-worker"
 HEADER_MATCHED = "x-kvrouter-matched-tokens"
@@ -172,6 +179,7 @@ class Proxy:
         self.metrics = metrics
         self.session = session
         self.tasks = tasks
+        self._mismatches_logged: dict[str, int] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout_s,
@@ -235,6 +243,35 @@ class Proxy:
             f"no worker could take the request ({attempts} tried){detail}",
             self.settings.retry_after_s,
         )
+
+    def check_prompt_tokens(self, req: ParsedRequest, worker: Worker, data: bytes) -> bool:
+        """Compare the prompt token count a worker reports in `data` (a response body or
+        the tail of a stream) with the router's own; count and log a difference. Returns
+        True once a count was found (so a stream stops looking)."""
+        found = _USAGE_PROMPT.search(data)
+        if found is None:
+            return False
+        reported = int(found.group(1))
+        self.metrics.tokenization_checked.inc(req.model)
+        if reported != req.prompt_tokens:
+            self.metrics.tokenization_mismatch.inc(req.model)
+            logged = self._mismatches_logged.get(req.model, 0)
+            if logged < MISMATCH_LOG_LIMIT:
+                self._mismatches_logged[req.model] = logged + 1
+                log.warning(
+                    "tokenization mismatch: model %s, endpoint %s, worker %s reports %d prompt "
+                    "tokens, the router counted %d: its tokenizer or chat template differs "
+                    "from the engine's, so its block keys miss the engine's cache%s",
+                    req.model,
+                    req.endpoint,
+                    worker.id,
+                    reported,
+                    req.prompt_tokens,
+                    " (further mismatches of this model are only counted)"
+                    if logged + 1 == MISMATCH_LOG_LIMIT
+                    else "",
+                )
+        return True
 
     def _fail(self, worker: Worker, kind: str, detail: str) -> APIError:
         self.metrics.upstream_errors.inc(worker.id, kind)
@@ -313,7 +350,7 @@ class Proxy:
                     f"The model `{req.model}` does not exist.", "model", "model_not_found"
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
-                out = await self._stream(request, resp, plan, worker, lease)
+                out = await self._stream(request, req, resp, plan, worker, lease)
                 if isinstance(out, web.StreamResponse):
                     self.metrics.worker_requests.inc(worker.id)
                 return out
@@ -325,6 +362,8 @@ class Proxy:
                 self._fail(worker, "status", f"HTTP {resp.status}")
             else:
                 self.pool.record_success(worker)
+            if resp.status == 200 and req.count_is_exact:
+                self.check_prompt_tokens(req, worker, data)
             self.metrics.worker_requests.inc(worker.id)
             return web.Response(
                 body=data, status=resp.status, headers=self._response_headers(resp, plan, worker)
@@ -343,6 +382,7 @@ class Proxy:
     async def _stream(
         self,
         request: web.Request,
+        req: ParsedRequest,
         resp: aiohttp.ClientResponse,
         plan: Plan,
         worker: Worker,
@@ -359,6 +399,12 @@ class Proxy:
         out = web.StreamResponse(
             status=resp.status, headers=self._response_headers(resp, plan, worker)
         )
+        # The usage chunk comes last (stream_options.include_usage); look at each chunk with
+        # the end of the one before, in case the count straddles two reads.
+        checking = req.count_is_exact
+        tail = first[-64:]
+        if checking and self.check_prompt_tokens(req, worker, first):
+            checking = False
         try:
             await out.prepare(request)
             await out.write(first)
@@ -372,6 +418,10 @@ class Proxy:
                 if not chunk:
                     break
                 await out.write(chunk)
+                if checking:
+                    if self.check_prompt_tokens(req, worker, tail + chunk):
+                        checking = False
+                    tail = chunk[-64:]
             await out.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log.debug("client left a stream from %s; closing the upstream request", worker.id)

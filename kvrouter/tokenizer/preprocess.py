@@ -394,3 +394,142 @@ def first_untokenizable(messages: Sequence[Any]) -> tuple[int, str] | None:
         except TokenizationRequestError:
             return None
     return None
+
+
+# -- the Responses API -------------------------------------------------------------------------
+
+
+def _responses_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """Flat Responses function tools (``{"type": "function", "name", ...}``) in the chat
+    completions shape; built-in tools (web search, MCP, ...) never reach the template."""
+    if not tools:
+        return None
+    if not isinstance(tools, list):
+        raise TokenizationRequestError("tools must be a list")
+    out = []
+    for tool in tools:
+        if isinstance(tool, Mapping) and tool.get("type") == "function":
+            function = {k: v for k, v in tool.items() if k != "type"}
+            out.append({"type": "function", "function": function})
+    return out or None
+
+
+def _item_text(content: Any) -> str:
+    """The text vLLM takes from an assistant item's content: the first part's text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        first = content[0]
+        if isinstance(first, Mapping):
+            text = first.get("text", "")
+            return text if isinstance(text, str) else ""
+        return first if isinstance(first, str) else ""
+    return ""
+
+
+def _reasoning_text(item: Mapping[str, Any]) -> str:
+    for key in ("content", "summary"):
+        value = item.get(key)
+        if isinstance(value, list) and value:
+            first = value[0]
+            text = first.get("text", "") if isinstance(first, Mapping) else first
+            return text if isinstance(text, str) else ""
+    return ""
+
+
+def responses_to_chat_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses API body as the chat completions body vLLM renders for it.
+
+    ``instructions`` become a leading system message and ``input`` the messages that follow
+    (a string is one user message). Items: ``function_call`` becomes an assistant tool call
+    (merged into the assistant message before it), ``function_call_output`` a tool message,
+    ``reasoning`` the assistant's reasoning, an assistant ``message`` its first text part;
+    other messages pass as they are (their ``input_text`` parts are text). A final message
+    or reasoning item whose status is ``in_progress`` or ``incomplete`` is continued
+    rather than answered. Raises TokenizationRequestError for shapes it cannot read and
+    UntokenizableContent for stored state (``previous_response_id``, ``conversation``)
+    the router never sees.
+    """
+    for key in ("previous_response_id", "conversation"):
+        if body.get(key) is not None:
+            raise UntokenizableContent(
+                key, f"{key}: the conversation so far is stored on the worker"
+            )
+    messages: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    request_input = body.get("input")
+    continue_final = False
+    if isinstance(request_input, str):
+        messages.append({"role": "user", "content": request_input})
+    elif isinstance(request_input, list):
+        for i, item in enumerate(request_input):
+            if not isinstance(item, Mapping):
+                raise TokenizationRequestError(f"input[{i}] must be an object")
+            message = _from_item(item, messages[-1] if messages else None)
+            if message is not None:
+                messages.append(message)
+        if request_input:
+            last = request_input[-1]
+            continue_final = last.get("type", "message") in ("message", "reasoning") and last.get(
+                "status"
+            ) in ("in_progress", "incomplete")
+    else:
+        raise TokenizationRequestError("input must be a string or a list of items")
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages}
+    tools = _responses_tools(body.get("tools"))
+    if tools is not None:
+        chat["tools"] = tools
+    if continue_final:
+        chat["add_generation_prompt"] = False
+        chat["continue_final_message"] = True
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, Mapping) and reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
+    for key in ("chat_template_kwargs", "add_special_tokens", "cache_salt"):
+        if key in body:
+            chat[key] = body[key]
+    return chat
+
+
+def _from_item(item: Mapping[str, Any], prev: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One Responses input item as a chat message, or None when it was merged into `prev`."""
+    assistant = prev if prev is not None and prev.get("role") == "assistant" else None
+    kind = item.get("type")
+    if kind == "function_call":
+        call = {
+            "id": item.get("call_id"),
+            "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+            "type": "function",
+        }
+        if assistant is not None:
+            calls = assistant.get("tool_calls")
+            if calls is None:
+                assistant["tool_calls"] = [call]
+                return None
+            if isinstance(calls, list):
+                calls.append(call)
+                return None
+        return {"role": "assistant", "tool_calls": [call]}
+    if kind == "function_call_output":
+        return {"role": "tool", "content": item.get("output"), "tool_call_id": item.get("call_id")}
+    if kind == "reasoning":
+        if item.get("encrypted_content"):
+            raise UntokenizableContent("encrypted_reasoning", "encrypted reasoning content")
+        text = _reasoning_text(item)
+        if assistant is not None and assistant.get("reasoning") is None:
+            assistant["reasoning"] = text
+            return None
+        return {"role": "assistant", "reasoning": text}
+    if item.get("role") == "assistant":
+        text = _item_text(item.get("content"))
+        if assistant is not None and assistant.get("content") is None:
+            assistant["content"] = text
+            return None
+        return {"role": "assistant", "content": text}
+    if not isinstance(item.get("role"), str):
+        raise UntokenizableContent(
+            "unknown_item", f"input item of type {kind!r} is not a message the router renders"
+        )
+    return dict(item)
