@@ -117,3 +117,44 @@ def completion_ids(hf: PreTrainedTokenizerBase, prompt: str, add_special_tokens:
     """The prompt token ids vLLM computes for a completions prompt string."""
     ids: list[int] = hf(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     return ids
+
+
+def responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages vLLM builds from a Responses API body (instructions, a string
+    input, message items, function calls merged into the assistant turn before them, and
+    function call outputs as tool messages)."""
+    messages: list[dict[str, Any]] = []
+    if body.get("instructions"):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body["input"]
+    if isinstance(items, str):
+        return [*messages, {"role": "user", "content": items}]
+    for item in items:
+        prev = messages[-1] if messages and messages[-1]["role"] == "assistant" else None
+        if item.get("type") == "function_call":
+            call = {
+                "id": item["call_id"],
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+                "type": "function",
+            }
+            if prev is not None:
+                prev.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "tool_calls": [call]})
+        elif item.get("type") == "function_call_output":
+            messages.append(
+                {"role": "tool", "content": item["output"], "tool_call_id": item["call_id"]}
+            )
+        else:
+            messages.append(dict(item))
+    return messages
+
+
+def responses_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if not tools:
+        return None
+    return [
+        {"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
+        for t in tools
+        if t.get("type") == "function"
+    ]
