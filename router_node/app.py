@@ -62,13 +62,16 @@ SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def load_tokenizer(path: str, chat_template: str = "") -> PromptTokenizer:
+def load_tokenizer(
+    path: str, chat_template: str = "", content_format: str = "auto"
+) -> PromptTokenizer:
     """Load a tokenizer.json or a model directory (raises TokenizerLoadError); a
-    `chat_template` file replaces the directory's default template."""
+    `chat_template` file replaces the directory's default template; `content_format`
+    overrides the detected chat template content format."""
     from kvrouter.tokenizer import Tokenizer
 
     if not chat_template:
-        return Tokenizer.load(path)
+        return Tokenizer.load(path, content_format=content_format)
     from dataclasses import replace
     from pathlib import Path
 
@@ -82,7 +85,10 @@ def load_tokenizer(path: str, chat_template: str = "") -> PromptTokenizer:
         raise TokenizerLoadError(Path(chat_template), f"cannot read: {exc.strerror}") from None
     templates = {**files.chat_templates, "default": text}
     origin = Path(chat_template)
-    return Tokenizer(replace(files, chat_templates=templates, chat_template_origin=origin))
+    return Tokenizer(
+        replace(files, chat_templates=templates, chat_template_origin=origin),
+        content_format=content_format,
+    )
 
 
 def create_app(
@@ -107,10 +113,12 @@ def create_app(
         tokenizer = load_tokenizer(settings.tokenizer)
     app[TOKENIZER] = tokenizer
     # One tokenizer per distinct (path, template): models sharing files share the cache.
-    loaded: dict[tuple[str, str], PromptTokenizer | None] = {(settings.tokenizer, ""): tokenizer}
+    loaded: dict[tuple[str, str, str], PromptTokenizer | None] = {
+        (settings.tokenizer, "", "auto"): tokenizer
+    }
     per_model: dict[str, PromptTokenizer | None] = {}
     for name, base in app[ROUTER].catalogue.bases.items():
-        key = (base.tokenizer, base.chat_template)
+        key = (base.tokenizer, base.chat_template, base.content_format)
         if key not in loaded:
             loaded[key] = load_tokenizer(*key) if base.tokenizer else None
         per_model[name] = loaded[key]

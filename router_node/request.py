@@ -196,6 +196,7 @@ def tokenize(
         if isinstance(exc, TokenizationRequestError):
             raise bad_request(str(exc), _param(req.endpoint)) from None
         raise
+    _apply_truncation(req)
     limit = settings.max_prompt_tokens
     if limit and req.prompt_tokens > limit:
         param = _param(req.endpoint)
@@ -203,6 +204,23 @@ def tokenize(
             f"the prompt has {req.prompt_tokens} tokens; this router accepts at most {limit}",
             param,
         )
+
+
+def _apply_truncation(req: ParsedRequest) -> None:
+    """vLLM's ``truncate_prompt_tokens`` cuts the prompt the router just tokenized: kept
+    from the left (the default) every block key changes, so route on load; kept from the
+    right (``truncation_side: "right"``) the first N tokens are still an exact prefix."""
+    keep = req.body.get("truncate_prompt_tokens")
+    if keep is None or req.token_ids is None:
+        return
+    req.inexact = req.inexact or "truncate_prompt_tokens"
+    if req.body.get("truncation_side") == "right" and type(keep) is int and keep >= 0:
+        req.token_ids = req.token_ids[:keep]
+        req.token_bytes = None
+    else:
+        req.token_ids = None
+        req.token_bytes = None
+    req.prompt_tokens = len(req.token_ids or ())
 
 
 def _param(endpoint: str) -> str:

@@ -398,6 +398,10 @@ async def test_content_the_router_cannot_tokenize_routes_on_the_text_before_it(
             "/v1/responses",
             {"model": MODEL, "input": "and then?", "previous_response_id": "resp_1"},
         ),
+        "truncate_prompt_tokens": (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "a long story", "truncate_prompt_tokens": 2},
+        ),
         "unknown_part": (
             "/v1/chat/completions",
             {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "x-new"}]}]},
@@ -407,3 +411,31 @@ async def test_content_the_router_cannot_tokenize_routes_on_the_text_before_it(
         await post(server.url + path, json=req)
         text = await metrics_text(server)
         assert f'reason="{reason}"}} 1' in text, reason
+
+
+def test_content_format_overridable_per_model(tmp_path: Path, qwen_dir: Path) -> None:
+    """An engine started with --chat-template-content-format: the [[models]] entry says so."""
+    from router_node.app import load_tokenizer
+    from router_node.models import ModelCatalogue, ModelConfig
+
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[[models]]\nname = "q"\ntokenizer = "{qwen_dir}"\n'
+        'chat_template_content_format = "openai"\n',
+        encoding="utf-8",
+    )
+    from router_node.models import load_config_file
+
+    entry = load_config_file(str(config)).models[0]
+    base = ModelCatalogue.build(["q", "plain"], [entry, ModelConfig("plain")]).bases
+    assert (base["q"].content_format, base["plain"].content_format) == ("openai", "auto")
+    detected = load_tokenizer(str(qwen_dir))
+    forced = load_tokenizer(str(qwen_dir), "", "openai")
+    assert isinstance(detected, Tokenizer) and isinstance(forced, Tokenizer)
+    assert (detected.content_format(), forced.content_format()) == ("string", "openai")
+    # In "openai" format the Qwen-style template meets a list and cannot concatenate it: the
+    # same request the detected format serves is a 400 there, as it is on such an engine.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert detected.encode_chat_request({"messages": parts})
+    with pytest.raises(Exception, match="chat template error"):
+        forced.encode_chat_request({"messages": parts})
