@@ -152,9 +152,6 @@ def create_app(
     app.router.add_get("/metrics", metrics_handler, name="metrics")
     app.router.add_post("/debug/route", debug_route, name="debug")
     app.router.add_get("/openapi.json", openapi_handler, name="openapi")
-    # Last: any other /v1/ path is one the router does not route (a random worker's answer
-    # would be worse than a clear error).
-    app.router.add_route("*", "/v1/{tail:.*}", unknown_endpoint, name="unknown")
     return app
 
 
@@ -204,6 +201,15 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
         err = APIError(
             code, exc.reason, type_="invalid_request_error" if code < 500 else "server_error"
         )
+        if code == 404 and request.path.startswith("/v1/"):
+            # An OpenAI path the router does not route: a clear answer, never a proxy to a
+            # random worker.
+            err = not_found(
+                f"{request.path} is not an endpoint this router serves; it routes "
+                "/v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings, "
+                "/v1/score, /v1/rerank and /v1/models",
+                code="unknown_endpoint",
+            )
         resp = err.response()
     metrics.requests.inc(route, str(resp.status))
     return resp
@@ -257,16 +263,6 @@ LOAD_ONLY_PATHS = (
     ("/tokenize", "tokenize"),
     ("/detokenize", "detokenize"),
 )
-
-
-async def unknown_endpoint(request: web.Request) -> web.Response:
-    """A clear 404 for /v1/ paths the router does not serve."""
-    raise not_found(
-        f"{request.method} {request.path} is not an endpoint this router serves; it routes "
-        "/v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/score, "
-        "/v1/rerank and /v1/models",
-        code="unknown_endpoint",
-    )
 
 
 def _inference(endpoint: str) -> Handler:

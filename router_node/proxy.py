@@ -40,7 +40,7 @@ from multidict import CIMultiDict
 
 from router_node.errors import APIError, not_found, sse_error_event, unavailable
 from router_node.metrics import Metrics
-from router_node.request import ParsedRequest
+from router_node.request import CHAT, COMPLETIONS, ParsedRequest
 from router_node.routing import Plan
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
@@ -68,6 +68,10 @@ _USAGE_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)\s*[,}
 # Mismatches logged per model and process: enough to see the model and endpoint at once,
 # bounded so a wrong tokenizer does not flood the log (the metric counts them all).
 MISMATCH_LOG_LIMIT = 5
+
+# Endpoints whose 404 means "this worker does not serve the model" (elsewhere a 404 can be
+# the endpoint's own answer, such as an unknown previous response: passed through).
+MODEL_404 = frozenset({CHAT, COMPLETIONS})
 
 HEADER_WORKER = "x-kvrouter-worker"
 HEADER_MATCHED = "x-kvrouter-matched-tokens"
@@ -340,7 +344,7 @@ class Proxy:
             if resp.status in RETRY_STATUSES:
                 detail = f"HTTP {resp.status}"
                 return self._fail(worker, "status", detail)
-            if resp.status == 404 and worker.listed is not None:
+            if resp.status == 404 and worker.listed is not None and req.endpoint in MODEL_404:
                 # vLLM's 404 on an inference path: it does not serve the model (an adapter
                 # unloaded since the last /v1/models poll). Not a failure of the worker:
                 # forget the model there and try the next one.
