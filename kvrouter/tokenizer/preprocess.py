@@ -210,6 +210,9 @@ def _part_text(part: Mapping[str, Any], index: str) -> tuple[str | None, Any]:
 
 
 def _content(content: Any, fmt: ContentFormat, index: str) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        # The common case, without building a part list (same result: one text part).
+        return content if fmt == "string" else [{"type": "text", "text": content}]
     if content is None:
         parts: list[Any] = []
     elif isinstance(content, str):
