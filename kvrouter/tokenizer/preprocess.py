@@ -14,10 +14,11 @@ only; see docs/tokenization.md for the files and commits they were read from):
 - Content parts. A string content is one text part; ``None`` is no parts. Text parts are
   ``text``, ``input_text``, ``output_text`` (their ``text``), ``refusal`` (``refusal``) and
   ``thinking`` (``thinking``); a ``text`` or ``refusal`` part whose value is missing is
-  skipped. In "string" format the texts are joined with ``"\\n"``; in "openai" format each
-  becomes ``{"type": "text", "text": ...}`` (a plain string content too). ``tool_reference``
-  parts render as their ``name``. Media parts (images, audio, video, embeddings) cannot be
-  reproduced without the model's processor: see `UntokenizableContent`.
+  skipped (the others keep a null text in "openai" format). In "string" format the texts
+  are joined with ``"\\n"``; in "openai" format each becomes ``{"type": "text", "text":
+  ...}`` (a plain string content too). ``tool_reference`` parts render as their ``name``.
+  Media parts (images, audio, video, embeddings) cannot be reproduced without the model's
+  processor: see `UntokenizableContent`.
 - Messages are rebuilt with only the fields templates see: role, content, then for
   assistants ``tool_calls`` (when not null) and ``reasoning`` (also as
   ``reasoning_content``; a request's ``reasoning_content`` is read as ``reasoning``), for
@@ -192,7 +193,7 @@ def _part_text(part: Mapping[str, Any], index: str) -> tuple[str | None, Any]:
             value = part.get(_TEXT_PART_KEYS[part_type])
             if value is None and part_type in _SKIP_WHEN_MISSING:
                 return None, None
-            if not isinstance(value, str):
+            if value is not None and not isinstance(value, str):
                 raise TokenizationRequestError(f"{index}: a {part_type} part needs a string")
             return "text", value
         if part_type == "tool_reference":

@@ -14,7 +14,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kvrouter.tokenizer import Tokenizer, UntokenizableContent
-from kvrouter.tokenizer.preprocess import detect_content_format, first_untokenizable
+from kvrouter.tokenizer.preprocess import (
+    detect_content_format,
+    first_untokenizable,
+    prepare_messages,
+)
 from kvrouter.tokenizer.testing import KINDS, Kind, build_test_tokenizer
 from tests.tokenizer import vllm_reference as ref
 
@@ -256,3 +260,20 @@ def test_media_parts_are_reported_not_rendered(router_tok: Tokenizer) -> None:
         "unknown_part",
     )
     assert first_untokenizable(messages[:2]) is None
+
+
+def test_missing_part_values_as_vllm_treats_them() -> None:
+    parts = [{"type": "text"}, {"type": "input_text"}, {"type": "text", "text": ""}, "x"]
+    message = [{"role": "user", "content": parts}]
+    assert prepare_messages(message, "string")[0]["content"] == "x"
+    assert prepare_messages(message, "openai")[0]["content"] == [
+        {"type": "text", "text": None},
+        {"type": "text", "text": ""},
+        {"type": "text", "text": "x"},
+    ]
+    tool = [{"role": "tool", "tool_call_id": "c", "content": [{"type": "text", "text": "a"}, "b"]}]
+    assert prepare_messages(tool, "openai")[0] == {
+        "role": "tool",
+        "content": "a\nb",
+        "tool_call_id": "c",
+    }
