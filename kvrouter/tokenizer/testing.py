@@ -9,8 +9,8 @@ library on a synthetic corpus and writes a model directory like the ones engines
   post-processor adds BOS; a Llama-3-shaped chat template with tool support.
 - kind="qwen": the same byte-level BPE with ChatML special tokens (`<|im_start|>`,
   `<|im_end|>`, `<|endoftext|>`), no BOS, and a Qwen-shaped template: string content joined
-  with `+`, tools in `<tools>`, tool calls printed with their arguments through `tojson`,
-  an `enable_thinking` switch.
+  with `+`, tools in `<tools>`, RAG `documents`, tool calls printed with their arguments
+  through `tojson`, an `enable_thinking` switch.
 - kind="deepseek": the same byte-level BPE with DeepSeek-style full-width special tokens
   (`<｜begin▁of▁sentence｜>`, `<｜User｜>`, `<｜Assistant｜>`, tool-call markers), BOS added by
   the post-processor and written by the template, system prompts gathered with a namespace.
@@ -116,6 +116,13 @@ QWEN_CHAT_TEMPLATE = """\
     {{- '\\n</tools><|im_end|>\\n' }}
 {%- elif messages[0].role == 'system' %}
     {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- if documents %}
+    {{- '<|im_start|>system\\n# Documents' }}
+    {%- for doc in documents %}
+        {{- '\\n## ' + doc.title + '\\n' + doc.text }}
+    {%- endfor %}
+    {{- '<|im_end|>\\n' }}
 {%- endif %}
 {%- for message in messages %}
     {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}

@@ -166,6 +166,11 @@ def chat_body(draw: st.DrawFn, kind: Kind) -> dict[str, Any]:
         body["add_special_tokens"] = draw(st.booleans())
     if kind == "qwen" and draw(st.booleans()):
         body["chat_template_kwargs"] = {"enable_thinking": draw(st.booleans())}
+    if kind == "qwen" and draw(st.booleans()):
+        body["reasoning_effort"] = draw(st.sampled_from(["none", "low", "high"]))
+    if draw(st.booleans()):
+        docs = st.fixed_dictionaries({"title": nonempty_text, "text": text})
+        body["documents"] = draw(st.lists(docs, min_size=1, max_size=2))
     return body
 
 

@@ -98,6 +98,10 @@ def chat_ids(hf: PreTrainedTokenizerBase, body: dict[str, Any], content_format: 
     """The prompt token ids vLLM computes for a chat completions body."""
     conversation = [vllm_message(m, content_format) for m in body["messages"]]
     kwargs = dict(body.get("chat_template_kwargs") or {})
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        kwargs["reasoning_effort"] = effort
+        kwargs.setdefault("enable_thinking", effort != "none")
     prompt = hf.apply_chat_template(
         conversation,
         tools=vllm_tools(body.get("tools")),
