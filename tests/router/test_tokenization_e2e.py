@@ -7,6 +7,8 @@ endpoint."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
 import time
@@ -57,6 +59,8 @@ class ReferenceWorker:
             error = {"message": f"unsupported content part {exc}", "type": "BadRequestError"}
             return web.json_response({"error": error}, status=400)
         self.counts.append(("chat", n))
+        if body.get("stream"):
+            return await self._stream_chat(request, body, n)
         message = {"role": "assistant", "content": "ok"}
         return web.json_response(
             {
@@ -68,6 +72,29 @@ class ReferenceWorker:
                 "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
             }
         )
+
+    async def _stream_chat(
+        self, request: web.Request, body: dict[str, Any], n: int
+    ) -> web.StreamResponse:
+        """SSE as vLLM streams it; the usage chunk is written in two pieces split inside
+        "prompt_tokens", as a network read may split it."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        envelope = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 0,
+                    "model": body["model"]}  # fmt: skip
+        delta = {"index": 0, "delta": {"role": "assistant", "content": "ok"},
+                 "finish_reason": "stop"}  # fmt: skip
+        await resp.write(
+            b"data: " + json.dumps({**envelope, "choices": [delta]}).encode() + b"\n\n"
+        )
+        usage = {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1}
+        last = b"data: " + json.dumps({**envelope, "choices": [], "usage": usage}).encode()
+        cut = last.index(b"prompt_tok")
+        await resp.write(last[:cut])
+        await asyncio.sleep(0.05)
+        await resp.write(last[cut:] + b"\n\ndata: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
     async def completions(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -269,6 +296,16 @@ async def test_router_counts_what_the_worker_counts(
         model=MODEL, messages=[{"role": "user", "content": "Hello <b>there</b> 🙂"}]
     )
     assert plain.usage is not None
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=CONVERSATION,
+        tools=TOOLS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    streamed = [chunk async for chunk in stream]
+    assert streamed[-1].usage is not None
+    assert streamed[-1].usage.prompt_tokens == chat.usage.prompt_tokens
     completion = await client.completions.create(
         model=MODEL, prompt=["Once upon a time", "résumé: 東京"], max_tokens=1
     )
@@ -299,9 +336,11 @@ async def test_router_counts_what_the_worker_counts(
     assert response.usage is not None and response.usage.input_tokens > 0
 
     text = await metrics_text(server)
-    assert [k for k, _ in worker.counts] == ["chat", "chat", "completions", "responses"]
-    # Every answer was compared with the router's own count, and none differed.
-    assert metric(text, "kvrouter_tokenization_checked_total") == 4
+    kinds = [k for k, _ in worker.counts]
+    assert kinds == ["chat", "chat", "chat", "completions", "responses"]
+    # Every answer was compared with the router's own count (the streamed one from its
+    # usage chunk, split across two reads), and none differed.
+    assert metric(text, "kvrouter_tokenization_checked_total") == 5
     assert metric(text, "kvrouter_tokenization_mismatch_total") == 0
     # And the router's count is the tokenizer's own answer for the same body.
     router_tok = Tokenizer.load(directory)
