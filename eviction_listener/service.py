@@ -37,11 +37,18 @@ from typing import Any
 
 import zmq.asyncio
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from redis.exceptions import RedisError
 
 from eviction_listener.applier import Applier, InboxItem, KeyCache, WorkerState
 from eviction_listener.discovery import EngineDiscovery, make_discovery
-from eviction_listener.metrics import ListenerMetrics, LogLimiter, render
+from eviction_listener.metrics import (
+    ListenerMetrics,
+    ListenerState,
+    LogLimiter,
+    registry,
+    render,
+)
 from eviction_listener.notices import Notice, NoticeDecodeError, decode_notice
 from eviction_listener.ownership import Ownership, rendezvous_owner
 from eviction_listener.settings import EngineSpec, ListenerSettings
@@ -139,6 +146,7 @@ class Listener:
     ) -> None:
         self.settings = settings
         self.metrics = ListenerMetrics()
+        self.registry = registry(self.metrics, self._metrics_state)
         self.schema = KeySchema(settings.key_prefix)
         self._discovery_arg = discovery
         self._ctx_arg = zmq_context
@@ -176,7 +184,7 @@ class Listener:
         logger.info(
             "listener %s for model %s on %s", s.listener_id, s.model, redact_url(s.redis_url)
         )
-        self._client = connect(s.redis_url)
+        self._client = connect(s.redis_connect_url)
         self.index = ResidencyIndex(self._client, self.schema)
         await self._client.ping()
         await self.index.load()
@@ -205,7 +213,7 @@ class Listener:
                 asyncio.create_task(self._discovery_loop(), name="listener discovery")
             )
         if s.notices:
-            self._pubsub_client = connect(s.redis_url, decode_responses=False)
+            self._pubsub_client = connect(s.redis_connect_url, decode_responses=False)
             self._tasks.append(asyncio.create_task(self._notice_loop(), name="listener notices"))
 
     async def run(self) -> None:
@@ -314,15 +322,13 @@ class Listener:
     def source_stats(self) -> list[SourceStats]:
         return [self._retired, *(o.source.stats for o in self._owned.values())]
 
-    def render_metrics(self) -> str:
+    def _metrics_state(self) -> ListenerState:
         live = len(self._ownership.live) if self._ownership else 0
-        return render(
-            self.metrics,
-            self.source_stats(),
-            owned_workers=len(self._owned),
-            live_listeners=live,
-            ready=self.ready,
-        )
+        return ListenerState(self.source_stats(), len(self._owned), live, self.ready)
+
+    def render_metrics(self) -> str:
+        """This listener's /metrics body (Prometheus text format 0.0.4)."""
+        return render(self.registry)
 
     # -- ownership ---------------------------------------------------------------------------
 
@@ -580,10 +586,8 @@ def create_app(listener: Listener) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         body = request.app[LISTENER_KEY].render_metrics()
         return web.Response(
-            text=body,
-            content_type="text/plain",
-            charset="utf-8",
-            headers={"X-Content-Format": "0.0.4"},
+            body=body.encode(),
+            headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "X-Content-Format": "0.0.4"},
         )
 
     async def health(request: web.Request) -> web.Response:

@@ -15,7 +15,6 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
 from typing import Any
 
 import aiohttp
@@ -23,7 +22,7 @@ from aiohttp import web
 
 from kvrouter.discovery.base import EndpointSource
 from router_node.errors import APIError, bad_request, not_found, too_large, unauthorized
-from router_node.metrics import Metrics
+from router_node.metrics import CONTENT_TYPE, Metrics
 from router_node.monitor import Monitor
 from router_node.proxy import BackgroundTasks, Proxy
 from router_node.request import (
@@ -58,6 +57,8 @@ SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
 MONITOR = web.AppKey("monitor", Monitor)
 SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
+# The request's model, once parsed, for the per-model request counter in the middleware.
+_MODEL = web.RequestKey("model", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -129,11 +130,11 @@ def create_app(
     if tokenizer is not None and hasattr(tokenizer, "cache_stats"):
         stats = tokenizer.cache_stats
 
-        def collect() -> list[tuple[tuple[str, ...], float]]:
+        def collect() -> list[tuple[str, float]]:
             s = stats()
-            return [((k,), float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")]
+            return [(k, float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")]
 
-        metrics.tokenizer_cache.collect = collect
+        metrics.tokenizer_cache.source = collect
 
     app.cleanup_ctx.append(_shared_index_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
@@ -211,7 +212,7 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
                 code="unknown_endpoint",
             )
         resp = err.response()
-    metrics.requests.inc(route, str(resp.status))
+    metrics.requests.labels(route, str(resp.status), request.get(_MODEL, "")).inc()
     return resp
 
 
@@ -241,6 +242,7 @@ async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRe
     raw = await _read_body(request)
     body = parse_body(raw)
     req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
+    request[_MODEL] = req.model
     tok = _tokenizer_for(app, req.model)
     start = time.perf_counter()
     if len(raw) > settings.tokenize_thread_bytes:
@@ -271,13 +273,13 @@ def _inference(endpoint: str) -> Handler:
         raw, req, plan = await _prepare(request, endpoint)
         m = app[METRICS]
         d = plan.decision
-        m.decisions.inc(d.policy, d.reason)
+        m.decisions.labels(d.policy, d.reason, req.model).inc()
         if req.inexact is not None:
-            m.tokenization_inexact.inc(endpoint, req.inexact)
+            m.tokenization_inexact.labels(endpoint, req.inexact).inc()
         matched = plan.matched_tokens(d.worker)
-        m.matched_tokens.observe(matched)
-        m.matched_tokens_total.inc(amount=matched)
-        m.prompt_tokens_total.inc(amount=req.prompt_tokens)
+        m.matched_tokens.labels(req.model).observe(matched)
+        m.matched_tokens_total.inc(req.model, matched)
+        m.prompt_tokens_total.labels(req.model).inc(req.prompt_tokens)
         return await app[PROXY].forward(request, req, plan, raw)
 
     handle.__name__ = f"handle_{endpoint}"
@@ -355,12 +357,9 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render()
     return web.Response(
-        text=text,
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"X-Content-Type-Options": "nosniff"},
+        body=request.app[METRICS].render().encode(),
+        headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"},
     )
 
 
@@ -372,7 +371,7 @@ async def openapi_handler(request: web.Request) -> web.Response:
 
 
 def _check_admin(request: web.Request) -> None:
-    token = request.app[SETTINGS].admin_token
+    token = request.app[SETTINGS].admin_token.get_secret_value()
     if not token:
         raise APIError(
             403, "debug endpoints are off: set KVR_ADMIN_TOKEN", type_="permission_error"
@@ -482,14 +481,5 @@ class RouterServer:
 
 def settings_summary(settings: RouterSettings) -> dict[str, Any]:
     """Settings as a dict with secrets redacted (for the start-up log line)."""
-    from router_node.settings import SPECS
-
-    d = asdict(settings)
-    for spec in SPECS:
-        # Every secret setting (admin_token, redis_password, ...), not a hand-kept list.
-        if spec.secret:
-            d[spec.field] = "***" if d.get(spec.field) else ""
-    from kvrouter.index.connection import redact_url
-
-    d["redis_url"] = redact_url(settings.redis_url)
-    return d
+    # The schema knows which fields are secrets, not a hand-kept list.
+    return settings.summary()

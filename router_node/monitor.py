@@ -207,7 +207,7 @@ class Monitor:
         try:
             entries = await read_registry(
                 self.shared.client,
-                self.settings.schema,
+                self.settings.key_schema,
                 max_age_ms=int(self.settings.heartbeat_timeout_s * 1000),
             )
         except REDIS_FAILURES as exc:
@@ -255,8 +255,8 @@ class Monitor:
     async def housekeeping(self) -> None:
         now = time.monotonic()
         for w in self.pool.workers.values():
-            self.metrics.worker_up.set(w.id, value=1 if w.available(now) else 0)
-            self.metrics.inflight.set(w.id, value=w.inflight)
+            self.metrics.worker_up.labels(w.id).set(1 if w.available(now) else 0)
+            self.metrics.inflight.labels(w.id).set(w.inflight)
         for w in self.pool.due_for_clearing(now):
             done = True
             namespaces = dict.fromkeys(self.settings.models)
@@ -266,7 +266,7 @@ class Monitor:
                     done = await self.shared.clear_worker(model, w.id) and done
             if done or not self.shared.enabled:
                 w.cleared = True
-                self.metrics.cleared.inc(w.id)
+                self.metrics.cleared.labels(w.id).inc()
                 log.info(
                     "worker %s out for %.0f s: residency cleared", w.id, now - (w.down_since or now)
                 )

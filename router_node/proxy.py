@@ -256,9 +256,9 @@ class Proxy:
         if found is None:
             return False
         reported = int(found.group(1))
-        self.metrics.tokenization_checked.inc(req.model)
+        self.metrics.tokenization_checked.labels(req.model).inc()
         if reported != req.prompt_tokens:
-            self.metrics.tokenization_mismatch.inc(req.model)
+            self.metrics.tokenization_mismatch.labels(req.model).inc()
             logged = self._mismatches_logged.get(req.model, 0)
             if logged < MISMATCH_LOG_LIMIT:
                 self._mismatches_logged[req.model] = logged + 1
@@ -278,9 +278,9 @@ class Proxy:
         return True
 
     def _fail(self, worker: Worker, kind: str, detail: str) -> APIError:
-        self.metrics.upstream_errors.inc(worker.id, kind)
+        self.metrics.upstream_errors.labels(worker.id, kind).inc()
         if self.pool.record_failure(worker, time.monotonic()):
-            self.metrics.ejections.inc(worker.id)
+            self.metrics.ejections.labels(worker.id).inc()
             log.warning("worker %s ejected after %s failures (%s)", worker.id, kind, detail)
         return APIError(
             502,
@@ -317,7 +317,7 @@ class Proxy:
             return self._fail(worker, "lora_load", f"{type(exc).__name__}: {exc}")
         # vLLM answers 400 "already loaded" when another router replica was first.
         if resp.status != 200 and "already" not in text:
-            self.metrics.upstream_errors.inc(worker.id, "lora_load")
+            self.metrics.upstream_errors.labels(worker.id, "lora_load").inc()
             return APIError(503, f"worker {worker.id} could not load adapter {name!r}: {text}")
         if worker.listed is not None:
             worker.listed = worker.listed | {name}
@@ -349,14 +349,14 @@ class Proxy:
                 # unloaded since the last /v1/models poll). Not a failure of the worker:
                 # forget the model there and try the next one.
                 worker.listed = worker.listed - {req.model}
-                self.metrics.upstream_errors.inc(worker.id, "model_not_found")
+                self.metrics.upstream_errors.labels(worker.id, "model_not_found").inc()
                 return not_found(
                     f"The model `{req.model}` does not exist.", "model", "model_not_found"
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
                 out = await self._stream(request, req, resp, plan, worker, lease)
                 if isinstance(out, web.StreamResponse):
-                    self.metrics.worker_requests.inc(worker.id)
+                    self.metrics.worker_requests.labels(worker.id).inc()
                 return out
             try:
                 data = await resp.read()
@@ -368,7 +368,7 @@ class Proxy:
                 self.pool.record_success(worker)
             if resp.status == 200 and req.count_is_exact:
                 self.check_prompt_tokens(req, worker, data)
-            self.metrics.worker_requests.inc(worker.id)
+            self.metrics.worker_requests.labels(worker.id).inc()
             return web.Response(
                 body=data, status=resp.status, headers=self._response_headers(resp, plan, worker)
             )

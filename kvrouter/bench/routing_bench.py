@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import re
 import statistics
 import sys
 import time
@@ -41,6 +40,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvrouter.bench.common import emit_json
 from kvrouter.bench.stack import LocalStack, StackConfig
@@ -261,18 +262,15 @@ def combine_runs(
     return summary
 
 
-_DECISION = re.compile(
-    r'^kvrouter_routing_decisions_total\{[^}]*reason="([^"]+)"[^}]*\} (\S+)$', re.M
-)
-
-
 def decision_reasons(metrics_text: str) -> Counter[str]:
     """A router's routing decisions by reason (``kvrouter_routing_decisions_total``): for
     ``kv``, how often the best-matched worker won (prefix), lost to its load (load), was held
     back by the hot-spot guard (guard), or nobody matched (no_match)."""
     out: Counter[str] = Counter()
-    for reason, value in _DECISION.findall(metrics_text):
-        out[reason] += int(float(value))
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "kvrouter_routing_decisions_total":
+                out[s.labels["reason"]] += int(s.value)
     return out
 
 

@@ -38,9 +38,11 @@ from typing import Any
 
 import zmq.asyncio
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from kvrouter.sim.engine import Engine
 from kvrouter.sim.kvcache import root_digest
+from kvrouter.sim.metrics import registry as metrics_registry
 from kvrouter.sim.metrics import render_metrics
 from kvrouter.sim.publisher import EventPublisher
 from kvrouter.sim.scheduler import EngineConfig, RequestRejected, RequestState, SimRequest
@@ -152,6 +154,7 @@ class SimWorker:
             time_scale=settings.time_scale,
             on_events=self.publisher.publish if self.publisher else None,
         )
+        self.registry = metrics_registry(self.engine, model=settings.model)
         self.app = create_worker_app(self)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -668,9 +671,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER_KEY]
-    text = render_metrics(worker.engine, model=worker.settings.model)
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+    body = render_metrics(worker.registry).encode()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4,
+                                            "X-Content-Type-Options": "nosniff"})  # fmt: skip
 
 
 async def reset_prefix_cache(request: web.Request) -> web.Response:

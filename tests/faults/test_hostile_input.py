@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from kvrouter.bench import faults
 from kvrouter.redisproc import RedisServer, free_port
+from tests.support.metrics import parse
 
 pytestmark = [
     pytest.mark.faults,
@@ -74,13 +75,9 @@ class Hostile:
         assert not problems, problems
 
     def listener_errors(self) -> dict[str, float]:
-        text = self.http.get(f"{self.stack.listener_url}/metrics", timeout=5).text
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("kvr_listener_errors_total{"):
-                kind = line.split('kind="', 1)[1].split('"', 1)[0]
-                out[kind] = float(line.rsplit(" ", 1)[1])
-        return out
+        m = parse(self.http.get(f"{self.stack.listener_url}/metrics", timeout=5).text)
+        kinds = m.label_values("kvr_listener_errors_total", "kind")
+        return {kind: m.value("kvr_listener_errors_total", kind=kind) for kind in kinds}
 
     def close(self) -> None:
         asyncio.run(self.stack.close())

@@ -24,6 +24,7 @@ from eviction_listener.testing import (
 from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.keys import KeySchema
 from kvrouter.index.scripts import ResidencyIndex
+from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis
 M = "llama-test"
@@ -274,17 +275,15 @@ async def test_metrics_health_ready_and_bad_input(
             assert r.status == 200
         async with http.get(base + "/ready") as r:
             assert r.status == 200 and (await r.json())["owned_workers"] == 1
-    values = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-    assert values['kvr_listener_errors_total{kind="decode_msgpack"}'] >= 1
-    assert values['kvr_listener_errors_total{kind="bad_frames"}'] >= 1
-    assert values['kvr_listener_blocks_total{op="stored"}'] >= 2
-    assert values['kvr_listener_resyncs_total{reason="gap"}'] >= 1
-    assert values["kvr_listener_owned_workers"] == 1
-    assert "kvr_listener_lag_seconds" in values
+    m = parse(text)
+    assert m.value("kvr_listener_errors_total", kind="decode_msgpack") >= 1
+    assert m.value("kvr_listener_errors_total", kind="bad_frames") >= 1
+    assert m.value("kvr_listener_blocks_total", op="stored") >= 2
+    assert m.value("kvr_listener_resyncs_total", reason="gap") >= 1
+    assert m.value("kvr_listener_owned_workers") == 1
+    assert m.has("kvr_listener_lag_seconds")
+    assert m.types["kvr_listener_flush_seconds_total"] == "counter"
+    assert m.types["kvr_listener_lag_seconds"] == "gauge"
 
 
 @pytest.mark.cluster

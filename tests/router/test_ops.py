@@ -22,6 +22,7 @@ from tests.router.conftest import (
     settle,
     wait_for,
 )
+from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis
 
@@ -40,18 +41,24 @@ async def test_health_ready_models_metrics(
     async with aiohttp.ClientSession() as s, s.get(router.url + "/metrics") as r:
         assert r.headers["Content-Type"].startswith("text/plain")
         text = await r.text()
-    for name in (
-        'kvrouter_requests_total{endpoint="completions",status="200"} 1',
-        'kvrouter_routing_decisions_total{policy="kv",reason="no_match"} 1',
-        "kvrouter_matched_tokens_count 1",
-        "kvrouter_lookup_seconds_count 1",
-        "kvrouter_redis_up 1",
-        'kvrouter_worker_requests_total{worker="',
-        "# TYPE kvrouter_upstream_errors_total counter",
-        "# TYPE kvrouter_redis_errors_total counter",
-        'kvrouter_tokenizer_cache{stat="hits"}',
-    ):
-        assert name in text, name
+    m = parse(text)
+    ok = {"endpoint": "completions", "status": "200", "model": MODEL}
+    assert m.value("kvrouter_requests_total", **ok) == 1
+    assert m.value("kvrouter_requests_total", endpoint="models", status="200", model="") == 1
+    no_match = {"policy": "kv", "reason": "no_match", "model": MODEL}
+    assert m.value("kvrouter_routing_decisions_total", **no_match) == 1
+    assert m.value("kvrouter_matched_tokens_count", model=MODEL) == 1
+    assert m.value("kvrouter_matched_tokens_total", model=MODEL) == 0
+    # 64 prompt tokens, all counted; none matched on a cold index
+    assert m.value("kvrouter_prompt_tokens_total", model=MODEL) == 64
+    assert m.value("kvrouter_lookup_seconds_count", model=MODEL) == 1
+    assert m.value("kvrouter_redis_up") == 1
+    assert m.label_values("kvrouter_worker_requests_total", "worker") <= {w.id for w in workers}
+    assert m.value("kvrouter_worker_requests_total") == 1
+    assert m.types["kvrouter_upstream_errors_total"] == "counter"
+    assert m.types["kvrouter_redis_errors_total"] == "counter"
+    assert m.types["kvrouter_matched_tokens"] == "histogram"
+    assert m.has("kvrouter_tokenizer_cache", stat="hits")
 
 
 async def test_debug_route_needs_the_admin_token(

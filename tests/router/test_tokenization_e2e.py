@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +26,7 @@ from kvrouter.tokenizer import Tokenizer
 from kvrouter.tokenizer.testing import build_test_tokenizer
 from router_node.app import RouterServer
 from tests.router.conftest import MODEL, get_json, openai_client, post, settings_for
+from tests.support.metrics import parse
 from tests.tokenizer import vllm_reference as ref
 
 pytestmark = pytest.mark.redis
@@ -235,9 +235,11 @@ async def stack(redis_url: str, redis_client: Any) -> AsyncIterator[Start]:
             await item.close()  # the openai client, then the router
 
 
-def metric(text: str, name: str, model: str = MODEL) -> float:
-    found = re.search(rf'^{name}{{model="{re.escape(model)}"}} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
+def metric(text: str, name: str, **labels: str) -> float:
+    """A counter's value for `labels` (the model by default); 0 when it never counted."""
+    scrape = parse(text)
+    labels = labels or {"model": MODEL}
+    return scrape.value(name, **labels) if scrape.has(name, **labels) else 0.0
 
 
 async def metrics_text(server: RouterServer) -> str:
@@ -419,7 +421,8 @@ async def test_content_the_router_cannot_tokenize_routes_on_the_text_before_it(
     # request; what matters here is what the router routed on.
     assert status == 400, answer
     text = await metrics_text(server)
-    assert 'kvrouter_tokenization_inexact_total{endpoint="chat",reason="image_url"} 1' in text
+    inexact = "kvrouter_tokenization_inexact_total"
+    assert metric(text, inexact, endpoint="chat", reason="image_url") == 1
     assert metric(text, "kvrouter_tokenization_checked_total") == 0, "not compared: inexact"
     # The keys it routed on are the exact prefix: the history, rendered without a
     # generation prompt, is where the engine's prompt starts too.
@@ -431,7 +434,7 @@ async def test_content_the_router_cannot_tokenize_routes_on_the_text_before_it(
         "string",
     )
     assert full[: len(prefix)] == prefix
-    inexact = {
+    cases = {
         "prompt_embeds": ("/v1/completions", {"model": MODEL, "prompt_embeds": "AAAA"}),
         "previous_response_id": (
             "/v1/responses",
@@ -446,10 +449,10 @@ async def test_content_the_router_cannot_tokenize_routes_on_the_text_before_it(
             {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "x-new"}]}]},
         ),
     }
-    for reason, (path, req) in inexact.items():
+    for reason, (path, req) in cases.items():
         await post(server.url + path, json=req)
         text = await metrics_text(server)
-        assert f'reason="{reason}"}} 1' in text, reason
+        assert metric(text, inexact, reason=reason) == 1, reason
 
 
 def test_content_format_overridable_per_model(tmp_path: Path, qwen_dir: Path) -> None:

@@ -19,6 +19,7 @@ from kvrouter.bench.routing_bench import (
     replica_comparison,
 )
 from kvrouter.sim.replay import RequestRecord
+from router_node.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +36,16 @@ kvrouter_requests_total{endpoint="/v1/completions",status="200"} 100.0
 def test_decision_reasons_from_metrics() -> None:
     assert decision_reasons(METRICS) == Counter(prefix=70, load=20, no_match=10)
     assert decision_reasons("") == Counter()
+
+
+def test_decision_reasons_from_a_router_registry() -> None:
+    """What a router exports today (a `model` label, `_created` samples) reads the same,
+    summed over models."""
+    m = Metrics()
+    for model, reason, n in (("a", "prefix", 3), ("b", "prefix", 2), ("a", "load", 1)):
+        m.decisions.labels("kv", reason, model).inc(n)
+    m.requests.labels("completions", "200", "a").inc(6)
+    assert decision_reasons(m.render()) == Counter(prefix=5, load=1)
 
 
 def _run(hits: list[int], worker: str = "sim-0") -> list[RequestRecord]:

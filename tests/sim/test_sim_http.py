@@ -18,6 +18,7 @@ import pytest
 
 from kvrouter.sim.fleet import SimFleet, read_ready_file
 from kvrouter.sim.settings import SettingsError, SimSettings
+from tests.support.metrics import parse
 
 
 def settings(workers: int, time_scale: float = 200.0) -> SimSettings:
@@ -182,20 +183,19 @@ async def test_models_health_metrics(fleet: SimFleet, http: aiohttp.ClientSessio
             assert resp.status == 200
     async with http.get(url(fleet) + "/metrics") as resp:
         text = await resp.text()
-    samples = {
-        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#") and "_bucket" not in line
-    }
-    assert samples["vllm:num_requests_running"] == 0
-    assert samples["vllm:num_requests_waiting"] == 0
-    assert samples["vllm:prefix_cache_queries_total"] == 80
-    assert samples["vllm:prefix_cache_hits_total"] == 32  # (40 - 1) // 16 blocks
-    assert samples["vllm:kv_cache_usage_perc"] == 0
-    assert samples["vllm:gpu_cache_usage_perc"] == 0
-    assert samples["vllm:time_to_first_token_seconds_count"] == 2
-    assert 'num_gpu_blocks="256"' in text and 'block_size="16"' in text
-    assert "# TYPE vllm:time_to_first_token_seconds histogram" in text
+    m = parse(text)
+    one = {"engine": "0", "model_name": "sim-llama-3-8b"}
+    assert m.value("vllm:num_requests_running", **one) == 0
+    assert m.value("vllm:num_requests_waiting", **one) == 0
+    assert m.value("vllm:prefix_cache_queries_total", **one) == 80
+    assert m.value("vllm:prefix_cache_hits_total", **one) == 32  # (40 - 1) // 16 blocks
+    assert m.value("vllm:kv_cache_usage_perc", **one) == 0
+    assert m.value("vllm:gpu_cache_usage_perc", **one) == 0
+    assert m.value("vllm:time_to_first_token_seconds_count", **one) == 2
+    assert m.value("vllm:time_to_first_token_seconds_bucket", **one, le="+Inf") == 2
+    assert m.value("vllm:cache_config_info", num_gpu_blocks="256", block_size="16") == 1
+    assert m.types["vllm:time_to_first_token_seconds"] == "histogram"
+    assert m.types["vllm:prefix_cache_hits_total"] == "counter"
 
 
 async def test_usage_and_running_gauge_while_busy(
@@ -207,7 +207,7 @@ async def test_usage_and_running_gauge_while_busy(
         await resp.content.readline()  # first chunk: the request holds blocks now
         async with http.get(url(fleet) + "/metrics") as m:
             text = await m.text()
-        assert 'vllm:num_requests_running{engine="0",model_name="sim-llama-3-8b"} 1.0' in text
+        assert parse(text).value("vllm:num_requests_running", model_name="sim-llama-3-8b") == 1
         async with http.post(url(fleet) + "/admin/reset_prefix_cache") as r:
             assert r.status == 409  # refused while blocks are held, like vLLM
     # Leaving the stream early aborted the request and freed its blocks.
