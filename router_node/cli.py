@@ -36,10 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(settings)
-    except Exception as exc:  # TokenizerLoadError and friends: an operator problem
+    except Exception as exc:  # TokenizerLoadError, DiscoveryError: an operator problem
+        from kvrouter.discovery.kubernetes import DiscoveryError
         from kvrouter.tokenizer.errors import TokenizerError
 
-        if isinstance(exc, TokenizerError):
+        if isinstance(exc, TokenizerError | DiscoveryError):
             print(f"kvrouter serve: {exc}", file=sys.stderr)
             return 2
         raise
