@@ -11,7 +11,11 @@ fieldRefs), and Kubernetes' ``$(VAR)`` expansion in args. What a cluster would s
   port) become the loopback address and port of the pod behind the Service;
 - the API server: ``KVR_K8S_API_URL`` points at a fake one (LIST + WATCH of EndpointSlices)
   that serves two ``kvrouter sim`` workers with KV events, named ports as the chart names them;
-- volumes: each mount path is a directory of the test's own;
+- volumes: each mount path is a directory of the test's own (Secret volumes hold the keys);
+- what the operator creates before installing: the Secrets the examples name, and an
+  external Redis as the rendered URL describes it (a Sentinel-managed primary; a TLS Redis
+  Cluster whose CA is the pre-created TLS Secret's), with the Secret's password;
+- what an init container would fetch from a model hub (unreachable here): a test tokenizer;
 - the image: ``kvrouter`` is this checkout's `python -m kvrouter`, ``redis-server`` the host's.
 
 Then: every process starts (a value it cannot parse fails here), every readiness probe passes,
@@ -43,6 +47,7 @@ from aiohttp import web
 
 from eviction_listener.testing import applied_seq
 from kvrouter.redisproc import free_port
+from tests.faults.test_security_redis import make_certs
 from tests.k8s.test_k8s_chart import CACHED_HELM, EXAMPLES, helm_binary, render
 
 pytestmark = pytest.mark.redis
@@ -53,7 +58,6 @@ ENTRYPOINT = {"kvrouter": [sys.executable, "-m", "kvrouter"]}
 # Secrets the examples expect to exist beforehand (their comments say how they are created).
 EXISTING_SECRETS = {
     "redis-credentials": {"password": "Existing-Pw-1"},
-    "redis-tls": {"ca.crt": "(a CA certificate)"},
     "kvrouter-admin": {"token": "existing-admin-token"},
     "hf-token": {"token": "hf_unused"},
 }
@@ -133,11 +137,14 @@ def resolve_env(
     return env
 
 
-def pods_of(docs: list[dict[str, Any]], volumes: Path) -> list[Pod]:
+def pods_of(
+    docs: list[dict[str, Any]], volumes: Path, existing: dict[str, dict[str, str]]
+) -> list[Pod]:
     """Every Deployment's and StatefulSet's first container, resolved; its volume mounts
-    become directories under `volumes`."""
+    become directories under `volumes` (Secret volumes filled with the Secret's keys).
+    `existing`: Secrets created before the install."""
     configmaps, secrets = _by_name(docs, "ConfigMap"), _by_name(docs, "Secret")
-    for name, data in EXISTING_SECRETS.items():
+    for name, data in existing.items():
         secrets.setdefault(name, {"stringData": data})
     pods = []
     for d in docs:
@@ -160,12 +167,28 @@ def pods_of(docs: list[dict[str, Any]], volumes: Path) -> list[Pod]:
                   for m in c.get("volumeMounts") or []}  # fmt: skip
         for local in mounts.values():
             local.mkdir(parents=True, exist_ok=True)
+        for vol in tpl["spec"].get("volumes") or []:
+            mount = next((m for m in c.get("volumeMounts") or [] if m["name"] == vol["name"]), None)
+            if mount is None or "secret" not in vol:
+                continue
+            sec = secrets[vol["secret"]["secretName"]]
+            files = {k: base64.b64decode(v).decode() for k, v in (sec.get("data") or {}).items()}
+            files.update(sec.get("stringData") or {})
+            for key, text in files.items():
+                (mounts[mount["mountPath"]] / key).write_text(text)
 
-        def remount(value: str, mounts: dict[str, Path] = mounts) -> str:
-            for path in sorted(mounts, key=len, reverse=True):
-                if value == path or value.startswith(path.rstrip("/") + "/"):
-                    return str(mounts[path]) + value[len(path) :]
-            return value
+        # Anywhere in a value (a CA path inside a Redis URL's query too), in one pass so a
+        # path already moved under /tmp is not moved again by the /tmp mount.
+        by_path = {p.rstrip("/"): str(local) for p, local in mounts.items()}
+        alternatives = "|".join(re.escape(p) for p in sorted(by_path, key=len, reverse=True))
+        pattern = re.compile(rf"(?<![\w/.-])({alternatives})(?=/|$|[?&,;\s])")
+
+        def remount(
+            value: str, pattern: re.Pattern[str] = pattern, by_path: dict[str, str] = by_path
+        ) -> str:
+            if not by_path:
+                return value
+            return pattern.sub(lambda hit: by_path[hit[1]], value)
 
         args = [remount(a) for a in args]
         env = {k: remount(v) for k, v in env.items()}
@@ -388,20 +411,25 @@ async def test_example_runs_as_rendered(
     tmp_path: Path,
 ) -> None:
     docs = render(helm_path, "-f", str(example))
-    pods = pods_of(docs, tmp_path / "volumes")
+    # The examples' pre-created TLS Secret holds the CA of the test's own Redis certificates.
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    make_certs(certs)
+    existing = {**EXISTING_SECRETS, "redis-tls": {"ca.crt": (certs / "ca.crt").read_text()}}
+    pods = pods_of(docs, tmp_path / "volumes", existing)
     components = {p.labels.get("app.kubernetes.io/component", p.workload): p for p in pods}
     router = components["router"]
     addresses = service_addresses(docs, pods)
     with contextlib.ExitStack() as external:
         if "redis" not in components:
             # An external Redis is the operator's: stand one up as its URL describes.
-            addresses.update(external.enter_context(external_redis(router.env)))
+            addresses.update(external.enter_context(external_redis(router.env, certs)))
         provide_tokenizer(docs, router)
         await run_example(pods, components, addresses, fake_api, tmp_path)
 
 
 @contextlib.contextmanager
-def external_redis(env: dict[str, str]) -> Iterator[dict[str, str]]:
+def external_redis(env: dict[str, str], certs: Path) -> Iterator[dict[str, str]]:
     """A local Redis shaped as the rendered ``KVR_REDIS_URL`` says, with the password of the
     rendered ``KVR_REDIS_PASSWORD``; yields ``host:port`` (as in the URL) -> loopback."""
     from kvrouter.redisproc import RedisServer
@@ -409,9 +437,13 @@ def external_redis(env: dict[str, str]) -> Iterator[dict[str, str]]:
     url = env["KVR_REDIS_URL"]
     scheme, _, rest = url.partition("://")
     hosts = rest.rpartition("@")[2].split("/")[0].split("?")[0].split(",")
-    if scheme != "redis+sentinel":
-        pytest.skip(f"external {scheme}:// Redis ({url}): not stood up by this test yet")
     password = env.get("KVR_REDIS_PASSWORD", "")
+    if scheme == "rediss+cluster":
+        with tls_cluster(certs, password) as seed_port:
+            yield {h: f"127.0.0.1:{seed_port}" for h in hosts}
+        return
+    if scheme != "redis+sentinel":
+        pytest.skip(f"external {scheme}:// Redis ({url}): not stood up by this test")
     master = rest.split("/")[1]
     primary = RedisServer(args=("--requirepass", password) if password else ()).start()
     sentinel_port = free_port()
@@ -432,6 +464,51 @@ def external_redis(env: dict[str, str]) -> Iterator[dict[str, str]]:
         sentinel.wait(timeout=10)
         primary.close()
         conf.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def tls_cluster(certs: Path, password: str) -> Iterator[int]:
+    """A 3-master Redis Cluster on loopback speaking TLS only to clients and between nodes,
+    with `password`; yields a node's TLS port."""
+    from kvrouter.redisproc import RedisServer, free_cluster_port
+
+    tls = ["--tls-cert-file", str(certs / "server.crt"), "--tls-key-file",
+           str(certs / "server.key"), "--tls-ca-cert-file", str(certs / "ca.crt")]  # fmt: skip
+    nodes: list[tuple[RedisServer, int]] = []
+    try:
+        for _ in range(3):
+            tls_port = free_cluster_port()
+            node = RedisServer(
+                port=free_cluster_port(),
+                args=(*tls, "--tls-port", str(tls_port), "--tls-auth-clients", "no",
+                      "--tls-cluster", "yes", "--tls-replication", "yes",
+                      "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                      "--cluster-node-timeout", "2000", "--requirepass", password,
+                      "--masterauth", password),
+            )  # fmt: skip
+            nodes.append((node.start(), tls_port))
+        cli = ["redis-cli", "--tls", "--cacert", str(certs / "ca.crt"), "--no-auth-warning",
+               "-a", password]  # fmt: skip
+        res = subprocess.run(
+            [*cli, "--cluster", "create", *[f"127.0.0.1:{p}" for _, p in nodes],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        deadline = time.monotonic() + 30
+        while True:
+            info = subprocess.run(
+                [*cli, "-p", str(nodes[0][1]), "cluster", "info"],
+                capture_output=True, text=True, timeout=10, check=False,
+            ).stdout  # fmt: skip
+            if "cluster_state:ok" in info:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)
+        yield nodes[0][1]
+    finally:
+        for node, _ in nodes:
+            node.close()
 
 
 def provide_tokenizer(docs: list[dict[str, Any]], router: Pod) -> None:
