@@ -650,3 +650,56 @@ def test_doc_settings_table_names_every_variable_the_chart_sets() -> None:
     text = DOC.read_text()
     for name in ROUTER_SETTINGS | LISTENER_SETTINGS | SECRET_SETTINGS:
         assert f"`{name}`" in text, name
+
+
+def test_static_engines_as_the_chart_joins_them_parse_in_the_listener(helm: str) -> None:
+    # The chart joins discovery.static.engines with ","; entries carry ",replay=" options.
+    from eviction_listener.settings import ListenerSettings
+
+    docs = render(
+        helm,
+        "--set", "config.model=llama",
+        "--set", "discovery.mode=static",
+        "--set", "discovery.static.workers={http://10.0.0.1:8000,http://10.0.0.2:8000}",
+        "--set", r"discovery.static.engines={a=tcp://10.0.0.1:5557\,replay=tcp://10.0.0.1:5558,"
+        "b=tcp://10.0.0.2:5557}",
+    )  # fmt: skip
+    data = find(docs, "ConfigMap", "kvr-kv-router-listener")["data"]
+    engines = ListenerSettings.from_env(data).engines
+    assert [(e.worker_id, e.replay_endpoint) for e in engines] == [
+        ("a", "tcp://10.0.0.1:5558"),
+        ("b", None),
+    ]
+
+
+def test_router_drains_before_sigterm_and_listener_readiness_is_ready(helm: str) -> None:
+    docs = render(helm, *BASE)
+    router = container(find(docs, "Deployment", "kvr-kv-router-router"), "router")
+    pod = find(docs, "Deployment", "kvr-kv-router-router")["spec"]["template"]["spec"]
+    sleep = router["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 0 < sleep < pod["terminationGracePeriodSeconds"]
+    assert router["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    listener = container(find(docs, "Deployment", "kvr-kv-router-listener"), "listener")
+    assert listener["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+@pytest.mark.parametrize(("example", "warned"), [("minimal", True), ("production", False)])
+def test_notes_warn_when_the_router_has_no_tokenizer(
+    helm: str, tmp_path: Path, example: str, warned: bool
+) -> None:
+    # As above: NOTES rendered through a ConfigMap in a copy of the chart.
+    chart = tmp_path / "kv-router"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "notes-probe.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data: {notes: {{ include "kv-router.notes" . | quote }}}\n'
+    )
+    proc = run_helm(
+        helm, "template", "kvr", str(chart), "--namespace", "llm", "--kube-version",
+        KUBE_VERSION, "-f", str(CHART / "examples" / f"{example}.yaml"),
+        "--show-only", "templates/notes-probe.yaml",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    notes = yaml.safe_load(proc.stdout)["data"]["notes"]
+    assert ("routed by load only" in notes) is warned
+    assert "degraded" in notes  # readiness does not need Redis

@@ -550,6 +550,10 @@ async def run_example(
             await wait_ready(router, pods)
             await wait_ready(listener, pods)
             assert fake_api.selectors == {router.env["KVR_K8S_SELECTOR"]}
+            # Without a tokenizer (the chart's default) the router says what that costs.
+            assert router.log is not None
+            warned = "routed by load only" in router.log.read_text()
+            assert warned is not bool(router.env.get("KVR_TOKENIZER")), logs(pods)
             await route_repeated_prompt(router, listener, fleet, pods)
     finally:
         sim.terminate()
