@@ -703,3 +703,38 @@ def test_notes_warn_when_the_router_has_no_tokenizer(
     notes = yaml.safe_load(proc.stdout)["data"]["notes"]
     assert ("routed by load only" in notes) is warned
     assert "degraded" in notes  # readiness does not need Redis
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        ([], "config.model=meta-llama/Llama-3.1-8B-Instruct"),
+        (["--set", "config.model=llama"], "selector=kubernetes.io/service-name=vllm"),
+    ],
+)
+def test_required_values_fail_with_an_example(helm: str, args: list[str], named: str) -> None:
+    proc = run_helm(helm, "template", "kvr", str(CHART), *args)
+    assert proc.returncode != 0 and "is required" in proc.stderr and named in proc.stderr
+    assert "validation failed" not in proc.stderr  # not a raw schema error
+
+
+def test_helm_show_readme_names_the_required_values(helm: str) -> None:
+    readme = run_helm(helm, "show", "readme", str(CHART)).stdout
+    assert "config.model" in readme and "discovery.kubernetes.selector" in readme
+    assert "docker push" in readme and "routed by load only" in readme
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
+def test_every_rendered_variable_is_a_setting_of_its_process(helm: str, example: Path) -> None:
+    # From the one settings schema, not a list kept by hand: a name the process does not
+    # know would be ignored at run time (or, if close to a real one, stop it).
+    from eviction_listener.settings import ListenerSettings
+    from router_node.settings import RouterSettings
+
+    docs = render(helm, "-f", str(example))
+    for component, cls in (("router", RouterSettings), ("listener", ListenerSettings)):
+        known = {cls.env_name(n) for n in cls.settable()}
+        c = container(find(docs, "Deployment", f"kvr-kv-router-{component}"), component)
+        names = set(find(docs, "ConfigMap", f"kvr-kv-router-{component}")["data"])
+        names |= {e["name"] for e in c.get("env") or [] if e["name"].startswith("KVR_")}
+        assert names <= known, (component, sorted(names - known))
