@@ -125,7 +125,7 @@ class KubernetesDiscovery:
 
     async def _run(self) -> None:
         async for snapshot in self._source.snapshots():
-            specs = [engine_from_endpoint(ep) for ep in snapshot if ep.ready]
+            specs = [engine_from_endpoint(ep) for ep in snapshot]
             self._latest = [s for s in specs if s is not None]
             skipped = len(snapshot) - len(self._latest)
             if skipped:
@@ -152,7 +152,9 @@ class KubernetesDiscovery:
 def make_discovery(settings: ListenerSettings, client: Any) -> EngineDiscovery:
     """The discovery source `settings` ask for."""
     if settings.discovery == "kubernetes":
-        return KubernetesDiscovery(settings.kubernetes_source())
+        # Not-ready engines too: a pod failing readiness under load still changes its cache,
+        # and its events keep the index right (docs/kubernetes.md, Readiness).
+        return KubernetesDiscovery(settings.kubernetes_source(include_not_ready=True))
     if settings.discovery == "redis":
         return RedisRegistryDiscovery(
             client,

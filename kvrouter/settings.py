@@ -495,7 +495,7 @@ class SharedSettings(KvrSettings):
         if self.discovery == "redis" and not self.redis_url:
             raise ValueError(f"{self.names('discovery')}: redis discovery needs a Redis URL")
 
-    def kubernetes_source(self) -> KubernetesEndpointSource:
+    def kubernetes_source(self, *, include_not_ready: bool = False) -> KubernetesEndpointSource:
         """The EndpointSlice watch of ``discovery=kubernetes``, for the router and the listener
         alike (the same slices, read for different named ports).
 
@@ -531,6 +531,7 @@ class SharedSettings(KvrSettings):
                 events=self.k8s_events_port_name,
                 replay=self.k8s_replay_port_name,
             ),
+            include_not_ready=include_not_ready,
         )
 
     @property
