@@ -40,13 +40,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
-    XDG_CACHE_HOME=/tmp/.cache
+    XDG_CACHE_HOME=/tmp/.cache \
+    KVR_PORT=8000
 RUN groupadd --system --gid 10001 kvrouter \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin kvrouter
 COPY --from=builder /opt/venv /opt/venv
 USER 10001:10001
-# 8000: router HTTP (KVR_PORT); 9100: listener metrics and health (KVR_METRICS_PORT).
+# 8000: router HTTP (KVR_PORT, set above: the CLI's own default is 8080); 9100: listener metrics and health (KVR_METRICS_PORT).
 EXPOSE 8000 9100
 ENTRYPOINT ["kvrouter"]
 CMD ["--help"]

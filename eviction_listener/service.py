@@ -189,6 +189,9 @@ class Listener:
             "listener %s for model %s on %s", s.listener_id, s.model, redact_url(s.redis_url)
         )
         self._client = connect(s.redis_connect_url)
+        # Before any I/O: a discovery that cannot be configured (kubernetes outside a pod)
+        # stops the start with its own message, not with a Redis error.
+        self._discovery = self._discovery_arg or make_discovery(s, self._client)
         self.index = ResidencyIndex(self._client, self.schema)
         await self._client.ping()
         await self.index.load()
@@ -206,7 +209,6 @@ class Listener:
             stopping=lambda: self._closing,
         )
         self._ctx = self._ctx_arg if self._ctx_arg is not None else zmq.asyncio.Context()
-        self._discovery = self._discovery_arg or make_discovery(s, self._client)
         await self._refresh_engines()
         if self._runner is None:
             await self._start_http()
@@ -272,6 +274,7 @@ class Listener:
                         await self._ownership.leave()
                         self.metrics.handovers += len(self._owned)
             self._owned.clear()
+            await self._close_discovery()
             if self._runner is not None:
                 await self._runner.cleanup()
             for c in (self._client, self._pubsub_client):
@@ -282,6 +285,12 @@ class Listener:
                 self._ctx.term()
         finally:
             self._closed.set()
+
+    async def _close_discovery(self) -> None:
+        close = getattr(getattr(self, "_discovery", None), "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
 
     async def abort(self) -> None:
         """Stop at once: no drain, no lease release, no goodbye heartbeat. What a crashed
@@ -296,6 +305,7 @@ class Listener:
         for o in self._owned.values():
             await o.source.close()
         self._owned.clear()
+        await self._close_discovery()
         if self._runner is not None:
             await self._runner.cleanup()
         for c in (self._client, self._pubsub_client):
@@ -346,8 +356,15 @@ class Listener:
         self._engines = engines
 
     async def _discovery_loop(self) -> None:
+        changed = getattr(self._discovery, "changed", None)
         while True:
-            await asyncio.sleep(self.settings.discovery_interval_s)
+            if isinstance(changed, asyncio.Event):
+                # A watching source says when its set changed; the interval stays the bound.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.settings.discovery_interval_s)
+                changed.clear()
+            else:
+                await asyncio.sleep(self.settings.discovery_interval_s)
             try:
                 await self._refresh_engines()
             except Exception as exc:  # keep the last known engines

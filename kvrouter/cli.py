@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvrouter.demo",
         "everything on an embedded default: Redis, 8 simulated workers, router",
     ),
+    "register": (
+        "kvrouter.register",
+        "worker sidecar: register in the Redis registry, heartbeat, deregister on SIGTERM",
+    ),
     "replay": ("kvrouter.sim.replay", "replay a Mooncake trace against a router or worker"),
     "serve": ("router_node.cli", "run a router replica (OpenAI-compatible, KV-cache-aware)"),
 }

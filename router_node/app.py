@@ -32,13 +32,16 @@ from router_node.edge import (
     overloaded,
     rate_limited,
 )
-from router_node.errors import APIError, bad_request, too_large, unauthorized
+from router_node.errors import APIError, bad_request, not_found, too_large, unauthorized
 from router_node.metrics import CONTENT_TYPE, Metrics
 from router_node.monitor import Monitor
 from router_node.proxy import HEADER_WORKER, STARTED, BackgroundTasks, Proxy
 from router_node.request import (
     CHAT,
     COMPLETIONS,
+    EMBEDDINGS,
+    LOAD_ONLY,
+    RESPONSES,
     ParsedRequest,
     PromptTokenizer,
     parse_body,
@@ -87,13 +90,16 @@ TRACER = web.AppKey("tracer", Tracer)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def load_tokenizer(path: str, chat_template: str = "") -> PromptTokenizer:
+def load_tokenizer(
+    path: str, chat_template: str = "", content_format: str = "auto"
+) -> PromptTokenizer:
     """Load a tokenizer.json or a model directory (raises TokenizerLoadError); a
-    `chat_template` file replaces the directory's default template."""
+    `chat_template` file replaces the directory's default template; `content_format`
+    overrides the detected chat template content format."""
     from kvrouter.tokenizer import Tokenizer
 
     if not chat_template:
-        return Tokenizer.load(path)
+        return Tokenizer.load(path, content_format=content_format)
     from dataclasses import replace
     from pathlib import Path
 
@@ -107,7 +113,10 @@ def load_tokenizer(path: str, chat_template: str = "") -> PromptTokenizer:
         raise TokenizerLoadError(Path(chat_template), f"cannot read: {exc.strerror}") from None
     templates = {**files.chat_templates, "default": text}
     origin = Path(chat_template)
-    return Tokenizer(replace(files, chat_templates=templates, chat_template_origin=origin))
+    return Tokenizer(
+        replace(files, chat_templates=templates, chat_template_origin=origin),
+        content_format=content_format,
+    )
 
 
 def create_app(
@@ -153,10 +162,12 @@ def create_app(
         tokenizer = load_tokenizer(settings.tokenizer)
     app[TOKENIZER] = tokenizer
     # One tokenizer per distinct (path, template): models sharing files share the cache.
-    loaded: dict[tuple[str, str], PromptTokenizer | None] = {(settings.tokenizer, ""): tokenizer}
+    loaded: dict[tuple[str, str, str], PromptTokenizer | None] = {
+        (settings.tokenizer, "", "auto"): tokenizer
+    }
     per_model: dict[str, PromptTokenizer | None] = {}
     for name, base in app[ROUTER].catalogue.bases.items():
-        key = (base.tokenizer, base.chat_template)
+        key = (base.tokenizer, base.chat_template, base.content_format)
         if key not in loaded:
             loaded[key] = load_tokenizer(*key) if base.tokenizer else None
         per_model[name] = loaded[key]
@@ -179,6 +190,11 @@ def create_app(
 
     app.router.add_post("/v1/completions", _inference(COMPLETIONS), name="completions")
     app.router.add_post("/v1/chat/completions", _inference(CHAT), name="chat")
+    app.router.add_post("/v1/responses", _inference(RESPONSES), name="responses")
+    app.router.add_post("/v1/embeddings", _inference(EMBEDDINGS), name="embeddings")
+    # vLLM's scoring and tokenizer endpoints: routed on load to a worker of the model.
+    for path, name in LOAD_ONLY_PATHS:
+        app.router.add_post(path, _inference(LOAD_ONLY), name=name)
     app.router.add_get("/v1/models", models, name="models")
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/ready", ready, name="ready")
@@ -237,6 +253,15 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
         err = APIError(
             code, exc.reason, type_="invalid_request_error" if code < 500 else "server_error"
         )
+        if code == 404 and request.path.startswith("/v1/"):
+            # An OpenAI path the router does not route: a clear answer, never a proxy to a
+            # random worker.
+            err = not_found(
+                f"{request.path} is not an endpoint this router serves; it routes "
+                "/v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings, "
+                "/v1/score, /v1/rerank and /v1/models",
+                code="unknown_endpoint",
+            )
         resp = err.response()
     metrics.requests.labels(route, str(resp.status), request.get(_MODEL, "")).inc()
     return resp
@@ -329,6 +354,17 @@ async def _admit(request: web.Request, model: str) -> Ticket:
             raise overloaded(app[SETTINGS].retry_after_s) from None
 
 
+LOAD_ONLY_PATHS = (
+    ("/v1/score", "score"),
+    ("/score", "score_root"),
+    ("/v1/rerank", "rerank"),
+    ("/rerank", "rerank_root"),
+    ("/v2/rerank", "rerank_v2"),
+    ("/tokenize", "tokenize"),
+    ("/detokenize", "detokenize"),
+)
+
+
 def _inference(endpoint: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
@@ -382,6 +418,8 @@ def _inference(endpoint: str) -> Handler:
         m = app[METRICS]
         d = plan.decision
         m.decisions.labels(d.policy, d.reason, req.model).inc()
+        if req.inexact is not None:
+            m.tokenization_inexact.labels(endpoint, req.inexact).inc()
         matched = plan.matched_tokens(d.worker)
         m.matched_tokens.labels(req.model).observe(matched)
         m.matched_tokens_total.inc(req.model, matched)

@@ -41,14 +41,23 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(settings)
-    except Exception as exc:  # TokenizerLoadError and friends: an operator problem
+    except Exception as exc:  # TokenizerLoadError, DiscoveryError: an operator problem
+        from kvrouter.discovery.kubernetes import DiscoveryError
         from kvrouter.tokenizer.errors import TokenizerError
 
-        if isinstance(exc, TokenizerError):
+        if isinstance(exc, TokenizerError | DiscoveryError):
             print(f"kvrouter serve: {exc}", file=sys.stderr)
             return 2
         raise
     logging.getLogger("router_node").info("starting: %r", settings)
+    untokenized = sorted(n for n, b in settings.catalogue().bases.items() if not b.tokenizer)
+    if untokenized:
+        # The chart's default: easy to miss, and it quietly turns cache-aware routing off.
+        logging.getLogger("router_node").warning(
+            "no tokenizer for %s (KVR_TOKENIZER or the config file's tokenizer): chat and text "
+            "requests are routed by load only; only pre-tokenized prompts use the KV index",
+            ", ".join(untokenized),
+        )
     loop = _event_loop()
     try:
         loop.run_until_complete(_serve(app, settings))

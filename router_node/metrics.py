@@ -180,6 +180,26 @@ class Metrics:
             ("reason",),
             registry=r,
         )
+        self.tokenization_inexact = Counter(
+            "kvrouter_tokenization_inexact_total",
+            "requests the router cannot tokenize exactly (routed on the text before the part "
+            "it cannot render, or on load), by endpoint and reason",
+            ("endpoint", "reason"),
+            registry=r,
+        )
+        self.tokenization_checked = Counter(
+            "kvrouter_tokenization_checked_total",
+            "responses whose reported prompt token count was compared with the router's",
+            ("model",),
+            registry=r,
+        )
+        self.tokenization_mismatch = Counter(
+            "kvrouter_tokenization_mismatch_total",
+            "responses whose worker-reported prompt token count differs from the router's "
+            "(a wrong tokenizer or chat template here), by model",
+            ("model",),
+            registry=r,
+        )
         self.tokenizer_cache = CallbackGauge(
             "kvrouter_tokenizer_cache",
             "segment cache counters (hits, misses, entries, tokens)",

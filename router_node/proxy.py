@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -40,7 +41,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from router_node.errors import APIError, not_found, sse_error_event, unavailable
 from router_node.metrics import Metrics
-from router_node.request import ParsedRequest
+from router_node.request import CHAT, COMPLETIONS, ParsedRequest
 from router_node.routing import Plan
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
@@ -66,6 +67,16 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 STARTED = web.RequestKey("kvrouter_started", float)
 """When the router received the request (``time.perf_counter()``), set by the app."""
+# usage.prompt_tokens (chat, completions, embeddings) or usage.input_tokens (responses).
+_USAGE_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)\s*[,}]')
+# Mismatches logged per model and process: enough to see the model and endpoint at once,
+# bounded so a wrong tokenizer does not flood the log (the metric counts them all).
+MISMATCH_LOG_LIMIT = 5
+
+# Endpoints whose 404 means "this worker does not serve the model" (elsewhere a 404 can be
+# the endpoint's own answer, such as an unknown previous response: passed through).
+MODEL_404 = frozenset({CHAT, COMPLETIONS})
+
 HEADER_WORKER = "x-kvrouter-worker"
 HEADER_MATCHED = "x-kvrouter-matched-tokens"
 
@@ -176,6 +187,7 @@ class Proxy:
         self.metrics = metrics
         self.session = session
         self.tasks = tasks
+        self._mismatches_logged: dict[str, int] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout_s,
@@ -256,6 +268,35 @@ class Proxy:
         started = request.get(STARTED)
         if started is not None:
             self.metrics.first_byte_seconds.labels(model).observe(time.perf_counter() - started)
+
+    def check_prompt_tokens(self, req: ParsedRequest, worker: Worker, data: bytes) -> bool:
+        """Compare the prompt token count a worker reports in `data` (a response body or
+        the tail of a stream) with the router's own; count and log a difference. Returns
+        True once a count was found (so a stream stops looking)."""
+        found = _USAGE_PROMPT.search(data)
+        if found is None:
+            return False
+        reported = int(found.group(1))
+        self.metrics.tokenization_checked.labels(req.model).inc()
+        if reported != req.prompt_tokens:
+            self.metrics.tokenization_mismatch.labels(req.model).inc()
+            logged = self._mismatches_logged.get(req.model, 0)
+            if logged < MISMATCH_LOG_LIMIT:
+                self._mismatches_logged[req.model] = logged + 1
+                log.warning(
+                    "tokenization mismatch: model %s, endpoint %s, worker %s reports %d prompt "
+                    "tokens, the router counted %d: its tokenizer or chat template differs "
+                    "from the engine's, so its block keys miss the engine's cache%s",
+                    req.model,
+                    req.endpoint,
+                    worker.id,
+                    reported,
+                    req.prompt_tokens,
+                    " (further mismatches of this model are only counted)"
+                    if logged + 1 == MISMATCH_LOG_LIMIT
+                    else "",
+                )
+        return True
 
     def _fail(self, worker: Worker, kind: str, detail: str) -> APIError:
         self.metrics.upstream_errors.labels(worker.id, kind).inc()
@@ -343,7 +384,7 @@ class Proxy:
             if resp.status in RETRY_STATUSES:
                 detail = f"HTTP {resp.status}"
                 return self._fail(worker, "status", detail)
-            if resp.status == 404 and worker.listed is not None:
+            if resp.status == 404 and worker.listed is not None and req.endpoint in MODEL_404:
                 # vLLM's 404 on an inference path: it does not serve the model (an adapter
                 # unloaded since the last /v1/models poll). Not a failure of the worker:
                 # forget the model there and try the next one.
@@ -353,7 +394,7 @@ class Proxy:
                     f"The model `{req.model}` does not exist.", "model", "model_not_found"
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
-                out = await self._stream(request, resp, plan, worker, lease, req.model)
+                out = await self._stream(request, req, resp, plan, worker, lease)
                 if isinstance(out, web.StreamResponse):
                     self.metrics.worker_requests.labels(worker.id).inc()
                 return out
@@ -365,6 +406,8 @@ class Proxy:
                 self._fail(worker, "status", f"HTTP {resp.status}")
             else:
                 self.pool.record_success(worker)
+            if resp.status == 200 and req.count_is_exact:
+                self.check_prompt_tokens(req, worker, data)
             self.metrics.worker_requests.labels(worker.id).inc()
             self._first_byte(request, req.model)
             return web.Response(
@@ -384,11 +427,11 @@ class Proxy:
     async def _stream(
         self,
         request: web.Request,
+        req: ParsedRequest,
         resp: aiohttp.ClientResponse,
         plan: Plan,
         worker: Worker,
         lease: Lease,
-        model: str,
     ) -> web.StreamResponse | APIError:
         try:
             first = await resp.content.readany()
@@ -401,10 +444,16 @@ class Proxy:
         out = web.StreamResponse(
             status=resp.status, headers=self._response_headers(resp, plan, worker)
         )
+        # The usage chunk comes last (stream_options.include_usage); look at each chunk with
+        # the end of the one before, in case the count straddles two reads.
+        checking = req.count_is_exact
+        tail = first[-64:]
+        if checking and self.check_prompt_tokens(req, worker, first):
+            checking = False
         try:
             await out.prepare(request)
             await out.write(first)
-            self._first_byte(request, model)
+            self._first_byte(request, req.model)
             while True:
                 try:
                     chunk = await resp.content.readany()
@@ -415,6 +464,10 @@ class Proxy:
                 if not chunk:
                     break
                 await out.write(chunk)
+                if checking:
+                    if self.check_prompt_tokens(req, worker, tail + chunk):
+                        checking = False
+                    tail = chunk[-64:]
             await out.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log.debug("client left a stream from %s; closing the upstream request", worker.id)

@@ -437,37 +437,6 @@ def parse_worker_list(items: Sequence[str]) -> tuple[WorkerSpec, ...]:
 
 
 def kubernetes_source(settings: RouterSettings) -> Any:
-    """The EndpointSlice watch for ``discovery=kubernetes`` (a KubernetesEndpointSource).
-
-    Here because in-cluster configuration comes from the process environment
-    (KUBERNETES_SERVICE_HOST/PORT) and the service-account files, and this module is the one
-    that reads the environment. Raises DiscoveryError naming what is missing.
-    """
-    from pathlib import Path
-
-    from kvrouter.discovery.kubernetes import (
-        SERVICE_ACCOUNT_DIR,
-        ApiServer,
-        DiscoveryError,
-        KubernetesEndpointSource,
-        PortNames,
-    )
-
-    if settings.k8s_api_url:
-        api = ApiServer(settings.k8s_api_url)
-    else:
-        api = ApiServer.in_cluster(environ())
-    namespace = settings.k8s_namespace
-    if not namespace:
-        ns_file = Path(SERVICE_ACCOUNT_DIR, "namespace")
-        if not ns_file.is_file():
-            raise DiscoveryError(
-                "KVR_K8S_NAMESPACE is not set and there is no service-account namespace file"
-            )
-        namespace = ns_file.read_text().strip()
-    return KubernetesEndpointSource(
-        api,
-        namespace,
-        settings.k8s_selector,
-        ports=PortNames(http=settings.k8s_http_port_name),
-    )
+    """The EndpointSlice watch for ``discovery=kubernetes`` (a KubernetesEndpointSource);
+    see `SharedSettings.kubernetes_source`. Raises DiscoveryError naming what is missing."""
+    return settings.kubernetes_source()
