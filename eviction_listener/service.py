@@ -49,7 +49,7 @@ from eviction_listener.metrics import (
     registry,
     render,
 )
-from eviction_listener.notices import Notice, NoticeDecodeError, decode_notice
+from eviction_listener.notices import Notice, NoticeDecodeError, check_channel, decode_notice
 from eviction_listener.ownership import Ownership, rendezvous_owner
 from eviction_listener.settings import EngineSpec, ListenerSettings
 from eviction_listener.zmq_source import (
@@ -68,6 +68,10 @@ from kvrouter.index.scripts import ClaimResult, OwnerLease, ResidencyIndex
 logger = logging.getLogger(__name__)
 
 LISTENER_KEY: web.AppKey[Listener] = web.AppKey("listener")
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
 
 
 def weight(item: InboxItem) -> int:
@@ -185,6 +189,9 @@ class Listener:
             "listener %s for model %s on %s", s.listener_id, s.model, redact_url(s.redis_url)
         )
         self._client = connect(s.redis_connect_url)
+        # Before any I/O: a discovery that cannot be configured (kubernetes outside a pod)
+        # stops the start with its own message, not with a Redis error.
+        self._discovery = self._discovery_arg or make_discovery(s, self._client)
         self.index = ResidencyIndex(self._client, self.schema)
         await self._client.ping()
         await self.index.load()
@@ -202,7 +209,6 @@ class Listener:
             stopping=lambda: self._closing,
         )
         self._ctx = self._ctx_arg if self._ctx_arg is not None else zmq.asyncio.Context()
-        self._discovery = self._discovery_arg or make_discovery(s, self._client)
         await self._refresh_engines()
         if self._runner is None:
             await self._start_http()
@@ -268,6 +274,7 @@ class Listener:
                         await self._ownership.leave()
                         self.metrics.handovers += len(self._owned)
             self._owned.clear()
+            await self._close_discovery()
             if self._runner is not None:
                 await self._runner.cleanup()
             for c in (self._client, self._pubsub_client):
@@ -278,6 +285,12 @@ class Listener:
                 self._ctx.term()
         finally:
             self._closed.set()
+
+    async def _close_discovery(self) -> None:
+        close = getattr(getattr(self, "_discovery", None), "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
 
     async def abort(self) -> None:
         """Stop at once: no drain, no lease release, no goodbye heartbeat. What a crashed
@@ -292,6 +305,7 @@ class Listener:
         for o in self._owned.values():
             await o.source.close()
         self._owned.clear()
+        await self._close_discovery()
         if self._runner is not None:
             await self._runner.cleanup()
         for c in (self._client, self._pubsub_client):
@@ -342,8 +356,15 @@ class Listener:
         self._engines = engines
 
     async def _discovery_loop(self) -> None:
+        changed = getattr(self._discovery, "changed", None)
         while True:
-            await asyncio.sleep(self.settings.discovery_interval_s)
+            if isinstance(changed, asyncio.Event):
+                # A watching source says when its set changed; the interval stays the bound.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.settings.discovery_interval_s)
+                changed.clear()
+            else:
+                await asyncio.sleep(self.settings.discovery_interval_s)
             try:
                 await self._refresh_engines()
             except Exception as exc:  # keep the last known engines
@@ -489,7 +510,8 @@ class Listener:
         return rendezvous_owner(worker, live) == self.settings.listener_id
 
     async def _notice_loop(self) -> None:
-        channel = self.schema.model(self.settings.model).notices
+        keys = self.schema.model(self.settings.model)
+        channel = keys.notices
         delay = 0.1
         first = True
         while True:
@@ -502,15 +524,18 @@ class Listener:
                 sub = pubsub_client(self._pubsub_client)
                 pubsub = sub.pubsub()
                 await pubsub.subscribe(channel)
+                # Each worker's own channel too: a notice there must name that worker.
+                await pubsub.psubscribe(keys.worker_notices_pattern)
                 if not first:
                     await self._after_notice_gap()
                 first = False
                 delay = 0.1
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is None or msg.get("type") != "message":
+                    if msg is None or msg.get("type") not in ("message", "pmessage"):
                         continue
-                    await self._on_notice(msg["data"])
+                    own = msg["type"] == "pmessage"
+                    await self._on_notice(msg["data"], _text(msg["channel"]) if own else None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let the subscription die: log, back off, retry
@@ -530,9 +555,13 @@ class Listener:
                     with contextlib.suppress(Exception):
                         await sub.aclose()
 
-    async def _on_notice(self, data: bytes) -> None:
+    async def _on_notice(self, data: bytes, own_channel: str | None = None) -> None:
+        """Apply one notice; `own_channel` is the worker channel it came on, if it did."""
         try:
             n = decode_notice(data)
+            if own_channel is not None:
+                prefix = self.schema.model(self.settings.model).worker_notices_prefix
+                check_channel(n, own_channel, prefix)
         except NoticeDecodeError as exc:
             self.metrics.notice_errors[exc.kind] += 1
             self._log.warning(f"notice:{exc.kind}", "undecodable notice skipped: %s", exc)

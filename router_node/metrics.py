@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 
@@ -114,6 +115,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.first_byte_seconds = Histogram(
+            "kvrouter_time_to_first_byte_seconds",
+            "from the request's arrival to the first byte sent back (a streamed response's "
+            "first chunk: TTFT through the router; a whole response otherwise), by model",
+            ("model",),
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
         self.tokenize_seconds = Histogram(
             "kvrouter_tokenize_seconds",
             "time to tokenize a request's prompt",
@@ -187,6 +196,33 @@ class Metrics:
             "kvrouter_pool_workers",
             "workers able to take requests, by prefill/decode role (prefill, decode, both)",
             ("role",),
+            registry=r,
+        )
+        self.edge_refused = Counter(
+            "kvrouter_edge_refused_total",
+            "requests or connections refused at the edge, by reason (header_timeout, "
+            "rate_limited, overloaded, queue_full)",
+            ("reason",),
+            registry=r,
+        )
+        self.tokenization_inexact = Counter(
+            "kvrouter_tokenization_inexact_total",
+            "requests the router cannot tokenize exactly (routed on the text before the part "
+            "it cannot render, or on load), by endpoint and reason",
+            ("endpoint", "reason"),
+            registry=r,
+        )
+        self.tokenization_checked = Counter(
+            "kvrouter_tokenization_checked_total",
+            "responses whose reported prompt token count was compared with the router's",
+            ("model",),
+            registry=r,
+        )
+        self.tokenization_mismatch = Counter(
+            "kvrouter_tokenization_mismatch_total",
+            "responses whose worker-reported prompt token count differs from the router's "
+            "(a wrong tokenizer or chat template here), by model",
+            ("model",),
             registry=r,
         )
         self.tokenizer_cache = CallbackGauge(

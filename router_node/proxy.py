@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -38,13 +39,15 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from router_node.errors import APIError, not_found, sse_error_event, unavailable
 from router_node.metrics import Metrics
-from router_node.request import ParsedRequest
+from router_node.request import CHAT, COMPLETIONS, ParsedRequest
 from router_node.routing import Plan
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
+from router_node.tracing import ATTR_ATTEMPT, ATTR_STATUS, ATTR_WORKER, get_tracer, inject
 from router_node.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,18 @@ FORWARD_REQUEST = (
 # Response headers passed back to the client.
 FORWARD_RESPONSE = ("content-type", "content-encoding", "cache-control", "x-request-id")
 UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+STARTED = web.RequestKey("kvrouter_started", float)
+"""When the router received the request (``time.perf_counter()``), set by the app."""
+# usage.prompt_tokens (chat, completions, embeddings) or usage.input_tokens (responses).
+_USAGE_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)\s*[,}]')
+# Mismatches logged per model and process: enough to see the model and endpoint at once,
+# bounded so a wrong tokenizer does not flood the log (the metric counts them all).
+MISMATCH_LOG_LIMIT = 5
+
+# Endpoints whose 404 means "this worker does not serve the model" (elsewhere a 404 can be
+# the endpoint's own answer, such as an unknown previous response: passed through).
+MODEL_404 = frozenset({CHAT, COMPLETIONS})
 
 HEADER_WORKER = "x-kvrouter-worker"
 HEADER_MATCHED = "x-kvrouter-matched-tokens"
@@ -240,11 +255,16 @@ class Proxy:
         self.metrics = metrics
         self.session = session
         self.tasks = tasks
+        self._mismatches_logged: dict[str, int] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout_s,
             sock_read=settings.read_timeout_s,
         )
+        self.tracer = get_tracer()
+        self.propagate = False
+        """Write our attempt span's ``traceparent`` to the worker (only when spans are
+        recorded: otherwise the client's own passes through untouched)."""
 
     def _lease(
         self, req: ParsedRequest, plan: Plan, worker: Worker, prefill: int | None = None
@@ -257,15 +277,21 @@ class Proxy:
             prefill = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id, bs))
 
         async def dispatch(lease_id: str) -> bool:
-            return await self.shared.dispatch(
-                req.model,
-                worker.id,
-                plan.chain,
-                held=held,
-                capacity=worker.capacity_blocks,
-                lease_id=lease_id,
-                prefill_tokens=prefill,
-            )
+            # A task started inside the attempt's span: this span is the attempt's child.
+            with self.tracer.start_as_current_span("record_lease") as span:
+                ok = await self.shared.dispatch(
+                    req.model,
+                    worker.id,
+                    plan.chain,
+                    held=held,
+                    capacity=worker.capacity_blocks,
+                    lease_id=lease_id,
+                    prefill_tokens=prefill,
+                )
+                span.set_attribute(ATTR_WORKER, worker.id)
+                span.set_attribute("kvrouter.record.blocks", len(plan.chain))
+                span.set_attribute("kvrouter.lease.taken", ok)
+                return ok
 
         # This replica's own view of the worker's prefill queue, current at once; the shared
         # view in Redis lags by the dispatch round trip (see Router.plan).
@@ -280,6 +306,8 @@ class Proxy:
         h = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}
         h["Content-Type"] = "application/json"
         h.update(worker.headers)
+        if self.propagate:
+            inject(h)
         return h
 
     async def forward(
@@ -411,12 +439,13 @@ class Proxy:
             attempts += 1
             if attempts > 1:
                 self.metrics.retries.inc()
-            outcome = await self._attempt(
+            outcome = await self._traced_attempt(
                 request,
                 req,
                 plan,
                 raw,
                 worker,
+                attempts,
                 request_id=request_id,
                 decode_leg=decode_leg,
                 prefill_worker=prefill_worker,
@@ -431,6 +460,40 @@ class Proxy:
             f"no worker could take the request ({attempts} tried){detail}",
             self.settings.retry_after_s,
         )
+
+    def _first_byte(self, request: web.Request, model: str) -> None:
+        started = request.get(STARTED)
+        if started is not None:
+            self.metrics.first_byte_seconds.labels(model).observe(time.perf_counter() - started)
+
+    def check_prompt_tokens(self, req: ParsedRequest, worker: Worker, data: bytes) -> bool:
+        """Compare the prompt token count a worker reports in `data` (a response body or
+        the tail of a stream) with the router's own; count and log a difference. Returns
+        True once a count was found (so a stream stops looking)."""
+        found = _USAGE_PROMPT.search(data)
+        if found is None:
+            return False
+        reported = int(found.group(1))
+        self.metrics.tokenization_checked.labels(req.model).inc()
+        if reported != req.prompt_tokens:
+            self.metrics.tokenization_mismatch.labels(req.model).inc()
+            logged = self._mismatches_logged.get(req.model, 0)
+            if logged < MISMATCH_LOG_LIMIT:
+                self._mismatches_logged[req.model] = logged + 1
+                log.warning(
+                    "tokenization mismatch: model %s, endpoint %s, worker %s reports %d prompt "
+                    "tokens, the router counted %d: its tokenizer or chat template differs "
+                    "from the engine's, so its block keys miss the engine's cache%s",
+                    req.model,
+                    req.endpoint,
+                    worker.id,
+                    reported,
+                    req.prompt_tokens,
+                    " (further mismatches of this model are only counted)"
+                    if logged + 1 == MISMATCH_LOG_LIMIT
+                    else "",
+                )
+        return True
 
     def _fail(self, worker: Worker, kind: str, detail: str) -> APIError:
         self.metrics.upstream_errors.labels(worker.id, kind).inc()
@@ -484,6 +547,38 @@ class Proxy:
             worker.listed = worker.listed | {name}
         return None
 
+    async def _traced_attempt(
+        self,
+        request: web.Request,
+        req: ParsedRequest,
+        plan: Plan,
+        raw: bytes,
+        worker: Worker,
+        number: int,
+        *,
+        request_id: str | None = None,
+        decode_leg: bool = False,
+        prefill_worker: Worker | None = None,
+    ) -> web.StreamResponse | APIError:
+        attrs: dict[str, str | int] = {ATTR_WORKER: worker.id, ATTR_ATTEMPT: number}
+        with self.tracer.start_as_current_span(
+            "attempt", kind=SpanKind.CLIENT, attributes=attrs
+        ) as span:
+            out = await self._attempt(
+                request,
+                req,
+                plan,
+                raw,
+                worker,
+                request_id=request_id,
+                decode_leg=decode_leg,
+                prefill_worker=prefill_worker,
+            )
+            span.set_attribute(ATTR_STATUS, out.status)
+            if isinstance(out, APIError):
+                span.set_status(Status(StatusCode.ERROR, out.message))
+            return out
+
     async def _attempt(
         self,
         request: web.Request,
@@ -516,7 +611,7 @@ class Proxy:
             if resp.status in RETRY_STATUSES:
                 detail = f"HTTP {resp.status}"
                 return self._fail(worker, "status", detail)
-            if resp.status == 404 and worker.listed is not None:
+            if resp.status == 404 and worker.listed is not None and req.endpoint in MODEL_404:
                 # vLLM's 404 on an inference path: it does not serve the model (an adapter
                 # unloaded since the last /v1/models poll). Not a failure of the worker:
                 # forget the model there and try the next one.
@@ -526,7 +621,7 @@ class Proxy:
                     f"The model `{req.model}` does not exist.", "model", "model_not_found"
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
-                out = await self._stream(request, resp, plan, worker, lease, prefill_worker)
+                out = await self._stream(request, req, resp, plan, worker, lease, prefill_worker)
                 if isinstance(out, web.StreamResponse):
                     self.metrics.worker_requests.labels(worker.id).inc()
                 return out
@@ -538,7 +633,10 @@ class Proxy:
                 self._fail(worker, "status", f"HTTP {resp.status}")
             else:
                 self.pool.record_success(worker)
+            if resp.status == 200 and req.count_is_exact:
+                self.check_prompt_tokens(req, worker, data)
             self.metrics.worker_requests.labels(worker.id).inc()
+            self._first_byte(request, req.model)
             return web.Response(
                 body=data,
                 status=resp.status,
@@ -558,6 +656,7 @@ class Proxy:
     async def _stream(
         self,
         request: web.Request,
+        req: ParsedRequest,
         resp: aiohttp.ClientResponse,
         plan: Plan,
         worker: Worker,
@@ -576,9 +675,16 @@ class Proxy:
             status=resp.status,
             headers=self._response_headers(resp, plan, worker, prefill_worker),
         )
+        # The usage chunk comes last (stream_options.include_usage); look at each chunk with
+        # the end of the one before, in case the count straddles two reads.
+        checking = req.count_is_exact
+        tail = first[-64:]
+        if checking and self.check_prompt_tokens(req, worker, first):
+            checking = False
         try:
             await out.prepare(request)
             await out.write(first)
+            self._first_byte(request, req.model)
             while True:
                 try:
                     chunk = await resp.content.readany()
@@ -589,6 +695,10 @@ class Proxy:
                 if not chunk:
                     break
                 await out.write(chunk)
+                if checking:
+                    if self.check_prompt_tokens(req, worker, tail + chunk):
+                        checking = False
+                    tail = chunk[-64:]
             await out.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log.debug("client left a stream from %s; closing the upstream request", worker.id)

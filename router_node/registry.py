@@ -56,11 +56,14 @@ async def register_worker(
     capacity_blocks: int = 0,
     dp_rank: int | None = None,
     adapters: dict[str, str] | None = None,
+    kv_events: dict[str, Any] | None = None,
     role: str = "both",
     now_ms: int | None = None,
 ) -> None:
     """Add or update a worker and heartbeat it. `adapters` maps each LoRA adapter in
-    `models` to its base model; `role` puts it in the prefill or decode pool."""
+    `models` to its base model; `kv_events` (``endpoint``, ``replay``, ``topic``,
+    ``block_size``) is what a listener with registry discovery subscribes to; `role` puts it
+    in the prefill or decode pool."""
     validate_worker_id(worker_id)
     WorkerSpec.parse(url)  # same URL rules as static workers
     desc = {
@@ -71,6 +74,8 @@ async def register_worker(
     }
     if adapters:
         desc["adapters"] = dict(adapters)
+    if kv_events:
+        desc["kv_events"] = dict(kv_events)
     if parse_role(role) != "both":
         desc["role"] = parse_role(role)
     await client.hset(schema.registry, worker_id, json.dumps(desc))

@@ -28,6 +28,7 @@ from router_node.scoring import (
 )
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
+from router_node.tracing import ATTR_CHOSEN, ATTR_POLICY, ATTR_REASON, get_tracer
 from router_node.workers import WorkerPool
 
 # Policies that read residency or shared load; the others route without a lookup.
@@ -89,6 +90,8 @@ class Router:
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.sequence = 0
+        self.tracer = get_tracer()
+        """Spans of the lookup and the scoring (create_app sets the app's tracer)."""
         self.catalogue: ModelCatalogue = settings.catalogue()
         self.pair_config = PairConfig(
             min_prefill_tokens=settings.pd_min_prefill_tokens,
@@ -178,9 +181,12 @@ class Router:
         policy = self.settings.policy
         result = None
         if policy in _NEEDS_LOOKUP:
-            result = await self.shared.lookup(
-                req.model, chain[: plan.useful_blocks], [w.id for w in workers]
-            )
+            with self.tracer.start_as_current_span("lookup") as span:
+                result = await self.shared.lookup(
+                    req.model, chain[: plan.useful_blocks], [w.id for w in workers]
+                )
+                span.set_attribute("kvrouter.lookup.blocks", plan.useful_blocks)
+                span.set_attribute("kvrouter.lookup.indexed", result is not None)
         if result is not None:
             plan.indexed = True
             plan.depths = result.depths
@@ -205,29 +211,33 @@ class Router:
                 for w in workers
             ]
         plan.candidates = cands
-        self.sequence += 1
-        if disaggregated:
-            roles = {w.id: w.role for w in workers}
-            pre = [c for c in cands if roles[c.worker] in ("prefill", "both")]
-            dec = [c for c in cands if roles[c.worker] in ("decode", "both")]
-            pair = decide_pair(pre, dec, n_tokens, config, self.pair_config, self.rng)
-            plan.pair = pair
-            reason = "redis_down" if result is None else pair.reason
-            plan.decision = Decision(policy, reason, pair.decode, pair.costs)
-            return plan
-        if policy in _NEEDS_LOOKUP and result is None:
-            d = decide("least_load", cands, n_tokens, config, self.rng)
-            plan.decision = Decision(
-                policy, "redis_down" if self.shared.enabled else "local", d.ranking
-            )
-        else:
-            plan.decision = decide(
-                policy,
-                cands,
-                n_tokens,
-                config,
-                self.rng,
-                sequence=self.sequence,
-                session_key=req.session_key,
-            )
+        with self.tracer.start_as_current_span("score") as span:
+            self.sequence += 1
+            if disaggregated:
+                roles = {w.id: w.role for w in workers}
+                pre = [c for c in cands if roles[c.worker] in ("prefill", "both")]
+                dec = [c for c in cands if roles[c.worker] in ("decode", "both")]
+                pair = decide_pair(pre, dec, n_tokens, config, self.pair_config, self.rng)
+                plan.pair = pair
+                reason = "redis_down" if result is None else pair.reason
+                plan.decision = Decision(policy, reason, pair.decode, pair.costs)
+            elif policy in _NEEDS_LOOKUP and result is None:
+                d = decide("least_load", cands, n_tokens, config, self.rng)
+                plan.decision = Decision(
+                    policy, "redis_down" if self.shared.enabled else "local", d.ranking
+                )
+            else:
+                plan.decision = decide(
+                    policy,
+                    cands,
+                    n_tokens,
+                    config,
+                    self.rng,
+                    sequence=self.sequence,
+                    session_key=req.session_key,
+                )
+            d = plan.decision
+            span.set_attribute(ATTR_POLICY, d.policy)
+            span.set_attribute(ATTR_REASON, d.reason)
+            span.set_attribute(ATTR_CHOSEN, d.worker)
         return plan

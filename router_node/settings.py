@@ -21,6 +21,7 @@ from kvrouter.index.keys import KeyNameError, validate_worker_id
 from kvrouter.settings import (
     DISCOVERY_MODES,
     Bool,
+    CommaList,
     Int,
     SettingsError,
     SharedSettings,
@@ -243,6 +244,55 @@ class RouterSettings(SharedSettings):
         15.0, "a registry worker whose heartbeat is older drops out", gt=0
     )
     retry_after_s: Int = setting(1, "Retry-After on 503 when no worker can take a request", ge=0)
+    header_timeout_s: float = setting(
+        30.0,
+        "a connection whose request line and headers are not in this long after their first "
+        "byte is dropped (0 = off: aiohttp's 75 s keep-alive timer is the only bound)",
+        ge=0,
+    )
+    max_headers: Int = setting(128, "most header lines in a request (400 above)", ge=1)
+    max_header_bytes: Int = setting(
+        8190, "longest request line or header line in bytes (400 above)", ge=1
+    )
+    rate_limit_rps: float = setting(
+        0.0,
+        "requests per second per client (API key, else address), a token bucket in Redis "
+        "shared by every replica; 429 with Retry-After beyond it (0 = off)",
+        ge=0,
+        allow_inf_nan=False,
+    )
+    rate_limit_burst: Int = setting(
+        0, "token bucket size per client (0 = rate_limit_rps, at least 1)", ge=0
+    )
+    priority_header: str = setting(
+        "x-kvrouter-priority",
+        "request header giving a request's priority: interactive (default) or batch",
+    )
+    batch_key_digests: CommaList = setting(
+        (),
+        "SHA-256 hex digests of API keys (the Authorization header's token) whose requests are "
+        "always batch, whatever their priority header says (comma-separated)",
+    )
+    worker_max_inflight: Int = setting(
+        0,
+        "requests per worker this replica lets in before queueing the rest, interactive ahead "
+        "of batch (0 = no router queue)",
+        ge=0,
+    )
+    batch_share: float = setting(
+        0.5,
+        "share of those slots batch requests may fill; the rest stay free for interactive ones",
+        gt=0,
+        le=1,
+    )
+    priority_queue_max: Int = setting(
+        1024, "requests that may wait in the priority queue (503 with Retry-After beyond)", ge=0
+    )
+    max_concurrent: Int = setting(
+        0,
+        "inference requests in flight per replica; 503 with Retry-After beyond it (0 = no bound)",
+        ge=0,
+    )
     model_configs: ModelConfigs = setting(
         (), "per-model settings and adapters from the config file", no_env=True
     )
@@ -349,6 +399,20 @@ def _as_list(raw: Any) -> tuple[Any, ...]:
     return tuple(comma_list(raw)) if isinstance(raw, str | list | tuple) else (raw,)
 
 
+def otel_configured(variables: Mapping[str, str] | None = None) -> bool:
+    """Whether the standard OpenTelemetry variables ask for traces: an OTLP endpoint is set
+    (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT``), and neither
+    ``OTEL_SDK_DISABLED=true`` nor ``OTEL_TRACES_EXPORTER=none`` turns them off."""
+    env = environ() if variables is None else variables
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
 def conf_lists(conf: ConfigFile) -> dict[str, tuple[Any, ...]]:
     """The model names and workers a config file contributes."""
     out: dict[str, tuple[Any, ...]] = {}
@@ -409,37 +473,6 @@ def parse_worker_list(items: Sequence[str]) -> tuple[WorkerSpec, ...]:
 
 
 def kubernetes_source(settings: RouterSettings) -> Any:
-    """The EndpointSlice watch for ``discovery=kubernetes`` (a KubernetesEndpointSource).
-
-    Here because in-cluster configuration comes from the process environment
-    (KUBERNETES_SERVICE_HOST/PORT) and the service-account files, and this module is the one
-    that reads the environment. Raises DiscoveryError naming what is missing.
-    """
-    from pathlib import Path
-
-    from kvrouter.discovery.kubernetes import (
-        SERVICE_ACCOUNT_DIR,
-        ApiServer,
-        DiscoveryError,
-        KubernetesEndpointSource,
-        PortNames,
-    )
-
-    if settings.k8s_api_url:
-        api = ApiServer(settings.k8s_api_url)
-    else:
-        api = ApiServer.in_cluster(environ())
-    namespace = settings.k8s_namespace
-    if not namespace:
-        ns_file = Path(SERVICE_ACCOUNT_DIR, "namespace")
-        if not ns_file.is_file():
-            raise DiscoveryError(
-                "KVR_K8S_NAMESPACE is not set and there is no service-account namespace file"
-            )
-        namespace = ns_file.read_text().strip()
-    return KubernetesEndpointSource(
-        api,
-        namespace,
-        settings.k8s_selector,
-        ports=PortNames(http=settings.k8s_http_port_name),
-    )
+    """The EndpointSlice watch for ``discovery=kubernetes`` (a KubernetesEndpointSource);
+    see `SharedSettings.kubernetes_source`. Raises DiscoveryError naming what is missing."""
+    return settings.kubernetes_source()

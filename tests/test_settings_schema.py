@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from eviction_listener.settings import ListenerSettings
+from kvrouter.register import RegisterSettings
 from kvrouter.settings import TYPO_CUTOFF, SettingsError, SharedSettings
 from kvrouter.settings_doc import render
 from kvrouter.sim.settings import SimSettings
 from router_node.settings import RouterSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-PROCESSES = (RouterSettings, ListenerSettings, SimSettings)
+PROCESSES = (RouterSettings, ListenerSettings, SimSettings, RegisterSettings)
 
 
 def test_docs_settings_md_is_generated_from_the_schema() -> None:

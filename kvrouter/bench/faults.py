@@ -619,7 +619,7 @@ async def engine_restart() -> FaultResult:
         rec = await wait_recovered(load, stack.router_url, t0)
         await asyncio.sleep(2.0)
         left = len(old & await worker_records(server.url, victim))
-        restarts = await _metric(stack.listener_url, "kvr_listener_resync")
+        restarts = await _metric(stack.listener_url, "kvrouter_listener_resync")
         await load.stop()
         # The engine fails the requests it was running, as a crashed vLLM does: streams
         # already under way end with an error event (excused); the rest are retried.
@@ -637,7 +637,7 @@ async def events_dropped() -> FaultResult:
         t0 = time.monotonic()
         rec = await wait_recovered(load, stack.router_url, t0)
         await asyncio.sleep(1.5)
-        gaps = await _metric(stack.listener_url, "kvr_listener_gap")
+        gaps = await _metric(stack.listener_url, "kvrouter_listener_gap")
         await load.stop()
         failed, excused = load.failures()
         return FaultResult("engine drops 3 KV-event batches (gap, replayable)",

@@ -48,6 +48,8 @@ class StackConfig:
     seed: int = 0
     redis_url: str | None = None
     extra_router_env: tuple[tuple[str, str], ...] = ()
+    sim_args: tuple[str, ...] = ()
+    """Extra `kvrouter sim` flags (e.g. a smaller --max-batch to saturate the fleet)."""
     adapters: tuple[str, ...] = ()
     """LoRA adapters of `model` every simulated worker also serves (routers learn them from
     the workers' /v1/models; the listener indexes their events under their own names)."""
@@ -139,7 +141,7 @@ class LocalStack:
             "--kv-events-base-port", "0",
             "--seed", str(cfg.seed), "--ready-file", str(ready),
             *(["--lora-adapters", ",".join(cfg.adapters)] if cfg.adapters else []),
-            "--prefill-workers", str(cfg.prefill_workers), *cfg.extra_sim_args,
+            "--prefill-workers", str(cfg.prefill_workers), *cfg.extra_sim_args, *cfg.sim_args,
         ])  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.exists():

@@ -84,7 +84,7 @@ ENV_EVENTS_PORT_NAME = "KVR_K8S_EVENTS_PORT_NAME"
 ENV_REPLAY_PORT_NAME = "KVR_K8S_REPLAY_PORT_NAME"
 ENV_API_URL = "KVR_K8S_API_URL"  # out-of-cluster development, e.g. behind `kubectl proxy`
 
-_PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME, as in k8s
+PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME, as in k8s
 MAX_DP_SIZE = 1024
 MAX_LINE_BYTES = 32 * 1024 * 1024  # one watch event; far above any real EndpointSlice
 
@@ -119,7 +119,7 @@ class PortNames:
             (ENV_EVENTS_PORT_NAME, self.events),
             (ENV_REPLAY_PORT_NAME, self.replay),
         ):
-            if not _PORT_NAME.match(name):
+            if not PORT_NAME.match(name):
                 raise DiscoveryError(
                     f"{env}: {name!r} is not a Kubernetes port name "
                     "(1-15 lowercase letters, digits and '-')"

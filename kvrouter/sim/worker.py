@@ -6,6 +6,12 @@ Endpoints (as vLLM's OpenAI server unless marked):
   streaming (`data: {...}` SSE chunks, then `data: [DONE]`) or not; `usage` carries
   `prompt_tokens_details.cached_tokens`; `stream_options.include_usage` adds a final usage
   chunk. Generation always runs to `max_tokens` (EOS is ignored).
+- `POST /v1/responses` (not streamed): the input rendered as the chat vLLM makes of it,
+  then generated like a chat; `usage.input_tokens`. `POST /v1/embeddings` (text or token
+  ids; a fixed small vector each, `usage.prompt_tokens`), `POST /tokenize`,
+  `POST /detokenize`, `POST /v1/score` and `/v1/rerank` (also `/score`, `/rerank`,
+  `/v2/rerank`; a fixed score): enough for a router to route them and a client to parse
+  the answer; no engine time is spent on them.
 - `GET /v1/models`, `GET /health`, `GET /metrics`, `POST /reset_prefix_cache`.
 - Prefill/decode disaggregation as vLLM's NixlConnector speaks it (docs/disaggregation.md):
   a request with ``kv_transfer_params.do_remote_decode`` is a prefill leg, answered with
@@ -254,10 +260,12 @@ class SimWorker:
         stream: bool,
         include_usage: bool,
         model: str,
+        responses: bool = False,
         kv_params: Mapping[str, Any] | None = None,
     ) -> web.StreamResponse:
-        """Run one request through the engine and answer it, streaming or not. `kv_params`:
-        the request's kv_transfer_params (a prefill or a decode leg of a split request)."""
+        """Run one request through the engine and answer it, streaming or not (`responses`:
+        in the Responses API's shape, never streamed). `kv_params`: the request's
+        kv_transfer_params (a prefill or a decode leg of a split request)."""
         if self.is_down:
             raise ApiError(503, "the engine is restarting", "ServiceUnavailableError")
         lora = model if model in self.adapter_roots else None
@@ -286,7 +294,7 @@ class SimWorker:
             raise ApiError(400, str(exc), param="max_tokens") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
-        fmt = _ChunkFormat(rid, created, model, chat, self.tokenizer)
+        fmt = _ChunkFormat(rid, created, model, chat, self.tokenizer, responses)
         try:
             if stream:
                 return await self._stream(request, req, fmt, include_usage)
@@ -450,10 +458,13 @@ def _sse(obj: Mapping[str, Any]) -> bytes:
 class _ChunkFormat:
     """Builds OpenAI completion / chat bodies for one request."""
 
-    __slots__ = ("chat", "created", "model", "rid", "tok")
+    __slots__ = ("chat", "created", "model", "responses", "rid", "tok")
 
-    def __init__(self, rid: str, created: int, model: str, chat: bool, tok: Tokenizer) -> None:
+    def __init__(
+        self, rid: str, created: int, model: str, chat: bool, tok: Tokenizer, responses: bool
+    ) -> None:
         self.rid, self.created, self.model, self.chat, self.tok = rid, created, model, chat, tok
+        self.responses = responses
 
     def _envelope(self, choices: list[dict[str, Any]], kind: str) -> dict[str, Any]:
         return {
@@ -496,6 +507,8 @@ class _ChunkFormat:
 
     def full(self, req: SimRequest) -> dict[str, Any]:
         text = self.tok.decode(req.output_tokens.tolist())
+        if self.responses:
+            return _responses_body(self.rid, self.created, self.model, text, req)
         if self.chat:
             choice: dict[str, Any] = {
                 "index": 0,
@@ -511,6 +524,32 @@ class _ChunkFormat:
             body = self._envelope([choice], "text_completion")
         body["usage"] = usage(req)
         return body
+
+
+def _responses_body(
+    rid: str, created: int, model: str, text: str, req: SimRequest
+) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": f"msg_{rid}", "type": "message", "role": "assistant",
+            "status": "completed", "content": [part]}  # fmt: skip
+    return {
+        "id": f"resp_{rid}",
+        "object": "response",
+        "created_at": created,
+        "model": model,
+        "status": "completed",
+        "output": [item],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": req.prompt_len,
+            "input_tokens_details": {"cached_tokens": req.cached_tokens or 0},
+            "output_tokens": req.num_generated,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": req.prompt_len + req.num_generated,
+        },
+    }
 
 
 def usage(req: SimRequest) -> dict[str, Any]:
@@ -614,15 +653,127 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
-    try:
-        prompt = worker.tokenizer.encode_chat(messages)
-    except ChatFormatError as exc:
-        raise ApiError(400, str(exc), param="messages") from None
+    prompt = _chat_prompt(worker.tokenizer, body)
     max_tokens = _int_param(body, "max_completion_tokens", "max_tokens", default=DEFAULT_MAX_TOKENS)
     return await worker.generate(
         request, prompt, max_tokens, chat=True, stream=stream,
         include_usage=include_usage, model=model, kv_params=_kv_params(body),
     )  # fmt: skip
+
+
+def _chat_prompt(tok: Tokenizer, body: Mapping[str, Any]) -> Sequence[int]:
+    """A chat body's prompt: the whole request through a tokenizer that applies vLLM's
+    request preprocessing (the router's Tokenizer), else the messages alone."""
+    encode_request = getattr(tok, "encode_chat_request", None)
+    if encode_request is None:
+        try:
+            return tok.encode_chat(body["messages"])
+        except ChatFormatError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+    from kvrouter.tokenizer.errors import TokenizerError
+
+    try:
+        ids: Sequence[int] = encode_request(body)
+    except TokenizerError as exc:  # the request's fault, or content it cannot render
+        raise ApiError(400, str(exc), param="messages") from None
+    return ids
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    from kvrouter.tokenizer.errors import TokenizerError
+    from kvrouter.tokenizer.preprocess import responses_to_chat_body
+
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    model, stream, _ = _common(body, worker)
+    if stream:
+        raise ApiError(400, "the simulator does not stream the Responses API", param="stream")
+    if body.get("previous_response_id") is not None:
+        # The simulator stores no responses (vLLM answers 404 for one it does not have).
+        raise ApiError(404, "previous response not found", "NotFoundError",
+                       "previous_response_id")  # fmt: skip
+    try:
+        chat = responses_to_chat_body(body)
+    except TokenizerError as exc:
+        raise ApiError(400, str(exc), param="input") from None
+    prompt = _chat_prompt(worker.tokenizer, chat)
+    max_tokens = _int_param(body, "max_output_tokens", default=DEFAULT_MAX_TOKENS)
+    return await worker.generate(
+        request, prompt, max_tokens, chat=True, stream=False,
+        include_usage=False, model=model, responses=True,
+    )  # fmt: skip
+
+
+def _text_inputs(value: Any, tok: Tokenizer, param: str) -> list[Sequence[int]]:
+    if isinstance(value, str) or (isinstance(value, list) and value and type(value[0]) is int):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"{param} must be a string, token ids or a non-empty list of them",
+                       param=param)  # fmt: skip
+    out: list[Sequence[int]] = []
+    for item in value:
+        if isinstance(item, str):
+            out.append(tok.encode(item))
+        elif isinstance(item, list):
+            out.append(_token_array(item, param))
+        else:
+            raise ApiError(400, f"{param} items must be strings or token-id lists", param=param)
+    return out
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    model, _, _ = _common(body, worker)
+    inputs = _text_inputs(body.get("input"), worker.tokenizer, "input")
+    n = sum(len(ids) for ids in inputs)
+    data = [{"object": "embedding", "index": i, "embedding": [0.0, 1.0]}
+            for i in range(len(inputs))]  # fmt: skip
+    return web.json_response({"object": "list", "data": data, "model": model,
+                              "usage": {"prompt_tokens": n, "total_tokens": n}})  # fmt: skip
+
+
+async def tokenize_endpoint(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    _common(body, worker)
+    if "messages" in body:
+        ids = list(_chat_prompt(worker.tokenizer, body))
+    else:
+        ids = list(_text_inputs(body.get("prompt"), worker.tokenizer, "prompt")[0])
+    return web.json_response(
+        {"count": len(ids), "max_model_len": worker.settings.max_model_len, "tokens": ids}
+    )
+
+
+async def detokenize_endpoint(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    _common(body, worker)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise ApiError(400, "tokens must be a list of token ids", param="tokens")
+    return web.json_response({"prompt": worker.tokenizer.decode(_token_array(tokens, "tokens"))})
+
+
+async def score(request: web.Request) -> web.Response:
+    """Score and rerank: a fixed relevance per document (the simulator has no model)."""
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    model, _, _ = _common(body, worker)
+    documents = body.get("documents", body.get("text_2", []))
+    if isinstance(documents, str):
+        documents = [documents]
+    if not isinstance(documents, list):
+        raise ApiError(400, "documents must be a list", param="documents")
+    if "rerank" in request.path:
+        results = [{"index": i, "relevance_score": 0.5, "document": {"text": d}}
+                   for i, d in enumerate(documents)]  # fmt: skip
+        return web.json_response({"id": f"rerank-{uuid.uuid4().hex}", "model": model,
+                                  "results": results, "usage": {"total_tokens": 0}})  # fmt: skip
+    data = [{"index": i, "object": "score", "score": 0.5} for i in range(len(documents))]
+    return web.json_response({"id": f"score-{uuid.uuid4().hex}", "object": "list",
+                              "model": model, "data": data, "usage": {}})  # fmt: skip
 
 
 async def models(request: web.Request) -> web.Response:
@@ -749,6 +900,12 @@ def create_worker_app(worker: SimWorker) -> web.Application:
     app.cleanup_ctx.append(_engine_ctx)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/tokenize", tokenize_endpoint)
+    app.router.add_post("/detokenize", detokenize_endpoint)
+    for path in ("/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank"):
+        app.router.add_post(path, score)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
