@@ -234,18 +234,22 @@ class SimWorker:
         include_usage: bool,
         model: str,
         responses: bool = False,
+        cache_salt: str | None = None,
     ) -> web.StreamResponse:
         """Run one request through the engine and answer it, streaming or not (`responses`:
-        in the Responses API's shape, never streamed)."""
+        in the Responses API's shape, never streamed). A `cache_salt` gives the request's
+        blocks their own hash root (as vLLM's salt does): they are shared only with requests
+        of the same salt."""
         if self.is_down:
             raise ApiError(503, "the engine is restarting", "ServiceUnavailableError")
         try:
             lora = model if model in self.adapter_roots else None
+            root = self.adapter_roots[lora] if lora else None
+            if cache_salt is not None:
+                base = f"{self.settings.model}\0lora\0{lora}" if lora else self.settings.model
+                root = root_digest(f"{base}\0salt\0{cache_salt}", self.settings.seed)
             req = self.engine.submit(
-                prompt,
-                max_tokens,
-                root=self.adapter_roots[lora] if lora else None,
-                lora_name=lora,
+                prompt, max_tokens, root=root, lora_name=lora, cache_salt=cache_salt
             )
         except RequestRejected as exc:
             raise ApiError(400, str(exc), param="max_tokens") from None
@@ -492,6 +496,13 @@ def _int_param(body: Mapping[str, Any], *names: str, default: int) -> int:
     return default
 
 
+def _salt(body: Mapping[str, Any]) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ApiError(400, "cache_salt must be a non-empty string", param="cache_salt")
+    return salt
+
+
 def _common(body: Mapping[str, Any], worker: SimWorker) -> tuple[str, bool, bool]:
     model = body.get("model") or worker.settings.model
     if model != worker.settings.model and model not in worker.adapter_roots:
@@ -518,7 +529,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     max_tokens = _int_param(body, "max_tokens", default=DEFAULT_MAX_TOKENS)
     return await worker.generate(
         request, prompt, max_tokens, chat=False, stream=stream,
-        include_usage=include_usage, model=model,
+        include_usage=include_usage, model=model, cache_salt=_salt(body),
     )  # fmt: skip
 
 
@@ -533,7 +544,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = _int_param(body, "max_completion_tokens", "max_tokens", default=DEFAULT_MAX_TOKENS)
     return await worker.generate(
         request, prompt, max_tokens, chat=True, stream=stream,
-        include_usage=include_usage, model=model,
+        include_usage=include_usage, model=model, cache_salt=_salt(body),
     )  # fmt: skip
 
 

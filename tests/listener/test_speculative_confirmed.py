@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -25,6 +27,8 @@ from kvrouter.index.keys import KeySchema
 from kvrouter.index.scripts import ResidencyIndex
 from kvrouter.sim.fleet import SimFleet
 from kvrouter.sim.settings import SimSettings
+from kvrouter.tokenizer import Tokenizer
+from kvrouter.tokenizer.testing import build_test_tokenizer
 from router_node.app import POOL, RouterServer
 from router_node.settings import RouterSettings, WorkerSpec
 
@@ -136,4 +140,126 @@ async def test_dispatch_is_confirmed_by_the_engine_or_expires(
         finally:
             for r in routers:
                 await r.close()
+            await listener.close()
+
+
+class RouterTokenizer:
+    """The router's own tokenizer as the simulator's: the engine then tokenizes a chat
+    exactly as the router does (the simulator's default is a byte tokenizer)."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode_prompt(text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return " tok" * len(token_ids)  # response text is not what this test is about
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        return self.tok.encode_chat(messages)
+
+
+async def test_salted_chat_is_confirmed_by_the_engines_event(
+    redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    """Issue #17 item 5: vLLM puts a request's cache_salt in its first block's extra keys; the
+    listener folds it into the chain's root as the router does, so the engine's events
+    confirm a salted chat's blocks and the router matches them once its own dispatch record
+    has expired."""
+    sim = SimSettings(
+        workers=1, capacity_tokens=B * 512, time_scale=200.0, base_port=0,
+        kv_events_base_port=0, model=MODEL, kv_events="map",
+    )  # fmt: skip
+    tok_dir = build_test_tokenizer(tmp_path / "tok", "llama3")
+    tok = RouterTokenizer(Tokenizer.load(tok_dir))
+    async with SimFleet(sim, tokenizer=tok) as fleet:
+        assert fleet.info is not None
+        w = fleet.info.workers[0]
+        listener = Listener(
+            ListenerSettings(
+                model=MODEL,
+                redis_url=redis_url,
+                block_size=B,
+                metrics_port=0,
+                metrics_host="127.0.0.1",
+                lease_s=2.0,
+                notices=False,
+                record_ttl_s=CONFIRMED_S,
+                engines=parse_engines(f"{w.id}={w.events_endpoint},replay={w.replay_endpoint}"),
+            )
+        )
+        await listener.start()
+        router = RouterServer(
+            RouterSettings(
+                host="127.0.0.1",
+                port=0,
+                redis_url=redis_url,
+                models=(MODEL,),
+                workers=(WorkerSpec.parse(f"{w.id}={w.url}"),),
+                health_interval_s=0,
+                models_interval_s=0.1,
+                kv_events=True,
+                speculative_ttl_s=SPECULATIVE_S,
+                admin_token="t",
+                tokenizer=str(tok_dir),
+            ),
+            rng=random.Random(0),
+        )
+        await router.start()
+        client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
+        messages: Any = [
+            {"role": "system", "content": "You answer questions about parcels. " * 30},
+            {"role": "user", "content": "Where is parcel 7?"},
+        ]
+        salted = {"cache_salt": "tenant-a"}
+        try:
+            await listener.wait_ticked()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while router.app[POOL].workers[w.id].listed is None:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.02)
+            first = await client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=2, extra_body=salted
+            )
+            assert first.usage is not None
+            n_blocks = first.usage.prompt_tokens // B
+            assert n_blocks >= 10
+            now = await server_now_us(redis_client)
+            wrk = KeySchema().model(MODEL).worker(w.id)
+            deadline = loop.time() + 10
+            while True:
+                scores = [s for _, s in await redis_client.zrange(wrk, 0, -1, withscores=True)]
+                confirmed = [s for s in scores if s > now + 10 * SPECULATIVE_S * 1e6]
+                if len(confirmed) == n_blocks:
+                    break
+                assert loop.time() < deadline, f"{len(confirmed)} of {n_blocks} confirmed"
+                await asyncio.sleep(0.05)
+            # Every block the router recorded at dispatch was confirmed (no speculative-only
+            # record left beside the confirmed ones: the keys are the same).
+            assert len(scores) == n_blocks
+            assert listener.metrics.skipped_blocks["extra_keys"] == 0
+            # Past the dispatch record's life, the router matches the confirmed blocks: the
+            # same salted chat routes with the match the engine then reports.
+            await asyncio.sleep(SPECULATIVE_S + 0.5)
+            again = await client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=messages, max_tokens=2, extra_body=salted
+            )
+            usage = again.parse().usage
+            assert usage is not None and usage.prompt_tokens_details is not None
+            cached = usage.prompt_tokens_details.cached_tokens
+            assert cached is not None and cached >= n_blocks * B - B
+            assert int(again.headers["x-kvrouter-matched-tokens"]) == cached
+            # The same chat without the salt shares nothing, on the engine and in the index.
+            plain = await client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=messages, max_tokens=2
+            )
+            assert plain.headers["x-kvrouter-matched-tokens"] == "0"
+            usage = plain.parse().usage
+            assert usage is not None and usage.prompt_tokens_details is not None
+            assert usage.prompt_tokens_details.cached_tokens == 0
+        finally:
+            await client.close()
+            await router.close()
             await listener.close()
