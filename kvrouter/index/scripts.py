@@ -391,7 +391,7 @@ class ResidencyIndex:
         now_ms: int = 0,
         limit: int = 1000,
     ) -> ScriptCall:
-        """One worker's engine events for one model, in order (see apply_engine_events-6.lua).
+        """One worker's engine events for one model, in order (see apply_engine_events-7.lua).
 
         ``ops`` is one character per op (R, S, D, C); ``fields`` the packed hex fields
         (``pack_u64``). The script validates the fields; this checks the rest.

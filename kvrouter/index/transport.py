@@ -42,7 +42,7 @@ class ScriptCall:
 
 @dataclass(slots=True)
 class RecordCall:
-    """One prepared record (see ``ResidencyIndex.record_call`` and record_chain-4.lua).
+    """One prepared record (see ``ResidencyIndex.record_call`` and record_chain-5.lua).
 
     Four commands, sent in order on one connection: ZCARD of the worker's set, a plain
     ``ZADD GT CH`` of every block with its valid-until, a plain ``ZADD GT`` of every block's
