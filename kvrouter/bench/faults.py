@@ -801,7 +801,7 @@ async def run_all(names: Sequence[str] = ()) -> list[FaultResult]:
 
 # -- index integrity -------------------------------------------------------------------------
 _KEY_PATTERNS = [
-    r"kvr:\{[^{}]+\}:(wrk|cut|emap):[^\s|]+",
+    r"kvr:\{[^{}]+\}:(wrk|lru|cut|emap):[^\s|]+",
     r"kvr:\{[^{}]+\}:head:[0-9a-f]{16}",
     r"kvr:\{[^{}]+\}:head:@[^\s|]+",
     r"kvr:\{[^{}]+\}:(workers|lseq|load|lease|meta)",
@@ -826,7 +826,7 @@ def check_index_sync(redis_url: str, models: Sequence[str] = (MODEL,)) -> list[s
             if not pattern.fullmatch(key):
                 problems.append(f"key outside the schema: {key!r}")
                 continue
-            if ":wrk:" in key or ":cut:" in key or ":head:@" in key:
+            if ":wrk:" in key or ":lru:" in key or ":cut:" in key or ":head:@" in key:
                 pairs = cast(list[Any], client.zrange(key, 0, -1, withscores=True))
                 for member, score in pairs:
                     if not hex16.fullmatch(str(member)):

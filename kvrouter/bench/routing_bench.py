@@ -454,6 +454,9 @@ async def _bench(
             "compute_hit_ratio": _r(s.get("compute_hit_ratio")),
             "transfer_gb": _r(s.get("transfer_gb")),
             "failed": s["failed"],
+            "exact_share": _r(s.get("exact_share")),
+            "over_share": _r(s.get("over_share")),
+            "under_share": _r(s.get("under_share")),
         }
         if "hit_ratio_runs" in s:
             final["policies"][name]["hit_ratio_runs"] = [round(x, 4) for x in s["hit_ratio_runs"]]
@@ -565,21 +568,31 @@ def _fmt(x: float | None, nd: int = 3) -> str:
 
 
 def results_table(results: dict[str, dict[str, Any]], ideal: float, pooled: float) -> str:
+    # exact / over / under: the router's matched tokens against the engine's cached tokens
+    # per request (share predicted exactly; over- and under-predicted tokens as a share of
+    # the prompt tokens).
     head = ("| policy | hit ratio | of pooled | TTFT p50 | p90 | p99 | e2e p50 | p99 | req/s "
-            "| failed | rejected | load max/mean |")  # fmt: skip
-    lines = [head, "|" + "---|" * 12]
+            "| failed | rejected | load max/mean | exact | over | under |")  # fmt: skip
+    lines = [head, "|" + "---|" * 15]
     for name, s in results.items():
         lines.append(
             f"| {name} | {s['hit_ratio']:.3f} | {s['hit_ratio'] / pooled if pooled else 0:.2f} "
             f"| {_fmt(s['ttft_p50_s'])} | {_fmt(s['ttft_p90_s'])} | {_fmt(s['ttft_p99_s'])} "
             f"| {_fmt(s['e2e_p50_s'], 2)} | {_fmt(s['e2e_p99_s'], 2)} | {s['throughput_rps']:.2f} "
-            f"| {s['failed']} | {s['rejected']} | {s['load_max_over_mean']:.2f} |"
+            f"| {s['failed']} | {s['rejected']} | {s['load_max_over_mean']:.2f} "
+            f"| {_pct(s.get('exact_share'))} | {_pct(s.get('over_share'), 2)} "
+            f"| {_pct(s.get('under_share'), 2)} |"
         )
-    lines.append(f"| ideal (one infinite cache) | {ideal:.3f} | | | | | | | | | | |")
+    lines.append(f"| ideal (one infinite cache) | {ideal:.3f} | | | | | | | | | | | | | |")
     lines.append(
-        f"| pooled (one LRU of the fleet's capacity) | {pooled:.3f} | 1.00 | | | | | | | | | |"
+        f"| pooled (one LRU of the fleet's capacity) | {pooled:.3f} | 1.00 "
+        "| | | | | | | | | | | | |"
     )
     return "\n".join(lines)
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
 
 
 def _markdown(table: str, meta: dict[str, Any], args: argparse.Namespace) -> str:

@@ -69,12 +69,17 @@ class ModelKeys:
     # -- residency ---------------------------------------------------------------------
     @property
     def worker_prefix(self) -> str:
-        """Scripts append a worker id to this to name its LRU ZSET."""
+        """Scripts append a worker id to this to name its records ZSET."""
         return f"{self.base}:wrk:"
 
     def worker(self, worker: str) -> str:
-        """ZSET block hex -> valid-until us: the model of one worker's cache, in LRU order."""
+        """ZSET block hex -> valid-until us: the model of one worker's cache (what is live)."""
         return f"{self.base}:wrk:{validate_worker_id(worker)}"
+
+    def lru(self, worker: str) -> str:
+        """ZSET block hex -> last access us: the same blocks as ``worker``, in the one order
+        capacity trimming follows (least recently accessed first, whatever wrote them)."""
+        return f"{self.base}:lru:{validate_worker_id(worker)}"
 
     @property
     def cut_prefix(self) -> str:

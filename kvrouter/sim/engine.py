@@ -102,6 +102,7 @@ class Engine:
         *,
         root: bytes | None = None,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
         remote_tokens: int = 0,
     ) -> SimRequest:
         """Queue a request; raises RequestRejected if it can never run on this worker.
@@ -113,6 +114,7 @@ class Engine:
             self.now_s(),
             root=root,
             lora_name=lora_name,
+            cache_salt=cache_salt,
         )
         req.notify = asyncio.Event()
         req.remote_tokens = remote_tokens

@@ -41,6 +41,7 @@ from kvrouter.sim.trace import (
 )
 
 ROUTER_WORKER_HEADER = "x-kvrouter-worker"
+ROUTER_MATCHED_HEADER = "x-kvrouter-matched-tokens"
 SIM_WORKER_HEADER = "x-sim-worker"
 DEFAULT_POOLED_WORKERS = 8
 
@@ -63,6 +64,9 @@ class RequestRecord:
     prompt_tokens: int = 0
     """Tokens sent in the prompt."""
     cached_tokens: int | None = None
+    matched_tokens: int | None = None
+    """The router's prediction of ``cached_tokens`` on the worker it chose (its
+    ``x-kvrouter-matched-tokens`` header); None without a router."""
     completion_tokens: int | None = None
     max_tokens: int = 0
     error: str | None = None
@@ -144,6 +148,9 @@ async def _one(
             rec.worker = resp.headers.get(ROUTER_WORKER_HEADER) or resp.headers.get(
                 SIM_WORKER_HEADER
             )
+            matched = resp.headers.get(ROUTER_MATCHED_HEADER)
+            if matched is not None and matched.isdigit():
+                rec.matched_tokens = int(matched)
             if resp.status != 200:
                 rec.error = (await resp.text())[:300]
                 return
@@ -314,9 +321,34 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def prediction(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """How well the router predicted the engine's cache hits, over successful requests that
+    report both (the router's matched tokens and the engine's cached tokens): the share
+    predicted exactly, and the tokens over-predicted (matched but not cached: a prefill the
+    router did not expect) and under-predicted (cached but not matched), each also as a
+    share of those requests' prompt tokens."""
+    both = [
+        (r.matched_tokens, r.cached_tokens, r.prompt_tokens)
+        for r in records
+        if r.ok and r.matched_tokens is not None and r.cached_tokens is not None
+    ]
+    prompt = sum(p for _, _, p in both)
+    over = sum(max(0, m - c) for m, c, _ in both)
+    under = sum(max(0, c - m) for m, c, _ in both)
+    return {
+        "predicted": len(both),
+        "exact_share": sum(1 for m, c, _ in both if m == c) / len(both) if both else None,
+        "over_tokens": over,
+        "under_tokens": under,
+        "over_share": over / prompt if prompt else None,
+        "under_share": under / prompt if prompt else None,
+    }
+
+
 def summarize(records: Sequence[RequestRecord], duration_s: float | None = None) -> dict[str, Any]:
-    """Counts, hit ratio (cached over prompt tokens of successful requests), latency
-    percentiles in real seconds, throughput and requests per worker."""
+    """Counts, hit ratio (cached over prompt tokens of successful requests), the router's
+    prediction accuracy (``prediction``), latency percentiles in real seconds, throughput and
+    requests per worker."""
     ok = [r for r in records if r.ok]
     prompt = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens or 0 for r in ok)
@@ -343,6 +375,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float | None = None)
         "duration_s": duration_s,
         "throughput_rps": len(ok) / duration_s if duration_s else 0.0,
         "per_worker": dict(sorted(Counter(r.worker or "?" for r in ok).items())),
+        **prediction(records),
     }
 
 

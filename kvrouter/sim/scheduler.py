@@ -111,6 +111,7 @@ class SimRequest:
         "_digest",
         "_filler_offset",
         "arrival_s",
+        "cache_salt",
         "cached_tokens",
         "error",
         "finish_s",
@@ -138,9 +139,11 @@ class SimRequest:
         max_tokens: int,
         root: bytes,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.lora_name = lora_name
+        self.cache_salt = cache_salt
         self.tokens: array[int] = array("I", prompt)
         self.prompt_len = len(self.tokens)
         self.max_tokens = max_tokens
@@ -263,11 +266,13 @@ class Scheduler:
         *,
         root: bytes | None = None,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
     ) -> SimRequest:
         """Queue a request arriving at simulated time `now_s` (`root`: the hash root of its
-        model, default the engine's; `lora_name`: its adapter, named in its KV events)."""
+        model and salt, default the engine's; `lora_name`: its adapter, `cache_salt` its salt,
+        both named in its KV events)."""
         self.check(len(prompt), max_tokens)
-        req = SimRequest(request_id, prompt, max_tokens, root or self.root, lora_name)
+        req = SimRequest(request_id, prompt, max_tokens, root or self.root, lora_name, cache_salt)
         req.arrival_s = now_s
         self.waiting.append(req)
         return req
@@ -434,7 +439,9 @@ class Scheduler:
         full = req.num_computed // bs
         if full > req.table.num_registered:
             req.ensure_hashes(full, bs)
-            self.cache.register(req.table, req.hashes, req.tokens, full, req.lora_name)
+            self.cache.register(
+                req.table, req.hashes, req.tokens, full, req.lora_name, req.cache_salt
+            )
 
     def _grow(self, req: SimRequest, need: int) -> bool:
         """Give a running request `need` more blocks, preempting the newest requests (vLLM's

@@ -262,14 +262,20 @@ class SimWorker:
         model: str,
         responses: bool = False,
         kv_params: Mapping[str, Any] | None = None,
+        cache_salt: str | None = None,
     ) -> web.StreamResponse:
         """Run one request through the engine and answer it, streaming or not (`responses`:
         in the Responses API's shape, never streamed). `kv_params`: the request's
-        kv_transfer_params (a prefill or a decode leg of a split request)."""
+        kv_transfer_params (a prefill or a decode leg of a split request). A `cache_salt`
+        gives the request's blocks their own hash root (as vLLM's salt does): they are shared
+        only with requests of the same salt."""
         if self.is_down:
             raise ApiError(503, "the engine is restarting", "ServiceUnavailableError")
         lora = model if model in self.adapter_roots else None
         root = self.adapter_roots[lora] if lora else self.engine.scheduler.root
+        if cache_salt is not None:
+            base = f"{self.settings.model}\0lora\0{lora}" if lora else self.settings.model
+            root = root_digest(f"{base}\0salt\0{cache_salt}", self.settings.seed)
         prefill_leg = bool(kv_params and kv_params.get("do_remote_decode"))
         remote = 0
         if prefill_leg:
@@ -287,7 +293,7 @@ class SimWorker:
             remote = await self._pull(prompt, root, kv_params, request, max_tokens, stream)
         try:
             req = self.engine.submit(
-                prompt, max_tokens, root=root if lora else None, lora_name=lora,
+                prompt, max_tokens, root=root, lora_name=lora, cache_salt=cache_salt,
                 remote_tokens=remote,
             )  # fmt: skip
         except RequestRejected as exc:
@@ -616,6 +622,13 @@ def _kv_params(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return params
 
 
+def _salt(body: Mapping[str, Any]) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ApiError(400, "cache_salt must be a non-empty string", param="cache_salt")
+    return salt
+
+
 def _common(body: Mapping[str, Any], worker: SimWorker) -> tuple[str, bool, bool]:
     model = body.get("model") or worker.settings.model
     if model != worker.settings.model and model not in worker.adapter_roots:
@@ -643,6 +656,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await worker.generate(
         request, prompt, max_tokens, chat=False, stream=stream,
         include_usage=include_usage, model=model, kv_params=_kv_params(body),
+        cache_salt=_salt(body),
     )  # fmt: skip
 
 
@@ -658,6 +672,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await worker.generate(
         request, prompt, max_tokens, chat=True, stream=stream,
         include_usage=include_usage, model=model, kv_params=_kv_params(body),
+        cache_salt=_salt(body),
     )  # fmt: skip
 
 

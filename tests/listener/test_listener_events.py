@@ -244,8 +244,10 @@ async def test_event_with_extra_keys_beyond_lora_is_skipped(
 
     pub, lst = await engine()
     ev = BlockStored(
-        (eh(0, 5),), None, array("I", TOKENS[:B]), B, medium="GPU", extra_keys=(("img-1",),)
+        (eh(0, 5),), None, array("I", TOKENS[:B]), B, medium="GPU", extra_keys=((("img-1", 0),),)
     )
+    # (A lone string in a first block's extra keys is vLLM's cache salt: indexed, see
+    # test_speculative_confirmed.py; a multimodal item as (identifier, offset) is not.)
     s = pub.publish([ev])
     await wait_applied(redis_client, M, "w", s)
     assert await depth(redis_client, "w", B) == 0
@@ -317,3 +319,17 @@ async def test_on_a_redis_cluster_with_notices(
                 break
             await asyncio.sleep(0.05)
         assert await depth(cluster_client, "side", 2 * B) == 2
+
+
+def test_vllm_cache_salt_is_read_from_the_first_blocks_extra_keys() -> None:
+    from eviction_listener.applier import _NOT_INDEXABLE, _extras_salt
+
+    assert _extras_salt((None, None), None, True) is None
+    assert _extras_salt((("s1",), None), None, True) == "s1"
+    assert _extras_salt((("alice", "s1"), ("alice",)), "alice", True) == "s1"
+    assert _extras_salt((("alice",), ("alice",)), "alice", False) is None
+    # Only a chain's first block carries the salt; anything else is not foldable.
+    assert _extras_salt((("s1",),), None, False) is _NOT_INDEXABLE
+    assert _extras_salt((None, ("s1",)), None, True) is _NOT_INDEXABLE
+    assert _extras_salt((("s1", "mm-2"),), None, True) is _NOT_INDEXABLE
+    assert _extras_salt(((("mm-1", 0),),), None, True) is _NOT_INDEXABLE

@@ -21,7 +21,7 @@ from kvrouter.bench.routing_bench import (
     pd_table,
     replica_comparison,
 )
-from kvrouter.sim.replay import RequestRecord
+from kvrouter.sim.replay import RequestRecord, prediction
 from router_node.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,3 +152,21 @@ def test_bench_routing_repeat_runs_each_variant_and_compares_replicas(tmp_path: 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["variants"]["kv_4x"]["requests"] == 80
     assert sum(results["variants"]["kv_4x"]["decisions"].values()) == 80
+    # The router's prediction, measured against the engine's report for every request.
+    assert results["variants"]["kv"]["predicted"] == 80
+    assert 0.0 <= final["policies"]["kv"]["exact_share"] <= 1.0
+    assert "| exact | over | under |" in report
+
+
+def test_prediction_compares_matched_with_cached_tokens() -> None:
+    def rec(matched: int | None, cached: int | None, status: int = 200) -> RequestRecord:
+        return RequestRecord(
+            0, 0.0, status=status, prompt_tokens=100, matched_tokens=matched, cached_tokens=cached
+        )
+
+    got = prediction([rec(32, 32), rec(48, 32), rec(0, 16), rec(None, 16), rec(64, 0, 503)])
+    assert got["predicted"] == 3
+    assert got["exact_share"] == 1 / 3
+    assert (got["over_tokens"], got["under_tokens"]) == (16, 16)
+    assert got["over_share"] == got["under_share"] == 16 / 300
+    assert prediction([])["exact_share"] is None
