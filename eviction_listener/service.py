@@ -61,6 +61,7 @@ from eviction_listener.zmq_source import (
     add_stats,
     dp_worker_id,
 )
+from kvrouter.backoff import Backoff
 from kvrouter.index.connection import connect, pubsub_client, redact_url
 from kvrouter.index.keys import KeySchema
 from kvrouter.index.scripts import ClaimResult, OwnerLease, ResidencyIndex
@@ -512,7 +513,7 @@ class Listener:
     async def _notice_loop(self) -> None:
         keys = self.schema.model(self.settings.model)
         channel = keys.notices
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         first = True
         while True:
             pubsub = None
@@ -529,7 +530,7 @@ class Listener:
                 if not first:
                     await self._after_notice_gap()
                 first = False
-                delay = 0.1
+                backoff.reset()
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is None or msg.get("type") not in ("message", "pmessage"):
@@ -545,8 +546,7 @@ class Listener:
                     self._log.warning("notices", "notice subscription lost: %s", exc)
                 else:
                     logger.exception("notice subscription failed; retrying")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.sleep()
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
