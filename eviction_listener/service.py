@@ -30,7 +30,6 @@ import contextlib
 import logging
 import signal
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from redis.exceptions import RedisError
 
 from eviction_listener.applier import Applier, InboxItem, KeyCache, WorkerState
+from eviction_listener.batch_queue import BatchQueue
 from eviction_listener.discovery import EngineDiscovery, make_discovery
 from eviction_listener.metrics import (
     ListenerMetrics,
@@ -83,55 +83,6 @@ def weight(item: InboxItem) -> int:
     return 1
 
 
-class _Inbox:
-    """Bounded FIFO of (worker state, item) from the pumps and notices to the flush task."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: deque[InboxItem] = deque()
-        self._capacity = capacity
-        self._not_empty = asyncio.Event()
-        self._not_full = asyncio.Event()
-        self._closed = False
-
-    async def put_many(self, items: Sequence[InboxItem]) -> None:
-        while len(self._items) >= self._capacity and not self._closed:
-            self._not_full.clear()
-            await self._not_full.wait()
-        if self._closed:
-            return
-        self._items.extend(items)
-        self._not_empty.set()
-
-    async def get_many(self, max_items: int, max_weight: int | None = None) -> list[InboxItem]:
-        """Wait for at least one item; take up to `max_items` whole items whose total
-        `weight()` stays within `max_weight` (the first item is always taken)."""
-        while not self._items:
-            if self._closed:
-                return []
-            self._not_empty.clear()
-            await self._not_empty.wait()
-        items = self._items
-        out: list[InboxItem] = []
-        budget = max_weight
-        while items and len(out) < max_items:
-            if budget is not None:
-                w = weight(items[0])
-                if out and w > budget:
-                    break
-                budget -= w
-            out.append(items.popleft())
-        self._not_full.set()
-        return out
-
-    def close(self) -> None:
-        self._closed = True
-        self._not_empty.set()
-        self._not_full.set()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 @dataclass(eq=False, slots=True)
 class _Owned:
     state: WorkerState
@@ -161,7 +112,9 @@ class Listener:
         self.index: ResidencyIndex | None = None
         self._ownership: Ownership | None = None
         self._applier: Applier | None = None
-        self._inbox = _Inbox(max(4 * settings.apply_batch, 1024))
+        self._inbox: BatchQueue[InboxItem] = BatchQueue(
+            max(4 * settings.apply_batch, 1024), weight=weight
+        )
         self._owned: dict[str, _Owned] = {}
         self._engines: dict[str, tuple[EngineEndpoint, int]] = {}
         self._retired = SourceStats()
