@@ -15,7 +15,6 @@ from kvrouter.tokenizer import Tokenizer
 from router_node.app import POOL, ROUTER
 from router_node.models import ModelCatalogue, Resolved
 from router_node.registry import deregister_worker, heartbeat, read_registry, register_worker
-from router_node.testing import FakeWorker
 from tests.router.conftest import (
     MODEL,
     StartRouter,
@@ -25,6 +24,7 @@ from tests.router.conftest import (
     settle,
     wait_for,
 )
+from tests.support.fake_worker import FakeWorker
 from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis
