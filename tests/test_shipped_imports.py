@@ -1,7 +1,8 @@
 """Every module the wheel ships is used by the product, not only by the tests.
 
 The shipped modules are the packages pyproject.toml lists for setuptools. Starting from the
-console script (`kvrouter = kvrouter.cli:main`) and `python -m kvrouter`, a module is used
+console script (`kvrouter = kvrouter.cli:main`), `python -m kvrouter` and the modules the
+Makefile runs with `python -m` (`make settings-doc`), a module is used
 when some used module imports it (any import statement in its AST, including imports inside
 functions) or names it in a string (the CLI's role table and `kvrouter bench`'s table import
 their modules by name; the router benchmark starts `python -m kvrouter.bench.canned_worker`).
@@ -12,6 +13,7 @@ tests/support/.
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -85,11 +87,15 @@ def unused_modules(
 
 
 def entry_points(root: Path) -> list[str]:
-    """The modules the console scripts and ``python -m <package>`` start from."""
+    """The modules the console scripts, ``python -m <package>`` and the Makefile's
+    ``python -m <module>`` commands start from."""
     conf = tomllib.loads((root / "pyproject.toml").read_text())
     scripts = conf["project"].get("scripts", {}).values()
-    mains = [m for m in shipped_modules(root) if m.endswith(".__main__")]
-    return [s.split(":")[0] for s in scripts] + mains
+    modules = shipped_modules(root)
+    mains = [m for m in modules if m.endswith(".__main__")]
+    makefile = root / "Makefile"
+    run = re.findall(r"-m ([\w.]+)", makefile.read_text()) if makefile.exists() else []
+    return [s.split(":")[0] for s in scripts] + mains + [m for m in run if m in modules]
 
 
 def test_no_shipped_module_is_used_only_by_tests() -> None:
