@@ -38,7 +38,6 @@ Mapping BlockStored to router keys (docs/notices.md "Engine events" has the oper
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import struct
@@ -55,6 +54,7 @@ from eviction_listener.events import AllBlocksCleared, BlockRemoved, BlockStored
 from eviction_listener.metrics import ListenerMetrics, LogLimiter
 from eviction_listener.notices import Notice
 from eviction_listener.zmq_source import Delivered, Resync, SourceItem
+from kvrouter.backoff import Backoff
 from kvrouter.index.hashing import BlockHasher, extend_chain, tokens_to_bytes
 from kvrouter.index.scripts import (
     ALREADY_APPLIED,
@@ -597,7 +597,7 @@ class Applier:
         trouble retries the calls still owned, with backoff, until the listener stops."""
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
-        delay = 0.05
+        backoff = Backoff(0.05, 2.0)
         while todo:
             todo = [i for i in todo if calls[i].state is None or calls[i].state.active]  # type: ignore[union-attr]
             if not todo:
@@ -611,8 +611,7 @@ class Applier:
                     for i in todo:
                         results[i] = exc
                     break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.sleep()
                 continue
             again: list[int] = []
             for i, r in zip(todo, replies, strict=True):
@@ -631,8 +630,7 @@ class Applier:
             if todo:
                 if not retry or self._stopping():
                     break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.sleep()
         return results
 
     async def _send(self, calls: list[ScriptCall | RecordCall]) -> list[Any]:

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import signal
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from redis.exceptions import RedisError
 
 from eviction_listener.applier import Applier, InboxItem, KeyCache, WorkerState
+from eviction_listener.batch_queue import BatchQueue
 from eviction_listener.discovery import EngineDiscovery, make_discovery
 from eviction_listener.metrics import (
     ListenerMetrics,
@@ -61,6 +61,7 @@ from eviction_listener.zmq_source import (
     add_stats,
     dp_worker_id,
 )
+from kvrouter.backoff import Backoff
 from kvrouter.index.connection import connect, pubsub_client, redact_url
 from kvrouter.index.keys import KeySchema
 from kvrouter.index.scripts import ClaimResult, OwnerLease, ResidencyIndex
@@ -80,55 +81,6 @@ def weight(item: InboxItem) -> int:
     if isinstance(it, Delivered):
         return max(1, sum(len(getattr(ev, "block_hashes", ())) for ev in it.batch.events))
     return 1
-
-
-class _Inbox:
-    """Bounded FIFO of (worker state, item) from the pumps and notices to the flush task."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: deque[InboxItem] = deque()
-        self._capacity = capacity
-        self._not_empty = asyncio.Event()
-        self._not_full = asyncio.Event()
-        self._closed = False
-
-    async def put_many(self, items: Sequence[InboxItem]) -> None:
-        while len(self._items) >= self._capacity and not self._closed:
-            self._not_full.clear()
-            await self._not_full.wait()
-        if self._closed:
-            return
-        self._items.extend(items)
-        self._not_empty.set()
-
-    async def get_many(self, max_items: int, max_weight: int | None = None) -> list[InboxItem]:
-        """Wait for at least one item; take up to `max_items` whole items whose total
-        `weight()` stays within `max_weight` (the first item is always taken)."""
-        while not self._items:
-            if self._closed:
-                return []
-            self._not_empty.clear()
-            await self._not_empty.wait()
-        items = self._items
-        out: list[InboxItem] = []
-        budget = max_weight
-        while items and len(out) < max_items:
-            if budget is not None:
-                w = weight(items[0])
-                if out and w > budget:
-                    break
-                budget -= w
-            out.append(items.popleft())
-        self._not_full.set()
-        return out
-
-    def close(self) -> None:
-        self._closed = True
-        self._not_empty.set()
-        self._not_full.set()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass(eq=False, slots=True)
@@ -160,7 +112,9 @@ class Listener:
         self.index: ResidencyIndex | None = None
         self._ownership: Ownership | None = None
         self._applier: Applier | None = None
-        self._inbox = _Inbox(max(4 * settings.apply_batch, 1024))
+        self._inbox: BatchQueue[InboxItem] = BatchQueue(
+            max(4 * settings.apply_batch, 1024), weight=weight
+        )
         self._owned: dict[str, _Owned] = {}
         self._engines: dict[str, tuple[EngineEndpoint, int]] = {}
         self._retired = SourceStats()
@@ -512,7 +466,7 @@ class Listener:
     async def _notice_loop(self) -> None:
         keys = self.schema.model(self.settings.model)
         channel = keys.notices
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         first = True
         while True:
             pubsub = None
@@ -529,7 +483,7 @@ class Listener:
                 if not first:
                     await self._after_notice_gap()
                 first = False
-                delay = 0.1
+                backoff.reset()
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is None or msg.get("type") not in ("message", "pmessage"):
@@ -545,8 +499,7 @@ class Listener:
                     self._log.warning("notices", "notice subscription lost: %s", exc)
                 else:
                     logger.exception("notice subscription failed; retrying")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.sleep()
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):

@@ -74,7 +74,6 @@ SHARED = web.AppKey("shared_index", SharedIndex)
 ROUTER = web.AppKey("router", Router)
 TASKS = web.AppKey("tasks", BackgroundTasks)
 TOKENIZER: web.AppKey[PromptTokenizer | None] = web.AppKey("tokenizer")
-TOKENIZERS: web.AppKey[dict[str, PromptTokenizer | None]] = web.AppKey("tokenizers")
 """Tokenizer per base model (an adapter uses its base model's)."""
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
@@ -150,7 +149,7 @@ def create_app(
         if resolved is None:
             return 0
         now = time.monotonic()
-        return len(router.pool.candidates_for(resolved, settings.lora_placement, now))
+        return len(router.pool.candidates_for(resolved.resolved, settings.lora_placement, now))
 
     app[ADMISSION] = Admission(
         settings.worker_max_inflight,
@@ -165,13 +164,12 @@ def create_app(
     loaded: dict[tuple[str, str, str], PromptTokenizer | None] = {
         (settings.tokenizer, "", "auto"): tokenizer
     }
-    per_model: dict[str, PromptTokenizer | None] = {}
-    for name, base in app[ROUTER].catalogue.bases.items():
+    for name, base in router.catalogue.bases.items():
         key = (base.tokenizer, base.chat_template, base.content_format)
         if key not in loaded:
             loaded[key] = load_tokenizer(*key) if base.tokenizer else None
-        per_model[name] = loaded[key]
-    app[TOKENIZERS] = per_model
+        # the router's resolved models carry these (Router.resolve)
+        router.tokenizers[name] = loaded[key]
     if endpoint_source is None and settings.discovery == "kubernetes":
         endpoint_source = kubernetes_source(settings)
     app[SOURCE] = endpoint_source
@@ -280,13 +278,6 @@ async def _read_body(request: web.Request) -> bytes:
         raise too_large(f"request body exceeds the {limit}-byte limit") from None
 
 
-def _tokenizer_for(app: web.Application, model: str) -> PromptTokenizer | None:
-    resolved = app[ROUTER].resolve(model)
-    if resolved is None:
-        return app[TOKENIZER]
-    return app[TOKENIZERS].get(resolved.base.name, app[TOKENIZER])
-
-
 async def _prepare(
     request: web.Request, endpoint: str
 ) -> tuple[bytes, ParsedRequest, Plan, Ticket]:
@@ -296,10 +287,10 @@ async def _prepare(
     with tracer.start_as_current_span("parse") as span:
         raw = await _read_body(request)
         body = parse_body(raw)
-        req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
+        req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].resolve)
         request[_MODEL] = req.model
         span.set_attribute("kvrouter.body_bytes", len(raw))
-    tok = _tokenizer_for(app, req.model)
+    tok = req.resolved.tokenizer if req.resolved is not None else None
     start = time.perf_counter()
     with tracer.start_as_current_span("tokenize") as span:
         if len(raw) > settings.tokenize_thread_bytes:
@@ -556,8 +547,8 @@ async def debug_route(request: web.Request) -> web.Response:
     endpoint = CHAT if "messages" in body else COMPLETIONS
     if endpoint == COMPLETIONS and "prompt" not in body:
         raise bad_request("a completions body ('prompt') or a chat body ('messages') is required")
-    req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
-    tokenize(req, _tokenizer_for(app, req.model), settings)
+    req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].resolve)
+    tokenize(req, req.resolved.tokenizer if req.resolved is not None else None, settings)
     plan = await app[ROUTER].plan(req)
     bs = plan.block_size
     d = plan.decision

@@ -26,7 +26,6 @@ when the response is done (or failed, or was cancelled).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -231,12 +230,6 @@ class Lease:
         if not self._ended:
             self._ended = True
             self._then(prefilled_only=False)
-
-    async def dispatched(self) -> None:
-        """Wait until the dispatch round trip is done (it usually is by the time a worker
-        answers), so a request that follows this one sees its speculative residency."""
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._taken)
 
 
 class Proxy:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from kvrouter.index.hashing import TokenIdError, tokens_to_bytes
 from router_node.errors import APIError, bad_request, not_found, too_large
 from router_node.settings import RouterSettings
+
+if TYPE_CHECKING:  # routing imports this module: the annotation only
+    from router_node.routing import RoutedModel
 
 COMPLETIONS = "completions"
 CHAT = "chat"
@@ -80,6 +83,10 @@ class ParsedRequest:
         usage.prompt_tokens means a wrong tokenizer or template here)."""
         return self.inexact is None and self.token_ids is not None and self.prompt_tokens > 0
 
+    resolved: RoutedModel | None = None
+    """The model with its tokenizer, hasher and scoring, resolved once by parse_request
+    (None when no resolver was given: the plain configured-name check)."""
+
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
@@ -97,16 +104,19 @@ def parse_request(
     body: dict[str, Any],
     headers: Mapping[str, str],
     settings: RouterSettings,
-    known: Callable[[str], bool] | None = None,
+    resolve: Callable[[str], RoutedModel | None] | None = None,
 ) -> ParsedRequest:
     """Check the fields routing needs. Raises APIError (400 malformed, 404 unknown model).
 
-    `known` says whether the router serves a model name (default: it is configured); the app
-    passes one that also knows the adapters its workers list."""
+    `resolve` turns a model name into what routing needs, or None when the router does not
+    serve it (the app passes `Router.resolve`, which also knows the adapters its workers
+    list); it runs once, and the result rides on the request. Without it a name must be
+    configured."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a string", "model")
-    if not (known(model) if known is not None else model in settings.models):
+    resolved = resolve(model) if resolve is not None else None
+    if resolved is None and (resolve is not None or model not in settings.models):
         raise not_found(f"The model `{model}` does not exist.", "model", "model_not_found")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -117,7 +127,7 @@ def parse_request(
     session = headers.get(settings.session_header) or body.get("user")
     if session is not None and not isinstance(session, str):
         raise bad_request("'user' must be a string", "user")
-    req = ParsedRequest(endpoint, model, stream, body, salt, session or None)
+    req = ParsedRequest(endpoint, model, stream, body, salt, session or None, resolved=resolved)
     if endpoint == COMPLETIONS:
         if body.get("prompt") is not None or body.get("prompt_embeds") is None:
             _check_prompt(body.get("prompt"))

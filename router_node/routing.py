@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import WorkerLoad
 from router_node.errors import not_found, unavailable
 from router_node.metrics import Metrics
-from router_node.models import ModelCatalogue, Resolved
-from router_node.request import ParsedRequest
+from router_node.models import BaseModel, ModelCatalogue, Resolved
+from router_node.request import ParsedRequest, PromptTokenizer
 from router_node.scoring import (
     Candidate,
     Decision,
@@ -33,6 +36,38 @@ from router_node.workers import WorkerPool
 
 # Policies that read residency or shared load; the others route without a lookup.
 _NEEDS_LOOKUP = frozenset({"kv", "prefix_only", "least_load"})
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedModel:
+    """A request's model, resolved once per request: what the name means (a base model or an
+    adapter of one) and everything routing it takes (tokenizer, block hasher, scoring)."""
+
+    resolved: Resolved
+    tokenizer: PromptTokenizer | None
+    """The base model's tokenizer (an adapter tokenizes like its base); None: route on load."""
+    scoring: ScoringConfig
+
+    @property
+    def name(self) -> str:
+        """The requested name: the index namespace of its blocks."""
+        return self.resolved.name
+
+    @property
+    def base(self) -> BaseModel:
+        return self.resolved.base
+
+    @property
+    def lora_name(self) -> str | None:
+        return self.resolved.lora_name
+
+    @property
+    def hasher(self) -> BlockHasher:
+        return self.resolved.base.hasher
+
+    def keys(self, tokens: Any, cache_salt: str | None = None) -> list[int]:
+        """Block keys of `tokens` as the engine serving this model hashes them."""
+        return self.resolved.keys(tokens, cache_salt=cache_salt)
 
 
 @dataclass(slots=True)
@@ -83,7 +118,10 @@ class Router:
         shared: SharedIndex,
         metrics: Metrics,
         rng: random.Random | None = None,
+        tokenizers: Mapping[str, PromptTokenizer | None] | None = None,
     ) -> None:
+        """`tokenizers`: each base model's tokenizer by name (None or a missing name: no
+        tokenizer, the model's text prompts are routed on load alone)."""
         self.settings = settings
         self.pool = pool
         self.shared = shared
@@ -110,32 +148,33 @@ class Router:
             )
             for name, b in self.catalogue.bases.items()
         }
+        self.tokenizers: dict[str, PromptTokenizer | None] = dict(tokenizers or {})
 
-    def resolve(self, model: str) -> Resolved | None:
+    def resolve(self, model: str) -> RoutedModel | None:
         """What `model` is (a configured base model or adapter, or an adapter a worker
-        lists with a configured parent); None when this router cannot serve it."""
-        return self.catalogue.resolve(model, self.pool.adapter_parent(model))
+        lists with a configured parent), with its tokenizer and scoring; None when this
+        router cannot serve it. The app calls it once per request (parse_request)."""
+        resolved = self.catalogue.resolve(model, self.pool.adapter_parent(model))
+        if resolved is None:
+            return None
+        base = resolved.base.name
+        return RoutedModel(resolved, self.tokenizers.get(base), self.configs[base])
 
-    def knows(self, model: str) -> bool:
-        return self.resolve(model) is not None
-
-    def chain(self, req: ParsedRequest, model: Resolved | None = None) -> list[int]:
+    def chain(self, req: ParsedRequest, model: RoutedModel) -> list[int]:
+        """Block keys of the prompt's full blocks (empty when the prompt is unknown)."""
         if not req.token_ids:
-            return []
-        model = model or self.resolve(req.model)
-        if model is None:
             return []
         tokens = req.token_bytes if req.token_bytes is not None else req.token_ids
         return model.keys(tokens, cache_salt=req.cache_salt)
 
     async def plan(self, req: ParsedRequest) -> Plan:
-        """Rank the workers for `req`. Raises APIError 404 for a model no one serves, 503
-        when no worker can take it now."""
-        model = self.resolve(req.model)
+        """Rank the workers for `req`, on the model parse_request resolved. Raises APIError
+        404 for a model no one serves, 503 when no worker can take it now."""
+        model = req.resolved if req.resolved is not None else self.resolve(req.model)
         if model is None:
             raise not_found(f"The model `{req.model}` does not exist.", "model", "model_not_found")
         placement = self.settings.lora_placement
-        pairs = self.pool.candidates_for(model, placement, time.monotonic())
+        pairs = self.pool.candidates_for(model.resolved, placement, time.monotonic())
         # Prefill-only workers never take a whole request: they answer one token and hand
         # the KV cache over. They are candidates of the prefill leg only (below).
         prefill_only = {w.id for w, _ in pairs if w.role == "prefill"}
@@ -163,7 +202,7 @@ class Router:
         load_penalty = {
             w.id: float(self.settings.lora_load_cost_blocks) for w, loaded in pairs if not loaded
         }
-        config = self.configs[model.base.name]
+        config = model.scoring
         bs = model.base.block_size
         n_tokens = len(req.token_ids or ())
         chain = self.chain(req, model)

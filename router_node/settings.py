@@ -10,7 +10,7 @@ docs/settings.md lists every setting; tests/test_settings_schema.py keeps it in 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit
@@ -465,11 +465,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_table_rows() -> list[tuple[str, str, str, str]]:
     """(env, flag, default, help) for every setting: the docs table's rows."""
     return RouterSettings.table_rows()
-
-
-def parse_worker_list(items: Sequence[str]) -> tuple[WorkerSpec, ...]:
-    """Parse ``[ID=]URL`` strings (for embedding code that builds settings by hand)."""
-    return tuple(WorkerSpec.parse(x) for x in items)
 
 
 def kubernetes_source(settings: RouterSettings) -> Any:

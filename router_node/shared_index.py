@@ -30,6 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from kvrouter.backoff import Backoff
 from kvrouter.index.connection import connect, redact_url
 from kvrouter.index.errors import IndexError_
 from kvrouter.index.scripts import LookupResult, RecordCall, ResidencyIndex, ScriptCall
@@ -119,15 +120,14 @@ class SharedIndex:
             self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
-        delay = BACKOFF_START_S
+        backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         assert self.index is not None
         while not self._closing:
-            await asyncio.sleep(delay)
+            await backoff.sleep()
             try:
                 await self.client.ping()
                 await self.index.load()
             except REDIS_FAILURES:
-                delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             self._set_up()
             return

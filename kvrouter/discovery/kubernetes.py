@@ -62,6 +62,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from kvrouter.backoff import Backoff
 from kvrouter.discovery.base import Endpoint
 
 log = logging.getLogger("kvrouter.discovery")
@@ -317,22 +318,6 @@ def endpoints_from_slices(
     return [found[k] for k in sorted(found)]
 
 
-class _Backoff:
-    """Capped exponential backoff with jitter: initial, x2 each failure, up to maximum."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial, self.maximum = initial, maximum
-        self._next = initial
-
-    def reset(self) -> None:
-        self._next = self.initial
-
-    def delay(self) -> float:
-        d = self._next * random.uniform(0.5, 1.0)
-        self._next = min(self._next * 2, self.maximum)
-        return d
-
-
 class KubernetesEndpointSource:
     """Watches EndpointSlices and yields the workers they describe (see the module doc)."""
 
@@ -358,7 +343,7 @@ class KubernetesEndpointSource:
         self.watch_timeout_s = watch_timeout_s
         self.page_size = page_size
         self.connect_timeout_s = connect_timeout_s
-        self._backoff = _Backoff(backoff_initial_s, backoff_max_s)
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s, jitter=True)
         self._session: aiohttp.ClientSession | None = None
         self._closed = asyncio.Event()
         self._problems_logged: set[str] = set()

@@ -23,8 +23,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvrouter.bench import faults
 from kvrouter.redisproc import RedisServer, free_port
+from tests.support import faults
 from tests.support.metrics import parse
 
 pytestmark = [

@@ -20,10 +20,10 @@ import pytest
 import redis
 from aiohttp import web
 
-from kvrouter.bench import faults
 from kvrouter.index.keys import KeySchema
 from kvrouter.redisproc import RedisServer, free_port
 from router_node.registry import read_registry, register_worker
+from tests.support import faults
 from tests.support.metrics import parse
 
 pytestmark = [
@@ -256,7 +256,7 @@ async def test_admin_token_compared_in_constant_time(
     from router_node import app as app_module
     from router_node.app import RouterServer
     from router_node.settings import RouterSettings, WorkerSpec
-    from router_node.testing import FakeWorker
+    from tests.support.fake_worker import FakeWorker
 
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest

@@ -45,10 +45,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from eviction_listener.testing import applied_seq
 from kvrouter.redisproc import free_port
 from tests.faults.test_security_redis import make_certs
 from tests.k8s.test_k8s_chart import CACHED_HELM, EXAMPLES, helm_binary, render
+from tests.support.vllm_publisher import applied_seq
 
 pytestmark = pytest.mark.redis
 NAMESPACE = "llm"
@@ -470,7 +470,8 @@ def external_redis(env: dict[str, str], certs: Path) -> Iterator[dict[str, str]]
 def tls_cluster(certs: Path, password: str) -> Iterator[int]:
     """A 3-master Redis Cluster on loopback speaking TLS only to clients and between nodes,
     with `password`; yields a node's TLS port."""
-    from kvrouter.redisproc import RedisServer, free_cluster_port
+    from kvrouter.redisproc import RedisServer
+    from tests.support.redis_cluster import free_cluster_port
 
     tls = ["--tls-cert-file", str(certs / "server.crt"), "--tls-key-file",
            str(certs / "server.key"), "--tls-ca-cert-file", str(certs / "ca.crt")]  # fmt: skip

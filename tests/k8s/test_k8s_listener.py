@@ -21,11 +21,11 @@ from aiohttp import web
 from eviction_listener.discovery import engine_from_endpoint
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings
-from eviction_listener.testing import VllmEventPublisher, free_tcp_port, sync_listener
 from kvrouter.discovery.base import Endpoint
 from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import ResidencyIndex
 from tests.k8s.test_k8s_discovery import NS, SELECTOR, FakeApiServer, endpoint, eslice
+from tests.support.vllm_publisher import VllmEventPublisher, free_tcp_port, sync_listener
 
 pytestmark = pytest.mark.redis
 M = "llama-k8s"

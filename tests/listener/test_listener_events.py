@@ -15,16 +15,16 @@ import pytest
 from eviction_listener.events import BlockStored
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings, parse_engines
-from eviction_listener.testing import (
+from kvrouter.index.hashing import BlockHasher
+from kvrouter.index.keys import KeySchema
+from kvrouter.index.scripts import ResidencyIndex
+from tests.support.metrics import parse
+from tests.support.vllm_publisher import (
     VllmEventPublisher,
     free_tcp_port,
     sync_listener,
     wait_applied,
 )
-from kvrouter.index.hashing import BlockHasher
-from kvrouter.index.keys import KeySchema
-from kvrouter.index.scripts import ResidencyIndex
-from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis
 M = "llama-test"

@@ -28,9 +28,14 @@ import pytest
 from eviction_listener.events import BlockRemoved, BlockStored
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings, parse_engines
-from eviction_listener.testing import VllmEventPublisher, free_tcp_port, sync_listener, wait_applied
 from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import ResidencyIndex
+from tests.support.vllm_publisher import (
+    VllmEventPublisher,
+    free_tcp_port,
+    sync_listener,
+    wait_applied,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.stress]
 M = "llama-test"

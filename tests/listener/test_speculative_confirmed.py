@@ -21,7 +21,6 @@ import pytest
 
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings, parse_engines
-from eviction_listener.testing import applied_seq
 from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.keys import KeySchema
 from kvrouter.index.scripts import ResidencyIndex
@@ -31,6 +30,7 @@ from kvrouter.tokenizer import Tokenizer
 from kvrouter.tokenizer.testing import build_test_tokenizer
 from router_node.app import POOL, RouterServer
 from router_node.settings import RouterSettings, WorkerSpec
+from tests.support.vllm_publisher import applied_seq
 
 pytestmark = pytest.mark.redis
 MODEL = "sim-model"

@@ -20,8 +20,8 @@ from kvrouter.index.script_loader import load_scripts
 from kvrouter.index.scripts import ResidencyIndex
 from kvrouter.index.transport import ScriptCall
 from router_node.app import GATE, METRICS, RouterServer
-from router_node.testing import FakeWorker
 from tests.router.conftest import MODEL, StartRouter, openai_client, post, wait_for
+from tests.support.fake_worker import FakeWorker
 from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from router_node.app import ADMISSION
-from router_node.testing import FakeWorker
 from tests.router.conftest import MODEL, StartRouter, openai_client, post, wait_for
+from tests.support.fake_worker import FakeWorker
 
 pytestmark = pytest.mark.redis
 

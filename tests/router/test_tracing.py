@@ -15,8 +15,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from router_node.app import RouterServer
 from router_node.settings import otel_configured
-from router_node.testing import FakeWorker
 from tests.router.conftest import MODEL, openai_client, settings_for, settle
+from tests.support.fake_worker import FakeWorker
 
 pytestmark = pytest.mark.redis
 
