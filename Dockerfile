@@ -5,7 +5,7 @@
 #       -e KVR_MODEL=... -e KVR_WORKERS=http://vllm:8000 kvrouter:0.1.0 serve
 #
 # Builder stage: uv (pinned) installs exactly what uv.lock pins, the runtime dependencies and
-# the yaml extra, then kvrouter itself as a regular (non-editable) install, into /opt/venv.
+# the yaml and otel extras, then kvrouter itself as a regular (non-editable) install, into /opt/venv.
 # Every dependency ships manylinux wheels for amd64 and arm64, so no compiler is needed.
 # Final stage: the same slim Python with only that virtualenv, running as uid 10001, and
 # fit for a read-only root filesystem (nothing writes outside /tmp).
@@ -24,12 +24,12 @@ RUN python -m pip install --no-cache-dir uv==0.13.8
 WORKDIR /src
 # Dependencies first, in a layer of their own that a code change does not rebuild.
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --locked --no-install-project --no-editable --extra yaml
+RUN uv sync --locked --no-install-project --no-editable --extra yaml --extra otel
 COPY kvrouter ./kvrouter
 COPY router_node ./router_node
 COPY eviction_listener ./eviction_listener
 COPY lua ./lua
-RUN uv sync --locked --no-editable --extra yaml \
+RUN uv sync --locked --no-editable --extra yaml --extra otel \
     && /opt/venv/bin/kvrouter --version
 
 FROM ${PYTHON_IMAGE}
@@ -40,13 +40,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
-    XDG_CACHE_HOME=/tmp/.cache
+    XDG_CACHE_HOME=/tmp/.cache \
+    KVR_PORT=8000
 RUN groupadd --system --gid 10001 kvrouter \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin kvrouter
 COPY --from=builder /opt/venv /opt/venv
 USER 10001:10001
-# 8000: router HTTP (KVR_PORT); 9100: listener metrics and health (KVR_METRICS_PORT).
+# 8000: router HTTP (KVR_PORT, set above: the CLI's own default is 8080); 9100: listener metrics and health (KVR_METRICS_PORT).
 EXPOSE 8000 9100
 ENTRYPOINT ["kvrouter"]
 CMD ["--help"]

@@ -18,7 +18,7 @@ RUN = PATH="$(abspath $(VENV))/bin:$(dir $(UV)):$$PATH" PYTHONNOUSERSITE=1
 PACKAGES = kvrouter router_node eviction_listener
 LATEST_VENV ?= $(HOME)/.cache/kvrouter/venv-latest
 
-.PHONY: help install deps uv lock helm test test-latest reliability lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
+.PHONY: settings-doc help install deps uv lock helm test test-latest reliability lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -108,3 +108,6 @@ bench-listener: install  ## the listener benchmark, quick mode
 
 bench-router: install  ## the router benchmark, quick mode: added latency, throughput, tokenizer cache
 	$(RUN) $(PY) -m kvrouter bench router --quick
+
+settings-doc:  ## regenerate docs/settings.md from the settings schema
+	$(RUN) $(PY) -m kvrouter.settings_doc > docs/settings.md

@@ -25,14 +25,19 @@ Mapping BlockStored to router keys (docs/notices.md "Engine events" has the oper
   is an SGLang partial page: never indexed. Anything else is refused: counted as
   ``block_size_mismatch`` and logged with what to change.
 * Only ``medium`` GPU (or None, older engines), KV-cache group 0 (or None), blocks with token
-  ids, and blocks whose extra keys hold nothing but the LoRA name are indexed. Extra keys the
-  router's hash cannot fold (multimodal items, vLLM's cache salt, prompt embeddings) would make
-  a plain-text key claim a block the engine would not hit: skipped and counted.
+  ids, and blocks whose extra keys hold nothing but the LoRA name and vLLM's cache salt are
+  indexed. vLLM puts a request's ``cache_salt`` in the extra keys of its first block only (the
+  block starting at token 0, so a BlockStored without parent): the one string there that is
+  not the LoRA name is the salt, folded into the chain's root exactly as the router folds the
+  request's ``cache_salt``; later blocks inherit it through their parent. Other extra keys
+  the router's hash cannot fold (multimodal items, prompt embeddings) would make a plain-text
+  key claim a block the engine would not hit: skipped and counted. (A first block whose only
+  extra key is one multimodal identifier string is read as a salt: its keys then hang off a
+  root no router request produces, so it is never matched, never matched wrongly.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import struct
@@ -49,6 +54,7 @@ from eviction_listener.events import AllBlocksCleared, BlockRemoved, BlockStored
 from eviction_listener.metrics import ListenerMetrics, LogLimiter
 from eviction_listener.notices import Notice
 from eviction_listener.zmq_source import Delivered, Resync, SourceItem
+from kvrouter.backoff import Backoff
 from kvrouter.index.hashing import BlockHasher, extend_chain, tokens_to_bytes
 from kvrouter.index.scripts import (
     ALREADY_APPLIED,
@@ -171,16 +177,29 @@ def _sub_hash(h: int, i: int) -> int:
     return int(xxhash.xxh3_64_intdigest(struct.pack("<QI", h, i)))
 
 
-def _plain_extras(extra: tuple[Any, ...], lora: str | None) -> bool:
-    """True if no block's extra keys hold anything but the LoRA name."""
+_NOT_INDEXABLE: Final = object()
+
+
+def _extras_salt(extra: tuple[Any, ...], lora: str | None, rooted: bool) -> Any:
+    """vLLM's cache salt from a BlockStored's extra keys: None if there is none, the salt,
+    or _NOT_INDEXABLE when the extra keys hold anything but the LoRA name and (in the first
+    block of a chain, `rooted`) one salt string."""
     if extra.count(None) == len(extra):
-        return True
-    for e in extra:
+        return None
+    salt: str | None = None
+    for i, e in enumerate(extra):
         if e is None:
             continue
-        if type(e) is not tuple or lora is None or any(x != lora for x in e):
-            return False
-    return True
+        if type(e) is not tuple:
+            return _NOT_INDEXABLE
+        rest = [x for x in e if lora is None or x != lora]
+        if not rest:
+            continue
+        if i == 0 and rooted and len(rest) == 1 and type(rest[0]) is str:
+            salt = rest[0]
+            continue
+        return _NOT_INDEXABLE
+    return salt
 
 
 class Applier:
@@ -237,7 +256,10 @@ class Applier:
             if bs < st.engine_block_size and n == 1:
                 return 0, SKIP_PARTIAL_PAGE
             return 0, SKIP_BLOCK_SIZE
-        if ev.extra_keys is not None and not _plain_extras(ev.extra_keys, ev.lora_name):
+        if (
+            ev.extra_keys is not None
+            and _extras_salt(ev.extra_keys, ev.lora_name, ev.parent_hash is None) is _NOT_INDEXABLE
+        ):
             return 0, SKIP_EXTRA_KEYS
         return bs // self.block_size, None
 
@@ -391,7 +413,10 @@ class Applier:
                 hashes = ev.block_hashes
                 parent = ev.parent_hash
                 if parent is None:
-                    pk = self.root(ev.lora_name, ev.cache_salt)
+                    salt = ev.cache_salt
+                    if salt is None and ev.extra_keys is not None:
+                        salt = _extras_salt(ev.extra_keys, ev.lora_name, True)
+                    pk = self.root(ev.lora_name, salt)
                 else:
                     pk = st.keys.get(parent)
                     if pk is None:
@@ -572,7 +597,7 @@ class Applier:
         trouble retries the calls still owned, with backoff, until the listener stops."""
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
-        delay = 0.05
+        backoff = Backoff(0.05, 2.0)
         while todo:
             todo = [i for i in todo if calls[i].state is None or calls[i].state.active]  # type: ignore[union-attr]
             if not todo:
@@ -586,8 +611,7 @@ class Applier:
                     for i in todo:
                         results[i] = exc
                     break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.sleep()
                 continue
             again: list[int] = []
             for i, r in zip(todo, replies, strict=True):
@@ -606,8 +630,7 @@ class Applier:
             if todo:
                 if not retry or self._stopping():
                     break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.sleep()
         return results
 
     async def _send(self, calls: list[ScriptCall | RecordCall]) -> list[Any]:

@@ -1,7 +1,9 @@
-"""The listener's counters and their Prometheus text exposition, plus a rate-limited logger.
+"""The listener's counters, exported through prometheus_client, plus a rate-limited logger.
 
-Counters are plain ints and Counters updated on the event loop (no locks); the HTTP handler
-renders them on demand. Names and labels are listed in docs/notices.md ("Metrics").
+Counters are plain ints and Counters updated on the event loop (no locks, no per-increment
+cost on the hot path); `ListenerCollector` reads them when Prometheus scrapes, into a
+registry that belongs to one listener. Names and labels are listed in docs/notices.md
+("Metrics").
 """
 
 from __future__ import annotations
@@ -9,12 +11,23 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from eviction_listener.zmq_source import LogLimiter, SourceStats, add_stats
 
-__all__ = ["ListenerMetrics", "LogLimiter", "render"]
+__all__ = [
+    "DeprecatedAliases",
+    "ListenerCollector",
+    "ListenerMetrics",
+    "ListenerState",
+    "LogLimiter",
+    "registry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,208 +88,191 @@ class ListenerMetrics:
         return (self.batches - b0) / dt, (blocks - k0) / dt
 
 
-def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
-    if labels:
-        inner = ",".join(
-            f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-            for k, v in labels.items()
+@dataclass(frozen=True, slots=True)
+class ListenerState:
+    """The gauges a scrape reads from the listener itself, besides its counters."""
+
+    sources: list[SourceStats]
+    owned_workers: int
+    live_listeners: int
+    ready: bool
+
+
+_P = "kvrouter_listener_"
+# One prefix for both processes (kvrouter_*). The listener's old names stay as aliases for
+# one release so dashboards and alerts can move; remove OLD_PREFIX in the release after.
+OLD_PREFIX = "kvr_listener_"
+
+
+def _counter(
+    name: str, help_text: str, label: str | None = None, values: Iterable[tuple[str, float]] = ()
+) -> CounterMetricFamily:
+    fam = CounterMetricFamily(_P + name, help_text, labels=(label,) if label else None)
+    for value_label, value in values:
+        fam.add_metric((value_label,), value)
+    return fam
+
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(_P + name, help_text, value=value)
+
+
+class ListenerCollector(Collector):
+    """Reads a listener's counters and state at scrape time (prometheus_client's custom
+    collector: the counters stay plain ints on the hot path)."""
+
+    def __init__(self, m: ListenerMetrics, state: Callable[[], ListenerState]) -> None:
+        self.m = m
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        st = self.state()
+        total = SourceStats()
+        for s in st.sources:
+            add_stats(total, s)
+        ev_rate, blk_rate = m.tick_rate()
+        live = m.batches - m.replayed_batches
+        yield _counter(
+            "batches_total",
+            "Engine event batches applied.",
+            "source",
+            [("live", live), ("replay", m.replayed_batches)],
         )
-        return f"{name}{{{inner}}} {value:g}"
-    return f"{name} {value:g}"
+        yield _counter_value(
+            "events_total", "Engine events received in delivered batches.", total.events
+        )
+        yield _counter(
+            "blocks_total",
+            "Block events (one per block hash) applied.",
+            "op",
+            [("stored", m.blocks_stored), ("removed", m.blocks_removed)],
+        )
+        yield _gauge(
+            "batches_per_second", "Batches applied per second (last ~10 s).", round(ev_rate, 3)
+        )
+        yield _gauge(
+            "blocks_per_second",
+            "Block events applied per second (last ~10 s).",
+            round(blk_rate, 3),
+        )
+        yield _counter(
+            "skipped_blocks_total",
+            "Blocks not indexed, by reason (orphan = parent unknown).",
+            "reason",
+            sorted(m.skipped_blocks.items()),
+        )
+        yield _counter(
+            "script_ops_total",
+            "What the index scripts did, by kind.",
+            "kind",
+            sorted(m.applied.items()),
+        )
+        yield _gauge(
+            "lag_seconds",
+            "Now minus the newest applied batch's engine timestamp.",
+            round(m.lag_seconds, 6),
+        )
+        yield _gauge(
+            "notice_lag_seconds",
+            "Now minus the newest notice's sender timestamp.",
+            round(m.notice_lag_seconds, 6),
+        )
+        yield _counter_value("gaps_total", "Sequence gaps seen on engine streams.", total.gaps)
+        yield _counter(
+            "replays_total",
+            "Replays from engines' buffers, by outcome.",
+            "outcome",
+            [("ok", total.replays_ok), ("failed", total.replays_failed)],
+        )
+        yield _counter_value(
+            "restarts_total", "Engine restarts detected (seq went backwards).", total.restarts
+        )
+        yield _counter_value(
+            "duplicates_total", "Live copies of replayed batches dropped.", total.duplicates
+        )
+        yield _counter(
+            "resyncs_total",
+            "Workers cleared by the event source, by reason.",
+            "reason",
+            sorted(total.resyncs.items()),
+        )
+        yield _counter(
+            "clears_total", "Worker clears applied, by cause.", "cause", sorted(m.clears.items())
+        )
+        errors = [("decode_" + k, float(v)) for k, v in sorted(total.decode_errors.items())]
+        errors += [("notice_" + k, float(v)) for k, v in sorted(m.notice_errors.items())]
+        errors += [
+            ("bad_frames", total.bad_frames),
+            ("unknown_topic", total.unknown_topic),
+            ("rank_mismatch", total.rank_mismatch),
+            ("unknown_event_tag", total.skipped_events),
+        ]
+        yield _counter("errors_total", "Bad input skipped, by kind.", "kind", errors)
+        yield _counter(
+            "redis_errors_total",
+            "Failed Redis calls (retried), by error.",
+            "error",
+            sorted(m.redis_errors.items()),
+        )
+        yield _counter(
+            "notices_total",
+            "Notices applied, by op.",
+            "op",
+            [*sorted(m.notices.items()), ("not_mine", m.notices_ignored)],
+        )
+        yield _gauge(
+            "owned_workers", "Workers whose events this listener applies.", st.owned_workers
+        )
+        yield _gauge(
+            "live_listeners", "Listener replicas with a fresh heartbeat.", st.live_listeners
+        )
+        yield _counter(
+            "ownership_changes_total",
+            "Workers taken over or handed over.",
+            "change",
+            [("acquired", m.takeovers), ("released", m.handovers), ("fenced", m.fenced)],
+        )
+        yield _counter_value("flushes_total", "Flushes (one Redis round trip each).", m.flushes)
+        yield _counter_value(
+            "flush_seconds_total", "Time spent in flushes.", round(m.flush_seconds, 6)
+        )
+        yield _gauge(
+            "ready", "1 when ready (Redis reachable, ownership current).", 1 if st.ready else 0
+        )
 
 
-def render(
-    m: ListenerMetrics,
-    sources: Iterable[SourceStats],
-    *,
-    owned_workers: int,
-    live_listeners: int,
-    ready: bool,
-) -> str:
-    """Prometheus text format 0.0.4."""
-    total = SourceStats()
-    for s in sources:
-        add_stats(total, s)
-    out: list[str] = []
+def _counter_value(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(_P + name, help_text, value=value)
 
-    def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        out.extend(samples)
 
-    p = "kvr_listener_"
-    ev_rate, blk_rate = m.tick_rate()
-    metric(
-        p + "batches_total",
-        "counter",
-        "Engine event batches applied.",
-        [
-            _line(p + "batches_total", m.batches - m.replayed_batches, {"source": "live"}),
-            _line(p + "batches_total", m.replayed_batches, {"source": "replay"}),
-        ],
-    )
-    metric(
-        p + "events_total",
-        "counter",
-        "Engine events received in delivered batches.",
-        [_line(p + "events_total", total.events)],
-    )
-    metric(
-        p + "blocks_total",
-        "counter",
-        "Block events (one per block hash) applied.",
-        [
-            _line(p + "blocks_total", m.blocks_stored, {"op": "stored"}),
-            _line(p + "blocks_total", m.blocks_removed, {"op": "removed"}),
-        ],
-    )
-    metric(
-        p + "batches_per_second",
-        "gauge",
-        "Batches applied per second (last ~10 s).",
-        [_line(p + "batches_per_second", round(ev_rate, 3))],
-    )
-    metric(
-        p + "blocks_per_second",
-        "gauge",
-        "Block events applied per second (last ~10 s).",
-        [_line(p + "blocks_per_second", round(blk_rate, 3))],
-    )
-    metric(
-        p + "skipped_blocks_total",
-        "counter",
-        "Blocks not indexed, by reason (orphan = parent unknown).",
-        [
-            _line(p + "skipped_blocks_total", v, {"reason": k})
-            for k, v in sorted(m.skipped_blocks.items())
-        ],
-    )
-    metric(
-        p + "script_ops_total",
-        "counter",
-        "What the index scripts did, by kind.",
-        [_line(p + "script_ops_total", v, {"kind": k}) for k, v in sorted(m.applied.items())],
-    )
-    metric(
-        p + "lag_seconds",
-        "gauge",
-        "Now minus the newest applied batch's engine timestamp.",
-        [_line(p + "lag_seconds", round(m.lag_seconds, 6))],
-    )
-    metric(
-        p + "notice_lag_seconds",
-        "gauge",
-        "Now minus the newest notice's sender timestamp.",
-        [_line(p + "notice_lag_seconds", round(m.notice_lag_seconds, 6))],
-    )
-    metric(
-        p + "gaps_total",
-        "counter",
-        "Sequence gaps seen on engine streams.",
-        [_line(p + "gaps_total", total.gaps)],
-    )
-    metric(
-        p + "replays_total",
-        "counter",
-        "Replays from engines' buffers, by outcome.",
-        [
-            _line(p + "replays_total", total.replays_ok, {"outcome": "ok"}),
-            _line(p + "replays_total", total.replays_failed, {"outcome": "failed"}),
-        ],
-    )
-    metric(
-        p + "restarts_total",
-        "counter",
-        "Engine restarts detected (seq went backwards).",
-        [_line(p + "restarts_total", total.restarts)],
-    )
-    metric(
-        p + "duplicates_total",
-        "counter",
-        "Live copies of replayed batches dropped.",
-        [_line(p + "duplicates_total", total.duplicates)],
-    )
-    metric(
-        p + "resyncs_total",
-        "counter",
-        "Workers cleared by the event source, by reason.",
-        [_line(p + "resyncs_total", v, {"reason": k}) for k, v in sorted(total.resyncs.items())],
-    )
-    metric(
-        p + "clears_total",
-        "counter",
-        "Worker clears applied, by cause.",
-        [_line(p + "clears_total", v, {"cause": k}) for k, v in sorted(m.clears.items())],
-    )
-    errors = [
-        _line(p + "errors_total", v, {"kind": "decode_" + k})
-        for k, v in sorted(total.decode_errors.items())
-    ]
-    errors += [
-        _line(p + "errors_total", v, {"kind": "notice_" + k})
-        for k, v in sorted(m.notice_errors.items())
-    ]
-    errors += [
-        _line(p + "errors_total", total.bad_frames, {"kind": "bad_frames"}),
-        _line(p + "errors_total", total.unknown_topic, {"kind": "unknown_topic"}),
-        _line(p + "errors_total", total.rank_mismatch, {"kind": "rank_mismatch"}),
-        _line(p + "errors_total", total.skipped_events, {"kind": "unknown_event_tag"}),
-    ]
-    metric(p + "errors_total", "counter", "Bad input skipped, by kind.", errors)
-    metric(
-        p + "redis_errors_total",
-        "counter",
-        "Failed Redis calls (retried), by error.",
-        [
-            _line(p + "redis_errors_total", v, {"error": k})
-            for k, v in sorted(m.redis_errors.items())
-        ],
-    )
-    metric(
-        p + "notices_total",
-        "counter",
-        "Notices applied, by op.",
-        [_line(p + "notices_total", v, {"op": k}) for k, v in sorted(m.notices.items())]
-        + [_line(p + "notices_total", m.notices_ignored, {"op": "not_mine"})],
-    )
-    metric(
-        p + "owned_workers",
-        "gauge",
-        "Workers whose events this listener applies.",
-        [_line(p + "owned_workers", owned_workers)],
-    )
-    metric(
-        p + "live_listeners",
-        "gauge",
-        "Listener replicas with a fresh heartbeat.",
-        [_line(p + "live_listeners", live_listeners)],
-    )
-    metric(
-        p + "ownership_changes_total",
-        "counter",
-        "Workers taken over or handed over.",
-        [
-            _line(p + "ownership_changes_total", m.takeovers, {"change": "acquired"}),
-            _line(p + "ownership_changes_total", m.handovers, {"change": "released"}),
-            _line(p + "ownership_changes_total", m.fenced, {"change": "fenced"}),
-        ],
-    )
-    metric(
-        p + "flushes_total",
-        "counter",
-        "Flushes (one Redis round trip each).",
-        [_line(p + "flushes_total", m.flushes)],
-    )
-    metric(
-        p + "flush_seconds_total",
-        "counter",
-        "Time spent in flushes.",
-        [_line(p + "flush_seconds_total", round(m.flush_seconds, 6))],
-    )
-    metric(
-        p + "ready",
-        "gauge",
-        "1 when ready (Redis reachable, ownership current).",
-        [_line(p + "ready", 1 if ready else 0)],
-    )
-    return "\n".join(out) + "\n"
+class DeprecatedAliases(Collector):
+    """Every family of `inner` again under its old ``kvr_listener_`` name (HELP says so)."""
+
+    def __init__(self, inner: Collector) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.inner.collect():
+            yield fam
+            old = OLD_PREFIX + fam.name.removeprefix(_P)
+            alias = Metric(
+                old, f"Deprecated alias of {fam.name} (removed in the next release).", fam.type
+            )
+            alias.samples = [
+                s._replace(name=OLD_PREFIX + s.name.removeprefix(_P)) for s in fam.samples
+            ]
+            yield alias
+
+
+def registry(m: ListenerMetrics, state: Callable[[], ListenerState]) -> CollectorRegistry:
+    """A registry of its own for one listener, holding its `ListenerCollector` (and the old
+    names as deprecated aliases)."""
+    reg = CollectorRegistry()
+    reg.register(DeprecatedAliases(ListenerCollector(m, state)))
+    return reg
+
+
+def render(reg: CollectorRegistry) -> str:
+    """The registry in the Prometheus text format 0.0.4."""
+    return generate_latest(reg).decode()

@@ -1,10 +1,12 @@
-"""Settings of `kvrouter listen`: one frozen dataclass, from `KVR_*` variables and flags.
+"""Settings of `kvrouter listen`: the shared schema plus the listener's own fields.
 
-Every field is an environment variable ``KVR_<FIELD>`` and a flag ``--<field>`` (engines:
-``KVR_ENGINES`` / ``--engine``, repeatable). Flags win over variables. This is the only
-module of the listener that reads ``os.environ``.
+The shared fields (Redis, model, block size, discovery...) come from kvrouter/settings.py;
+this module adds the listener's own. Every field is an environment variable ``KVR_<FIELD>``
+and a flag ``--<field>`` (engines: ``KVR_ENGINES`` / ``--engine``, repeatable). Flags win over
+variables.
 
-Engines (``KVR_ENGINES``, entries separated by whitespace or ``;``; or one ``--engine`` each)::
+Engines (``KVR_ENGINES``, entries separated by whitespace, ``;`` or ``,``; or one ``--engine``
+each)::
 
     ID=tcp://HOST:PORT[,replay=tcp://HOST:PORT][,dp=N][,topic=T][,block=B][,bind=1]
 
@@ -17,31 +19,34 @@ is vLLM's centralized mode: the listener binds and engines connect, told apart b
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from pydantic import PlainValidator, field_validator, model_validator
 
 from eviction_listener.zmq_source import EngineEndpoint, dp_worker_id, expand_dp_ranks
-from kvrouter.index.connection import SCHEMES, redact_url
-from kvrouter.index.keys import (
-    DEFAULT_PREFIX,
-    KeyNameError,
-    KeySchema,
-    validate_model,
-    validate_worker_id,
+from kvrouter.index.keys import validate_worker_id
+from kvrouter.settings import (
+    DISCOVERY_MODES,
+    Bool,
+    Int,
+    SettingsError,
+    SharedSettings,
+    setting,
 )
 
-Discovery = Literal["static", "redis"]
-DISCOVERY_MODES: tuple[str, ...] = get_args(Discovery)
-ENV_PREFIX = "KVR_"
-
-
-class SettingsError(ValueError):
-    """A setting is missing or invalid; the message names the variable and the flag."""
+__all__ = [
+    "DISCOVERY_MODES",
+    "EngineSpec",
+    "ListenerSettings",
+    "SettingsError",
+    "env_name",
+    "flag_name",
+    "parse_engines",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +80,7 @@ class EngineSpec:
         opts: dict[str, str] = {}
         for p in parts[1:]:
             k, sep, v = p.partition("=")
-            if not sep or k not in ("replay", "dp", "topic", "block", "bind"):
+            if not sep or k not in ENGINE_OPTIONS:
                 raise ValueError(f"{wid}: unknown option {p!r} (replay, dp, topic, block, bind)")
             opts[k] = v
         try:
@@ -116,211 +121,154 @@ class EngineSpec:
         return [dp_worker_id(ep.worker_id, ep.dp_rank or 0) for ep in self.endpoints()]
 
 
+ENGINE_OPTIONS = ("replay", "dp", "topic", "block", "bind")
+
+
 def parse_engines(text: str) -> tuple[EngineSpec, ...]:
-    """Entries separated by whitespace or ``;``."""
-    return tuple(EngineSpec.parse(t) for t in re.split(r"[\s;]+", text.strip()) if t)
+    """Entries separated by whitespace, ``;`` or ``,`` (the chart joins them with commas).
+
+    A comma-separated part whose key is an option (``replay=``, ``dp=``...) belongs to the
+    entry before it; any other ``X=...`` part starts a new entry.
+    """
+    entries: list[str] = []
+    for chunk in re.split(r"[\s;]+", text.strip()):
+        for part in chunk.split(","):
+            if not part:
+                continue
+            key = part.partition("=")[0]
+            if entries and key in ENGINE_OPTIONS:
+                entries[-1] += "," + part
+            else:
+                entries.append(part)
+    return tuple(EngineSpec.parse(e) for e in entries)
+
+
+def _engines(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        out: list[EngineSpec] = []
+        for v in value:
+            out.extend(parse_engines(v) if isinstance(v, str) else (v,))
+        return tuple(out)
+    return value
 
 
 def _default_listener_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-@dataclass(frozen=True, slots=True)
-class ListenerSettings:
-    """Everything `kvrouter listen` needs; validated on construction."""
+Engines = Annotated[tuple[EngineSpec, ...], PlainValidator(_engines)]
 
-    model: str = ""
-    """The model (OpenAI ``model`` name) whose index this listener writes. Required."""
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    block_size: int = 16
-    hash_seed: str = ""
-    key_prefix: str = DEFAULT_PREFIX
-    engines: tuple[EngineSpec, ...] = ()
-    discovery: Discovery = "static"
-    discovery_interval_s: float = 10.0
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9100
-    """0 = any free port (tests); the bound port is ``Listener.metrics_port``."""
-    listener_id: str = field(default_factory=_default_listener_id)
-    record_ttl_s: float = 3600.0
-    """Life of a confirmed record (and of a notice's): the staleness bound of last resort."""
-    worker_capacity_blocks: int = 0
-    """Trim each worker's records to this many blocks (0 = no limit)."""
-    lease_s: float = 10.0
-    """Ownership lease: a dead listener's workers are taken over within about this long."""
-    replay_timeout_s: float = 2.0
-    drain_grace_s: float = 20.0
-    """SIGTERM: how long to keep applying what was already received before exiting."""
-    notices: bool = True
-    """Subscribe to the model's notice channel."""
-    key_cache_blocks: int = 65_536
-    """Engine hash -> router key entries cached per worker (misses cost a Redis read)."""
-    apply_batch: int = 4096
-    """Most queued items (engine batches, notices) applied in one flush."""
-    apply_max_blocks: int = 1024
-    """Most block events in one flush (a single larger engine batch still goes whole). Redis
-    runs one script at a time, so this bounds how long a router's lookup can wait behind the
-    listener: about 1-3 ms of Redis time per flush."""
 
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> SettingsError:
-            return SettingsError(f"{env_name(name)} / {flag_name(name)}: {why}")
+class ListenerSettings(SharedSettings):
+    """Everything `kvrouter listen` needs: the shared settings plus the listener's own."""
 
-        if not self.model:
-            raise bad("model", "required: the model name whose index this listener writes")
-        try:
-            validate_model(self.model)
-            KeySchema(self.key_prefix)
-        except KeyNameError as exc:
-            raise bad("model" if "model" in str(exc) else "key_prefix", str(exc)) from None
-        scheme = self.redis_url.partition("://")[0].lower()
-        if scheme not in SCHEMES:
-            raise bad("redis_url", f"scheme must be one of {', '.join(SCHEMES)}")
-        for name in ("block_size", "key_cache_blocks", "apply_batch", "apply_max_blocks"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.worker_capacity_blocks < 0:
-            raise bad("worker_capacity_blocks", "must be >= 0")
-        if not 0 <= self.metrics_port <= 65535:
-            raise bad(
-                "metrics_port", f"must be a TCP port (0 = any free one), got {self.metrics_port}"
+    COMMAND: ClassVar[str] = "kvrouter listen"
+    ALIASES: ClassVar[dict[str, str]] = {"model": "models"}
+
+    engines: Engines = setting(
+        (),
+        "static engines: ID=tcp://HOST:PORT[,replay=tcp://HOST:PORT][,dp=N][,topic=T]"
+        "[,block=B][,bind=1], separated by spaces, ';' or ',' (flag: repeatable)",
+        flag="--engine",
+        repeatable=True,
+    )
+    discovery_interval_s: float = setting(10.0, "seconds between discovery polls", gt=0)
+    metrics_host: str = setting("0.0.0.0", "address of the metrics HTTP server")
+    metrics_port: Int = setting(
+        9100, "port of /metrics, /health, /ready (0 = any free port)", ge=0, le=65535
+    )
+    listener_id: str = setting(
+        help="this replica's id (default: host-pid)", default_factory=_default_listener_id
+    )
+    lease_s: float = setting(
+        10.0,
+        "ownership lease: a dead listener's workers are taken over within about this long",
+        gt=0,
+    )
+    replay_timeout_s: float = setting(2.0, "wait for an engine's replay socket, seconds", gt=0)
+    drain_grace_s: float = setting(
+        20.0, "on SIGTERM, seconds to keep applying what was already received", ge=0
+    )
+    notices: Bool = setting(True, "subscribe to the model's notice channel")
+    key_cache_blocks: Int = setting(
+        65_536,
+        "engine hash -> router key entries cached per worker (misses cost a Redis read)",
+        ge=1,
+    )
+    apply_batch: Int = setting(
+        4096, "most queued items (engine batches, notices) applied in one flush", ge=1
+    )
+    apply_max_blocks: Int = setting(
+        1024,
+        "most block events in one flush (a larger single engine batch still goes whole): "
+        "bounds how long a router's lookup waits behind the listener on Redis",
+        ge=1,
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_model(cls, data: Any) -> Any:
+        # `model=` (one name) is the listener's natural spelling; the schema's field is the
+        # shared `models` list.
+        if isinstance(data, dict) and "model" in data:
+            data = dict(data)
+            model = data.pop("model")
+            if isinstance(model, str):
+                data["models"] = (model,)
+            elif model is not None:
+                data["models"] = model
+        return data
+
+    @field_validator("listener_id")
+    @classmethod
+    def _listener_id(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be non-empty without whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _across_fields(self) -> ListenerSettings:
+        if len(self.models) != 1:
+            raise ValueError(
+                f"{self.names('models')}: required: exactly one model name (the model whose "
+                f"index this listener writes; run one listener per base model), got "
+                f"{list(self.models)}"
             )
-        for name in (
-            "record_ttl_s",
-            "lease_s",
-            "replay_timeout_s",
-            "discovery_interval_s",
-        ):
-            if not getattr(self, name) > 0:
-                raise bad(name, f"must be > 0, got {getattr(self, name)}")
-        if self.drain_grace_s < 0:
-            raise bad("drain_grace_s", "must be >= 0")
-        if self.discovery not in DISCOVERY_MODES:
-            raise bad("discovery", f"must be one of {', '.join(DISCOVERY_MODES)}")
-        if not self.listener_id or any(c.isspace() for c in self.listener_id):
-            raise bad("listener_id", "must be non-empty without whitespace")
+        if not self.redis_url:
+            raise ValueError(f"{self.names('redis_url')}: the listener needs Redis")
+        self.check_discovery()
         seen: set[str] = set()
         for e in self.engines:
             if e.worker_id in seen:
-                raise bad("engines", f"worker {e.worker_id!r} configured twice")
+                raise ValueError(
+                    f"{self.names('engines')}: worker {e.worker_id!r} configured twice"
+                )
             seen.add(e.worker_id)
             if e.block_size is not None and e.block_size % self.block_size:
-                raise bad(
-                    "engines",
-                    f"{e.worker_id}: block={e.block_size} is not a multiple of the router's "
-                    f"block size {self.block_size} (KVR_BLOCK_SIZE); run the engine with "
-                    f"--block-size {self.block_size} or a multiple of it",
+                raise ValueError(
+                    f"{self.names('engines')}: {e.worker_id}: block={e.block_size} is not a "
+                    f"multiple of the router's block size {self.block_size} (KVR_BLOCK_SIZE); "
+                    f"run the engine with --block-size {self.block_size} or a multiple of it"
                 )
-
-    def __repr__(self) -> str:
-        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        shown["redis_url"] = redact_url(self.redis_url)
-        return "ListenerSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+        return self
 
     @property
-    def record_ttl_ms(self) -> int:
-        return max(1, int(self.record_ttl_s * 1000))
+    def model(self) -> str:
+        """The model (OpenAI ``model`` name) whose index this listener writes."""
+        return self.models[0]
 
     @property
     def lease_ms(self) -> int:
         return max(1, int(self.lease_s * 1000))
 
-    @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> ListenerSettings:
-        """Settings from ``KVR_<FIELD>`` variables, then ``overrides`` (flags) on top.
-
-        Overrides that are None are ignored (argparse's "not given"). Raises SettingsError
-        naming the variable for values that do not parse.
-        """
-        env = os.environ if environ is None else environ
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-        values: dict[str, Any] = {}
-        for name in names:
-            raw = env.get(env_name(name))
-            if raw is None or raw == "":
-                continue
-            try:
-                values[name] = _PARSERS[name](raw)
-            except ValueError as exc:
-                raise SettingsError(f"{env_name(name)}: {exc}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
 
 def env_name(field_name: str) -> str:
     """``KVR_<FIELD>``, e.g. ``KVR_RECORD_TTL_S``."""
-    return ENV_PREFIX + field_name.upper()
+    return ListenerSettings.env_name(field_name)
 
 
 def flag_name(field_name: str) -> str:
     """``--<field>``; engines are ``--engine`` (one per entry)."""
-    return "--engine" if field_name == "engines" else "--" + field_name.replace("_", "-")
-
-
-def _int(raw: str) -> int:
-    try:
-        return int(raw.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"expected an integer, got {raw!r}") from None
-
-
-def _float(raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"expected a number, got {raw!r}") from None
-
-
-def _bool(raw: str) -> bool:
-    v = raw.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {raw!r}")
-
-
-def _discovery(raw: str) -> str:
-    if raw not in DISCOVERY_MODES:
-        raise ValueError(f"expected one of {', '.join(DISCOVERY_MODES)}, got {raw!r}")
-    return raw
-
-
-def _engines(raw: str) -> tuple[EngineSpec, ...]:
-    try:
-        return parse_engines(raw)
-    except (ValueError, KeyNameError) as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _str(raw: str) -> str:
-    return raw
-
-
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "model": _str,
-    "redis_url": _str,
-    "block_size": _int,
-    "hash_seed": _str,
-    "key_prefix": _str,
-    "engines": _engines,
-    "discovery": _discovery,
-    "discovery_interval_s": _float,
-    "metrics_host": _str,
-    "metrics_port": _int,
-    "listener_id": _str,
-    "record_ttl_s": _float,
-    "worker_capacity_blocks": _int,
-    "lease_s": _float,
-    "replay_timeout_s": _float,
-    "drain_grace_s": _float,
-    "notices": _bool,
-    "key_cache_blocks": _int,
-    "apply_batch": _int,
-    "apply_max_blocks": _int,
-}
+    return ListenerSettings.flag_name(field_name)

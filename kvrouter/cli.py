@@ -21,6 +21,10 @@ from kvrouter import __version__
 # name -> (module, one-line help). Nested roles (bench) dispatch again inside their module.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kvrouter.bench.cli", "benchmarks that print a ratio against an in-run baseline"),
+    "inspect": (
+        "kvrouter.inspect",
+        "the shared index as an operator sees it: residency, shared prefixes, listeners, leases",
+    ),
     "listen": (
         "eviction_listener.cli",
         "eviction listener: engine KV events and worker notices into the shared index",
@@ -29,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
         "kvrouter.demo",
         "everything on an embedded default: Redis, 8 simulated workers, router",
+    ),
+    "register": (
+        "kvrouter.register",
+        "worker sidecar: register in the Redis registry, heartbeat, deregister on SIGTERM",
     ),
     "replay": ("kvrouter.sim.replay", "replay a Mooncake trace against a router or worker"),
     "serve": ("router_node.cli", "run a router replica (OpenAI-compatible, KV-cache-aware)"),

@@ -10,26 +10,39 @@ upstream request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from opentelemetry.trace import SpanKind, Tracer
 
 from kvrouter.discovery.base import EndpointSource
-from router_node.errors import APIError, bad_request, too_large, unauthorized
+from router_node.admission import BATCH, INTERACTIVE, Admission, QueueFull, Ticket
+from router_node.edge import (
+    ConcurrencyGate,
+    EdgeRunner,
+    RateLimiter,
+    client_key,
+    overloaded,
+    rate_limited,
+)
+from router_node.errors import APIError, bad_request, not_found, too_large, unauthorized
 from router_node.loop_lag import LoopLagProbe
-from router_node.metrics import Metrics
+from router_node.metrics import CONTENT_TYPE, Metrics
 from router_node.monitor import Monitor
-from router_node.proxy import BackgroundTasks, Proxy
+from router_node.proxy import HEADER_WORKER, STARTED, BackgroundTasks, Proxy
 from router_node.request import (
     CHAT,
     COMPLETIONS,
+    EMBEDDINGS,
+    LOAD_ONLY,
+    RESPONSES,
     ParsedRequest,
     PromptTokenizer,
     parse_body,
@@ -39,6 +52,18 @@ from router_node.request import (
 from router_node.routing import Plan, Router
 from router_node.settings import RouterSettings, kubernetes_source
 from router_node.shared_index import SharedIndex
+from router_node.tracing import (
+    ATTR_CHOSEN,
+    ATTR_MATCHED,
+    ATTR_MODEL,
+    ATTR_PROMPT,
+    ATTR_REASON,
+    ATTR_STATUS,
+    ATTR_WORKER,
+    extract,
+    get_tracer,
+    recording,
+)
 from router_node.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -50,23 +75,31 @@ SHARED = web.AppKey("shared_index", SharedIndex)
 ROUTER = web.AppKey("router", Router)
 TASKS = web.AppKey("tasks", BackgroundTasks)
 TOKENIZER: web.AppKey[PromptTokenizer | None] = web.AppKey("tokenizer")
-TOKENIZERS: web.AppKey[dict[str, PromptTokenizer | None]] = web.AppKey("tokenizers")
 """Tokenizer per base model (an adapter uses its base model's)."""
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
 MONITOR = web.AppKey("monitor", Monitor)
 SOURCE: web.AppKey[EndpointSource | None] = web.AppKey("endpoint_source")
+# The request's model, once parsed, for the per-model request counter in the middleware.
+_MODEL = web.RequestKey("model", str)
+LIMITER = web.AppKey("rate_limiter", RateLimiter)
+ADMISSION = web.AppKey("admission", Admission)
+GATE = web.AppKey("concurrency_gate", ConcurrencyGate)
+TRACER = web.AppKey("tracer", Tracer)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def load_tokenizer(path: str, chat_template: str = "") -> PromptTokenizer:
+def load_tokenizer(
+    path: str, chat_template: str = "", content_format: str = "auto"
+) -> PromptTokenizer:
     """Load a tokenizer.json or a model directory (raises TokenizerLoadError); a
-    `chat_template` file replaces the directory's default template."""
+    `chat_template` file replaces the directory's default template; `content_format`
+    overrides the detected chat template content format."""
     from kvrouter.tokenizer import Tokenizer
 
     if not chat_template:
-        return Tokenizer.load(path)
+        return Tokenizer.load(path, content_format=content_format)
     from dataclasses import replace
     from pathlib import Path
 
@@ -80,7 +113,10 @@ def load_tokenizer(path: str, chat_template: str = "") -> PromptTokenizer:
         raise TokenizerLoadError(Path(chat_template), f"cannot read: {exc.strerror}") from None
     templates = {**files.chat_templates, "default": text}
     origin = Path(chat_template)
-    return Tokenizer(replace(files, chat_templates=templates, chat_template_origin=origin))
+    return Tokenizer(
+        replace(files, chat_templates=templates, chat_template_origin=origin),
+        content_format=content_format,
+    )
 
 
 def create_app(
@@ -89,10 +125,12 @@ def create_app(
     tokenizer: PromptTokenizer | None = None,
     rng: random.Random | None = None,
     endpoint_source: EndpointSource | None = None,
+    tracer_provider: Any | None = None,
 ) -> web.Application:
     """The router app. Loads the tokenizer from ``settings.tokenizer`` unless one is given
     (so a bad tokenizer path fails here, at start-up). With ``discovery=kubernetes`` it
-    builds the EndpointSlice watch unless `endpoint_source` is given (tests, embedding)."""
+    builds the EndpointSlice watch unless `endpoint_source` is given (tests, embedding).
+    Spans go to `tracer_provider`, else to the global one (router_node/tracing.py)."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors_middleware])
     metrics = Metrics()
     app[SETTINGS] = settings
@@ -100,30 +138,50 @@ def create_app(
     app[POOL] = WorkerPool(settings)
     app[SHARED] = SharedIndex(settings, metrics)
     app[ROUTER] = Router(settings, app[POOL], app[SHARED], metrics, rng)
+    app[TRACER] = get_tracer(tracer_provider)
+    app[ROUTER].tracer = app[TRACER]
     app[TASKS] = BackgroundTasks()
+    app[LIMITER] = RateLimiter(settings, app[SHARED])
+    app[GATE] = ConcurrencyGate(settings.max_concurrent)
+    router = app[ROUTER]
+
+    def workers_for(model: str) -> int:
+        resolved = router.resolve(model)
+        if resolved is None:
+            return 0
+        now = time.monotonic()
+        return len(router.pool.candidates_for(resolved.resolved, settings.lora_placement, now))
+
+    app[ADMISSION] = Admission(
+        settings.worker_max_inflight,
+        settings.batch_share,
+        settings.priority_queue_max,
+        workers_for,
+    )
     if tokenizer is None and settings.tokenizer:
         tokenizer = load_tokenizer(settings.tokenizer)
     app[TOKENIZER] = tokenizer
     # One tokenizer per distinct (path, template): models sharing files share the cache.
-    loaded: dict[tuple[str, str], PromptTokenizer | None] = {(settings.tokenizer, ""): tokenizer}
-    per_model: dict[str, PromptTokenizer | None] = {}
-    for name, base in app[ROUTER].catalogue.bases.items():
-        key = (base.tokenizer, base.chat_template)
+    loaded: dict[tuple[str, str, str], PromptTokenizer | None] = {
+        (settings.tokenizer, "", "auto"): tokenizer
+    }
+    for name, base in router.catalogue.bases.items():
+        key = (base.tokenizer, base.chat_template, base.content_format)
         if key not in loaded:
             loaded[key] = load_tokenizer(*key) if base.tokenizer else None
-        per_model[name] = loaded[key]
-    app[TOKENIZERS] = per_model
+        # the router's resolved models carry these (Router.resolve)
+        router.tokenizers[name] = loaded[key]
     if endpoint_source is None and settings.discovery == "kubernetes":
         endpoint_source = kubernetes_source(settings)
     app[SOURCE] = endpoint_source
     if tokenizer is not None and hasattr(tokenizer, "cache_stats"):
         stats = tokenizer.cache_stats
 
-        def collect() -> list[tuple[tuple[str, ...], float]]:
+        def collect() -> list[tuple[str, float]]:
             s = stats()
-            return [((k,), float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")]
+            return [(k, float(getattr(s, k))) for k in ("hits", "misses", "entries", "tokens")]
 
-        metrics.tokenizer_cache.collect = collect
+        metrics.tokenizer_cache.source = collect
 
     app.cleanup_ctx.append(_shared_index_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
@@ -131,6 +189,11 @@ def create_app(
 
     app.router.add_post("/v1/completions", _inference(COMPLETIONS), name="completions")
     app.router.add_post("/v1/chat/completions", _inference(CHAT), name="chat")
+    app.router.add_post("/v1/responses", _inference(RESPONSES), name="responses")
+    app.router.add_post("/v1/embeddings", _inference(EMBEDDINGS), name="embeddings")
+    # vLLM's scoring and tokenizer endpoints: routed on load to a worker of the model.
+    for path, name in LOAD_ONLY_PATHS:
+        app.router.add_post(path, _inference(LOAD_ONLY), name=name)
     app.router.add_get("/v1/models", models, name="models")
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/ready", ready, name="ready")
@@ -154,7 +217,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     # auto_decompress off: bodies pass through byte for byte, Content-Encoding included.
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     app[SESSION] = session
-    app[PROXY] = Proxy(s, app[POOL], app[SHARED], app[METRICS], session, app[TASKS])
+    proxy = Proxy(s, app[POOL], app[SHARED], app[METRICS], session, app[TASKS])
+    proxy.tracer = app[TRACER]
+    proxy.propagate = recording(app[TRACER])
+    app[PROXY] = proxy
     yield
     await app[TASKS].drain()
     await session.close()
@@ -189,8 +255,17 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
         err = APIError(
             code, exc.reason, type_="invalid_request_error" if code < 500 else "server_error"
         )
+        if code == 404 and request.path.startswith("/v1/"):
+            # An OpenAI path the router does not route: a clear answer, never a proxy to a
+            # random worker.
+            err = not_found(
+                f"{request.path} is not an endpoint this router serves; it routes "
+                "/v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings, "
+                "/v1/score, /v1/rerank and /v1/models",
+                code="unknown_endpoint",
+            )
         resp = err.response()
-    metrics.requests.inc(route, str(resp.status))
+    metrics.requests.labels(route, str(resp.status), request.get(_MODEL, "")).inc()
     return resp
 
 
@@ -207,44 +282,155 @@ async def _read_body(request: web.Request) -> bytes:
         raise too_large(f"request body exceeds the {limit}-byte limit") from None
 
 
-def _tokenizer_for(app: web.Application, model: str) -> PromptTokenizer | None:
-    resolved = app[ROUTER].resolve(model)
-    if resolved is None:
-        return app[TOKENIZER]
-    return app[TOKENIZERS].get(resolved.base.name, app[TOKENIZER])
-
-
-async def _prepare(request: web.Request, endpoint: str) -> tuple[bytes, ParsedRequest, Plan]:
+async def _prepare(
+    request: web.Request, endpoint: str
+) -> tuple[bytes, ParsedRequest, Plan, Ticket]:
     app = request.app
     settings = app[SETTINGS]
-    raw = await _read_body(request)
-    body = parse_body(raw)
-    req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
-    tok = _tokenizer_for(app, req.model)
+    tracer = app[TRACER]
+    with tracer.start_as_current_span("parse") as span:
+        raw = await _read_body(request)
+        body = parse_body(raw)
+        req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].resolve)
+        request[_MODEL] = req.model
+        span.set_attribute("kvrouter.body_bytes", len(raw))
+    tok = req.resolved.tokenizer if req.resolved is not None else None
     start = time.perf_counter()
-    if len(raw) > settings.tokenize_thread_bytes:
-        # Long prompts are the router's main CPU cost; a thread keeps the loop serving others
-        # (tokenizers releases the GIL while it encodes).
-        await asyncio.to_thread(tokenize, req, tok, settings)
-    else:
-        tokenize(req, tok, settings)
+    with tracer.start_as_current_span("tokenize") as span:
+        if len(raw) > settings.tokenize_thread_bytes:
+            # Long prompts are the router's main CPU cost; a thread keeps the loop serving
+            # others (tokenizers releases the GIL while it encodes).
+            await asyncio.to_thread(tokenize, req, tok, settings)
+        else:
+            tokenize(req, tok, settings)
+        span.set_attribute(ATTR_PROMPT, req.prompt_tokens)
     app[METRICS].tokenize_seconds.observe(time.perf_counter() - start)
-    plan = await app[ROUTER].plan(req)
-    return raw, req, plan
+    ticket = await _admit(request, req.model)
+    try:
+        plan = await app[ROUTER].plan(req)
+    except BaseException:
+        ticket.release()
+        raise
+    return raw, req, plan, ticket
+
+
+def _priority(request: web.Request) -> str:
+    """The request's priority: batch for an API key the settings mark so, else its header."""
+    settings = request.app[SETTINGS]
+    if settings.batch_key_digests:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() == "bearer" and digest in settings.batch_key_digests:
+            return BATCH
+    given = request.headers.get(settings.priority_header, "").strip().lower()
+    if given in ("", INTERACTIVE):
+        return INTERACTIVE
+    if given == BATCH:
+        return BATCH
+    raise bad_request(
+        f"{request.app[SETTINGS].priority_header} must be 'interactive' or 'batch'",
+        param="priority",
+    )
+
+
+async def _admit(request: web.Request, model: str) -> Ticket:
+    """A slot for the request under priority admission (router_node/admission.py)."""
+    app = request.app
+    priority = _priority(request)
+    admission = app[ADMISSION]
+    if not admission.enabled:
+        return Ticket(None, model, priority)
+    with app[TRACER].start_as_current_span("queue") as span:
+        span.set_attribute("kvrouter.priority", priority)
+        try:
+            return await admission.admit(model, priority)
+        except QueueFull:
+            app[METRICS].edge_refused.labels("queue_full").inc()
+            raise overloaded(app[SETTINGS].retry_after_s) from None
+
+
+LOAD_ONLY_PATHS = (
+    ("/v1/score", "score"),
+    ("/score", "score_root"),
+    ("/v1/rerank", "rerank"),
+    ("/rerank", "rerank_root"),
+    ("/v2/rerank", "rerank_v2"),
+    ("/tokenize", "tokenize"),
+    ("/detokenize", "detokenize"),
+)
 
 
 def _inference(endpoint: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
-        raw, req, plan = await _prepare(request, endpoint)
+        gate = app[GATE]
+        # The bound comes first, before the body is read: a replica at its limit spends
+        # nothing more on a request it refuses.
+        if not gate.enter():
+            app[METRICS].edge_refused.labels("overloaded").inc()
+            raise overloaded(app[SETTINGS].retry_after_s)
+        try:
+            return await _admitted(request)
+        finally:
+            gate.leave()
+
+    async def _admitted(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        request[STARTED] = time.perf_counter()
+        with app[TRACER].start_as_current_span(
+            f"POST {request.path}",
+            context=extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "url.path": request.path},
+        ) as span:
+            try:
+                resp = await _route(request, span)
+            except APIError as exc:
+                span.set_attribute(ATTR_STATUS, exc.status)
+                raise
+            span.set_attribute(ATTR_STATUS, resp.status)
+            return resp
+
+    async def _route(request: web.Request, span: Any) -> web.StreamResponse:
+        app = request.app
+        m = app[METRICS]
+        limiter = app[LIMITER]
+        if limiter.enabled:
+            wait = await limiter.take(client_key(request))
+            if wait > 0:
+                m.edge_refused.labels("rate_limited").inc()
+                raise rate_limited(wait)
+        raw, req, plan, ticket = await _prepare(request, endpoint)
+        try:
+            return await _forward(request, span, raw, req, plan)
+        finally:
+            ticket.release()
+
+    async def _forward(
+        request: web.Request, span: Any, raw: bytes, req: ParsedRequest, plan: Plan
+    ) -> web.StreamResponse:
+        app = request.app
         m = app[METRICS]
         d = plan.decision
-        m.decisions.inc(d.policy, d.reason)
+        m.decisions.labels(d.policy, d.reason, req.model).inc()
+        if plan.pair is not None:
+            m.pd_decisions.labels(plan.pair.reason).inc()
+        if req.inexact is not None:
+            m.tokenization_inexact.labels(endpoint, req.inexact).inc()
         matched = plan.matched_tokens(d.worker)
-        m.matched_tokens.observe(matched)
-        m.matched_tokens_total.inc(amount=matched)
-        m.prompt_tokens_total.inc(amount=req.prompt_tokens)
-        return await app[PROXY].forward(request, req, plan, raw)
+        m.matched_tokens.labels(req.model).observe(matched)
+        m.matched_tokens_total.inc(req.model, matched)
+        m.prompt_tokens_total.labels(req.model).inc(req.prompt_tokens)
+        span.set_attribute(ATTR_MODEL, req.model)
+        span.set_attribute(ATTR_CHOSEN, d.worker)
+        span.set_attribute(ATTR_REASON, d.reason)
+        span.set_attribute(ATTR_MATCHED, matched)
+        resp = await app[PROXY].forward(request, req, plan, raw)
+        served = resp.headers.get(HEADER_WORKER)
+        if served is not None:
+            # After a retry the worker that answered is not the one the decision chose.
+            span.set_attribute(ATTR_WORKER, served)
+        return resp
 
     handle.__name__ = f"handle_{endpoint}"
     return handle
@@ -316,17 +502,20 @@ async def ready(request: web.Request) -> web.Response:
         "status": status,
         "redis": redis,
         "workers": {w.id: w.state(now) for w in pool.workers.values()},
+        # Prefill/decode pools (available workers by role); "both" serves whole requests.
+        "pools": pool.pools(now),
     }
     return web.json_response(body, status=200 if up else 503)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render()
+    pools = request.app[POOL].pools(time.monotonic())
+    gauge = request.app[METRICS].pool_workers
+    for role, ids in pools.items():
+        gauge.labels(role).set(len(ids))
     return web.Response(
-        text=text,
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"X-Content-Type-Options": "nosniff"},
+        body=request.app[METRICS].render().encode(),
+        headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"},
     )
 
 
@@ -338,7 +527,7 @@ async def openapi_handler(request: web.Request) -> web.Response:
 
 
 def _check_admin(request: web.Request) -> None:
-    token = request.app[SETTINGS].admin_token
+    token = request.app[SETTINGS].admin_token.get_secret_value()
     if not token:
         raise APIError(
             403, "debug endpoints are off: set KVR_ADMIN_TOKEN", type_="permission_error"
@@ -362,8 +551,8 @@ async def debug_route(request: web.Request) -> web.Response:
     endpoint = CHAT if "messages" in body else COMPLETIONS
     if endpoint == COMPLETIONS and "prompt" not in body:
         raise bad_request("a completions body ('prompt') or a chat body ('messages') is required")
-    req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].knows)
-    tokenize(req, _tokenizer_for(app, req.model), settings)
+    req = parse_request(endpoint, body, request.headers, settings, app[ROUTER].resolve)
+    tokenize(req, req.resolved.tokenizer if req.resolved is not None else None, settings)
     plan = await app[ROUTER].plan(req)
     bs = plan.block_size
     d = plan.decision
@@ -396,8 +585,27 @@ async def debug_route(request: web.Request) -> web.Response:
             "ranking": list(d.ranking),
             "workers": workers,
             "token_ids": req.token_ids if body.get("return_token_ids") else None,
+            "pd": _pd_view(plan),
         }
     )
+
+
+def _pd_view(plan: Plan) -> dict[str, Any] | None:
+    """The prefill/decode choice for /debug/route (None when the fleet is not split)."""
+    pair = plan.pair
+    if pair is None:
+        return None
+    return {
+        "split": pair.split,
+        "reason": pair.reason,
+        "prefill": pair.prefill[0] if pair.prefill else None,
+        "decode": pair.decode[0],
+        "prefill_ranking": list(pair.prefill),
+        "decode_ranking": list(pair.decode),
+        "suffix_tokens": pair.suffix_tokens,
+        "prefill_costs": dict(pair.prefill_costs),
+        "decode_costs": dict(pair.costs),
+    }
 
 
 # -- running inside an event loop --------------------------------------------------------------
@@ -414,12 +622,19 @@ class RouterServer:
         tokenizer: PromptTokenizer | None = None,
         rng: random.Random | None = None,
         endpoint_source: EndpointSource | None = None,
+        tracer_provider: Any | None = None,
     ) -> None:
         self.settings = settings
         self.app = create_app(
-            settings, tokenizer=tokenizer, rng=rng, endpoint_source=endpoint_source
+            settings,
+            tokenizer=tokenizer,
+            rng=rng,
+            endpoint_source=endpoint_source,
+            tracer_provider=tracer_provider,
         )
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self.runner = EdgeRunner(
+            self.app, settings, self.app[METRICS], handler_cancellation=True, access_log=None
+        )
         self.port = settings.port
 
     @property
@@ -448,14 +663,5 @@ class RouterServer:
 
 def settings_summary(settings: RouterSettings) -> dict[str, Any]:
     """Settings as a dict with secrets redacted (for the start-up log line)."""
-    from router_node.settings import SPECS
-
-    d = asdict(settings)
-    for spec in SPECS:
-        # Every secret setting (admin_token, redis_password, ...), not a hand-kept list.
-        if spec.secret:
-            d[spec.field] = "***" if d.get(spec.field) else ""
-    from kvrouter.index.connection import redact_url
-
-    d["redis_url"] = redact_url(settings.redis_url)
-    return d
+    # The schema knows which fields are secrets, not a hand-kept list.
+    return settings.summary()

@@ -46,7 +46,7 @@ class LoopLagProbe:
         self.metrics.loop_lag.observe(lag_s)
         if lag_s > self.max_lag_s:
             self.max_lag_s = lag_s
-            self.metrics.loop_lag_max.set(value=lag_s)
+            self.metrics.loop_lag_max.set(lag_s)
 
     async def close(self) -> None:
         """Stop probing."""

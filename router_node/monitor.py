@@ -207,7 +207,7 @@ class Monitor:
         try:
             entries = await read_registry(
                 self.shared.client,
-                self.settings.schema,
+                self.settings.key_schema,
                 max_age_ms=int(self.settings.heartbeat_timeout_s * 1000),
             )
         except REDIS_FAILURES as exc:
@@ -216,6 +216,7 @@ class Monitor:
         joined = self.pool.sync_registry(
             (e.id, e.url, e.models, e.capacity_blocks, e.dp_rank) for e in entries
         )
+        self.pool.set_roles("registry", ((e.id, e.role) for e in entries))
         for e in entries:
             w = self.pool.get(e.id)
             if w is not None and w.source == "registry" and w.listed is None:
@@ -245,6 +246,7 @@ class Monitor:
                         if e.ready
                     ),
                 )
+                self.pool.set_roles("kubernetes", ((e.worker_id, e.role) for e in snapshot))
                 await self._joined(joined, "discovery")
         except asyncio.CancelledError:
             raise
@@ -255,8 +257,8 @@ class Monitor:
     async def housekeeping(self) -> None:
         now = time.monotonic()
         for w in self.pool.workers.values():
-            self.metrics.worker_up.set(w.id, value=1 if w.available(now) else 0)
-            self.metrics.inflight.set(w.id, value=w.inflight)
+            self.metrics.worker_up.labels(w.id).set(1 if w.available(now) else 0)
+            self.metrics.inflight.labels(w.id).set(w.inflight)
         for w in self.pool.due_for_clearing(now):
             done = True
             namespaces = dict.fromkeys(self.settings.models)
@@ -266,7 +268,7 @@ class Monitor:
                     done = await self.shared.clear_worker(model, w.id) and done
             if done or not self.shared.enabled:
                 w.cleared = True
-                self.metrics.cleared.inc(w.id)
+                self.metrics.cleared.labels(w.id).inc()
                 log.info(
                     "worker %s out for %.0f s: residency cleared", w.id, now - (w.down_since or now)
                 )

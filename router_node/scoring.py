@@ -221,3 +221,104 @@ def _sample(
         if x <= _EPS:
             return i
     return indices[-1]
+
+
+# -- prefill/decode disaggregation -----------------------------------------------------------
+
+PAIR_REASONS = ("split", "short_suffix", "prefill_saturated", "no_prefill_worker")
+
+
+@dataclass(frozen=True, slots=True)
+class PairConfig:
+    """The knobs of `decide_pair` (from RouterSettings)."""
+
+    min_prefill_tokens: int = 256
+    """Split only when the decode worker's uncached suffix has at least this many tokens:
+    below it, a local prefill costs less than the extra hop and the KV transfer."""
+    saturation_tokens: int = 0
+    """The prefill pool is saturated when every prefill worker has at least this many prompt
+    tokens queued; then requests run whole on the decode worker. 0 = never saturated."""
+    transfer_weight: float = 0.1
+    """Cost of pulling one block from the prefill worker, against computing it (1.0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PairDecision:
+    """Where one request goes under prefill/decode disaggregation."""
+
+    split: bool
+    """True: prefill leg on ``prefill[0]``, decode leg on ``decode[0]``. False: the whole
+    request on ``decode[0]`` (``prefill`` is then empty)."""
+    reason: str
+    """One of `PAIR_REASONS`: split, short_suffix, prefill_saturated, no_prefill_worker."""
+    prefill: tuple[str, ...]
+    """Prefill workers, best first (the rest are the fallbacks of a failed prefill leg)."""
+    decode: tuple[str, ...]
+    """Decode workers, best first (fallbacks of a decode leg that fails before its first byte)."""
+    suffix_tokens: int
+    """Prompt tokens the chosen decode worker does not hold (what a prefill hop would save)."""
+    costs: Mapping[str, float] = field(default_factory=dict)
+    """Decode cost per decode worker (split) or kv cost (whole request)."""
+    prefill_costs: Mapping[str, float] = field(default_factory=dict)
+
+
+def decode_cost(c: Candidate, prompt_tokens: int, cfg: ScoringConfig, pcfg: PairConfig) -> float:
+    """Cost of decoding a `prompt_tokens` request on `c` after a remote prefill: its decode
+    load, plus the blocks it must pull (those it holds need no transfer)."""
+    missing = max(0, prompt_tokens - c.matched_blocks * cfg.block_size) / cfg.block_size
+    return cfg.decode_weight * c.requests + cfg.prefill_weight * (
+        pcfg.transfer_weight * missing + c.setup_blocks
+    )
+
+
+def decide_pair(
+    prefill: Sequence[Candidate],
+    decode: Sequence[Candidate],
+    prompt_tokens: int,
+    cfg: ScoringConfig,
+    pcfg: PairConfig,
+    rng: random.Random,
+) -> PairDecision:
+    """Choose a (prefill, decode) pair for one request, or run it whole on a decode worker.
+
+    The decode worker is chosen first, by `decode_cost` (decode load plus transfer). If its
+    uncached suffix is below ``min_prefill_tokens``, no prefill worker is there, or every
+    prefill worker has ``saturation_tokens`` queued, the request runs whole on the decode
+    pool, ranked by the kv policy (it prefills locally). Otherwise the prefill worker is the
+    kv policy's pick over the prefill pool (matched blocks and queued prefill). Pure and
+    deterministic for a given `rng` state; raises ValueError when `decode` is empty.
+    """
+    if not decode:
+        raise ValueError("no decode candidates to choose from")
+    dcosts = [decode_cost(c, prompt_tokens, cfg, pcfg) for c in decode]
+    ties = _tiebreak(rng, len(decode))
+    order = sorted(range(len(decode)), key=lambda i: (dcosts[i], ties[i]))
+    best = decode[order[0]]
+    suffix = max(0, prompt_tokens - best.matched_blocks * cfg.block_size)
+    reason = "split"
+    if not prefill:
+        reason = "no_prefill_worker"
+    elif suffix < pcfg.min_prefill_tokens:
+        reason = "short_suffix"
+    elif pcfg.saturation_tokens > 0 and all(
+        c.prefill_tokens >= pcfg.saturation_tokens for c in prefill
+    ):
+        reason = "prefill_saturated"
+    if reason != "split":
+        # The decode worker prefills the prompt itself: the kv policy weighs exactly that.
+        whole = _kv(decode, prompt_tokens, cfg, rng)
+        w = whole.worker
+        held = next(c for c in decode if c.worker == w).matched_blocks * cfg.block_size
+        return PairDecision(
+            False, reason, (), whole.ranking, max(0, prompt_tokens - held), whole.costs
+        )
+    p = _kv(prefill, prompt_tokens, cfg, rng)
+    return PairDecision(
+        True,
+        "split",
+        p.ranking,
+        tuple(decode[i].worker for i in order),
+        suffix,
+        {decode[i].worker: dcosts[i] for i in range(len(decode))},
+        p.costs,
+    )

@@ -30,6 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from kvrouter.backoff import Backoff
 from kvrouter.index.connection import connect, redact_url
 from kvrouter.index.errors import IndexError_
 from kvrouter.index.scripts import LookupResult, RecordCall, ResidencyIndex, ScriptCall
@@ -66,7 +67,7 @@ class SharedIndex:
     async def start(self) -> None:
         """Connect and load the scripts. A Redis that is down at start is not an error:
         the router starts degraded and the reconnect loop brings the index up later."""
-        self.metrics.redis_up.set(value=0)
+        self.metrics.redis_up.set(0)
         if not self.enabled:
             return
         t = self.settings.redis_timeout_s
@@ -78,7 +79,7 @@ class SharedIndex:
             # the reconnect loop below retries instead, off the request path.
             retry=Retry(NoBackoff(), 0),
         )
-        self.index = ResidencyIndex(self.client, self.settings.schema)
+        self.index = ResidencyIndex(self.client, self.settings.key_schema)
         try:
             await self.index.load()
             self._set_up()
@@ -100,11 +101,11 @@ class SharedIndex:
             log.info("shared index up (%s)", redact_url(self.settings.redis_url))
         self.up = True
         self.down_since = None
-        self.metrics.redis_up.set(value=1)
+        self.metrics.redis_up.set(1)
 
     def mark_down(self, op: str, exc: BaseException) -> None:
         """Record a failed Redis call and start reconnecting (once)."""
-        self.metrics.redis_errors.inc(op)
+        self.metrics.redis_errors.labels(op).inc()
         if self.up or self.down_since is None:
             log.warning(
                 "shared index down (%s failed: %s: %s); routing on local load until it is back",
@@ -114,20 +115,19 @@ class SharedIndex:
             )
             self.down_since = time.monotonic()
         self.up = False
-        self.metrics.redis_up.set(value=0)
+        self.metrics.redis_up.set(0)
         if not self._closing and (self._reconnect is None or self._reconnect.done()):
             self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
-        delay = BACKOFF_START_S
+        backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         assert self.index is not None
         while not self._closing:
-            await asyncio.sleep(delay)
+            await backoff.sleep()
             try:
                 await self.client.ping()
                 await self.index.load()
             except REDIS_FAILURES:
-                delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             self._set_up()
             return
@@ -145,7 +145,7 @@ class SharedIndex:
         except REDIS_FAILURES as exc:
             self.mark_down("lookup", exc)
             return None
-        self.metrics.lookup_seconds.observe(time.perf_counter() - start)
+        self.metrics.lookup_seconds.labels(model).observe(time.perf_counter() - start)
         return result
 
     async def dispatch(

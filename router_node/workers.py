@@ -74,6 +74,9 @@ class Worker:
     """Prompt tokens this replica sent the worker that have no first token yet."""
     capacity_source: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    role: str = "both"
+    """Prefill/decode pool: ``prefill`` (prefill legs only), ``decode`` (decode legs and whole
+    requests when the prefill hop is skipped) or ``both`` (whole requests; either leg)."""
     prefill_rate: float = 0.0
     """Prompt tokens per second it prefills, learned from its TTFTs (0 = not yet known)."""
     prefill_samples: int = 0
@@ -131,6 +134,7 @@ class WorkerPool:
                 models=frozenset(spec.models),
                 capacity_blocks=settings.worker_capacity_blocks,
                 capacity_source="config" if settings.worker_capacity_blocks else "",
+                role=spec.role,
             )
 
     def candidates(self, model: str, now: float) -> list[Worker]:
@@ -158,6 +162,26 @@ class WorkerPool:
                 and w.serves(model.base.name)
             ):
                 out.append((w, False))
+        return out
+
+    def set_roles(self, source: str, roles: Iterable[tuple[str, str]]) -> None:
+        """Apply (worker id, role) pairs from `source` to the workers it owns."""
+        for wid, role in roles:
+            w = self.workers.get(wid)
+            if w is not None and w.source == source:
+                w.role = role
+
+    @property
+    def disaggregated(self) -> bool:
+        """True when some worker is in the prefill pool (the P/D split is in use)."""
+        return any(w.role == "prefill" for w in self.workers.values())
+
+    def pools(self, now: float) -> dict[str, list[str]]:
+        """Worker ids by role, available ones only (for /ready)."""
+        out: dict[str, list[str]] = {r: [] for r in ("prefill", "decode", "both")}
+        for w in self.workers.values():
+            if w.available(now):
+                out[w.role].append(w.id)
         return out
 
     def lists(self, model: str) -> bool:

@@ -304,21 +304,23 @@ NOW_US = 1_800_000_000_000_000
 def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str]]:
     """(script, keys, args, the argument Lua must name) with every other argument valid."""
     w = "w"
-    rec = [k.worker(w), k.cut(w), k.workers, k.head_prefix]
-    store = [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix]
+    rec = [k.worker(w), k.cut(w), k.workers, k.head_prefix, k.lru(w)]
+    store = [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix, k.lru(w)]
+    evict = [k.worker(w), k.cut(w), k.lru(w)]
+    release = [k.engine_map(w), k.worker(w), k.cut(w), k.lru(w)]
     blocks48 = packed[:16] + "0" * 16 + packed[:16]
     return [
         ("record_chain", rec, [w, packed, NOW_US, NOW_US, "lots", 100], "capacity"),
         ("record_chain", rec, [w, packed + "abc", NOW_US, NOW_US, 0, 100], "chain"),
-        ("evict_blocks", rec[:2], [w, packed[:-16] + "zz" * 8, 0, 1], "blocks"),
+        ("evict_blocks", evict, [w, packed[:-16] + "zz" * 8, 0, 1], "blocks"),
         ("record_chain", rec, [w, packed, NOW_US, NOW_US, 0, 0], "limit"),
         ("record_chain", rec, ["a|b", packed, NOW_US, NOW_US, 0, 100], "worker"),
         ("record_chain", rec, [w, packed, 0, NOW_US, 0, 100], "now"),
         ("record_chain", rec, [w, packed, NOW_US, NOW_US - 1, 0, 100], "top"),
-        ("evict_blocks", rec[:2], [w, packed, 0, 7], "mark_holes"),
+        ("evict_blocks", evict, [w, packed, 0, 7], "mark_holes"),
         ("store_engine_blocks", store, [w, blocks48, "01", 0, HOUR, 0, 100], "roots"),
         ("store_engine_blocks", store, [w, blocks48, "1", 0, -4, 0, 100], "ttl"),
-        ("release_engine_blocks", store[:3], [w, packed[:15], 0], "blocks"),
+        ("release_engine_blocks", release, [w, packed[:15], 0], "blocks"),
         ("acquire_lease", [k.leases, k.load], [w, "id", -2, 100, 0], "prefill_tokens"),
         ("release_lease", [k.leases, k.load], [w, "id", 0, "sometimes"], "mode"),
         (
@@ -402,3 +404,21 @@ async def test_head_entries_follow_the_records(idx: ResidencyIndex, any_client: 
     await idx.clear_worker(M, "w")
     assert await any_client.exists(k.worker_heads("w")) == 0
     assert await any_client.zrange(k.head(f"{chains[0][0]:016x}"), 0, -1) == ["w2"]
+
+
+async def test_trim_drops_the_least_recently_accessed_whatever_the_source(
+    idx: ResidencyIndex,
+) -> None:
+    """At capacity, a block a router dispatched just now outlives one an engine confirmed an
+    hour ago, although the confirmed record is valid for longer (issue #17, item 4)."""
+    now = int(time.time() * 1000)
+    old, new = chain(4, seed=100), chain(2, seed=200)
+    confirmed = [EngineBlock(1000 + i, None if i == 0 else 999 + i, k) for i, k in enumerate(old)]
+    # Confirmed an hour ago with a two-hour life: valid for another hour.
+    await idx.store_engine_blocks(M, "w", confirmed, ttl_ms=2 * HOUR, now_ms=now - HOUR)
+    # Dispatched now, speculative: valid for 30 s only, so lowest by valid-until.
+    r = await idx.record(M, "w", new, ttl_new_ms=30_000, capacity=4)
+    assert r.evicted == 2
+    assert (await idx.lookup(M, new)).depth("w") == 2
+    # The confirmed chain lost its tail (least recently accessed), not its head.
+    assert (await idx.lookup(M, old)).depth("w") == 2

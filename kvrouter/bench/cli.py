@@ -27,6 +27,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "kvrouter.bench.decode_bench",
         "KV-event payload decoding throughput vs a bare msgpack unpack",
     ),
+    "priority": (
+        "kvrouter.bench.priority_bench",
+        "interactive TTFT under batch saturation, with and without the priority queue",
+    ),
     "router": (
         "kvrouter.bench.router_bench",
         "latency the router adds, throughput, tokenizer cache",

@@ -36,9 +36,9 @@ from eviction_listener.events import (
     decode_batch,
 )
 from eviction_listener.metrics import ListenerMetrics
-from eviction_listener.testing import encode_batch
 from eviction_listener.zmq_source import Delivered
 from kvrouter.bench.common import emit_json, print_table, redis_server
+from kvrouter.bench.vllm_wire import encode_batch
 from kvrouter.index.connection import connect
 from kvrouter.index.hashing import BlockHasher, extend_chain
 from kvrouter.index.keys import KeySchema

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _processes(redis_url: str) -> Iterator[tuple[str, str]]:
-    """A fast fake worker and a router, each its own process, as in a deployment."""
+    """A canned worker and a router, each its own process, as in a deployment."""
     wport, rport = free_port(), free_port()
     worker_url = f"http://127.0.0.1:{wport}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -79,7 +79,7 @@ def _processes(redis_url: str) -> Iterator[tuple[str, str]]:
         prefix="kvr-bench-router-", suffix=".log", delete=False
     )
     worker = subprocess.Popen(
-        [sys.executable, "-m", "router_node.testing", "--port", str(wport), "--fast"],
+        [sys.executable, "-m", "kvrouter.bench.canned_worker", "--port", str(wport)],
         stdout=subprocess.DEVNULL,
         stderr=log,
         env=env,

@@ -10,6 +10,23 @@ trace; then a report compares them:
   round_robin, random, least_load, prefix_only, session   the baselines
   kv_4x       `kv` with 4 router replicas behind a round-robin front (the replay client
               alternates between them request by request): shared state must route as well
+  kv_pd       prefill/decode disaggregation at the same GPU count: a quarter of the workers
+              prefill (2 of 8), the rest decode, kv policy, events on; the decode workers
+              pull the KV over a simulated link; a request runs whole on a decode worker when
+              its uncached suffix is short or the prefill pool is saturated
+  kv_pd_always  `kv_pd` without the saturation guard: every long uncached prompt takes the
+              prefill hop, however long the prefill queue
+  kv_pd_half  `kv_pd` with half the workers prefilling (4 of 8): the Mooncake trace is
+              prefill-heavy (long prompts, short answers)
+  kv_pd_4x    `kv_pd` with 4 router replicas
+
+Time per output token (TPOT) is where the split pays: in aggregated serving a prefill chunk
+batched with decodes stretches that step for every decode in it (the simulator's step time
+grows with the step's prefill tokens); decode workers of a split fleet prefill only a prompt's
+last block. `compute_hit_ratio` is 1 - prompt tokens the engines computed / prompt tokens sent,
+from the workers' own counters: comparable across split and aggregated fleets (a decode
+worker's `cached_tokens` does not count pulled blocks, as in vLLM). `transfer_gb` is the KV
+the decode workers pulled.
 
 Hit ratio is cached over prompt tokens, as the workers report it in `usage`. It is shown next
 to two ideals over the same requests: one infinite cache (`ideal_hit_ratio`) and one LRU cache
@@ -33,7 +50,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import re
 import statistics
 import sys
 import time
@@ -41,6 +57,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvrouter.bench.common import emit_json
 from kvrouter.bench.stack import LocalStack, StackConfig
@@ -61,8 +79,19 @@ class Variant:
     policy: str
     kv_events: bool
     replicas: int = 1
+    prefill_share: float = 0.0
+    """Prefill/decode split: this share of the workers (at least one) prefill; 0 = none."""
+    router_env: tuple[tuple[str, str], ...] = ()
+
+    def prefill_workers(self, workers: int) -> int:
+        if not self.prefill_share:
+            return 0
+        return min(workers - 1, max(1, round(workers * self.prefill_share)))
 
 
+# The conditional split's saturation guard: once every prefill worker has about a second of
+# prefill queued (16k tokens/s simulated), requests run whole on the decode workers.
+PD_SATURATION = (("KVR_PD_SATURATION_TOKENS", "16384"),)
 VARIANTS = (
     Variant("kv", "kv", True),
     Variant("kv_approx", "kv", False),
@@ -72,6 +101,10 @@ VARIANTS = (
     Variant("prefix_only", "prefix_only", False),
     Variant("session", "session", False),
     Variant("kv_4x", "kv", True, replicas=4),
+    Variant("kv_pd", "kv", True, prefill_share=0.25, router_env=PD_SATURATION),
+    Variant("kv_pd_always", "kv", True, prefill_share=0.25),
+    Variant("kv_pd_half", "kv", True, prefill_share=0.5, router_env=PD_SATURATION),
+    Variant("kv_pd_4x", "kv", True, replicas=4, prefill_share=0.25, router_env=PD_SATURATION),
 )
 # --quick: the first 900 requests (about 5 minutes of the trace), 4 times faster. At 6x the
 # listener, simulator, router, client and Redis saturated two cores and the run measured the
@@ -165,7 +198,8 @@ async def run_variant(
     cfg = StackConfig(
         workers=args.workers, policy=v.policy, kv_events=v.kv_events, replicas=v.replicas,
         capacity_tokens=args.capacity_tokens, time_scale=scale, redis_url=redis_url,
-        model=base, adapters=names[1:],
+        model=base, adapters=names[1:], prefill_workers=v.prefill_workers(args.workers),
+        extra_router_env=v.router_env,
         prefill_tokens_per_s=getattr(args, "prefill_tokens_per_s", None),
         speed_mix=getattr(args, "speed_mix", "") or "",
     )  # fmt: skip
@@ -199,12 +233,20 @@ async def run_variant(
             records = [r for rs in results for r in rs]
         duration = time.monotonic() - t0
         reasons: Counter[str] = Counter()
+        pd_reasons: Counter[str] = Counter()
         lags: list[tuple[float | None, float | None]] = []
         for url in stack.router_urls:
             text = await stack.metrics(url)
             reasons.update(decision_reasons(text))
+            pd_reasons.update(pd_decision_reasons(text))
             lags.append(loop_lag(text))
+        fleet = await fleet_counters(stack)
     summary = finish_summary(records, duration, reasons, args.workers, scale)
+    summary.update(fleet)
+    sent = summary["prompt_tokens"]
+    summary["compute_hit_ratio"] = 1 - fleet["computed_prompt_tokens"] / sent if sent else 0.0
+    if pd_reasons:
+        summary["pd_decisions"] = dict(sorted(pd_reasons.items()))
     # The worst replica's lag counts: requests through it waited for its loop.
     p99s = [p for p, _ in lags if p is not None]
     peaks = [m for _, m in lags if m is not None]
@@ -223,6 +265,31 @@ async def run_variant(
             for name, rs in per_model.items()
         }
     return summary, records
+
+
+async def fleet_counters(stack: LocalStack) -> dict[str, Any]:
+    """The simulated workers' own counters, summed: prompt tokens computed and KV pulled."""
+    import aiohttp
+
+    assert stack.fleet is not None
+    computed = pulled = 0
+    async with aiohttp.ClientSession() as s:
+        for w in stack.fleet.workers:
+            async with s.get(f"{w.url}/admin/state") as r:
+                st = await r.json()
+            computed += int(st["stats"]["prompt_tokens"])
+            pulled += int(st.get("pd", {}).get("pulled_bytes", 0))
+    return {"computed_prompt_tokens": computed, "transfer_gb": pulled / 1e9}
+
+
+def pd_decision_reasons(metrics_text: str) -> Counter[str]:
+    """A router's prefill/decode decisions by reason (split, short_suffix, ...)."""
+    out: Counter[str] = Counter()
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "kvrouter_pd_decisions_total":
+                out[s.labels["reason"]] += int(s.value)
+    return out
 
 
 def finish_summary(
@@ -266,6 +333,10 @@ def combine_runs(
     for key in ("loop_lag_p99_s", "loop_lag_max_s"):
         lags = [s[key] for s, _ in runs if s.get(key) is not None]
         summary[key] = max(lags) if lags else None
+    for key in ("computed_prompt_tokens", "transfer_gb"):
+        summary[key] = sum(s.get(key, 0) for s, _ in runs)
+    sent = summary["prompt_tokens"]
+    summary["compute_hit_ratio"] = 1 - summary["computed_prompt_tokens"] / sent if sent else 0.0
     ratios = [s["hit_ratio"] for s, _ in runs]
     summary["hit_ratio_runs"] = ratios
     summary["hit_ratio_sd"] = statistics.stdev(ratios)
@@ -290,16 +361,19 @@ SIMULATED_SECONDS = (
 # (simulated seconds, p99) measured the machine: 5% of the default 2 s TTFT objective.
 DEFAULT_MAX_LAG_S = 0.1
 
-_LAG_BUCKET = re.compile(r'^kvrouter_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.M)
-_LAG_MAX = re.compile(r"^kvrouter_event_loop_lag_max_seconds (\S+)$", re.M)
-
 
 def loop_lag(metrics_text: str) -> tuple[float | None, float | None]:
     """(p99, max) of a router's event-loop lag in real seconds from its /metrics text; the
     p99 is the upper bound of the histogram bucket it falls in (None without samples)."""
-    buckets = [(float(le), float(n)) for le, n in _LAG_BUCKET.findall(metrics_text)]
-    m = _LAG_MAX.search(metrics_text)
-    peak = float(m.group(1)) if m else None
+    buckets: list[tuple[float, float]] = []
+    peak: float | None = None
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "kvrouter_event_loop_lag_seconds_bucket":
+                buckets.append((float(s.labels["le"]), s.value))
+            elif s.name == "kvrouter_event_loop_lag_max_seconds":
+                peak = s.value
+    buckets.sort()
     if not buckets or buckets[-1][1] <= 0:
         return None, peak
     total = buckets[-1][1]
@@ -322,18 +396,15 @@ def validity(summary: dict[str, Any], max_lag_s: float) -> list[str]:
     return why
 
 
-_DECISION = re.compile(
-    r'^kvrouter_routing_decisions_total\{[^}]*reason="([^"]+)"[^}]*\} (\S+)$', re.M
-)
-
-
 def decision_reasons(metrics_text: str) -> Counter[str]:
     """A router's routing decisions by reason (``kvrouter_routing_decisions_total``): for
     ``kv``, how often the best-matched worker won (prefix), lost to its load (load), was held
     back by the hot-spot guard (guard), or nobody matched (no_match)."""
     out: Counter[str] = Counter()
-    for reason, value in _DECISION.findall(metrics_text):
-        out[reason] += int(float(value))
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "kvrouter_routing_decisions_total":
+                out[s.labels["reason"]] += int(s.value)
     return out
 
 
@@ -407,6 +478,10 @@ async def _bench(
         name: sorted(r.ttft_s * scale for _, rs in vr for r in rs if r.ok and r.ttft_s is not None)
         for name, vr in runs.items()
     }
+    tpots = {
+        name: sorted(r.tpot_s * scale for _, rs in vr for r in rs if r.ok and r.tpot_s is not None)
+        for name, vr in runs.items()
+    }
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, after all the traffic
@@ -419,6 +494,9 @@ async def _bench(
     replicas = replica_comparison(results)
     if replicas:
         table += "\n\n" + replicas
+    pd = pd_table(results)
+    if pd:
+        table += "\n\n" + pd
     table += "\n\n" + validity_lines(results)
     print(table)
     meta = {"requests": len(requests), "start": args.start, "workers": args.workers,
@@ -430,14 +508,21 @@ async def _bench(
     (out / "results.json").write_text(json.dumps({**meta, "variants": results}, indent=2))
     (out / "report.md").write_text(_markdown(table, meta, args))
     if not args.no_plots:
-        plot_results(out, results, ttfts, ideal, pooled)
+        plot_results(out, results, ttfts, ideal, pooled, tpots)
     final: dict[str, Any] = {"bench": "routing", "quick": bool(args.quick), **meta, "policies": {}}
     for name, s in results.items():
         final["policies"][name] = {
             "hit_ratio": round(s["hit_ratio"], 4),
             "ttft_p50_s": _r(s["ttft_p50_s"]),
             "ttft_p99_s": _r(s["ttft_p99_s"]),
+            "tpot_p50_s": _r(s.get("tpot_p50_s")),
+            "tpot_p99_s": _r(s.get("tpot_p99_s")),
+            "compute_hit_ratio": _r(s.get("compute_hit_ratio")),
+            "transfer_gb": _r(s.get("transfer_gb")),
             "failed": s["failed"],
+            "exact_share": _r(s.get("exact_share")),
+            "over_share": _r(s.get("over_share")),
+            "under_share": _r(s.get("under_share")),
             "invalid": s["invalid"],
         }
         if "hit_ratio_runs" in s:
@@ -528,6 +613,28 @@ def decisions_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pd_table(results: dict[str, dict[str, Any]]) -> str:
+    """Split against aggregated serving at the same GPU count: TTFT, time per output token,
+    compute hit ratio, KV moved, and why split variants skipped the prefill hop."""
+    if not any(s.get("pd_decisions") for s in results.values()):
+        return ""
+    lines = [
+        "| variant | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | compute hit | transfer GB "
+        "| P/D decisions |",
+        "|" + "---|" * 8,
+    ]
+    for name, s in results.items():
+        d = s.get("pd_decisions") or {}
+        total = sum(d.values()) or 1
+        shown = ", ".join(f"{k} {v / total:.0%}" for k, v in d.items()) or "aggregated"
+        lines.append(
+            f"| {name} | {_fmt(s['ttft_p50_s'])} | {_fmt(s['ttft_p99_s'])} "
+            f"| {_fmt(s.get('tpot_p50_s'), 4)} | {_fmt(s.get('tpot_p99_s'), 4)} "
+            f"| {_fmt(s.get('compute_hit_ratio'))} | {_fmt(s.get('transfer_gb'), 2)} | {shown} |"
+        )
+    return "\n".join(lines)
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
@@ -537,21 +644,31 @@ def _fmt(x: float | None, nd: int = 3) -> str:
 
 
 def results_table(results: dict[str, dict[str, Any]], ideal: float, pooled: float) -> str:
+    # exact / over / under: the router's matched tokens against the engine's cached tokens
+    # per request (share predicted exactly; over- and under-predicted tokens as a share of
+    # the prompt tokens).
     head = ("| policy | hit ratio | of pooled | TTFT p50 | p90 | p99 | e2e p50 | p99 | req/s "
-            "| failed | rejected | load max/mean |")  # fmt: skip
-    lines = [head, "|" + "---|" * 12]
+            "| failed | rejected | load max/mean | exact | over | under |")  # fmt: skip
+    lines = [head, "|" + "---|" * 15]
     for name, s in results.items():
         lines.append(
             f"| {name} | {s['hit_ratio']:.3f} | {s['hit_ratio'] / pooled if pooled else 0:.2f} "
             f"| {_fmt(s['ttft_p50_s'])} | {_fmt(s['ttft_p90_s'])} | {_fmt(s['ttft_p99_s'])} "
             f"| {_fmt(s['e2e_p50_s'], 2)} | {_fmt(s['e2e_p99_s'], 2)} | {s['throughput_rps']:.2f} "
-            f"| {s['failed']} | {s['rejected']} | {s['load_max_over_mean']:.2f} |"
+            f"| {s['failed']} | {s['rejected']} | {s['load_max_over_mean']:.2f} "
+            f"| {_pct(s.get('exact_share'))} | {_pct(s.get('over_share'), 2)} "
+            f"| {_pct(s.get('under_share'), 2)} |"
         )
-    lines.append(f"| ideal (one infinite cache) | {ideal:.3f} | | | | | | | | | | |")
+    lines.append(f"| ideal (one infinite cache) | {ideal:.3f} | | | | | | | | | | | | | |")
     lines.append(
-        f"| pooled (one LRU of the fleet's capacity) | {pooled:.3f} | 1.00 | | | | | | | | | |"
+        f"| pooled (one LRU of the fleet's capacity) | {pooled:.3f} | 1.00 "
+        "| | | | | | | | | | | | |"
     )
     return "\n".join(lines)
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
 
 
 def _markdown(table: str, meta: dict[str, Any], args: argparse.Namespace) -> str:
@@ -561,7 +678,8 @@ def _markdown(table: str, meta: dict[str, Any], args: argparse.Namespace) -> str
         f"{meta['requests']} requests from trace offset {meta['start']}, {meta['workers']} workers "
         f"x {meta['capacity_tokens']:,} tokens of KV cache, time scale {meta['time_scale']:g}. "
         "Latencies in simulated seconds.\n\n" + table + "\n\n"
-        "![TTFT CDF](ttft_cdf.png) ![hit ratio](hit_ratio.png) ![load](load.png)\n"
+        "![TTFT CDF](ttft_cdf.png) ![TPOT CDF](tpot_cdf.png) ![hit ratio](hit_ratio.png) "
+        "![load](load.png)\n"
     )
 
 
@@ -571,6 +689,7 @@ def plot_results(
     ttfts: dict[str, list[float]],
     ideal: float,
     pooled: float,
+    tpots: dict[str, list[float]] | None = None,
 ) -> None:
     """ttft_cdf.png, hit_ratio.png and load.png in `out` (nothing without matplotlib)."""
     try:
@@ -594,6 +713,21 @@ def plot_results(
     fig.tight_layout()
     fig.savefig(out / "ttft_cdf.png", dpi=110)
     plt.close(fig)
+
+    if tpots and any(tpots.values()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, xs in tpots.items():
+            if xs:
+                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("time per output token (simulated s)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title("TPOT CDF: aggregated and prefill/decode split")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "tpot_cdf.png", dpi=110)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(results)

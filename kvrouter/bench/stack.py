@@ -52,9 +52,16 @@ class StackConfig:
     """Each worker's prefill throughput (None: the simulator's default)."""
     speed_mix: str = ""
     """The simulator's ``--speed-mix`` (speed factors given to the workers in turn)."""
+    sim_args: tuple[str, ...] = ()
+    """Extra `kvrouter sim` flags (e.g. a smaller --max-batch to saturate the fleet)."""
     adapters: tuple[str, ...] = ()
     """LoRA adapters of `model` every simulated worker also serves (routers learn them from
     the workers' /v1/models; the listener indexes their events under their own names)."""
+    prefill_workers: int = 0
+    """Prefill/decode disaggregation: the first N simulated workers are prefill workers and
+    the routers get them as ``@prefill``, the others as ``@decode`` (0 = no split)."""
+    extra_sim_args: tuple[str, ...] = ()
+    """More `kvrouter sim` flags (engine speed, link bandwidth)."""
 
 
 @dataclass
@@ -141,6 +148,7 @@ class LocalStack:
             *(["--prefill-tokens-per-s", str(cfg.prefill_tokens_per_s)]
               if cfg.prefill_tokens_per_s else []),
             *(["--speed-mix", cfg.speed_mix] if cfg.speed_mix else []),
+            "--prefill-workers", str(cfg.prefill_workers), *cfg.extra_sim_args, *cfg.sim_args,
         ])  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.exists():
@@ -171,7 +179,8 @@ class LocalStack:
 
         worker_flags: list[str] = []
         for w in self.fleet.workers:
-            worker_flags += ["--worker", f"{w.id}={w.url}"]
+            role = f"@{w.role}" if w.role != "both" else ""
+            worker_flags += ["--worker", f"{w.id}={w.url}{role}"]
         router_env = {
             **common_env,
             "KVR_KV_EVENTS": "true" if cfg.kv_events else "false",

@@ -49,6 +49,11 @@ def validate_model(model: str) -> str:
     return model
 
 
+def glob_escape(text: str) -> str:
+    """`text` as a literal in a Redis glob (PSUBSCRIBE, SCAN MATCH, ACL ``&`` patterns)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelKeys:
     """Key names of one model's slice of the index (all in one Cluster slot)."""
@@ -64,12 +69,17 @@ class ModelKeys:
     # -- residency ---------------------------------------------------------------------
     @property
     def worker_prefix(self) -> str:
-        """Scripts append a worker id to this to name its LRU ZSET."""
+        """Scripts append a worker id to this to name its records ZSET."""
         return f"{self.base}:wrk:"
 
     def worker(self, worker: str) -> str:
-        """ZSET block hex -> valid-until us: the model of one worker's cache, in LRU order."""
+        """ZSET block hex -> valid-until us: the model of one worker's cache (what is live)."""
         return f"{self.base}:wrk:{validate_worker_id(worker)}"
+
+    def lru(self, worker: str) -> str:
+        """ZSET block hex -> last access us: the same blocks as ``worker``, in the one order
+        capacity trimming follows (least recently accessed first, whatever wrote them)."""
+        return f"{self.base}:lru:{validate_worker_id(worker)}"
 
     @property
     def cut_prefix(self) -> str:
@@ -126,8 +136,22 @@ class ModelKeys:
 
     @property
     def notices(self) -> str:
-        """Pub/sub channel of msgpack notices for this model."""
+        """Pub/sub channel of msgpack notices for this model (any worker's)."""
         return f"{self.base}:notices"
+
+    def worker_notices(self, worker: str) -> str:
+        """Pub/sub channel of one worker's notices: a notice on it must name that worker, so a
+        Redis ACL that lets the worker PUBLISH only here keeps it from speaking for others."""
+        return f"{self.base}:notices:{validate_worker_id(worker)}"
+
+    @property
+    def worker_notices_prefix(self) -> str:
+        return f"{self.base}:notices:"
+
+    @property
+    def worker_notices_pattern(self) -> str:
+        """PSUBSCRIBE pattern of every worker's notice channel of this model."""
+        return glob_escape(self.worker_notices_prefix) + "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +189,14 @@ class KeySchema:
     def listeners(self) -> str:
         """ZSET listener id -> last heartbeat ms (wall clock)."""
         return f"{self.prefix}:listeners"
+
+    def rate_bucket(self, client: str) -> str:
+        """HASH tok / ts: one client's request token bucket (take_token-1.lua). `client` is
+        a digest of its API key or its address (never the key itself); the hash tag keeps
+        each bucket in one Cluster slot."""
+        if not client or any(c in client for c in "{}\n\r ") or len(client) > _MAX_ID_LEN:
+            raise KeyNameError(f"rate-limit client id {client[:40]!r} is not a key-safe id")
+        return f"{self.prefix}:rl:{{{client}}}"
 
     def model_pattern(self) -> str:
         """A SCAN MATCH pattern for the metadata key of every model."""

@@ -209,7 +209,7 @@ class ResidencyIndex:
         w = worker_arg(worker)
         return RecordCall(
             script=self.scripts["record_chain"],
-            keys=[k.worker(w), k.cut(w), k.workers, k.head_prefix],
+            keys=[k.worker(w), k.cut(w), k.workers, k.head_prefix, k.lru(w)],
             worker=w,
             packed=pack_keys("chain", chain),
             now_ms=nonneg("now_ms", now_ms),
@@ -243,7 +243,7 @@ class ResidencyIndex:
         w = worker_arg(worker)
         return ScriptCall(
             self.scripts["evict_blocks"],
-            [k.worker(w), k.cut(w)],
+            [k.worker(w), k.cut(w), k.lru(w)],
             [w, pack_keys("keys", keys), nonneg("now_ms", now_ms), 1 if mark_holes else 0],
             int,
         )
@@ -270,7 +270,7 @@ class ResidencyIndex:
         w = worker_arg(worker)
         return ScriptCall(
             self.scripts["clear_worker"],
-            [k.worker(w), k.cut(w), k.engine_map(w), k.workers, k.head_prefix],
+            [k.worker(w), k.cut(w), k.engine_map(w), k.workers, k.head_prefix, k.lru(w)],
             [w],
             int,
         )
@@ -310,7 +310,7 @@ class ResidencyIndex:
             roots.append("1" if p is None else "0")
         return ScriptCall(
             self.scripts["store_engine_blocks"],
-            [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix],
+            [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix, k.lru(w)],
             [
                 w,
                 "".join(parts),
@@ -340,7 +340,7 @@ class ResidencyIndex:
         w = worker_arg(worker)
         return ScriptCall(
             self.scripts["release_engine_blocks"],
-            [k.engine_map(w), k.worker(w), k.cut(w)],
+            [k.engine_map(w), k.worker(w), k.cut(w), k.lru(w)],
             [w, pack_keys("engine_hashes", engine_hashes), nonneg("now_ms", now_ms)],
             lambda r: ReleaseResult(*(int(x) for x in r)),
         )
@@ -391,7 +391,7 @@ class ResidencyIndex:
         now_ms: int = 0,
         limit: int = 1000,
     ) -> ScriptCall:
-        """One worker's engine events for one model, in order (see apply_engine_events-6.lua).
+        """One worker's engine events for one model, in order (see apply_engine_events-7.lua).
 
         ``ops`` is one character per op (R, S, D, C); ``fields`` the packed hex fields
         (``pack_u64``). The script validates the fields; this checks the rest.
@@ -406,7 +406,15 @@ class ResidencyIndex:
             raise ScriptArgumentError("seq", f"must be an integer >= -1, got {seq!r}")
         return ScriptCall(
             self.scripts["apply_engine_events"],
-            [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix, k.listener_seq],
+            [
+                k.engine_map(w),
+                k.worker(w),
+                k.cut(w),
+                k.workers,
+                k.head_prefix,
+                k.listener_seq,
+                k.lru(w),
+            ],
             [
                 w,
                 ops,

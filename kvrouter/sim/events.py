@@ -31,6 +31,9 @@ class BlockStored:
     block_size: int
     lora_name: str | None = None
     """The LoRA adapter the blocks were computed under (None: the base model)."""
+    extra_keys: list[Any] | None = None
+    """One entry per block (None: no extra keys), as vLLM sends them; a salted request's
+    first block carries ``[cache_salt]`` (``[lora_name, cache_salt]`` under an adapter)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +54,7 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, Any]:
     """One event as the msgpack-ready object vLLM's msgspec encoder would produce."""
     if isinstance(event, BlockStored):
-        extra_keys: list[None] = [None] * len(event.block_hashes)
+        extra_keys = event.extra_keys or [None] * len(event.block_hashes)
         if encoding == "positional":
             return [
                 "BlockStored",

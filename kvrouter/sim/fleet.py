@@ -95,6 +95,7 @@ class SimFleet:
                     zmq_ctx=self._zmq,
                     tokenizer=tokenizer,
                     speed=s.speed_of(i),
+                    role=s.role(i),
                 )
             )
         self.info: FleetInfo | None = None

@@ -32,6 +32,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvrouter.sim.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -212,6 +213,7 @@ class KVCache:
         tokens: Sequence[int],
         num_full_blocks: int,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         """Hash the table's blocks up to `num_full_blocks` (now full) and announce them.
 
@@ -236,6 +238,11 @@ class KVCache:
         self._num_hashed += num_full_blocks - start
         table.num_registered = num_full_blocks
         chunk = tokens[start * bs : num_full_blocks * bs]
+        extra: list[Any] | None = None
+        if cache_salt is not None and start == 0:
+            # As vLLM: the salt is an extra key of the request's first block only.
+            extra = [None] * len(new_hashes)
+            extra[0] = [lora_name, cache_salt] if lora_name else [cache_salt]
         self._events.append(
             BlockStored(
                 block_hashes=list(new_hashes),
@@ -243,6 +250,7 @@ class KVCache:
                 token_ids=chunk.tolist() if isinstance(chunk, array) else list(chunk),
                 block_size=bs,
                 lora_name=lora_name,
+                extra_keys=extra,
             )
         )
 

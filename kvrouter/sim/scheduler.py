@@ -111,6 +111,7 @@ class SimRequest:
         "_digest",
         "_filler_offset",
         "arrival_s",
+        "cache_salt",
         "cached_tokens",
         "error",
         "finish_s",
@@ -124,6 +125,7 @@ class SimRequest:
         "num_preemptions",
         "prefilling",
         "prompt_len",
+        "remote_tokens",
         "request_id",
         "state",
         "table",
@@ -137,9 +139,11 @@ class SimRequest:
         max_tokens: int,
         root: bytes,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.lora_name = lora_name
+        self.cache_salt = cache_salt
         self.tokens: array[int] = array("I", prompt)
         self.prompt_len = len(self.tokens)
         self.max_tokens = max_tokens
@@ -147,6 +151,9 @@ class SimRequest:
         self.num_computed = 0
         self.num_preemptions = 0
         self.prefilling = True
+        self.remote_tokens = 0
+        """Leading prompt tokens whose KV was pulled from a prefill worker (P/D): admitted as
+        computed, without prefill time (the pull was already waited for)."""
         self.table = BlockTable()
         self.hashes: list[int] = []
         self._digest = root
@@ -259,11 +266,13 @@ class Scheduler:
         *,
         root: bytes | None = None,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
     ) -> SimRequest:
         """Queue a request arriving at simulated time `now_s` (`root`: the hash root of its
-        model, default the engine's; `lora_name`: its adapter, named in its KV events)."""
+        model and salt, default the engine's; `lora_name`: its adapter, `cache_salt` its salt,
+        both named in its KV events)."""
         self.check(len(prompt), max_tokens)
-        req = SimRequest(request_id, prompt, max_tokens, root or self.root, lora_name)
+        req = SimRequest(request_id, prompt, max_tokens, root or self.root, lora_name, cache_salt)
         req.arrival_s = now_s
         self.waiting.append(req)
         return req
@@ -340,19 +349,24 @@ class Scheduler:
             n_tokens = len(req.tokens)
             req.ensure_hashes(n_tokens // bs, bs)
             hit = cache.match_prefix(req.hashes, n_tokens)
-            first = min(n_tokens - len(hit) * bs, budget)
-            need = _cdiv(len(hit) * bs + first, bs) - len(hit)
+            # Pulled KV counts as computed, in whole blocks, short of the last prompt token
+            # (computed here, as vLLM does, to sample the first token).
+            start = max(len(hit) * bs, min(req.remote_tokens, n_tokens - 1) // bs * bs)
+            first = min(n_tokens - start, budget)
+            need = _cdiv(start + first, bs) - len(hit)
             if not cache.can_allocate(hit, need):
                 break
             self.waiting.popleft()
             cache.allocate(req.table, hit, need)
-            req.num_computed = len(hit) * bs
+            req.num_computed = start
+            if start > len(hit) * bs:
+                self._register(req, bs)  # the pulled blocks are cached now (BlockStored)
             req.prefilling = True
             req.state = RequestState.RUNNING
             if req.cached_tokens is None:
-                req.cached_tokens = req.num_computed
+                req.cached_tokens = len(hit) * bs
             self.stats.prefix_queries_tokens += n_tokens
-            self.stats.prefix_hits_tokens += req.num_computed
+            self.stats.prefix_hits_tokens += len(hit) * bs
             running.append(req)
             n = min(n_tokens - req.num_computed, budget)
             prefill.append((req, n))
@@ -425,7 +439,9 @@ class Scheduler:
         full = req.num_computed // bs
         if full > req.table.num_registered:
             req.ensure_hashes(full, bs)
-            self.cache.register(req.table, req.hashes, req.tokens, full, req.lora_name)
+            self.cache.register(
+                req.table, req.hashes, req.tokens, full, req.lora_name, req.cache_salt
+            )
 
     def _grow(self, req: SimRequest, need: int) -> bool:
         """Give a running request `need` more blocks, preempting the newest requests (vLLM's
@@ -443,6 +459,7 @@ class Scheduler:
         self.running.remove(req)
         self.cache.free(req.table)
         req.num_computed = 0
+        req.remote_tokens = 0  # the pulled KV is gone with the blocks: recompute
         req.prefilling = True
         req.num_preemptions += 1
         req.state = RequestState.WAITING

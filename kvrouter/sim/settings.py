@@ -1,4 +1,4 @@
-"""Settings of `kvrouter sim`: one frozen dataclass, from `KVR_SIM_*` variables and flags.
+"""Settings of `kvrouter sim`: the shared schema's machinery with `KVR_SIM_*` variables and flags.
 
 Default capacity, and what it stands for
 ----------------------------------------
@@ -21,11 +21,12 @@ Default timing, and what it stands for
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import ClassVar, Literal, get_args
+
+from pydantic import model_validator
+from pydantic_settings import SettingsConfigDict
+
+from kvrouter.settings import Int, KvrSettings, Level, SettingsError, setting
 
 KvEventsMode = Literal["off", "positional", "map"]
 KV_EVENTS_MODES: tuple[str, ...] = get_args(KvEventsMode)
@@ -38,86 +39,125 @@ KV_BUDGET_BYTES_80GB = 52 * 1024**3
 DEFAULT_CAPACITY_TOKENS = KV_BUDGET_BYTES_80GB // BYTES_PER_TOKEN_LLAMA3_8B  # 425,984
 DEFAULT_MODEL = "sim-llama-3-8b"
 
-
-class SettingsError(ValueError):
-    """A setting is missing or invalid; the message names the flag and the variable."""
+__all__ = ["KV_EVENTS_MODES", "SettingsError", "SimSettings", "env_name", "flag_name"]
 
 
-@dataclass(frozen=True, slots=True)
-class SimSettings:
-    """Everything `kvrouter sim` needs; built by `from_env()` and CLI flags, validated here."""
+class SimSettings(KvrSettings):
+    """Everything `kvrouter sim` needs: the shared schema's machinery (one parser, one error
+    type) with the simulator's own ``KVR_SIM_*`` variables; it connects to no Redis."""
 
-    workers: int = 4
-    host: str = "127.0.0.1"
-    base_port: int = 8100
-    block_size: int = 16
-    capacity_tokens: int = DEFAULT_CAPACITY_TOKENS
-    model: str = DEFAULT_MODEL
-    lora_adapters: str = ""
-    """Comma-separated LoRA adapter names served besides `model` (listed with it as parent;
-    each caches its blocks apart: the adapter folded into the hash root, named in events)."""
-    max_model_len: int = 131_072
-    prefill_tokens_per_s: float = 16_000.0
-    speed_mix: str = ""
-    """Comma-separated speed factors given to the workers in turn ("2,1": every other worker
-    twice as fast): a mixed fleet. A factor multiplies prefill throughput and divides the
-    decode step times, as a faster GPU does both. Empty: every worker at factor 1."""
-    decode_step_ms: float = 10.0
-    decode_step_ms_per_seq: float = 0.25
-    max_batch: int = 256
-    max_batched_tokens: int = 8192
-    time_scale: float = 1.0
-    kv_events: KvEventsMode = "off"
-    kv_events_base_port: int = 5557
-    kv_events_topic: str = ""
-    kv_events_buffer_steps: int = 10_000
-    seed: int = 0
-    ready_file: str | None = None
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+    COMMAND: ClassVar[str] = "kvrouter sim"
 
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> SettingsError:
-            return SettingsError(f"{flag_name(name)} / {env_name(name)}: {why}")
+    workers: Int = setting(4, "number of simulated workers in this process", ge=1)
+    host: str = setting("127.0.0.1", "address every worker listens on (HTTP and ZMQ)")
+    base_port: Int = setting(
+        8100, "HTTP port of worker 0; worker i gets base+i (0 = free ports)", ge=0, le=65535
+    )
+    block_size: Int = setting(16, "tokens per KV-cache block", ge=1)
+    capacity_tokens: Int = setting(
+        DEFAULT_CAPACITY_TOKENS,
+        f"KV-cache capacity of each worker in tokens; the default {DEFAULT_CAPACITY_TOKENS:,} "
+        "is Llama-3-8B in bf16 (128 KiB per token) on one 80 GB GPU: 90% of 80 GiB minus "
+        "15 GiB of weights and ~5 GiB of activations leaves 52 GiB = 26,624 blocks of 16",
+    )
+    model: str = setting(DEFAULT_MODEL, "model name served (and checked) on the OpenAI API")
+    lora_adapters: str = setting(
+        "",
+        "comma-separated LoRA adapter names also served (parent: --model); each adapter's "
+        "blocks are its own, and its KV events carry lora_name",
+    )
+    max_model_len: Int = setting(131_072, "longest prompt + max_tokens accepted", ge=1)
+    prefill_tokens_per_s: float = setting(
+        16_000.0, "uncached prompt tokens prefilled per simulated second", gt=0
+    )
+    speed_mix: str = setting(
+        "",
+        "comma-separated speed factors given to the workers in turn (2,1: every other worker "
+        "twice as fast in prefill and decode); empty = all alike",
+    )
+    decode_step_ms: float = setting(10.0, "base duration of one engine step (simulated ms)", ge=0)
+    decode_step_ms_per_seq: float = setting(
+        0.25, "added to each step per sequence in the batch (simulated ms)", ge=0
+    )
+    max_batch: Int = setting(256, "most sequences in the running batch (vLLM max_num_seqs)", ge=1)
+    max_batched_tokens: Int = setting(
+        8192, "token budget of one step; longer prefills are chunked", ge=1
+    )
+    time_scale: float = setting(
+        1.0, "simulated seconds per real second (60 replays an hour in a minute)", gt=0
+    )
+    kv_events: KvEventsMode = setting(
+        "off", "publish KV events over ZMQ in vLLM's positional or map encoding"
+    )
+    kv_events_base_port: Int = setting(
+        5557,
+        "PUB port of worker 0; worker i gets base+2i, replay base+2i+1 (0 = free ports)",
+        ge=0,
+        le=65535,
+    )
+    kv_events_topic: str = setting("", "topic frame of every event message")
+    kv_events_buffer_steps: Int = setting(10_000, "event batches kept for replay", ge=0)
+    seed: Int = setting(0, "seed folded into the engine block hashes")
+    ready_file: str | None = setting(None, "write the fleet's JSON description here once listening")
+    log_level: Level = setting("info", "logging level on stderr: debug, info, warning or error")
+    prefill_workers: Int = setting(
+        0,
+        "P/D: the first N workers are prefill workers, the rest decode workers (0 = all serve "
+        "whole requests)",
+        ge=0,
+    )
+    kv_bytes_per_token: Int = setting(
+        131_072,
+        "P/D: KV cache bytes per token a decode worker pulls (Llama-3-8B in bf16: 2 x 32 "
+        "layers x 8 KV heads x 128 dims x 2 bytes)",
+        ge=0,
+    )
+    transfer_gb_per_s: float = setting(
+        25.0, "P/D: prefill-to-decode link bandwidth in GB/s (simulated time)", gt=0
+    )
 
-        positive_ints = ("workers", "block_size", "max_batch", "max_batched_tokens")
-        for name in positive_ints:
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+    @classmethod
+    def names(cls, name: str) -> str:
+        # The simulator is driven by flags far more than by variables: flag first.
+        return f"{cls.flag_name(name)} / {cls.env_name(name)}"
+
+    @model_validator(mode="after")
+    def _across_fields(self) -> SimSettings:
         for name in ("base_port", "kv_events_base_port"):
             port = getattr(self, name)
-            if not 0 <= port <= 65535:
-                raise bad(name, f"must be a TCP port (0 picks free ports), got {port}")
             if port and port + 2 * self.workers > 65536:
-                raise bad(name, f"{self.workers} workers do not fit above port {port}")
-        for name in ("prefill_tokens_per_s", "time_scale"):
-            if not getattr(self, name) > 0:
-                raise bad(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("decode_step_ms", "decode_step_ms_per_seq"):
-            if not getattr(self, name) >= 0:
-                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{self.names(name)}: {self.workers} workers do not fit above port {port}"
+                )
         if self.capacity_tokens < self.block_size:
-            raise bad(
-                "capacity_tokens",
-                f"must hold at least one block of {self.block_size} tokens, "
-                f"got {self.capacity_tokens}",
+            raise ValueError(
+                f"{self.names('capacity_tokens')}: must hold at least one block of "
+                f"{self.block_size} tokens, got {self.capacity_tokens}"
+            )
+        if self.prefill_workers >= self.workers:
+            raise ValueError(
+                f"{self.names('prefill_workers')}: must be below --workers so a decode worker "
+                f"remains, got {self.prefill_workers}"
             )
         try:
             speeds = self.speeds
         except ValueError:
-            raise bad(
-                "speed_mix", f"expected comma-separated numbers, got {self.speed_mix!r}"
+            raise ValueError(
+                f"{self.names('speed_mix')}: expected comma-separated numbers, "
+                f"got {self.speed_mix!r}"
             ) from None
         if any(not x > 0 for x in speeds):
-            raise bad("speed_mix", f"every factor must be > 0, got {self.speed_mix!r}")
-        if self.max_model_len < 1:
-            raise bad("max_model_len", f"must be >= 1, got {self.max_model_len}")
-        if self.kv_events not in KV_EVENTS_MODES:
-            raise bad("kv_events", f"must be one of {', '.join(KV_EVENTS_MODES)}")
-        if self.kv_events_buffer_steps < 0:
-            raise bad("kv_events_buffer_steps", "must be >= 0")
+            raise ValueError(
+                f"{self.names('speed_mix')}: every factor must be > 0, got {self.speed_mix!r}"
+            )
         if not self.model:
-            raise bad("model", "must not be empty")
+            raise ValueError(f"{self.names('model')}: must not be empty")
         if self.model in self.adapters:
-            raise bad("lora_adapters", f"must not name the base model {self.model!r}")
+            raise ValueError(
+                f"{self.names('lora_adapters')}: must not name the base model {self.model!r}"
+            )
+        return self
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -126,7 +166,8 @@ class SimSettings:
 
     @property
     def speeds(self) -> tuple[float, ...]:
-        """The parsed `speed_mix` (empty when unset)."""
+        """The parsed `speed_mix` (empty when unset): a mixed fleet. A factor multiplies
+        prefill throughput and divides the decode step times, as a faster GPU does both."""
         return tuple(float(x) for x in self.speed_mix.split(",") if x.strip())
 
     def speed_of(self, index: int) -> float:
@@ -134,89 +175,27 @@ class SimSettings:
         speeds = self.speeds
         return speeds[index % len(speeds)] if speeds else 1.0
 
+    def role(self, index: int) -> str:
+        """The prefill/decode role of worker `index`."""
+        if not self.prefill_workers:
+            return "both"
+        return "prefill" if index < self.prefill_workers else "decode"
+
+    def transfer_s(self, tokens: int) -> float:
+        """Simulated seconds to pull `tokens` tokens of KV cache over the link."""
+        return tokens * self.kv_bytes_per_token / (self.transfer_gb_per_s * 1e9)
+
     @property
     def num_gpu_blocks(self) -> int:
         """KV-cache capacity of one worker in blocks (whole blocks only, as vLLM)."""
         return self.capacity_tokens // self.block_size
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SimSettings:
-        """Settings from `KVR_SIM_<FIELD>` variables, then `overrides` (flags) on top.
-
-        Overrides whose value is None are ignored, so argparse defaults of None mean "not
-        given". Raises SettingsError naming the variable for unparsable values.
-        """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(env_name(f.name))
-            if raw is None or raw == "":
-                continue
-            try:
-                values[f.name] = _PARSERS[f.name](raw)
-            except ValueError as exc:
-                raise SettingsError(f"{env_name(f.name)}: {exc}") from None
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
 
 def env_name(field_name: str) -> str:
     """The environment variable of a field, e.g. `KVR_SIM_CAPACITY_TOKENS`."""
-    return ENV_PREFIX + field_name.upper()
+    return SimSettings.env_name(field_name)
 
 
 def flag_name(field_name: str) -> str:
     """The CLI flag of a field, e.g. `--capacity-tokens`."""
-    return "--" + field_name.replace("_", "-")
-
-
-def _int(raw: str) -> int:
-    try:
-        return int(raw.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"expected an integer, got {raw!r}") from None
-
-
-def _float(raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"expected a number, got {raw!r}") from None
-
-
-def _mode(raw: str) -> str:
-    if raw not in KV_EVENTS_MODES:
-        raise ValueError(f"expected one of {', '.join(KV_EVENTS_MODES)}, got {raw!r}")
-    return raw
-
-
-def _str(raw: str) -> str:
-    return raw
-
-
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "workers": _int,
-    "host": _str,
-    "base_port": _int,
-    "block_size": _int,
-    "capacity_tokens": _int,
-    "model": _str,
-    "lora_adapters": _str,
-    "max_model_len": _int,
-    "prefill_tokens_per_s": _float,
-    "speed_mix": _str,
-    "decode_step_ms": _float,
-    "decode_step_ms_per_seq": _float,
-    "max_batch": _int,
-    "max_batched_tokens": _int,
-    "time_scale": _float,
-    "kv_events": _mode,
-    "kv_events_base_port": _int,
-    "kv_events_topic": _str,
-    "kv_events_buffer_steps": _int,
-    "seed": _int,
-    "ready_file": _str,
-}
+    return SimSettings.flag_name(field_name)

@@ -50,6 +50,9 @@ ROUTER_SETTINGS = {
     "KVR_K8S_SELECTOR",
     "KVR_K8S_HTTP_PORT_NAME",
     "KVR_K8S_EVENTS_PORT_NAME",
+    "KVR_PD_MIN_PREFILL_TOKENS",
+    "KVR_PD_SATURATION_TOKENS",
+    "KVR_PD_TRANSFER_WEIGHT",
 }
 LISTENER_SETTINGS = {
     "KVR_REDIS_URL",
@@ -147,6 +150,7 @@ def secret_ref(c: dict[str, Any], name: str) -> tuple[str, str]:
 
 def test_examples_exist() -> None:
     assert [p.name for p in EXAMPLES] == [
+        "disaggregated.yaml",
         "external-redis-cluster.yaml",
         "minimal.yaml",
         "production.yaml",
@@ -361,6 +365,64 @@ def test_bundled_redis_without_password(helm: str) -> None:
     assert set(find(docs, "Secret")["data"]) == {"admin-token"}
 
 
+def test_notice_users_boot_a_real_redis_that_enforces_them(helm: str) -> None:
+    """The bundled Redis's per-worker notice users, rendered and then given to a real
+    redis-server as the kubelet would (the $(VAR) passwords expanded): each may publish on its
+    own notice channel only."""
+    import redis
+
+    from kvrouter.redisproc import RedisServer
+
+    docs = render(
+        helm,
+        *BASE,
+        *("--set", "redis.noticeUsers[0].worker=vllm-0:8000"),
+        *("--set", "redis.noticeUsers[0].existingSecret=notice-w0"),
+        *("--set", "redis.noticeUsers[1].worker=vllm-1:8000"),
+        *("--set", "redis.noticeUsers[1].existingSecret=notice-w1"),
+        *("--set", "redis.noticeUsers[1].passwordKey=pw"),
+    )
+    c = container(find(docs, "StatefulSet"), "redis")
+    assert secret_ref(c, "NOTICE_USER_PASSWORD_0") == ("notice-w0", "password")
+    assert secret_ref(c, "NOTICE_USER_PASSWORD_1") == ("notice-w1", "pw")
+    args = c["args"]
+    first = args.index("--user")  # only the ACL part: the pod's paths and port are its own
+    env = {
+        "REDIS_PASSWORD": "admin",
+        "NOTICE_USER_PASSWORD_0": "p0",
+        "NOTICE_USER_PASSWORD_1": "p1",
+    }
+    acl = ["--requirepass", "$(REDIS_PASSWORD)", *args[first:]]
+    for name, value in env.items():
+        acl = [a.replace(f"$({name})", value) for a in acl]
+    with RedisServer(args=acl) as server:
+        w0 = redis.Redis(port=server.port, username="notices-vllm-0:8000", password="p0")
+        try:
+            assert w0.publish("kvr:{llama}:notices:vllm-0:8000", b"x") == 0
+            for channel in ("kvr:{llama}:notices:vllm-1:8000", "kvr:{llama}:notices"):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    w0.publish(channel, b"x")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                w0.set("kvr:{llama}:meta", 1)
+        finally:
+            w0.close()
+
+
+def test_grafana_dashboard_configmap(helm: str, minimal: list[dict[str, Any]]) -> None:
+    """Off by default; on, a ConfigMap with the sidecar's label holding the dashboard file
+    byte for byte (its queries are checked against real scrapes in tests/test_dashboard.py)."""
+    assert not any(d["metadata"]["name"].endswith("-dashboard") for d in minimal)
+    docs = render(
+        helm, *BASE, "--set", "metrics.grafanaDashboard.enabled=true",
+        "--set", "metrics.grafanaDashboard.namespace=monitoring",
+    )  # fmt: skip
+    cm = find(docs, "ConfigMap", "kvr-kv-router-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    shipped = (CHART / "dashboards" / "kvrouter.json").read_text()
+    assert json.loads(cm["data"]["kvrouter.json"]) == json.loads(shipped)
+
+
 def test_listener_off_turns_kv_events_off(helm: str) -> None:
     docs = render(helm, *BASE, "--set", "listener.enabled=false")
     names = [d["metadata"]["name"] for d in docs]
@@ -546,6 +608,15 @@ BAD_VALUES = {
     "bad-service-type": (["--set", "router.service.type=Ingress"], "/router/service/type"),
     "port-out-of-range": (["--set", "router.containerPort=70000"], "/router/containerPort"),
     "bad-maxmemory": (["--set", "redis.maxmemory=lots"], "/redis/maxmemory"),
+    "notice-user-glob-worker": (
+        [
+            "--set",
+            "redis.noticeUsers[0].worker=vllm-*",
+            "--set",
+            "redis.noticeUsers[0].existingSecret=s",
+        ],
+        "/redis/noticeUsers/0/worker",
+    ),
     "no-rbac-no-account": (
         ["--set", "rbac.create=false"],
         "with rbac.create=false needs serviceAccount.name",
@@ -650,3 +721,105 @@ def test_doc_settings_table_names_every_variable_the_chart_sets() -> None:
     text = DOC.read_text()
     for name in ROUTER_SETTINGS | LISTENER_SETTINGS | SECRET_SETTINGS:
         assert f"`{name}`" in text, name
+
+
+def test_disaggregated_example_sets_the_pd_settings(helm: str) -> None:
+    docs = render(helm, "-f", str(CHART / "examples" / "disaggregated.yaml"))
+    cm = find(docs, "ConfigMap", "kvr-kv-router-router")["data"]
+    assert cm["KVR_K8S_SELECTOR"] == "app.kubernetes.io/part-of=vllm-pd"
+    assert cm["KVR_PD_MIN_PREFILL_TOKENS"] == "512"
+    assert cm["KVR_PD_SATURATION_TOKENS"] == "65536"
+    assert cm["KVR_PD_TRANSFER_WEIGHT"] == "0.1"
+    # Values the router would reject are rejected by the schema first.
+    for bad in ("router.disaggregation.minPrefillTokens=-1",
+                "router.disaggregation.transferWeight=-0.5"):  # fmt: skip
+        proc = run_helm(helm, "template", "kvr", str(CHART), "--set", bad)
+        assert proc.returncode != 0 and "disaggregation" in proc.stderr
+
+
+def test_static_engines_as_the_chart_joins_them_parse_in_the_listener(helm: str) -> None:
+    # The chart joins discovery.static.engines with ","; entries carry ",replay=" options.
+    from eviction_listener.settings import ListenerSettings
+
+    docs = render(
+        helm,
+        "--set", "config.model=llama",
+        "--set", "discovery.mode=static",
+        "--set", "discovery.static.workers={http://10.0.0.1:8000,http://10.0.0.2:8000}",
+        "--set", r"discovery.static.engines={a=tcp://10.0.0.1:5557\,replay=tcp://10.0.0.1:5558,"
+        "b=tcp://10.0.0.2:5557}",
+    )  # fmt: skip
+    data = find(docs, "ConfigMap", "kvr-kv-router-listener")["data"]
+    engines = ListenerSettings.from_env(data).engines
+    assert [(e.worker_id, e.replay_endpoint) for e in engines] == [
+        ("a", "tcp://10.0.0.1:5558"),
+        ("b", None),
+    ]
+
+
+def test_router_drains_before_sigterm_and_listener_readiness_is_ready(helm: str) -> None:
+    docs = render(helm, *BASE)
+    router = container(find(docs, "Deployment", "kvr-kv-router-router"), "router")
+    pod = find(docs, "Deployment", "kvr-kv-router-router")["spec"]["template"]["spec"]
+    sleep = router["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 0 < sleep < pod["terminationGracePeriodSeconds"]
+    assert router["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    listener = container(find(docs, "Deployment", "kvr-kv-router-listener"), "listener")
+    assert listener["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+@pytest.mark.parametrize(("example", "warned"), [("minimal", True), ("production", False)])
+def test_notes_warn_when_the_router_has_no_tokenizer(
+    helm: str, tmp_path: Path, example: str, warned: bool
+) -> None:
+    # As above: NOTES rendered through a ConfigMap in a copy of the chart.
+    chart = tmp_path / "kv-router"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "notes-probe.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data: {notes: {{ include "kv-router.notes" . | quote }}}\n'
+    )
+    proc = run_helm(
+        helm, "template", "kvr", str(chart), "--namespace", "llm", "--kube-version",
+        KUBE_VERSION, "-f", str(CHART / "examples" / f"{example}.yaml"),
+        "--show-only", "templates/notes-probe.yaml",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    notes = yaml.safe_load(proc.stdout)["data"]["notes"]
+    assert ("routed by load only" in notes) is warned
+    assert "degraded" in notes  # readiness does not need Redis
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        ([], "config.model=meta-llama/Llama-3.1-8B-Instruct"),
+        (["--set", "config.model=llama"], "selector=kubernetes.io/service-name=vllm"),
+    ],
+)
+def test_required_values_fail_with_an_example(helm: str, args: list[str], named: str) -> None:
+    proc = run_helm(helm, "template", "kvr", str(CHART), *args)
+    assert proc.returncode != 0 and "is required" in proc.stderr and named in proc.stderr
+    assert "validation failed" not in proc.stderr  # not a raw schema error
+
+
+def test_helm_show_readme_names_the_required_values(helm: str) -> None:
+    readme = run_helm(helm, "show", "readme", str(CHART)).stdout
+    assert "config.model" in readme and "discovery.kubernetes.selector" in readme
+    assert "docker push" in readme and "routed by load only" in readme
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
+def test_every_rendered_variable_is_a_setting_of_its_process(helm: str, example: Path) -> None:
+    # From the one settings schema, not a list kept by hand: a name the process does not
+    # know would be ignored at run time (or, if close to a real one, stop it).
+    from eviction_listener.settings import ListenerSettings
+    from router_node.settings import RouterSettings
+
+    docs = render(helm, "-f", str(example))
+    for component, cls in (("router", RouterSettings), ("listener", ListenerSettings)):
+        known = {cls.env_name(n) for n in cls.settable()}
+        c = container(find(docs, "Deployment", f"kvr-kv-router-{component}"), component)
+        names = set(find(docs, "ConfigMap", f"kvr-kv-router-{component}")["data"])
+        names |= {e["name"] for e in c.get("env") or [] if e["name"].startswith("KVR_")}
+        assert names <= known, (component, sorted(names - known))

@@ -15,15 +15,16 @@ import pytest
 from eviction_listener.events import BlockStored
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings, parse_engines
-from eviction_listener.testing import (
+from kvrouter.index.hashing import BlockHasher
+from kvrouter.index.keys import KeySchema
+from kvrouter.index.scripts import ResidencyIndex
+from tests.support.metrics import parse
+from tests.support.vllm_publisher import (
     VllmEventPublisher,
     free_tcp_port,
     sync_listener,
     wait_applied,
 )
-from kvrouter.index.hashing import BlockHasher
-from kvrouter.index.keys import KeySchema
-from kvrouter.index.scripts import ResidencyIndex
 
 pytestmark = pytest.mark.redis
 M = "llama-test"
@@ -243,8 +244,10 @@ async def test_event_with_extra_keys_beyond_lora_is_skipped(
 
     pub, lst = await engine()
     ev = BlockStored(
-        (eh(0, 5),), None, array("I", TOKENS[:B]), B, medium="GPU", extra_keys=(("img-1",),)
+        (eh(0, 5),), None, array("I", TOKENS[:B]), B, medium="GPU", extra_keys=((("img-1", 0),),)
     )
+    # (A lone string in a first block's extra keys is vLLM's cache salt: indexed, see
+    # test_speculative_confirmed.py; a multimodal item as (identifier, offset) is not.)
     s = pub.publish([ev])
     await wait_applied(redis_client, M, "w", s)
     assert await depth(redis_client, "w", B) == 0
@@ -274,17 +277,15 @@ async def test_metrics_health_ready_and_bad_input(
             assert r.status == 200
         async with http.get(base + "/ready") as r:
             assert r.status == 200 and (await r.json())["owned_workers"] == 1
-    values = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-    assert values['kvr_listener_errors_total{kind="decode_msgpack"}'] >= 1
-    assert values['kvr_listener_errors_total{kind="bad_frames"}'] >= 1
-    assert values['kvr_listener_blocks_total{op="stored"}'] >= 2
-    assert values['kvr_listener_resyncs_total{reason="gap"}'] >= 1
-    assert values["kvr_listener_owned_workers"] == 1
-    assert "kvr_listener_lag_seconds" in values
+    m = parse(text)
+    assert m.value("kvr_listener_errors_total", kind="decode_msgpack") >= 1
+    assert m.value("kvr_listener_errors_total", kind="bad_frames") >= 1
+    assert m.value("kvr_listener_blocks_total", op="stored") >= 2
+    assert m.value("kvr_listener_resyncs_total", reason="gap") >= 1
+    assert m.value("kvr_listener_owned_workers") == 1
+    assert m.has("kvr_listener_lag_seconds")
+    assert m.types["kvr_listener_flush_seconds_total"] == "counter"
+    assert m.types["kvr_listener_lag_seconds"] == "gauge"
 
 
 @pytest.mark.cluster
@@ -318,3 +319,17 @@ async def test_on_a_redis_cluster_with_notices(
                 break
             await asyncio.sleep(0.05)
         assert await depth(cluster_client, "side", 2 * B) == 2
+
+
+def test_vllm_cache_salt_is_read_from_the_first_blocks_extra_keys() -> None:
+    from eviction_listener.applier import _NOT_INDEXABLE, _extras_salt
+
+    assert _extras_salt((None, None), None, True) is None
+    assert _extras_salt((("s1",), None), None, True) == "s1"
+    assert _extras_salt((("alice", "s1"), ("alice",)), "alice", True) == "s1"
+    assert _extras_salt((("alice",), ("alice",)), "alice", False) is None
+    # Only a chain's first block carries the salt; anything else is not foldable.
+    assert _extras_salt((("s1",),), None, False) is _NOT_INDEXABLE
+    assert _extras_salt((None, ("s1",)), None, True) is _NOT_INDEXABLE
+    assert _extras_salt((("s1", "mm-2"),), None, True) is _NOT_INDEXABLE
+    assert _extras_salt(((("mm-1", 0),),), None, True) is _NOT_INDEXABLE

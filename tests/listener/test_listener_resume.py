@@ -23,14 +23,14 @@ import pytest
 
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings, parse_engines
-from eviction_listener.testing import (
+from kvrouter.index.keys import KeySchema
+from tests.support.vllm_publisher import (
     VllmEventPublisher,
     applied_seq,
     free_tcp_port,
     sync_listener,
     wait_applied,
 )
-from kvrouter.index.keys import KeySchema
 
 pytestmark = pytest.mark.redis
 M = "llama-test"

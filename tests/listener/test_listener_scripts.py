@@ -200,6 +200,7 @@ async def test_bad_arguments_are_named_and_write_nothing(
     k = KeySchema().model(M)
     s = idx.scripts["apply_engine_events"]
     keys = [k.engine_map("w"), k.worker("w"), k.cut("w"), k.workers, k.head_prefix, k.listener_seq]
+    keys.append(k.lru("w"))
     good = pack_u64([1, 2])
     cases = [
         (["w", "RX", good, 0, HOUR, 0, 10, 1, 0], "ops"),

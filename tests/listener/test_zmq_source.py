@@ -14,12 +14,6 @@ import msgpack
 import pytest
 
 from eviction_listener.events import AllBlocksCleared, BlockRemoved, BlockStored
-from eviction_listener.testing import (
-    FIELDS_V0_9_0,
-    VllmEventPublisher,
-    free_tcp_port,
-    handshake,
-)
 from eviction_listener.zmq_source import (
     Delivered,
     EngineEndpoint,
@@ -31,6 +25,8 @@ from eviction_listener.zmq_source import (
     expand_dp_ranks,
     offset_endpoint,
 )
+from kvrouter.bench.vllm_wire import FIELDS_V0_9_0
+from tests.support.vllm_publisher import VllmEventPublisher, free_tcp_port, handshake
 
 MAX_WAIT = 15.0
 

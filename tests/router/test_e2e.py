@@ -11,7 +11,6 @@ import openai
 import pytest
 
 from kvrouter.redisproc import RedisServer
-from router_node.testing import FakeWorker
 from tests.router.conftest import (
     MODEL,
     StartRouter,
@@ -21,6 +20,8 @@ from tests.router.conftest import (
     settle,
     wait_for,
 )
+from tests.support.fake_worker import FakeWorker
+from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis
 
@@ -166,8 +167,9 @@ async def test_killing_redis_fails_no_request_and_routing_resumes(
         status, _, _ = await post(router.url + "/debug/route")
         assert status == 403  # the debug endpoint answers too, without Redis
         text = await _get_text(router.url + "/metrics")
-        assert 'kvrouter_routing_decisions_total{policy="kv",reason="redis_down"}' in text
-        assert "kvrouter_redis_up 0" in text
+        m = parse(text)
+        assert m.value("kvrouter_routing_decisions_total", policy="kv", reason="redis_down") > 0
+        assert m.value("kvrouter_redis_up") == 0
 
         redis.start()  # same port, empty
 
@@ -210,8 +212,9 @@ async def test_failure_before_first_byte_retries_next_best(
     assert second.parse().choices[0].text == " tok" * 4
     assert cached.served() == 2  # it did receive the failed attempt
     text = await _get_text(router.url + "/metrics")
-    assert "kvrouter_retries_total 1" in text
-    assert f'kvrouter_upstream_errors_total{{worker="{cached.id}"' in text
+    m = parse(text)
+    assert m.value("kvrouter_retries_total") == 1
+    assert m.value("kvrouter_upstream_errors_total", worker=cached.id) == 1
 
 
 async def test_failure_after_first_byte_ends_stream_with_error_event(

@@ -4,15 +4,17 @@ capacity scraping and residency clearing, against real Redis and fake workers.""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
+import openai
 import pytest
 
 from kvrouter.index.keys import KeySchema
-from router_node.app import POOL
+from kvrouter.tokenizer import Tokenizer
+from router_node.app import POOL, ROUTER
+from router_node.models import ModelCatalogue, Resolved
 from router_node.registry import deregister_worker, heartbeat, read_registry, register_worker
-from router_node.testing import FakeWorker
 from tests.router.conftest import (
     MODEL,
     StartRouter,
@@ -22,6 +24,8 @@ from tests.router.conftest import (
     settle,
     wait_for,
 )
+from tests.support.fake_worker import FakeWorker
+from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis
 
@@ -40,18 +44,24 @@ async def test_health_ready_models_metrics(
     async with aiohttp.ClientSession() as s, s.get(router.url + "/metrics") as r:
         assert r.headers["Content-Type"].startswith("text/plain")
         text = await r.text()
-    for name in (
-        'kvrouter_requests_total{endpoint="completions",status="200"} 1',
-        'kvrouter_routing_decisions_total{policy="kv",reason="no_match"} 1',
-        "kvrouter_matched_tokens_count 1",
-        "kvrouter_lookup_seconds_count 1",
-        "kvrouter_redis_up 1",
-        'kvrouter_worker_requests_total{worker="',
-        "# TYPE kvrouter_upstream_errors_total counter",
-        "# TYPE kvrouter_redis_errors_total counter",
-        'kvrouter_tokenizer_cache{stat="hits"}',
-    ):
-        assert name in text, name
+    m = parse(text)
+    ok = {"endpoint": "completions", "status": "200", "model": MODEL}
+    assert m.value("kvrouter_requests_total", **ok) == 1
+    assert m.value("kvrouter_requests_total", endpoint="models", status="200", model="") == 1
+    no_match = {"policy": "kv", "reason": "no_match", "model": MODEL}
+    assert m.value("kvrouter_routing_decisions_total", **no_match) == 1
+    assert m.value("kvrouter_matched_tokens_count", model=MODEL) == 1
+    assert m.value("kvrouter_matched_tokens_total", model=MODEL) == 0
+    # 64 prompt tokens, all counted; none matched on a cold index
+    assert m.value("kvrouter_prompt_tokens_total", model=MODEL) == 64
+    assert m.value("kvrouter_lookup_seconds_count", model=MODEL) == 1
+    assert m.value("kvrouter_redis_up") == 1
+    assert m.label_values("kvrouter_worker_requests_total", "worker") <= {w.id for w in workers}
+    assert m.value("kvrouter_worker_requests_total") == 1
+    assert m.types["kvrouter_upstream_errors_total"] == "counter"
+    assert m.types["kvrouter_redis_errors_total"] == "counter"
+    assert m.types["kvrouter_matched_tokens"] == "histogram"
+    assert m.has("kvrouter_tokenizer_cache", stat="hits")
 
 
 async def test_debug_route_needs_the_admin_token(
@@ -234,3 +244,41 @@ async def test_registry_skips_bad_entries(redis_client: Any) -> None:
     assert [e.id for e in await read_registry(redis_client, schema, max_age_ms=60_000)] == ["good"]
     with pytest.raises(ValueError):
         await register_worker(redis_client, schema, "x", "ftp://nope")
+
+
+class _CountingCatalogue(ModelCatalogue):
+    """The router's own catalogue, counting how often a model name is resolved."""
+
+    calls: ClassVar[list[str]] = []
+
+    def resolve(self, name: str, listed_parent: str | None = None) -> Resolved | None:
+        self.calls.append(name)
+        return super().resolve(name, listed_parent)
+
+
+async def test_one_resolution_per_request(
+    start_router: StartRouter, workers: list[FakeWorker], tokenizer: Tokenizer
+) -> None:
+    """parse_request resolves the model once; tokenizing and planning use that result."""
+    router = await start_router(workers, admin_token="s3cret-token")
+    r = router.app[ROUTER]
+    r.catalogue = _CountingCatalogue(r.catalogue.bases, r.catalogue.adapters)
+    resolved = r.resolve(MODEL)
+    assert resolved is not None and resolved.tokenizer is tokenizer
+    assert resolved.scoring is r.configs[MODEL] and resolved.hasher is resolved.base.hasher
+    _CountingCatalogue.calls.clear()
+    client = openai_client(router)
+    await client.completions.create(model=MODEL, prompt="one resolution, text prompt")
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "one resolution, chat"}]
+    )
+    status, _, _ = await post(
+        router.url + "/debug/route",
+        json={"model": MODEL, "prompt": "a dry run"},
+        headers={"Authorization": "Bearer s3cret-token"},
+    )
+    assert status == 200
+    assert _CountingCatalogue.calls == [MODEL, MODEL, MODEL]
+    with pytest.raises(openai.NotFoundError):
+        await client.completions.create(model="nobody", prompt="x")
+    assert _CountingCatalogue.calls[3:] == ["nobody"]

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from router_node.settings import (
-    SPECS,
     RouterSettings,
     SettingsError,
     WorkerSpec,
@@ -19,7 +18,7 @@ from router_node.settings import (
     settings_table_rows,
 )
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+SETTINGS_DOC = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
@@ -117,16 +116,20 @@ def test_worker_spec_forms() -> None:
 
 def test_every_setting_has_a_flag_and_a_field() -> None:
     # model_configs is the config file's [[models]]: it has no variable of its own.
-    fields = set(RouterSettings.__dataclass_fields__) - {"model_configs"}
-    assert {s.field for s in SPECS} == fields
-    assert all(s.env.startswith("KVR_") and s.flag.startswith("--") for s in SPECS)
+    fields = set(RouterSettings.model_fields) - {"model_configs"}
+    assert set(RouterSettings.settable()) == fields
+    assert all(
+        RouterSettings.env_name(f).startswith("KVR_")
+        and RouterSettings.flag_name(f).startswith("--")
+        for f in fields
+    )
 
 
-def test_readme_table_matches_the_dataclass() -> None:
-    text = README.read_text(encoding="utf-8")
-    # Only the router's section: the listener documents its own settings table.
-    start = text.index("## The router")
-    end = text.index("\n## ", start + 1)
+def test_docs_table_matches_the_schema() -> None:
+    text = SETTINGS_DOC.read_text(encoding="utf-8")
+    # The shared section and the router's own: the listener's and the simulator's follow.
+    start = text.index("## Shared by the router and the listener")
+    end = text.index("## The listener only")
     text = text[start:end]
     rows = re.findall(r"^\| `(KVR_[A-Z0-9_]+)` \| `(--[a-z0-9-]+)` \| ([^|]*) \|", text, re.M)
     documented = {(env, flag, default.strip().strip("`")) for env, flag, default in rows}

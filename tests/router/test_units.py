@@ -10,11 +10,12 @@ import pytest
 from kvrouter.cli import main
 from kvrouter.tokenizer import Tokenizer
 from router_node.errors import APIError
-from router_node.metrics import Counter, Histogram, Metrics
+from router_node.metrics import Metrics
 from router_node.monitor import parse_vllm_cache_config
 from router_node.request import CHAT, COMPLETIONS, parse_request, tokenize
 from router_node.settings import RouterSettings, WorkerSpec
 from router_node.workers import WorkerPool
+from tests.support.metrics import parse
 
 S = RouterSettings(
     models=("m",),
@@ -154,21 +155,26 @@ def test_tokenize_without_a_tokenizer() -> None:
 
 
 def test_prometheus_text() -> None:
-    c = Counter("c_total", "help", ("a",))
-    c.inc('x"y\n')
-    assert c.render()[-1] == 'c_total{a="x\\"y\\n"} 1'
-    h = Histogram("h", "help", buckets=(1.0, 2.0))
-    for v in (0.5, 1.5, 5):
-        h.observe(v)
-    assert h.render()[2:] == [
-        'h_bucket{le="1"} 1',
-        'h_bucket{le="2"} 2',
-        'h_bucket{le="+Inf"} 3',
-        "h_sum 7",
-        "h_count 3",
-    ]
-    text = Metrics().render()
-    assert text.endswith("\n") and "# TYPE kvrouter_lookup_seconds histogram" in text
+    m = Metrics()
+    m.requests.labels("completions", "200", 'x"y\n').inc()
+    for v in (0, 20, 5000):
+        m.matched_tokens.labels("m").observe(v)
+    m.matched_tokens_total.inc("m", 5020)
+    m.tokenizer_cache.source = lambda: [("hits", 3.0)]
+    other = Metrics()  # one registry per app: a second one starts from zero
+    text = m.render()
+    s = parse(text)
+    assert s.value("kvrouter_requests_total", model='x"y\n') == 1
+    assert s.value("kvrouter_matched_tokens_bucket", model="m", le="16.0") == 1
+    assert s.value("kvrouter_matched_tokens_bucket", model="m", le="64.0") == 2
+    assert s.value("kvrouter_matched_tokens_bucket", model="m", le="+Inf") == 3
+    assert s.value("kvrouter_matched_tokens_sum", model="m") == 5020
+    # the counter that shares the histogram's stem keeps its own name and type
+    assert s.value("kvrouter_matched_tokens_total", model="m") == 5020
+    assert "# TYPE kvrouter_matched_tokens_total counter" in text
+    assert s.value("kvrouter_tokenizer_cache", stat="hits") == 3
+    assert s.types["kvrouter_lookup_seconds"] == "histogram"
+    assert not parse(other.render()).has("kvrouter_requests_total")
 
 
 def test_cli_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:

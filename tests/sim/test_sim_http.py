@@ -18,6 +18,7 @@ import pytest
 
 from kvrouter.sim.fleet import SimFleet, read_ready_file
 from kvrouter.sim.settings import SettingsError, SimSettings
+from tests.support.metrics import parse
 
 
 def settings(workers: int, time_scale: float = 200.0) -> SimSettings:
@@ -182,20 +183,19 @@ async def test_models_health_metrics(fleet: SimFleet, http: aiohttp.ClientSessio
             assert resp.status == 200
     async with http.get(url(fleet) + "/metrics") as resp:
         text = await resp.text()
-    samples = {
-        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#") and "_bucket" not in line
-    }
-    assert samples["vllm:num_requests_running"] == 0
-    assert samples["vllm:num_requests_waiting"] == 0
-    assert samples["vllm:prefix_cache_queries_total"] == 80
-    assert samples["vllm:prefix_cache_hits_total"] == 32  # (40 - 1) // 16 blocks
-    assert samples["vllm:kv_cache_usage_perc"] == 0
-    assert samples["vllm:gpu_cache_usage_perc"] == 0
-    assert samples["vllm:time_to_first_token_seconds_count"] == 2
-    assert 'num_gpu_blocks="256"' in text and 'block_size="16"' in text
-    assert "# TYPE vllm:time_to_first_token_seconds histogram" in text
+    m = parse(text)
+    one = {"engine": "0", "model_name": "sim-llama-3-8b"}
+    assert m.value("vllm:num_requests_running", **one) == 0
+    assert m.value("vllm:num_requests_waiting", **one) == 0
+    assert m.value("vllm:prefix_cache_queries_total", **one) == 80
+    assert m.value("vllm:prefix_cache_hits_total", **one) == 32  # (40 - 1) // 16 blocks
+    assert m.value("vllm:kv_cache_usage_perc", **one) == 0
+    assert m.value("vllm:gpu_cache_usage_perc", **one) == 0
+    assert m.value("vllm:time_to_first_token_seconds_count", **one) == 2
+    assert m.value("vllm:time_to_first_token_seconds_bucket", **one, le="+Inf") == 2
+    assert m.value("vllm:cache_config_info", num_gpu_blocks="256", block_size="16") == 1
+    assert m.types["vllm:time_to_first_token_seconds"] == "histogram"
+    assert m.types["vllm:prefix_cache_hits_total"] == "counter"
 
 
 async def test_usage_and_running_gauge_while_busy(
@@ -207,7 +207,7 @@ async def test_usage_and_running_gauge_while_busy(
         await resp.content.readline()  # first chunk: the request holds blocks now
         async with http.get(url(fleet) + "/metrics") as m:
             text = await m.text()
-        assert 'vllm:num_requests_running{engine="0",model_name="sim-llama-3-8b"} 1.0' in text
+        assert parse(text).value("vllm:num_requests_running", model_name="sim-llama-3-8b") == 1
         async with http.post(url(fleet) + "/admin/reset_prefix_cache") as r:
             assert r.status == 409  # refused while blocks are held, like vLLM
     # Leaving the stream early aborted the request and freed its blocks.
@@ -312,3 +312,44 @@ def test_cli_rejects_bad_settings() -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "--capacity-tokens / KVR_SIM_CAPACITY_TOKENS" in out.stderr
+
+
+async def test_responses_embeddings_tokenize_and_scoring(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    """The endpoints a router routes beyond chat and completions, in vLLM's shapes."""
+    base, model = url(fleet), "sim-llama-3-8b"
+    body: dict[str, Any] = {"model": model, "instructions": "Be brief.", "input": "Hi",
+                            "max_output_tokens": 3}  # fmt: skip
+    async with http.post(base + "/v1/responses", json=body) as resp:
+        assert resp.status == 200
+        out = await resp.json()
+    # The Byte tokenizer renders the chat vLLM makes of it: a system and a user turn.
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    async with http.post(base + "/tokenize", json={"model": model, "messages": chat}) as resp:
+        count = (await resp.json())["count"]
+    assert out["object"] == "response" and out["usage"]["input_tokens"] == count
+    assert out["usage"]["output_tokens"] == 3
+    assert out["output"][0]["content"][0]["type"] == "output_text"
+    for bad, status in (({**body, "stream": True}, 400), ({**body, "input": 3}, 400),
+                        ({**body, "previous_response_id": "resp_x"}, 404)):  # fmt: skip
+        async with http.post(base + "/v1/responses", json=bad) as resp:
+            assert resp.status == status
+            assert "error" in await resp.json()
+
+    async with http.post(base + "/v1/embeddings", json={"model": model, "input": ["ab", "c"]}) as r:
+        emb = await r.json()
+    assert len(emb["data"]) == 2 and emb["usage"]["prompt_tokens"] == 3
+    async with http.post(base + "/tokenize", json={"model": model, "prompt": "héllo"}) as r:
+        tokens = (await r.json())["tokens"]
+    assert tokens == list("héllo".encode())
+    async with http.post(base + "/detokenize", json={"model": model, "tokens": tokens}) as r:
+        assert (await r.json())["prompt"] == "héllo"
+    rerank = {"model": model, "query": "q", "documents": ["a", "b"]}
+    async with http.post(base + "/v1/rerank", json=rerank) as r:
+        assert [x["index"] for x in (await r.json())["results"]] == [0, 1]
+    async with http.post(base + "/v1/score", json={"model": model, "text_1": "q",
+                                                   "text_2": ["a"]}) as r:  # fmt: skip
+        assert (await r.json())["data"][0]["object"] == "score"
+    async with http.post(base + "/v1/embeddings", json={"model": model, "input": 7}) as r:
+        assert r.status == 400

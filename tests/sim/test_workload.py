@@ -103,9 +103,15 @@ def test_a_trace_is_scaled_to_an_offered_load() -> None:
 def test_goodput_counts_requests_within_both_objectives() -> None:
     slo = Slo(ttft_s=2.0, tpot_s=0.1)
     # Real seconds at time scale 4: TTFT 0.4 -> 1.6 s; TPOT (1.3 - 0.4) / 9 x 4 = 0.4 s.
-    fast = RequestRecord(0, 0.0, 0.0, "w", 200, 0.4, 0.58, 100, 0, 10)
-    slow_decode = RequestRecord(1, 0.0, 0.0, "w", 200, 0.4, 1.3, 100, 0, 10)
-    slow_first = RequestRecord(2, 0.0, 0.0, "w", 200, 0.6, 0.7, 100, 0, 10)
+    fast = RequestRecord(
+        0, 0.0, 0.0, "w", 200, 0.4, 0.58, 100, 0, completion_tokens=10, tpot_s=(0.58 - 0.4) / 9
+    )
+    slow_decode = RequestRecord(
+        1, 0.0, 0.0, "w", 200, 0.4, 1.3, 100, 0, completion_tokens=10, tpot_s=(1.3 - 0.4) / 9
+    )
+    slow_first = RequestRecord(
+        2, 0.0, 0.0, "w", 200, 0.6, 0.7, 100, 0, completion_tokens=10, tpot_s=(0.7 - 0.6) / 9
+    )
     failed = RequestRecord(3, 0.0, 0.0, "w", 500, error="boom")
     assert slo.met(fast, 4.0)
     assert not slo.met(slow_decode, 4.0)

@@ -236,6 +236,9 @@ KVR_POLICY: {{ .Values.router.policy | quote }}
 {{- $kvEvents := .Values.router.kvEvents }}
 {{- if eq (toString $kvEvents) "auto" }}{{ $kvEvents = .Values.listener.enabled }}{{ end }}
 KVR_KV_EVENTS: {{ $kvEvents | toString | quote }}
+KVR_PD_MIN_PREFILL_TOKENS: {{ .Values.router.disaggregation.minPrefillTokens | int64 | toString | quote }}
+KVR_PD_SATURATION_TOKENS: {{ .Values.router.disaggregation.saturationTokens | int64 | toString | quote }}
+KVR_PD_TRANSFER_WEIGHT: {{ .Values.router.disaggregation.transferWeight | toString | quote }}
 {{- with include "kv-router.tokenizer.path" . }}
 KVR_TOKENIZER: {{ . | quote }}
 {{- end }}
@@ -333,6 +336,14 @@ Cross-field checks JSON Schema cannot express; rendered at the top of the router
 Deployment so that any install or template fails with the reason.
 */}}
 {{- define "kv-router.validate" -}}
+{{- /* Required values, with an example (the schema lets them be empty so this message, not
+       a raw schema error, is what a first install shows). */ -}}
+{{- if not .Values.config.model -}}
+{{- fail "values: /config/model is required: the model name vLLM serves (its --served-model-name), e.g. --set config.model=meta-llama/Llama-3.1-8B-Instruct (see helm/kv-router/examples/minimal.yaml)" -}}
+{{- end -}}
+{{- if and (eq .Values.discovery.mode "kubernetes") (not .Values.discovery.kubernetes.selector) -}}
+{{- fail "values: /discovery/kubernetes/selector is required with discovery.mode=kubernetes: the label selector of the vLLM Service's EndpointSlices, e.g. --set discovery.kubernetes.selector=kubernetes.io/service-name=vllm" -}}
+{{- end -}}
 {{- $a := .Values.router.autoscaling -}}
 {{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
 {{- fail (printf "router.autoscaling.minReplicas (%v) must not exceed maxReplicas (%v)" $a.minReplicas $a.maxReplicas) -}}

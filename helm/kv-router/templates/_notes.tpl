@@ -6,6 +6,12 @@
 {{- $prefix := .Values.config.keyPrefix -}}
 kv-router {{ .Chart.AppVersion }} is installed as release "{{ .Release.Name }}" in namespace "{{ $ns }}".
 Model "{{ .Values.config.model }}", policy "{{ .Values.router.policy }}", block size {{ .Values.config.blockSize }} (must equal vLLM's --block-size).
+{{- if and (eq .Values.tokenizer.source "none") (not .Values.tokenizer.path) }}
+
+WARNING: no tokenizer (tokenizer.source is "none" and tokenizer.path is empty). Chat and text
+requests are routed by load only; only pre-tokenized prompts use the KV-cache index. Give the
+router the model's tokenizer.json (tokenizer.source: configMap, volume or initContainer).
+{{- end }}
 
 1. Reach the router (OpenAI-compatible API)
 
@@ -39,7 +45,8 @@ Model "{{ .Values.config.model }}", policy "{{ .Values.router.policy }}", block 
 {{- end }}
    Routing counters and per-worker load:
      curl -s http://127.0.0.1:{{ $port }}/metrics | grep -v '^#'
-   Router readiness (ready once it has Redis and at least one worker):
+   Router readiness (ready once some worker can take requests; without Redis it stays ready,
+   "degraded", routing on local load: see "redis" in the body of /ready):
      kubectl get pods -n {{ $ns }} -l app.kubernetes.io/instance={{ .Release.Name }}
 {{- if .Values.listener.enabled }}
    Listener (KV events -> index) metrics:
