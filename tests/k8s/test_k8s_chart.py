@@ -49,7 +49,6 @@ ROUTER_SETTINGS = {
     "KVR_K8S_NAMESPACE",
     "KVR_K8S_SELECTOR",
     "KVR_K8S_HTTP_PORT_NAME",
-    "KVR_K8S_EVENTS_PORT_NAME",
     "KVR_PD_MIN_PREFILL_TOKENS",
     "KVR_PD_SATURATION_TOKENS",
     "KVR_PD_TRANSFER_WEIGHT",
@@ -331,7 +330,7 @@ def test_static_discovery_needs_no_api_access(helm: str) -> None:
         "--set",
         "discovery.static.workers={vllm-0=http://10.0.0.1:8000,http://10.0.0.2:8000}",
         "--set",
-        "discovery.static.engines={tcp://10.0.0.1:5557}",
+        "discovery.static.engines={vllm-0=tcp://10.0.0.1:5557}",
     )
     assert "Role" not in kinds(docs) and "RoleBinding" not in kinds(docs)
     router_cm = find(docs, "ConfigMap", "kvr-kv-router-router")["data"]
@@ -801,6 +800,22 @@ def test_required_values_fail_with_an_example(helm: str, args: list[str], named:
     proc = run_helm(helm, "template", "kvr", str(CHART), *args)
     assert proc.returncode != 0 and "is required" in proc.stderr and named in proc.stderr
     assert "validation failed" not in proc.stderr  # not a raw schema error
+
+
+@pytest.mark.parametrize(
+    "engine", ["tcp://10.0.0.1:5557", "vllm-0=10.0.0.1:5557", "vllm-0=tcp://h:1,replay"]
+)
+def test_static_engines_without_an_id_fail_with_an_example(helm: str, engine: str) -> None:
+    # The listener rejects them at start; the chart says so at install, naming the entry.
+    proc = run_helm(
+        helm, "template", "kvr", str(CHART), "--set", "config.model=m",
+        "--set", "discovery.mode=static",
+        "--set", "discovery.static.workers={vllm-0=http://10.0.0.1:8000}",
+        "--set", "discovery.static.engines={" + engine.replace(",", "\\,") + "}",
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stdout
+    assert "/discovery/static/engines" in proc.stderr and engine in proc.stderr
+    assert "vllm-0=tcp://10.0.0.1:5557,replay=" in proc.stderr  # the example
 
 
 def test_helm_show_readme_names_the_required_values(helm: str) -> None:

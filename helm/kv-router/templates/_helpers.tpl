@@ -212,7 +212,6 @@ KVR_DISCOVERY: {{ .Values.discovery.mode | quote }}
 KVR_K8S_NAMESPACE: {{ include "kv-router.discovery.namespace" . | quote }}
 KVR_K8S_SELECTOR: {{ .Values.discovery.kubernetes.selector | quote }}
 KVR_K8S_HTTP_PORT_NAME: {{ .Values.discovery.kubernetes.httpPortName | quote }}
-KVR_K8S_EVENTS_PORT_NAME: {{ .Values.discovery.kubernetes.eventsPortName | quote }}
 {{- end }}
 {{- end -}}
 
@@ -254,6 +253,7 @@ KVR_WORKERS: {{ join "," .Values.discovery.static.workers | quote }}
 KVR_METRICS_PORT: {{ .Values.listener.metricsPort | quote }}
 {{ include "kv-router.discovery.settings" . }}
 {{- if eq .Values.discovery.mode "kubernetes" }}
+KVR_K8S_EVENTS_PORT_NAME: {{ .Values.discovery.kubernetes.eventsPortName | quote }}
 KVR_K8S_REPLAY_PORT_NAME: {{ .Values.discovery.kubernetes.replayPortName | quote }}
 {{- end }}
 {{- if eq .Values.discovery.mode "static" }}
@@ -347,6 +347,11 @@ Deployment so that any install or template fails with the reason.
 {{- $a := .Values.router.autoscaling -}}
 {{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
 {{- fail (printf "router.autoscaling.minReplicas (%v) must not exceed maxReplicas (%v)" $a.minReplicas $a.maxReplicas) -}}
+{{- end -}}
+{{- range .Values.discovery.static.engines -}}
+{{- if not (regexMatch "^[^=,#\\s]+=[a-z]+://[^,\\s]+(,(replay|dp|topic|block|bind)=[^,\\s]*)*$" .) -}}
+{{- fail (printf "values: /discovery/static/engines: %q is not ID=tcp://HOST:PORT[,replay=tcp://HOST:PORT][,dp=N][,topic=T][,block=B]: every engine needs the worker id the router knows it by, e.g. vllm-0=tcp://10.0.0.1:5557,replay=tcp://10.0.0.1:5558" .) -}}
+{{- end -}}
 {{- end -}}
 {{- if and (eq .Values.discovery.mode "kubernetes") (not .Values.rbac.create) (not .Values.serviceAccount.name) -}}
 {{- fail "discovery.mode=kubernetes with rbac.create=false needs serviceAccount.name: an account that may get/list/watch endpointslices" -}}
