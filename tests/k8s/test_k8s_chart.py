@@ -153,6 +153,7 @@ def test_examples_exist() -> None:
         "external-redis-cluster.yaml",
         "minimal.yaml",
         "production.yaml",
+        "two-models.yaml",
     ]
 
 
@@ -832,9 +833,15 @@ def test_every_rendered_variable_is_a_setting_of_its_process(helm: str, example:
     from router_node.settings import RouterSettings
 
     docs = render(helm, "-f", str(example))
-    for component, cls in (("router", RouterSettings), ("listener", ListenerSettings)):
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    for d in deployments:
+        component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+        cls = {"router": RouterSettings, "listener": ListenerSettings}.get(component)
+        if cls is None:
+            continue
         known = {cls.env_name(n) for n in cls.settable()}
-        c = container(find(docs, "Deployment", f"kvr-kv-router-{component}"), component)
-        names = set(find(docs, "ConfigMap", f"kvr-kv-router-{component}")["data"])
+        c = container(d, component)
+        # Every listener of a several-model install has a ConfigMap of its own.
+        names = set(find(docs, "ConfigMap", d["metadata"]["name"])["data"])
         names |= {e["name"] for e in c.get("env") or [] if e["name"].startswith("KVR_")}
         assert names <= known, (component, sorted(names - known))
