@@ -819,6 +819,51 @@ def test_static_engines_without_an_id_fail_with_an_example(helm: str, engine: st
     assert "vllm-0=tcp://10.0.0.1:5557,replay=" in proc.stderr  # the example
 
 
+def test_two_models_render_a_models_file_and_a_listener_each(helm: str, tmp_path: Path) -> None:
+    from eviction_listener.settings import ListenerSettings
+    from router_node.settings import RouterSettings
+
+    docs = render(helm, "-f", str(CHART / "examples" / "two-models.yaml"))
+    router_cm = find(docs, "ConfigMap", "kvr-kv-router-router")["data"]
+    assert "KVR_MODEL" not in router_cm and router_cm["KVR_CONFIG"] == "/etc/kvrouter/models.yaml"
+    models_file = find(docs, "ConfigMap", "kvr-kv-router-router-models")["data"]["models.yaml"]
+    path = tmp_path / "models.yaml"
+    path.write_text(models_file)
+    # The router reads it as its own --config file.
+    settings = RouterSettings.load(None, {**router_cm, "KVR_CONFIG": str(path)})
+    sizes = {m.name: m.block_size for m in settings.model_configs}
+    assert sizes == {"meta-llama/Llama-3.1-8B-Instruct": 16, "Qwen/Qwen2.5-7B-Instruct": 32,
+                     "sql-lora": None}  # fmt: skip
+    listeners = {
+        d["metadata"]["name"]: ListenerSettings.from_env(
+            find(docs, "ConfigMap", d["metadata"]["name"])["data"]
+        )
+        for d in docs
+        if d["kind"] == "Deployment" and "listener" in d["metadata"]["name"]
+    }
+    assert {n: (s.model, s.block_size, s.k8s_selector) for n, s in listeners.items()} == {
+        "kvr-kv-router-listener-llama": ("meta-llama/Llama-3.1-8B-Instruct", 16,
+                                         "kvrouter.io/fleet=main,kvrouter.io/model=llama"),
+        "kvr-kv-router-listener-qwen": ("Qwen/Qwen2.5-7B-Instruct", 32,
+                                        "kvrouter.io/fleet=main,kvrouter.io/model=qwen"),
+    }  # fmt: skip
+    selectors = [find(docs, "Deployment", n)["spec"]["selector"]["matchLabels"] for n in listeners]
+    assert selectors[0] != selectors[1]  # two Deployments never adopt each other's pods
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--set", "config.model=a", "--set", "config.models[0].name=b"], "are exclusive"),
+        (["--set", "config.models[0].name=org/m", "--set", "config.models[1].name=other/m"],
+         "give one an `id`"),
+    ],
+)  # fmt: skip
+def test_bad_model_lists_fail_with_a_reason(helm: str, args: list[str], named: str) -> None:
+    proc = run_helm(helm, "template", "kvr", str(CHART), *BASE[2:], *args)
+    assert proc.returncode != 0 and named in proc.stderr, proc.stderr
+
+
 def test_helm_show_readme_names_the_required_values(helm: str) -> None:
     readme = run_helm(helm, "show", "readme", str(CHART)).stdout
     assert "config.model" in readme and "discovery.kubernetes.selector" in readme
