@@ -31,3 +31,6 @@ def test_bench_listener_small(redis_url: str) -> None:
     assert last["block_events"] > last["baseline_block_events"] > 0
     for key in ("block_events_per_s", "baseline_block_events_per_s", "speedup"):
         assert last[key] > 0
+    # The longest script call (SLOWLOG) is reported; at least one flush's call took >= 100 us.
+    assert last["script_calls"] > 0 and last["slowlog_complete"]
+    assert last["script_longest_us"] >= 100
