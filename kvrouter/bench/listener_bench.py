@@ -31,7 +31,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from eviction_listener.applier import Applier, InboxItem, KeyCache, WorkerState
+from eviction_listener.applier import (
+    MAX_OPS_PER_CALL,
+    Applier,
+    InboxItem,
+    KeyCache,
+    WorkerState,
+)
 from eviction_listener.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -65,6 +71,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--capacity", type=int, default=4096, help="blocks per engine before it evicts"
     )
     parser.add_argument("--apply-batch", type=int, default=4096)
+    parser.add_argument(
+        "--max-ops",
+        type=int,
+        default=MAX_OPS_PER_CALL,
+        help="ops per apply_engine_events call (a huge value: one call per flush, as before)",
+    )
     parser.add_argument("--seed", type=int, default=11)
 
 
@@ -175,7 +187,9 @@ async def _fresh(client: Any) -> None:
     await client.flushall()
 
 
-async def run_listener_path(client: Any, streams: list[list[bytes]], apply_batch: int) -> float:
+async def run_listener_path(
+    client: Any, streams: list[list[bytes]], apply_batch: int, max_ops: int = MAX_OPS_PER_CALL
+) -> float:
     """Seconds for the shipped path to apply every stream (interleaved like a fleet)."""
     index = ResidencyIndex(client)
     await index.load()
@@ -193,6 +207,7 @@ async def run_listener_path(client: Any, streams: list[list[bytes]], apply_batch
         capacity=0,
         metrics=metrics,
         register_namespace=register,
+        max_ops=max_ops,
     )
     states = [
         WorkerState(f"w{i}", 1, B, keys=KeyCache(1 << 17), lora_ns=KeyCache(1024))
@@ -317,7 +332,7 @@ async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
     client = connect(url)
     try:
         await _fresh(client)
-        t_prefix = await run_listener_path(client, prefix, args.apply_batch)
+        t_prefix = await run_listener_path(client, prefix, args.apply_batch, args.max_ops)
         state_fast = await _index_state(client, args.workers)
         await _fresh(client)
         t_base = await run_baseline(client, prefix)
@@ -327,7 +342,7 @@ async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
         await _fresh(client)
         old = await _start_script_times(client)
         try:
-            t_full = await run_listener_path(client, streams, args.apply_batch)
+            t_full = await run_listener_path(client, streams, args.apply_batch, args.max_ops)
             times = await _script_times(client)
         finally:
             for k, v in old.items():
@@ -364,6 +379,7 @@ async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "baseline_block_events_per_s": round(base, 1),
         "listener_same_prefix_per_s": round(fast_prefix, 1),
         "speedup": round(fast_prefix / base, 2),
+        "max_ops": args.max_ops,
         "script_calls": times.calls,
         "script_mean_us": round(times.mean_us, 1),
         "script_longest_us": times.longest_us,
@@ -373,8 +389,14 @@ async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.workers < 1 or args.capacity < 64 or args.apply_batch < 1 or args.steps < 0:
-        raise SystemExit("--workers and --apply-batch must be >= 1, --capacity >= 64")
+    if (
+        args.workers < 1
+        or args.capacity < 64
+        or args.apply_batch < 1
+        or args.steps < 0
+        or args.max_ops < 1
+    ):
+        raise SystemExit("--workers, --apply-batch and --max-ops must be >= 1, --capacity >= 64")
     with redis_server() as url:
         result = asyncio.run(_bench(url, args))
     emit_json(result)
