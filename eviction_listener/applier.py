@@ -174,6 +174,8 @@ class _Call:
     seq: int = -1
     final: bool = True
     """False for a sub-batch that does not end its run: the position stays partial."""
+    cut: bool = False
+    """The call is one of several sub-batches of its run."""
 
 
 MAX_OPS_PER_CALL: Final = 512
@@ -372,7 +374,7 @@ class Applier:
                     offset=offset,
                     final=final,
                 )
-                calls.append(_Call(call, st, ns, seq, final))
+                calls.append(_Call(call, st, ns, seq, final, cut=len(parts) > 1))
             if calls:
                 await self._execute(calls)
             calls = []
@@ -607,6 +609,12 @@ class Applier:
         mono = time.monotonic()
         for c, r in zip(calls, results, strict=True):
             if not isinstance(r, ApplyResult):
+                if isinstance(r, Exception) and c.cut and c.final and c.state is not None:
+                    # The run's last call failed for good: its ops are lost (as a whole call's
+                    # were), but Redis keeps the run's partial position on the old base. The
+                    # next run must not start from that base, or the script would skip the
+                    # new run's first ops as if they were this run's.
+                    c.state.applied[c.namespace] = c.seq
                 continue
             st = c.state
             assert st is not None
