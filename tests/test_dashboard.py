@@ -125,6 +125,10 @@ async def test_every_dashboard_query_names_an_exported_metric(
         assert used, f"{title}: no metric in {expr}"
         missing = used - names
         assert not missing, f"{title}: {sorted(missing)} not exported; query {expr}"
+    # The README's "Is it working?" metrics and queries name only what is exported, too.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cited = set(re.findall(r"\bkvrouter_[a-z0-9_]+", readme))
+    assert len(cited) >= 5 and not cited - names, sorted(cited - names)
     # The list: each of these is on the dashboard.
     titles = " | ".join(t for t, _ in qs).lower()
     for topic in ("hit ratio", "decisions", "first byte", "lookup", "redis", "lag", "gaps",
