@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 APPLIED = 1
 ALREADY_APPLIED = 0
@@ -21,9 +21,41 @@ class LookupResult:
     """Worker -> blocks of the chain it holds, from the head (only workers with >= 1)."""
     load: dict[str, WorkerLoad]
     probes: int
+    tiers: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Medium -> worker -> one character per chain block, "1" where the worker holds it live
+    on that lower tier (lookup_tiers; empty when the lookup asked for no tier)."""
 
     def depth(self, worker: str) -> int:
         return self.depths.get(worker, 0)
+
+    def tier_depths(self, worker: str, limit: int | None = None) -> dict[str, int]:
+        """Blocks past the worker's GPU depth, per medium, that the engine can load from a
+        lower tier instead of recomputing: the chain continues while the next block is on
+        some tier, and each block counts for the first medium (in lookup order) holding
+        it. `limit` caps GPU depth plus tier blocks (the blocks the engine can reuse)."""
+        return continue_on_tiers(self.depth(worker), self.tiers, worker, limit)
+
+
+def continue_on_tiers(
+    gpu_depth: int, tiers: dict[str, dict[str, str]], worker: str, limit: int | None = None
+) -> dict[str, int]:
+    """See ``LookupResult.tier_depths`` (a function of its own so tests and the simulator
+    can state the rule without a lookup)."""
+    held = [(m, by_worker[worker]) for m, by_worker in tiers.items() if worker in by_worker]
+    out: dict[str, int] = {}
+    if not held:
+        return out
+    end = len(held[0][1]) if limit is None else min(limit, len(held[0][1]))
+    i = gpu_depth
+    while i < end:
+        for medium, bits in held:
+            if bits[i] == "1":
+                out[medium] = out.get(medium, 0) + 1
+                break
+        else:
+            break
+        i += 1
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +83,16 @@ class StoreResult:
     refreshed: int
     evicted: int
     expired: int
+
+
+@dataclass(frozen=True, slots=True)
+class TierResult:
+    """Reply of store_tier_blocks."""
+
+    stored: int
+    removed: int
+    unknown: int
+    trimmed: int
 
 
 @dataclass(frozen=True, slots=True)
