@@ -9,8 +9,9 @@ KEYS[1]  the worker's tier ZSET     "kvr:{m}:tier:<medium>|<worker>"   block hex
 KEYS[2]  the worker's tier map      "kvr:{m}:tmap:<medium>|<worker>"   engine hex -> block hex
 KEYS[3]  the tier's workers ZSET    "kvr:{m}:tiers:<medium>"           worker -> valid-until us
 ARGV[1]  worker id
-ARGV[2]  ops, one letter each: S (store: 2 fields, engine hash and block key) or
-         D (remove: 1 field, engine hash)
+ARGV[2]  ops, one letter each: S (store: 2 fields, engine hash and block key),
+         D (remove: 1 field, engine hash) or C (clear the worker's tier: no field; the
+         listener sends it when it lost events and cannot know what the tier still holds)
 ARGV[3]  fields: 16 lowercase hex digits each, back to back, in op order
 ARGV[4]  now, ms since the epoch (0 = the Redis server clock)
 ARGV[5]  ttl, ms (> 0): how long a stored block stays live without news
@@ -30,7 +31,7 @@ round trip is harmless.
 local tier_key, map_key, workers_key = KEYS[1], KEYS[2], KEYS[3]
 local worker, ops, fields = ARGV[1], ARGV[2], ARGV[3]
 if not valid_worker(worker) then return fail(-1, 'worker', 'empty, too long, or has "|" or whitespace') end
-if not string.find(ops, '^[SD]*$') then return fail(-3, 'ops', 'expected letters S and D') end
+if not string.find(ops, '^[SDC]*$') then return fail(-3, 'ops', 'expected letters S, D and C') end
 if not packed_ok(fields, 16) then return fail(-2, 'fields', 'expected 16 lowercase hex digits per field') end
 local need = 0
 for i = 1, #ops do need = need + (string.sub(ops, i, i) == 'S' and 2 or 1) end
@@ -60,6 +61,9 @@ for i = 1, #ops do
     redis.call('HSET', map_key, eh, key)
     step = step + 1
     stored = stored + 1
+  elseif string.sub(ops, i, i) == 'C' then
+    removed = removed + redis.call('ZCARD', tier_key)
+    redis.call('DEL', tier_key, map_key)
   else
     local eh = field()
     local key = redis.call('HGET', map_key, eh)

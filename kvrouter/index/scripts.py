@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 
-OPS_TIER = re.compile(r"^[SD]*\Z")
+OPS_TIER = re.compile(r"^[SDC]*\Z")
 
 
 def _parse_load(flat: Sequence[Any]) -> dict[str, WorkerLoad]:
@@ -253,13 +253,14 @@ class ResidencyIndex:
         capacity: int = 0,
         now_ms: int = 0,
     ) -> ScriptCall:
-        """Stores (op S: engine hash, block key) and removals (op D: engine hash) of one
-        worker's blocks on the lower tier `medium`, in order; `fields` packed by pack_u64."""
+        """Stores (op S: engine hash, block key), removals (op D: engine hash) and clears (op
+        C) of one worker's blocks on the lower tier `medium`, in order; `fields` packed by
+        pack_u64."""
         k = self.keys(model)
         w = worker_arg(worker)
         m = medium_arg(medium)
         if not OPS_TIER.match(ops):
-            raise ScriptArgumentError("ops", "expected letters S and D")
+            raise ScriptArgumentError("ops", "expected letters S, D and C")
         return ScriptCall(
             self.scripts["store_tier_blocks"],
             [k.tier(m, w), k.tier_map(m, w), k.tier_workers(m)],
