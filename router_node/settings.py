@@ -200,7 +200,7 @@ class RouterSettings(SharedSettings):
         "kv: a block the worker holds on a lower storage tier (the engine reports it on "
         "another medium) is credited at this fraction of a GPU hit, per medium, as "
         "MEDIUM=fraction (defaults: llm-d's CPU 0.8, Dynamo's disk 0.25; docs/configuration.md); "
-        "'' = tiers ignored",
+        "a medium left out or at 0 is ignored (CPU=0: no tier counts)",
     )
     balance_abs: Int = setting(
         4, "guard: a worker may lead the least-loaded by this many requests", ge=0
