@@ -34,7 +34,8 @@ if not valid_worker(worker) then return fail(-1, 'worker', 'empty, too long, or 
 if not string.find(ops, '^[SDC]*$') then return fail(-3, 'ops', 'expected letters S, D and C') end
 if not packed_ok(fields, 16) then return fail(-2, 'fields', 'expected 16 lowercase hex digits per field') end
 local need = 0
-for i = 1, #ops do need = need + (string.sub(ops, i, i) == 'S' and 2 or 1) end
+local per_op = {S = 2, D = 1, C = 0}
+for i = 1, #ops do need = need + per_op[string.sub(ops, i, i)] end
 if need * 16 ~= #fields then return fail(-2, 'fields', 'count does not match the ops') end
 if ARGV[4] ~= '0' and not int_arg(ARGV[4], 1) then return fail(-3, 'now', 'must be an integer >= 0 (ms)') end
 local ttl = int_arg(ARGV[5], 1)

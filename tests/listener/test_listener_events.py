@@ -373,3 +373,20 @@ async def test_offloaded_blocks_are_indexed_per_tier(
     await wait_applied(redis_client, M, "w", s)
     res = await idx.lookup_with_tiers(M, more, ["CPU"], ["w"])
     assert res.tiers["CPU"]["w"] == "11110111"
+
+
+async def test_unfillable_gap_clears_the_tiers_too(
+    engine: Callable[..., Any], redis_client: Any
+) -> None:
+    pub, lst = await engine()
+    idx = ResidencyIndex(redis_client)
+    keys = HASHER.keys(TOKENS[: 3 * B])
+    pub.stored([eh(i) for i in range(3)], TOKENS[: 3 * B])
+    s = pub.stored([eh(i) for i in range(3)], TOKENS[: 3 * B], medium="CPU")
+    await wait_applied(redis_client, M, "w", s)
+    assert (await idx.lookup_with_tiers(M, keys, ["CPU"], ["w"])).tiers == {"CPU": {"w": "111"}}
+    pub.skip(3)  # removals on the tier may be among the lost batches
+    s = pub.stored([eh(i, 1) for i in range(2)], TOKENS[B : 3 * B])
+    await wait_applied(redis_client, M, "w", s)
+    assert lst.metrics.clears["resync"] >= 1
+    assert (await idx.lookup_with_tiers(M, keys, ["CPU"], ["w"])).tiers == {}

@@ -124,3 +124,13 @@ async def test_arguments_are_checked(idx: ResidencyIndex) -> None:
         await idx.store_tier_blocks(M, W, "CPU", "X", "", ttl_ms=1)
     with pytest.raises(Exception, match="fields"):
         await idx.store_tier_blocks(M, W, "CPU", "S", pack_u64([1]), ttl_ms=1)
+
+
+async def test_clear_then_store_in_one_call(idx: ResidencyIndex) -> None:
+    c = chain(4)
+    await store_tier(idx, c)
+    eh = engine(c)
+    r = await idx.store_tier_blocks(M, W, "CPU", "CS", pack_u64([eh[0], c[0]]), ttl_ms=60_000)
+    assert (r.stored, r.removed) == (1, 4)
+    res = await idx.lookup_with_tiers(M, c, ["CPU"], [W])
+    assert res.tiers == {"CPU": {W: "1000"}}
