@@ -67,12 +67,14 @@ class TierFlush:
         return n
 
     def remove(self, worker: str, ns: str, medium: str, hashes: Iterable[int]) -> None:
+        """Removals on the tier, by engine hash (the script maps them to block keys)."""
         t = self._ops(worker, ns, medium)
         for h in hashes:
             t.ops.append("D")
             t.fields.append(h)
 
     def clear(self, worker: str, ns: str, medium: str) -> None:
+        """Drop everything the worker holds on the tier (events were lost)."""
         self._ops(worker, ns, medium).ops.append("C")
 
     def calls(self, index: ResidencyIndex, *, ttl_ms: int, capacity: int) -> list[ScriptCall]:

@@ -206,6 +206,8 @@ class ResidencyIndex:
         candidates: Iterable[str] | None = None,
         now_ms: int = 0,
     ) -> ScriptCall:
+        """Which chain blocks each candidate holds on the lower tiers `media` (decoded to
+        medium -> worker -> "0"/"1" per block)."""
         k = self.keys(model)
         cand = "\n".join(worker_arg(w) for w in candidates) if candidates is not None else ""
         return ScriptCall(
