@@ -131,7 +131,7 @@ def test_prefix_declarations_are_the_documented_exceptions() -> None:
         "clear_worker": [5],
         "store_engine_blocks": [5],
         "apply_engine_events": [5],
-        "lookup_tiers": [1, 2],
+        "lookup_tiers": [1, 2, 3],
     }
     schema = KeySchema().model(M)
     # A prefix carries the model's hash tag: keys built from it share the declared keys' slot.
@@ -191,7 +191,7 @@ async def test_every_script_touches_only_declared_keys(idx: CheckedIndex) -> Non
         M, "w5", "CPU", "S", pack_u64([800, chain[0]]), ttl_ms=HOUR, now_ms=T0
     )
     got = await idx.lookup_with_tiers(M, chain, ["CPU", "DISK"], now_ms=T0 + 1)
-    assert got.tiers["CPU"]["w5"].startswith("1")
+    assert got.tiers["CPU"]["w5"] == (0, 1)
 
     # Leases and the rate limit bucket.
     await idx.acquire_lease(M, "w1", "lease1", prefill_tokens=64, ttl_ms=60_000)

@@ -21,40 +21,42 @@ class LookupResult:
     """Worker -> blocks of the chain it holds, from the head (only workers with >= 1)."""
     load: dict[str, WorkerLoad]
     probes: int
-    tiers: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Medium -> worker -> one character per chain block, "1" where the worker holds it live
-    on that lower tier (lookup_tiers; empty when the lookup asked for no tier)."""
+    tiers: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    """Medium -> worker -> (its GPU depth as the tier lookup saw it, consecutive blocks from
+    there held live on that lower tier); lookup_tiers, empty when no tier was asked for."""
 
     def depth(self, worker: str) -> int:
         return self.depths.get(worker, 0)
 
     def tier_depths(self, worker: str, limit: int | None = None) -> dict[str, int]:
         """Blocks past the worker's GPU depth, per medium, that the engine can load from a
-        lower tier instead of recomputing: the chain continues while the next block is on
-        some tier, and each block counts for the first medium (in lookup order) holding
-        it. `limit` caps GPU depth plus tier blocks (the blocks the engine can reuse)."""
+        lower tier instead of recomputing. See ``continue_on_tiers``."""
         return continue_on_tiers(self.depth(worker), self.tiers, worker, limit)
 
 
 def continue_on_tiers(
-    gpu_depth: int, tiers: dict[str, dict[str, str]], worker: str, limit: int | None = None
+    gpu_depth: int,
+    tiers: dict[str, dict[str, tuple[int, int]]],
+    worker: str,
+    limit: int | None = None,
 ) -> dict[str, int]:
-    """See ``LookupResult.tier_depths`` (a function of its own so tests and the simulator
-    can state the rule without a lookup)."""
-    held = [(m, by_worker[worker]) for m, by_worker in tiers.items() if worker in by_worker]
+    """Per medium (in lookup order), the blocks past `gpu_depth` it adds to the run: each
+    tier's run starts right after the GPU prefix, and a block counts for the first medium
+    whose run reaches it (tiers nest: what a later medium adds is its run beyond the earlier
+    ones'). A run seen past another GPU depth (the lookup cut the GPU match at a hole) is not
+    used: the blocks right after the cut are unknown. `limit` caps GPU depth plus tier
+    blocks (the blocks the engine can reuse)."""
     out: dict[str, int] = {}
-    if not held:
-        return out
-    end = len(held[0][1]) if limit is None else min(limit, len(held[0][1]))
-    i = gpu_depth
-    while i < end:
-        for medium, bits in held:
-            if bits[i] == "1":
-                out[medium] = out.get(medium, 0) + 1
-                break
-        else:
-            break
-        i += 1
+    covered = 0
+    cap = None if limit is None else max(0, limit - gpu_depth)
+    for medium, by_worker in tiers.items():
+        seen = by_worker.get(worker)
+        if seen is None or seen[0] != gpu_depth:
+            continue
+        run = seen[1] if cap is None else min(seen[1], cap)
+        if run > covered:
+            out[medium] = run - covered
+            covered = run
     return out
 
 

@@ -106,10 +106,11 @@ def _decode_lookup(reply: Any) -> LookupResult:
     return LookupResult(depths, _parse_load(load), int(probes))
 
 
-def _decode_tiers(reply: Any) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    for i in range(0, len(reply), 3):
-        out.setdefault(text(reply[i]), {})[text(reply[i + 1])] = text(reply[i + 2])
+def _decode_tiers(reply: Any) -> dict[str, dict[str, tuple[int, int]]]:
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for i in range(0, len(reply), 4):
+        run = (int(reply[i + 2]), int(reply[i + 3]))
+        out.setdefault(text(reply[i]), {})[text(reply[i + 1])] = run
     return out
 
 
@@ -206,13 +207,13 @@ class ResidencyIndex:
         candidates: Iterable[str] | None = None,
         now_ms: int = 0,
     ) -> ScriptCall:
-        """Which chain blocks each candidate holds on the lower tiers `media` (decoded to
-        medium -> worker -> "0"/"1" per block)."""
+        """How far the chain continues on the lower tiers `media` past each candidate's GPU
+        prefix (decoded to medium -> worker -> (GPU depth seen, run of tier blocks))."""
         k = self.keys(model)
         cand = "\n".join(worker_arg(w) for w in candidates) if candidates is not None else ""
         return ScriptCall(
             self.scripts["lookup_tiers"],
-            [k.tier_prefix, k.tier_workers_prefix],
+            [k.tier_prefix, k.tier_workers_prefix, k.worker_prefix],
             [
                 nonneg("now_ms", now_ms),
                 pack_keys("chain", chain),
@@ -241,7 +242,9 @@ class ResidencyIndex:
                 self.lookup_tiers_call(model, chain, media, cand, now_ms),
             ]
         )
-        return replace(cast(LookupResult, gpu), tiers=cast(dict[str, dict[str, str]], tiers))
+        return replace(
+            cast(LookupResult, gpu), tiers=cast(dict[str, dict[str, tuple[int, int]]], tiers)
+        )
 
     def store_tier_blocks_call(
         self,

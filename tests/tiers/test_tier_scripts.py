@@ -46,7 +46,7 @@ async def test_tier_depth_continues_past_the_gpu_depth(idx: ResidencyIndex) -> N
     assert (r.stored, r.removed, r.unknown, r.trimmed) == (7, 0, 0, 0)
     res = await idx.lookup_with_tiers(M, c, ["CPU", "DISK"], [W, "w2"])
     assert res.depth(W) == 4
-    assert res.tiers == {"CPU": {W: "1111111000"}}
+    assert res.tiers == {"CPU": {W: (4, 3)}}
     # Blocks 5-7 are on the CPU tier only: the chain continues there for 3 blocks.
     assert res.tier_depths(W) == {"CPU": 3}
     assert res.tier_depths(W, limit=5) == {"CPU": 1}
@@ -70,7 +70,7 @@ async def test_removal_on_a_medium_removes_that_tier_only(idx: ResidencyIndex) -
     assert (r.removed, r.unknown) == (1, 1)
     res = await idx.lookup_with_tiers(M, c, ["CPU"], [W])
     assert res.depth(W) == 5  # the GPU records are untouched
-    assert res.tiers["CPU"][W] == "11110"
+    assert res.tier_depths(W) == {}  # block 5 was the one after the GPU prefix
     # And a GPU eviction leaves the tier copy: the chain continues on the CPU tier.
     await idx.evict(M, W, c[2:])
     res = await idx.lookup_with_tiers(M, c, ["CPU"], [W])
@@ -84,7 +84,12 @@ async def test_first_medium_in_order_wins_and_gaps_end_the_run(idx: ResidencyInd
     await store_tier(idx, c[:6], medium="DISK")
     res = await idx.lookup_with_tiers(M, c, ["CPU", "DISK"], [W])
     assert res.tier_depths(W) == {"CPU": 3, "DISK": 3}
-    assert continue_on_tiers(0, {"CPU": {W: "1101"}}, W) == {"CPU": 2}
+    assert continue_on_tiers(0, {"CPU": {W: (0, 2)}, "DISK": {W: (0, 5)}}, W) == {
+        "CPU": 2,
+        "DISK": 3,
+    }
+    # A run seen past another GPU depth (the lookup cut the match at a hole) is not used.
+    assert continue_on_tiers(1, {"CPU": {W: (4, 2)}}, W) == {}
 
 
 async def test_capacity_trims_the_least_recently_stored(idx: ResidencyIndex) -> None:
@@ -95,9 +100,9 @@ async def test_capacity_trims_the_least_recently_stored(idx: ResidencyIndex) -> 
     r = await store_tier(idx, new, capacity=6, now_ms=T0 + 500)
     assert r.trimmed == 2
     res = await idx.lookup_with_tiers(M, old, ["CPU"], [W], now_ms=T0 + 600)
-    assert res.tiers["CPU"][W] == "1100"  # the old chain lost its tail first
+    assert res.tiers["CPU"][W] == (0, 2)  # the old chain lost its tail first
     res = await idx.lookup_with_tiers(M, new, ["CPU"], [W], now_ms=T0 + 600)
-    assert res.tiers["CPU"][W] == "1111"
+    assert res.tiers["CPU"][W] == (0, 4)
 
 
 async def test_tier_records_expire_and_the_tier_forgets_the_worker(idx: ResidencyIndex) -> None:
@@ -106,7 +111,7 @@ async def test_tier_records_expire_and_the_tier_forgets_the_worker(idx: Residenc
     fields = pack_u64([x for e, k in zip(engine(c), c, strict=True) for x in (e, k)])
     await idx.store_tier_blocks(M, W, "CPU", "SSS", fields, ttl_ms=60_000, now_ms=t0)
     res = await idx.lookup_with_tiers(M, c, ["CPU"], [W], now_ms=t0 + 59_999)
-    assert res.tiers == {"CPU": {W: "111"}}
+    assert res.tiers == {"CPU": {W: (0, 3)}}
     res = await idx.lookup_with_tiers(M, c, ["CPU"], [W], now_ms=t0 + 60_001)
     assert res.tiers == {}
     # Removing the last block drops the map and the worker from the tier's set.
@@ -133,4 +138,4 @@ async def test_clear_then_store_in_one_call(idx: ResidencyIndex) -> None:
     r = await idx.store_tier_blocks(M, W, "CPU", "CS", pack_u64([eh[0], c[0]]), ttl_ms=60_000)
     assert (r.stored, r.removed) == (1, 4)
     res = await idx.lookup_with_tiers(M, c, ["CPU"], [W])
-    assert res.tiers == {"CPU": {W: "1000"}}
+    assert res.tiers == {"CPU": {W: (0, 1)}}
