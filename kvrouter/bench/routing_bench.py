@@ -19,6 +19,12 @@ trace; then a report compares them:
   kv_pd_half  `kv_pd` with half the workers prefilling (4 of 8): the Mooncake trace is
               prefill-heavy (long prompts, short answers)
   kv_pd_4x    `kv_pd` with 4 router replicas
+  kv_pd_3p    3 prefill + 5 decode, no guard: a prefill pool sized for the trace's offered
+              prefill (about 36k prompt tokens/s against 3 x 16k)
+  kv_pd_3p_guard  `kv_pd_3p` with a queue bound of about three seconds of prefill per worker
+  kv_pd_local `kv_pd` whose saturation fallback runs only suffixes up to 2,048 tokens on the
+              decode workers (KVR_PD_LOCAL_MAX_TOKENS): longer ones still queue for prefill
+  kv_pd_3p_local  `kv_pd_local` on 3 prefill + 5 decode
 
 Time per output token (TPOT) is where the split pays: in aggregated serving a prefill chunk
 batched with decodes stretches that step for every decode in it (the simulator's step time
@@ -92,6 +98,14 @@ class Variant:
 # The conditional split's saturation guard: once every prefill worker has about a second of
 # prefill queued (16k tokens/s simulated), requests run whole on the decode workers.
 PD_SATURATION = (("KVR_PD_SATURATION_TOKENS", "16384"),)
+# A queue bound rather than a saturation fallback: a request runs whole on a decode worker
+# only once every prefill worker has about three seconds queued, so the guard catches bursts
+# without turning every busy moment into decode stalls.
+PD_QUEUE_BOUND = (("KVR_PD_SATURATION_TOKENS", "49152"),)
+# The saturation guard weighing the decode worker's stall: with the prefill pool saturated,
+# only suffixes up to 2,048 tokens (an eighth of a second of prefill batched with the decode
+# worker's decodes) run locally; longer ones still queue for the prefill pool.
+PD_LOCAL_BOUND = (*PD_SATURATION, ("KVR_PD_LOCAL_MAX_TOKENS", "2048"))
 VARIANTS = (
     Variant("kv", "kv", True),
     Variant("kv_approx", "kv", False),
@@ -105,6 +119,10 @@ VARIANTS = (
     Variant("kv_pd_always", "kv", True, prefill_share=0.25),
     Variant("kv_pd_half", "kv", True, prefill_share=0.5, router_env=PD_SATURATION),
     Variant("kv_pd_4x", "kv", True, replicas=4, prefill_share=0.25, router_env=PD_SATURATION),
+    Variant("kv_pd_3p", "kv", True, prefill_share=0.375),
+    Variant("kv_pd_3p_guard", "kv", True, prefill_share=0.375, router_env=PD_QUEUE_BOUND),
+    Variant("kv_pd_local", "kv", True, prefill_share=0.25, router_env=PD_LOCAL_BOUND),
+    Variant("kv_pd_3p_local", "kv", True, prefill_share=0.375, router_env=PD_LOCAL_BOUND),
 )
 # --quick: the first 900 requests (about 5 minutes of the trace), 4 times faster. At 6x the
 # listener, simulator, router, client and Redis saturated two cores and the run measured the
