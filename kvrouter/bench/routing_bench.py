@@ -25,6 +25,7 @@ trace; then a report compares them:
   kv_pd_local `kv_pd` whose saturation fallback runs only suffixes up to 2,048 tokens on the
               decode workers (KVR_PD_LOCAL_MAX_TOKENS): longer ones still queue for prefill
   kv_pd_3p_local  `kv_pd_local` on 3 prefill + 5 decode
+  kv_pd_half_local  `kv_pd_local` on 4 prefill + 4 decode
 
 Time per output token (TPOT) is where the split pays: in aggregated serving a prefill chunk
 batched with decodes stretches that step for every decode in it (the simulator's step time
@@ -123,6 +124,7 @@ VARIANTS = (
     Variant("kv_pd_3p_guard", "kv", True, prefill_share=0.375, router_env=PD_QUEUE_BOUND),
     Variant("kv_pd_local", "kv", True, prefill_share=0.25, router_env=PD_LOCAL_BOUND),
     Variant("kv_pd_3p_local", "kv", True, prefill_share=0.375, router_env=PD_LOCAL_BOUND),
+    Variant("kv_pd_half_local", "kv", True, prefill_share=0.5, router_env=PD_LOCAL_BOUND),
 )
 # --quick: the first 900 requests (about 5 minutes of the trace), 4 times faster. At 6x the
 # listener, simulator, router, client and Redis saturated two cores and the run measured the
