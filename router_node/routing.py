@@ -145,6 +145,7 @@ class Router:
             min_prefill_tokens=settings.pd_min_prefill_tokens,
             saturation_tokens=settings.pd_saturation_tokens,
             transfer_weight=settings.pd_transfer_weight,
+            local_max_tokens=settings.pd_local_max_tokens,
         )
         self.configs = {
             name: ScoringConfig(

@@ -247,6 +247,11 @@ class PairConfig:
     tokens queued; then requests run whole on the decode worker. 0 = never saturated."""
     transfer_weight: float = 0.1
     """Cost of pulling one block from the prefill worker, against computing it (1.0)."""
+    local_max_tokens: int = 0
+    """With the prefill pool saturated, only a request whose uncached suffix is at most this
+    many tokens runs whole on the decode worker; a longer one still takes the prefill hop and
+    queues. A local prefill stalls every decode batched with its chunks, for longer the longer
+    the suffix: this bounds the stall the saturation fallback brings back. 0 = any suffix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,10 +295,11 @@ def decide_pair(
 
     The decode worker is chosen first, by `decode_cost` (decode load plus transfer). If its
     uncached suffix is below ``min_prefill_tokens``, no prefill worker is there, or every
-    prefill worker has ``saturation_tokens`` queued, the request runs whole on the decode
-    pool, ranked by the kv policy (it prefills locally). Otherwise the prefill worker is the
-    kv policy's pick over the prefill pool (matched blocks and queued prefill). Pure and
-    deterministic for a given `rng` state; raises ValueError when `decode` is empty.
+    prefill worker has ``saturation_tokens`` queued (and the suffix is at most
+    ``local_max_tokens``, when set), the request runs whole on the decode pool, ranked by the
+    kv policy (it prefills locally). Otherwise the prefill worker is the kv policy's pick over
+    the prefill pool (matched blocks and queued prefill). Pure and deterministic for a given
+    `rng` state; raises ValueError when `decode` is empty.
     """
     if not decode:
         raise ValueError("no decode candidates to choose from")
@@ -307,8 +313,10 @@ def decide_pair(
         reason = "no_prefill_worker"
     elif suffix < pcfg.min_prefill_tokens:
         reason = "short_suffix"
-    elif pcfg.saturation_tokens > 0 and all(
-        c.prefill_tokens >= pcfg.saturation_tokens for c in prefill
+    elif (
+        pcfg.saturation_tokens > 0
+        and (pcfg.local_max_tokens == 0 or suffix <= pcfg.local_max_tokens)
+        and all(c.prefill_tokens >= pcfg.saturation_tokens for c in prefill)
     ):
         reason = "prefill_saturated"
     if reason != "split":

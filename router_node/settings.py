@@ -219,6 +219,13 @@ class RouterSettings(SharedSettings):
         "prefill worker has this many prompt tokens queued (0 = never)",
         ge=0,
     )
+    pd_local_max_tokens: Int = setting(
+        0,
+        "P/D: with the prefill pool saturated, only an uncached suffix up to this many tokens "
+        "runs whole on a decode worker (its prefill stalls that worker's decodes); a longer "
+        "one still takes the prefill hop (0 = any suffix)",
+        ge=0,
+    )
     pd_transfer_weight: float = setting(
         0.1, "P/D: cost of pulling a KV block against computing it", ge=0
     )

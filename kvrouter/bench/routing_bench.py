@@ -19,6 +19,13 @@ trace; then a report compares them:
   kv_pd_half  `kv_pd` with half the workers prefilling (4 of 8): the Mooncake trace is
               prefill-heavy (long prompts, short answers)
   kv_pd_4x    `kv_pd` with 4 router replicas
+  kv_pd_3p    3 prefill + 5 decode, no guard: a prefill pool sized for the trace's offered
+              prefill (about 36k prompt tokens/s against 3 x 16k)
+  kv_pd_3p_guard  `kv_pd_3p` with a queue bound of about three seconds of prefill per worker
+  kv_pd_local `kv_pd` whose saturation fallback runs only suffixes up to 2,048 tokens on the
+              decode workers (KVR_PD_LOCAL_MAX_TOKENS): longer ones still queue for prefill
+  kv_pd_3p_local  `kv_pd_local` on 3 prefill + 5 decode
+  kv_pd_half_local  `kv_pd_local` on 4 prefill + 4 decode
 
 Time per output token (TPOT) is where the split pays: in aggregated serving a prefill chunk
 batched with decodes stretches that step for every decode in it (the simulator's step time
@@ -94,6 +101,14 @@ class Variant:
 # The conditional split's saturation guard: once every prefill worker has about a second of
 # prefill queued (16k tokens/s simulated), requests run whole on the decode workers.
 PD_SATURATION = (("KVR_PD_SATURATION_TOKENS", "16384"),)
+# A queue bound rather than a saturation fallback: a request runs whole on a decode worker
+# only once every prefill worker has about three seconds queued, so the guard catches bursts
+# without turning every busy moment into decode stalls.
+PD_QUEUE_BOUND = (("KVR_PD_SATURATION_TOKENS", "49152"),)
+# The saturation guard weighing the decode worker's stall: with the prefill pool saturated,
+# only suffixes up to 2,048 tokens (an eighth of a second of prefill batched with the decode
+# worker's decodes) run locally; longer ones still queue for the prefill pool.
+PD_LOCAL_BOUND = (*PD_SATURATION, ("KVR_PD_LOCAL_MAX_TOKENS", "2048"))
 VARIANTS = (
     Variant("kv", "kv", True),
     Variant("kv_approx", "kv", False),
@@ -107,6 +122,11 @@ VARIANTS = (
     Variant("kv_pd_always", "kv", True, prefill_share=0.25),
     Variant("kv_pd_half", "kv", True, prefill_share=0.5, router_env=PD_SATURATION),
     Variant("kv_pd_4x", "kv", True, replicas=4, prefill_share=0.25, router_env=PD_SATURATION),
+    Variant("kv_pd_3p", "kv", True, prefill_share=0.375),
+    Variant("kv_pd_3p_guard", "kv", True, prefill_share=0.375, router_env=PD_QUEUE_BOUND),
+    Variant("kv_pd_local", "kv", True, prefill_share=0.25, router_env=PD_LOCAL_BOUND),
+    Variant("kv_pd_3p_local", "kv", True, prefill_share=0.375, router_env=PD_LOCAL_BOUND),
+    Variant("kv_pd_half_local", "kv", True, prefill_share=0.5, router_env=PD_LOCAL_BOUND),
     # A fleet whose workers offload evicted blocks to a CPU tier of 4x their GPU capacity
     # (host memory is several times HBM): the router credits tier hits (kv_cpu, default
     # KVR_TIER_CREDITS) or ignores them (kv_cpu_gpu_only), on the same fleet.
@@ -114,6 +134,11 @@ VARIANTS = (
     Variant("kv_cpu_gpu_only", "kv", True, cpu_tier=4, router_env=(("KVR_TIER_CREDITS", "CPU=0"),)),
 )
 TIER_VARIANTS = ("kv_cpu", "kv_cpu_gpu_only")
+# Pool splits explored for the P/D comparison (docs/benchmarks.md): run by name, not by
+# default, so the default run stays the policies plus one P/D variant per guard.
+PD_SPLIT_VARIANTS = ("kv_pd_3p", "kv_pd_3p_guard", "kv_pd_local", "kv_pd_3p_local",
+                     "kv_pd_half_local")  # fmt: skip
+OPT_IN_VARIANTS = (*TIER_VARIANTS, *PD_SPLIT_VARIANTS)
 # --quick: the first 900 requests (about 5 minutes of the trace), 4 times faster. At 6x the
 # listener, simulator, router, client and Redis saturated two cores and the run measured the
 # machine more than the router (docs/benchmarks.md).
@@ -141,11 +166,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=512)
     parser.add_argument(
         "--variants",
-        default=",".join(v.name for v in VARIANTS if v.name not in TIER_VARIANTS),
+        default=",".join(v.name for v in VARIANTS if v.name not in OPT_IN_VARIANTS),
         help="comma-separated subset of: "
         + ", ".join(v.name for v in VARIANTS)
-        + " (default: all but the CPU-tier fleet's "
-        + ", ".join(TIER_VARIANTS)
+        + " (default: all but the CPU-tier fleet's and the P/D pool splits: "
+        + ", ".join(OPT_IN_VARIANTS)
         + ")",
     )
     parser.add_argument(

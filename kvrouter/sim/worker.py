@@ -291,6 +291,8 @@ class SimWorker:
                 "max_tokens": max_tokens,
                 "stream": stream,
                 "request_id": request.headers.get("x-request-id"),
+                # Tests check that the router's prefill span is the parent vLLM continues.
+                "traceparent": request.headers.get("traceparent"),
             }
             if self.pd_fault[0] == "fail" and self._take_fault():
                 raise ApiError(503, "injected prefill failure", "ServiceUnavailableError")
