@@ -46,7 +46,14 @@ from router_node.request import CHAT, COMPLETIONS, ParsedRequest
 from router_node.routing import Plan
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
-from router_node.tracing import ATTR_ATTEMPT, ATTR_STATUS, ATTR_WORKER, get_tracer, inject
+from router_node.tracing import (
+    ATTR_ATTEMPT,
+    ATTR_LEG,
+    ATTR_STATUS,
+    ATTR_WORKER,
+    get_tracer,
+    inject,
+)
 from router_node.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -362,49 +369,60 @@ class Proxy:
             attempts += 1
             if attempts > 1:
                 self.metrics.retries.inc()
-            headers = self._headers(request, worker)
-            headers["X-Request-Id"] = rid
-            lease = self._lease(req, plan, worker)
-            worker.inflight += 1
-            resp: aiohttp.ClientResponse | None = None
-            try:
+            # One span per prefill attempt, like the decode leg's `attempt` spans; the worker
+            # gets a traceparent naming it, so vLLM's prefill spans continue under it.
+            attrs: dict[str, str | int] = {
+                ATTR_WORKER: worker.id, ATTR_ATTEMPT: attempts, ATTR_LEG: "prefill"
+            }  # fmt: skip
+            with self.tracer.start_as_current_span(
+                "prefill", kind=SpanKind.CLIENT, attributes=attrs
+            ) as span:
+                headers = self._headers(request, worker)
+                headers["X-Request-Id"] = rid
+                lease = self._lease(req, plan, worker)
+                worker.inflight += 1
+                resp: aiohttp.ClientResponse | None = None
                 try:
-                    resp = await self.session.post(
-                        f"{worker.url}{request.path}",
-                        data=data,
-                        headers=headers,
-                        timeout=self.timeout,
-                    )
-                    answer = await resp.read()
-                except UPSTREAM_ERRORS as exc:
-                    self._fail(worker, "prefill", f"{type(exc).__name__}: {exc}")
-                    continue
-                self.metrics.worker_requests.labels(worker.id).inc()
-                if resp.status != 200:
-                    if resp.status >= 500 or resp.status in RETRY_STATUSES:
-                        self._fail(worker, "prefill", f"HTTP {resp.status}")
-                    else:
-                        self.metrics.upstream_errors.labels(worker.id, "prefill").inc()
-                    continue
-                self.pool.record_success(worker)
-                try:
-                    decoded = orjson.loads(answer)
-                except orjson.JSONDecodeError:
-                    raise ParamsError(
-                        "malformed_params", "the prefill answer is not JSON"
-                    ) from None
-                return transfer_params(decoded), worker
-            except asyncio.CancelledError:
-                self.metrics.pd_prefill_cancelled.inc()
-                raise
-            finally:
-                worker.inflight -= 1
-                lease.end()
-                if resp is not None:
-                    if resp.content.is_eof():
-                        resp.release()
-                    else:
-                        resp.close()
+                    try:
+                        resp = await self.session.post(
+                            f"{worker.url}{request.path}",
+                            data=data,
+                            headers=headers,
+                            timeout=self.timeout,
+                        )
+                        answer = await resp.read()
+                    except UPSTREAM_ERRORS as exc:
+                        self._fail(worker, "prefill", f"{type(exc).__name__}: {exc}")
+                        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                        continue
+                    self.metrics.worker_requests.labels(worker.id).inc()
+                    span.set_attribute(ATTR_STATUS, resp.status)
+                    if resp.status != 200:
+                        span.set_status(Status(StatusCode.ERROR, f"HTTP {resp.status}"))
+                        if resp.status >= 500 or resp.status in RETRY_STATUSES:
+                            self._fail(worker, "prefill", f"HTTP {resp.status}")
+                        else:
+                            self.metrics.upstream_errors.labels(worker.id, "prefill").inc()
+                        continue
+                    self.pool.record_success(worker)
+                    try:
+                        decoded = orjson.loads(answer)
+                    except orjson.JSONDecodeError:
+                        raise ParamsError(
+                            "malformed_params", "the prefill answer is not JSON"
+                        ) from None
+                    return transfer_params(decoded), worker
+                except asyncio.CancelledError:
+                    self.metrics.pd_prefill_cancelled.inc()
+                    raise
+                finally:
+                    worker.inflight -= 1
+                    lease.end()
+                    if resp is not None:
+                        if resp.content.is_eof():
+                            resp.release()
+                        else:
+                            resp.close()
         self.metrics.pd_fallbacks.labels("prefill_failed").inc()
         log.warning("P/D request %s: no prefill worker answered; running it whole", rid)
         return None, None
@@ -554,6 +572,8 @@ class Proxy:
         prefill_worker: Worker | None = None,
     ) -> web.StreamResponse | APIError:
         attrs: dict[str, str | int] = {ATTR_WORKER: worker.id, ATTR_ATTEMPT: number}
+        if decode_leg:
+            attrs[ATTR_LEG] = "decode"
         with self.tracer.start_as_current_span(
             "attempt", kind=SpanKind.CLIENT, attributes=attrs
         ) as span:

@@ -10,6 +10,9 @@ The default ``kv`` policy is a cost model, in blocks of prefill work::
     cost(w) = prefill_weight * (blocks w must prefill + queue_weight * w's queued prefill blocks)
             + decode_weight  * w's in-flight requests
 
+where a block w holds on a lower storage tier (offloaded to CPU memory or disk, past its GPU
+match) counts as a fraction of a hit (``tier_credits``, router_node/tiers.py).
+
 ``queue_weight`` (default 0.5) counts another request's queued prefill at half the weight of
 this request's own: leaving a worker that holds the conversation costs more than this request's
 prefill (the next turn misses too), and on the Mooncake trace full weight moved half the
@@ -68,6 +71,10 @@ class Candidate:
     """The worker's prefill speed over the fleet's mean (2.0: prefills twice as fast). The kv
     cost divides its prefill work by it, so the cost is predicted time to first token in
     units of "one block at the fleet's mean speed"; 1.0 when unknown or not speed-aware."""
+    tier_blocks: float = 0.0
+    """Blocks past ``matched_blocks`` the engine loads from a lower storage tier (CPU memory,
+    disk), each weighted by its tier's credit, a fraction of a GPU hit (router_node/tiers.py):
+    the kv cost counts them as that much less prefill."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +108,7 @@ class Decision:
 
 def kv_cost(c: Candidate, prompt_tokens: int, cfg: ScoringConfig) -> float:
     """The kv policy's cost of sending a `prompt_tokens` prompt to `c` (blocks of work)."""
-    own = max(0, prompt_tokens - c.matched_blocks * cfg.block_size)
+    own = max(0.0, prompt_tokens - (c.matched_blocks + c.tier_blocks) * cfg.block_size)
     prefill_blocks = (own + cfg.queue_weight * c.prefill_tokens) / cfg.block_size
     prefill = (prefill_blocks + c.setup_blocks) / c.speed
     return cfg.prefill_weight * prefill + cfg.decode_weight * c.requests
@@ -240,6 +247,11 @@ class PairConfig:
     tokens queued; then requests run whole on the decode worker. 0 = never saturated."""
     transfer_weight: float = 0.1
     """Cost of pulling one block from the prefill worker, against computing it (1.0)."""
+    local_max_tokens: int = 0
+    """With the prefill pool saturated, only a request whose uncached suffix is at most this
+    many tokens runs whole on the decode worker; a longer one still takes the prefill hop and
+    queues. A local prefill stalls every decode batched with its chunks, for longer the longer
+    the suffix: this bounds the stall the saturation fallback brings back. 0 = any suffix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,10 +295,11 @@ def decide_pair(
 
     The decode worker is chosen first, by `decode_cost` (decode load plus transfer). If its
     uncached suffix is below ``min_prefill_tokens``, no prefill worker is there, or every
-    prefill worker has ``saturation_tokens`` queued, the request runs whole on the decode
-    pool, ranked by the kv policy (it prefills locally). Otherwise the prefill worker is the
-    kv policy's pick over the prefill pool (matched blocks and queued prefill). Pure and
-    deterministic for a given `rng` state; raises ValueError when `decode` is empty.
+    prefill worker has ``saturation_tokens`` queued (and the suffix is at most
+    ``local_max_tokens``, when set), the request runs whole on the decode pool, ranked by the
+    kv policy (it prefills locally). Otherwise the prefill worker is the kv policy's pick over
+    the prefill pool (matched blocks and queued prefill). Pure and deterministic for a given
+    `rng` state; raises ValueError when `decode` is empty.
     """
     if not decode:
         raise ValueError("no decode candidates to choose from")
@@ -300,8 +313,10 @@ def decide_pair(
         reason = "no_prefill_worker"
     elif suffix < pcfg.min_prefill_tokens:
         reason = "short_suffix"
-    elif pcfg.saturation_tokens > 0 and all(
-        c.prefill_tokens >= pcfg.saturation_tokens for c in prefill
+    elif (
+        pcfg.saturation_tokens > 0
+        and (pcfg.local_max_tokens == 0 or suffix <= pcfg.local_max_tokens)
+        and all(c.prefill_tokens >= pcfg.saturation_tokens for c in prefill)
     ):
         reason = "prefill_saturated"
     if reason != "split":

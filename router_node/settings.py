@@ -37,6 +37,7 @@ from router_node.models import (
     load_config_file,
 )
 from router_node.scoring import POLICIES
+from router_node.tiers import DEFAULT_TIER_CREDITS, parse_tier_credits
 
 __all__ = [
     "DISCOVERY_MODES",
@@ -194,6 +195,13 @@ class RouterSettings(SharedSettings):
     temperature: float = setting(
         0.0, "kv softmax temperature over cost (0 = pick the lowest)", ge=0
     )
+    tier_credits: CommaList = setting(
+        DEFAULT_TIER_CREDITS,
+        "kv: a block the worker holds on a lower storage tier (the engine reports it on "
+        "another medium) is credited at this fraction of a GPU hit, per medium, as "
+        "MEDIUM=fraction (defaults: llm-d's CPU 0.8, Dynamo's disk 0.25; docs/configuration.md); "
+        "a medium left out or at 0 is ignored (CPU=0: no tier counts)",
+    )
     # 8 and 2.0 (were 4 and 1.5): at load 4 of the shared-prefix sweep the tighter guard
     # fired on ordinary Poisson imbalance, each spill a full cold prefill of a 2,048-token
     # prefix that also evicted another group's; see docs/benchmarks.md.
@@ -212,6 +220,13 @@ class RouterSettings(SharedSettings):
         0,
         "P/D: prefill pool saturated (requests run whole on a decode worker) when every "
         "prefill worker has this many prompt tokens queued (0 = never)",
+        ge=0,
+    )
+    pd_local_max_tokens: Int = setting(
+        0,
+        "P/D: with the prefill pool saturated, only an uncached suffix up to this many tokens "
+        "runs whole on a decode worker (its prefill stalls that worker's decodes); a longer "
+        "one still takes the prefill hop (0 = any suffix)",
         ge=0,
     )
     pd_transfer_weight: float = setting(
@@ -312,6 +327,12 @@ class RouterSettings(SharedSettings):
             raise ValueError(f"must be one of {', '.join(POLICIES)}")
         return value
 
+    @field_validator("tier_credits")
+    @classmethod
+    def _tier_credits(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_tier_credits(value)
+        return value
+
     @field_validator("session_header")
     @classmethod
     def _session_header(cls, value: str) -> str:
@@ -381,6 +402,12 @@ class RouterSettings(SharedSettings):
         return cast(RouterSettings, cls.build(merged, **overrides))
 
     # -- derived -------------------------------------------------------------------------
+    @property
+    def tier_credit_map(self) -> dict[str, float]:
+        """Medium -> credit of a hit on it, media with a credit above 0 only (the others are
+        not looked up)."""
+        return {m: c for m, c in parse_tier_credits(self.tier_credits).items() if c > 0}
+
     @property
     def speculative_ttl_ms(self) -> int:
         """Life of blocks written at dispatch beyond what the worker was seen holding: short

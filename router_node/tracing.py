@@ -4,9 +4,12 @@ variables configure an exporter.
 One span per inference request (kind SERVER, continuing the client's W3C ``traceparent``),
 with children ``parse``, ``tokenize``, ``lookup``, ``score``, one ``attempt`` per worker tried
 (kind CLIENT; the worker gets a ``traceparent`` naming it, so vLLM's own spans continue the
-trace) and, under each attempt, ``record_lease`` (the dispatch round trip to Redis). The
-request span carries the model, the chosen and the serving worker, the matched tokens and the
-decision's reason.
+trace) and, under each attempt, ``record_lease`` (the dispatch round trip to Redis). A split
+prefill/decode request has first one ``prefill`` span per prefill worker tried (kind CLIENT,
+``kvrouter.pd.leg`` = ``prefill``, with its own ``record_lease`` child and ``traceparent``),
+then its decode leg's ``attempt`` spans (``kvrouter.pd.leg`` = ``decode``). The request span
+carries the model, the chosen and the serving worker, the matched tokens and the decision's
+reason.
 
 The instrumentation calls only the OpenTelemetry API, whose default tracer does nothing: with
 tracing off a request pays a few no-op calls and the client's ``traceparent`` is passed on
@@ -37,6 +40,7 @@ ATTR_MATCHED = "kvrouter.matched_tokens"
 ATTR_PROMPT = "gen_ai.usage.input_tokens"
 ATTR_ATTEMPT = "kvrouter.attempt"
 ATTR_STATUS = "http.response.status_code"
+ATTR_LEG = "kvrouter.pd.leg"
 
 
 def get_tracer(provider: Any | None = None) -> trace.Tracer:

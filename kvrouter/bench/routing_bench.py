@@ -19,6 +19,13 @@ trace; then a report compares them:
   kv_pd_half  `kv_pd` with half the workers prefilling (4 of 8): the Mooncake trace is
               prefill-heavy (long prompts, short answers)
   kv_pd_4x    `kv_pd` with 4 router replicas
+  kv_pd_3p    3 prefill + 5 decode, no guard: a prefill pool sized for the trace's offered
+              prefill (about 36k prompt tokens/s against 3 x 16k)
+  kv_pd_3p_guard  `kv_pd_3p` with a queue bound of about three seconds of prefill per worker
+  kv_pd_local `kv_pd` whose saturation fallback runs only suffixes up to 2,048 tokens on the
+              decode workers (KVR_PD_LOCAL_MAX_TOKENS): longer ones still queue for prefill
+  kv_pd_3p_local  `kv_pd_local` on 3 prefill + 5 decode
+  kv_pd_half_local  `kv_pd_local` on 4 prefill + 4 decode
 
 Time per output token (TPOT) is where the split pays: in aggregated serving a prefill chunk
 batched with decodes stretches that step for every decode in it (the simulator's step time
@@ -82,6 +89,8 @@ class Variant:
     prefill_share: float = 0.0
     """Prefill/decode split: this share of the workers (at least one) prefill; 0 = none."""
     router_env: tuple[tuple[str, str], ...] = ()
+    cpu_tier: int = 0
+    """Each worker gets a CPU offload tier of this many times its GPU capacity (0: none)."""
 
     def prefill_workers(self, workers: int) -> int:
         if not self.prefill_share:
@@ -92,6 +101,14 @@ class Variant:
 # The conditional split's saturation guard: once every prefill worker has about a second of
 # prefill queued (16k tokens/s simulated), requests run whole on the decode workers.
 PD_SATURATION = (("KVR_PD_SATURATION_TOKENS", "16384"),)
+# A queue bound rather than a saturation fallback: a request runs whole on a decode worker
+# only once every prefill worker has about three seconds queued, so the guard catches bursts
+# without turning every busy moment into decode stalls.
+PD_QUEUE_BOUND = (("KVR_PD_SATURATION_TOKENS", "49152"),)
+# The saturation guard weighing the decode worker's stall: with the prefill pool saturated,
+# only suffixes up to 2,048 tokens (an eighth of a second of prefill batched with the decode
+# worker's decodes) run locally; longer ones still queue for the prefill pool.
+PD_LOCAL_BOUND = (*PD_SATURATION, ("KVR_PD_LOCAL_MAX_TOKENS", "2048"))
 VARIANTS = (
     Variant("kv", "kv", True),
     Variant("kv_approx", "kv", False),
@@ -105,7 +122,23 @@ VARIANTS = (
     Variant("kv_pd_always", "kv", True, prefill_share=0.25),
     Variant("kv_pd_half", "kv", True, prefill_share=0.5, router_env=PD_SATURATION),
     Variant("kv_pd_4x", "kv", True, replicas=4, prefill_share=0.25, router_env=PD_SATURATION),
+    Variant("kv_pd_3p", "kv", True, prefill_share=0.375),
+    Variant("kv_pd_3p_guard", "kv", True, prefill_share=0.375, router_env=PD_QUEUE_BOUND),
+    Variant("kv_pd_local", "kv", True, prefill_share=0.25, router_env=PD_LOCAL_BOUND),
+    Variant("kv_pd_3p_local", "kv", True, prefill_share=0.375, router_env=PD_LOCAL_BOUND),
+    Variant("kv_pd_half_local", "kv", True, prefill_share=0.5, router_env=PD_LOCAL_BOUND),
+    # A fleet whose workers offload evicted blocks to a CPU tier of 4x their GPU capacity
+    # (host memory is several times HBM): the router credits tier hits (kv_cpu, default
+    # KVR_TIER_CREDITS) or ignores them (kv_cpu_gpu_only), on the same fleet.
+    Variant("kv_cpu", "kv", True, cpu_tier=4),
+    Variant("kv_cpu_gpu_only", "kv", True, cpu_tier=4, router_env=(("KVR_TIER_CREDITS", "CPU=0"),)),
 )
+TIER_VARIANTS = ("kv_cpu", "kv_cpu_gpu_only")
+# Pool splits explored for the P/D comparison (docs/benchmarks.md): run by name, not by
+# default, so the default run stays the policies plus one P/D variant per guard.
+PD_SPLIT_VARIANTS = ("kv_pd_3p", "kv_pd_3p_guard", "kv_pd_local", "kv_pd_3p_local",
+                     "kv_pd_half_local")  # fmt: skip
+OPT_IN_VARIANTS = (*TIER_VARIANTS, *PD_SPLIT_VARIANTS)
 # --quick: the first 900 requests (about 5 minutes of the trace), 4 times faster. At 6x the
 # listener, simulator, router, client and Redis saturated two cores and the run measured the
 # machine more than the router (docs/benchmarks.md).
@@ -133,8 +166,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=512)
     parser.add_argument(
         "--variants",
-        default=",".join(v.name for v in VARIANTS),
-        help="comma-separated subset of: " + ", ".join(v.name for v in VARIANTS),
+        default=",".join(v.name for v in VARIANTS if v.name not in OPT_IN_VARIANTS),
+        help="comma-separated subset of: "
+        + ", ".join(v.name for v in VARIANTS)
+        + " (default: all but the CPU-tier fleet's and the P/D pool splits: "
+        + ", ".join(OPT_IN_VARIANTS)
+        + ")",
     )
     parser.add_argument(
         "--models",
@@ -202,6 +239,8 @@ async def run_variant(
         extra_router_env=v.router_env,
         prefill_tokens_per_s=getattr(args, "prefill_tokens_per_s", None),
         speed_mix=getattr(args, "speed_mix", "") or "",
+        sim_args=(("--cpu-capacity-tokens", str(v.cpu_tier * args.capacity_tokens))
+                  if v.cpu_tier else ()),
     )  # fmt: skip
     per_model: dict[str, list[RequestRecord]] = {}
     async with LocalStack(cfg) as stack:
@@ -272,14 +311,19 @@ async def fleet_counters(stack: LocalStack) -> dict[str, Any]:
     import aiohttp
 
     assert stack.fleet is not None
-    computed = pulled = 0
+    computed = pulled = loaded = 0
     async with aiohttp.ClientSession() as s:
         for w in stack.fleet.workers:
             async with s.get(f"{w.url}/admin/state") as r:
                 st = await r.json()
             computed += int(st["stats"]["prompt_tokens"])
+            loaded += int(st["stats"].get("cpu_loaded_tokens", 0))
             pulled += int(st.get("pd", {}).get("pulled_bytes", 0))
-    return {"computed_prompt_tokens": computed, "transfer_gb": pulled / 1e9}
+    return {
+        "computed_prompt_tokens": computed,
+        "cpu_loaded_tokens": loaded,
+        "transfer_gb": pulled / 1e9,
+    }
 
 
 def pd_decision_reasons(metrics_text: str) -> Counter[str]:
@@ -333,7 +377,7 @@ def combine_runs(
     for key in ("loop_lag_p99_s", "loop_lag_max_s"):
         lags = [s[key] for s, _ in runs if s.get(key) is not None]
         summary[key] = max(lags) if lags else None
-    for key in ("computed_prompt_tokens", "transfer_gb"):
+    for key in ("computed_prompt_tokens", "cpu_loaded_tokens", "transfer_gb"):
         summary[key] = sum(s.get(key, 0) for s, _ in runs)
     sent = summary["prompt_tokens"]
     summary["compute_hit_ratio"] = 1 - summary["computed_prompt_tokens"] / sent if sent else 0.0
@@ -494,6 +538,9 @@ async def _bench(
     replicas = replica_comparison(results)
     if replicas:
         table += "\n\n" + replicas
+    tiers = tier_table(results)
+    if tiers:
+        table += "\n\n" + tiers
     pd = pd_table(results)
     if pd:
         table += "\n\n" + pd
@@ -519,6 +566,7 @@ async def _bench(
             "tpot_p99_s": _r(s.get("tpot_p99_s")),
             "compute_hit_ratio": _r(s.get("compute_hit_ratio")),
             "transfer_gb": _r(s.get("transfer_gb")),
+            "cpu_loaded_tokens": s.get("cpu_loaded_tokens", 0),
             "failed": s["failed"],
             "exact_share": _r(s.get("exact_share")),
             "over_share": _r(s.get("over_share")),
@@ -609,6 +657,27 @@ def decisions_table(results: dict[str, dict[str, Any]]) -> str:
         total = sum(d.values()) or 1
         lines.append(
             f"| {name} | " + " | ".join(f"{d.get(r, 0) / total:.1%}" for r in reasons) + " |"
+        )
+    return "\n".join(lines)
+
+
+def tier_table(results: dict[str, dict[str, Any]]) -> str:
+    """The CPU-tier variants side by side: what crediting tier hits buys on the same fleet
+    (prompt tokens computed, loaded from the CPU tier, hit ratios, TTFT); "" without them."""
+    rows = [(n, results[n]) for n in TIER_VARIANTS if n in results]
+    if not rows:
+        return ""
+    lines = [
+        "| fleet with a CPU tier | compute hit ratio | loaded from CPU | GPU+CPU hit ratio "
+        "| TTFT p50 | p90 | p99 |",
+        "|" + "---|" * 7,
+    ]
+    for name, s in rows:
+        sent = s["prompt_tokens"] or 1
+        lines.append(
+            f"| {name} | {s.get('compute_hit_ratio', 0.0):.3f} "
+            f"| {_pct(s.get('cpu_loaded_tokens', 0) / sent)} | {s['hit_ratio']:.3f} "
+            f"| {_fmt(s['ttft_p50_s'])} | {_fmt(s['ttft_p90_s'])} | {_fmt(s['ttft_p99_s'])} |"
         )
     return "\n".join(lines)
 

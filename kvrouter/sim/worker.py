@@ -119,6 +119,8 @@ def engine_config(settings: SimSettings, speed: float = 1.0) -> EngineConfig:
         max_batch=settings.max_batch,
         max_batched_tokens=settings.max_batched_tokens,
         max_model_len=settings.max_model_len,
+        cpu_blocks=settings.cpu_capacity_tokens // settings.block_size,
+        cpu_load_tokens_per_s=settings.cpu_load_tokens_per_s * speed,
     )
 
 
@@ -289,6 +291,8 @@ class SimWorker:
                 "max_tokens": max_tokens,
                 "stream": stream,
                 "request_id": request.headers.get("x-request-id"),
+                # Tests check that the router's prefill span is the parent vLLM continues.
+                "traceparent": request.headers.get("traceparent"),
             }
             if self.pd_fault[0] == "fail" and self._take_fault():
                 raise ApiError(503, "injected prefill failure", "ServiceUnavailableError")

@@ -70,6 +70,17 @@ def test_a_saturated_prefill_pool_runs_whole() -> None:
     assert d.split and d.prefill[0] == "p1"
 
 
+def test_a_saturated_pool_still_takes_suffixes_too_long_to_prefill_locally() -> None:
+    pcfg = PairConfig(min_prefill_tokens=16, saturation_tokens=8000, local_max_tokens=2048)
+    pre = [cand("p0", queued=9000), cand("p1", queued=8000)]
+    # 2,048 uncached tokens: a short enough stall to run whole on the decode worker.
+    d = decide_pair(pre, [cand("d0")], 2048, CFG, pcfg, random.Random(0))
+    assert not d.split and d.reason == "prefill_saturated"
+    # One token more would stall its decodes longer: it queues on the prefill pool.
+    d = decide_pair(pre, [cand("d0")], 2049, CFG, pcfg, random.Random(0))
+    assert d.split and d.reason == "split" and d.prefill[0] == "p1"
+
+
 def test_no_prefill_worker_and_no_decode_worker() -> None:
     d = decide_pair([], [cand("d0")], 4000, CFG, PCFG, random.Random(0))
     assert not d.split and d.reason == "no_prefill_worker"
@@ -99,6 +110,7 @@ pair_configs = st.builds(
     min_prefill_tokens=st.integers(0, 4000),
     saturation_tokens=st.integers(0, 20_000),
     transfer_weight=st.floats(0, 2),
+    local_max_tokens=st.integers(0, 4000),
 )
 
 
@@ -123,11 +135,14 @@ def test_pair_choice_properties(
     saturated = pcfg.saturation_tokens > 0 and all(
         c.prefill_tokens >= pcfg.saturation_tokens for c in pre
     )
+    lm = pcfg.local_max_tokens
+    # The saturation fallback applies only to suffixes it allows to run locally.
+    fallback = saturated and (lm == 0 or d.suffix_tokens <= lm)
     if d.split:
         # Split exactly when a prefill worker exists, the suffix is long enough and the pool
         # has room; the decode winner has the lowest decode cost, the prefill winner is the
         # kv policy's choice over the prefill pool.
-        assert pre and not saturated and d.suffix_tokens >= pcfg.min_prefill_tokens
+        assert pre and not fallback and d.suffix_tokens >= pcfg.min_prefill_tokens
         best = min(decode_cost(c, prompt, CFG, pcfg) for c in dec)
         assert decode_cost(by_name[d.decode[0]], prompt, CFG, pcfg) == pytest.approx(best)
         assert d.suffix_tokens == max(0, prompt - by_name[d.decode[0]].matched_blocks * 16)
@@ -141,7 +156,15 @@ def test_pair_choice_properties(
         if d.reason == "no_prefill_worker":
             assert not pre
         elif d.reason == "prefill_saturated":
-            assert saturated
+            # (A whole request's suffix is its kv pick's; the fallback weighed the suffix
+            # of the decode worker with the lowest decode cost.)
+            best = min(decode_cost(c, prompt, CFG, pcfg) for c in dec)
+            suffixes = [
+                max(0, prompt - c.matched_blocks * 16)
+                for c in dec
+                if decode_cost(c, prompt, CFG, pcfg) == pytest.approx(best)
+            ]
+            assert saturated and (lm == 0 or min(suffixes) <= lm)
         # Whole on the decode pool: ranked by the kv policy (it prefills locally).
         kv = decide("kv", dec, prompt, CFG, random.Random(seed))
         assert kv_cost(by_name[d.decode[0]], prompt, CFG) == pytest.approx(kv.costs[kv.worker]) or (

@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 import pytest
+from openai import AsyncOpenAI
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -206,3 +207,89 @@ async def test_kvrouter_serve_exports_spans_over_otlp(tokenizer: Any) -> None:
         await proc.wait()
         await worker.stop()
         await runner.cleanup()
+
+
+async def test_a_split_request_traces_its_prefill_leg(redis_url: str, redis_client: Any) -> None:
+    """P/D requests on a simulated 2 prefill + 1 decode fleet: each prefill worker tried gets a
+    ``prefill`` span (kind CLIENT, leg prefill, its status, a ``record_lease`` child; the
+    traceparent the worker receives names it), then the decode leg's ``attempt``."""
+    from kvrouter.sim.fleet import SimFleet
+    from kvrouter.sim.settings import SimSettings
+    from router_node.settings import RouterSettings, WorkerSpec
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sim = SimSettings(
+        workers=3, prefill_workers=2, capacity_tokens=16384, time_scale=200.0,
+        base_port=0, kv_events="off",
+    )  # fmt: skip
+    parents = ("00f067aa0ba90201", "00f067aa0ba90202")
+    async with SimFleet(sim) as fleet:
+        assert fleet.info is not None
+        roles = {"sim-0": "prefill", "sim-1": "prefill", "sim-2": "decode"}
+        specs = tuple(WorkerSpec.parse(f"{w.id}={w.url}@{roles[w.id]}") for w in fleet.info.workers)
+        settings = RouterSettings(
+            host="127.0.0.1", port=0, redis_url=redis_url, models=(sim.model,), workers=specs,
+            health_interval_s=0, discovery="static", pd_min_prefill_tokens=64,
+            eject_failures=10,
+        )  # fmt: skip
+        sent: dict[str, list[str]] = {}
+        async with RouterServer(settings, tracer_provider=provider) as router:
+            client = AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
+            # The first request finds both prefill workers failing once (503): it runs whole
+            # on the decode worker. The second splits.
+            for w in fleet.workers[:2]:
+                w.pd_fault = ("fail", 1)
+            for n, parent in enumerate(parents):
+                raw = await client.completions.with_raw_response.create(
+                    model=sim.model,
+                    prompt=list(range(1 + 1000 * n, 400 + 1000 * n)),
+                    max_tokens=3,
+                    extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{parent}-01"},
+                )
+                assert raw.headers["x-kvrouter-worker"] == "sim-2"
+                assert ("x-kvrouter-prefill-worker" in raw.headers) == (n == 1)
+                for w in fleet.workers[:2]:
+                    if w.pd["last_prefill"] is not None:
+                        sent.setdefault(w.worker_id, []).append(w.pd["last_prefill"]["traceparent"])
+                        w.pd["last_prefill"] = None
+                await settle(router)
+
+    tree = _tree(list(exporter.get_finished_spans()))
+    prefill_spans = []
+    for n, parent in enumerate(parents):
+        (root,) = tree[parent]
+        children = sorted(tree[f"{root.context.span_id:016x}"], key=lambda s: s.start_time or 0)
+        legs = ["prefill", "prefill"] if n == 0 else ["prefill"]
+        assert [s.name for s in children] == [
+            "parse",
+            "tokenize",
+            "lookup",
+            "score",
+            *legs,
+            "attempt",
+        ]
+        for s in children[4:-1]:
+            a = dict(s.attributes or {})
+            assert s.kind == SpanKind.CLIENT and a["kvrouter.pd.leg"] == "prefill"
+            assert a["http.response.status_code"] == (503 if n == 0 else 200)
+            assert (s.status.status_code == StatusCode.ERROR) == (n == 0)
+            (lease,) = tree[f"{s.context.span_id:016x}"]
+            assert lease.name == "record_lease"
+            prefill_spans.append(s)
+        tried = [dict(s.attributes or {})["kvrouter.attempt"] for s in children[4:-1]]
+        assert tried == list(range(1, len(tried) + 1))
+        last = dict(children[-1].attributes or {})
+        assert last["kvrouter.worker"] == "sim-2"
+        # Only a decode leg (with the prefill worker's params) is marked as one.
+        assert last.get("kvrouter.pd.leg") == (None if n == 0 else "decode")
+    # Each prefill worker received a traceparent naming the prefill span that called it.
+    names = {
+        f"00-{CLIENT_TRACE}-{s.context.span_id:016x}-01": dict(s.attributes or {})[
+            "kvrouter.worker"
+        ]
+        for s in prefill_spans
+    }
+    got = {tp: wid for wid, tps in sent.items() for tp in tps}
+    assert got == names

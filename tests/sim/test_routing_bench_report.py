@@ -67,6 +67,12 @@ def test_pd_variants_keep_the_gpu_count() -> None:
     by_name = {v.name: v for v in VARIANTS}
     assert by_name["kv_pd"].prefill_workers(8) == 2  # 2 prefill + 6 decode
     assert by_name["kv_pd_half"].prefill_workers(8) == 4
+    assert by_name["kv_pd_3p"].prefill_workers(8) == 3  # 3 prefill + 5 decode
+    assert by_name["kv_pd_3p_local"].prefill_workers(8) == 3
+    assert by_name["kv_pd_half_local"].prefill_workers(8) == 4
+    # The stall-bounded guard is the saturation guard plus the local suffix bound.
+    env = dict(by_name["kv_pd_local"].router_env)
+    assert env == {"KVR_PD_SATURATION_TOKENS": "16384", "KVR_PD_LOCAL_MAX_TOKENS": "2048"}
     assert by_name["kv_pd"].prefill_workers(2) == 1  # a decode worker always remains
     assert by_name["kv"].prefill_workers(8) == 0
 
