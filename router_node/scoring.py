@@ -86,8 +86,8 @@ class ScoringConfig:
     queue_weight: float = 0.5
     decode_weight: float = 2.0
     temperature: float = 0.0
-    balance_abs: int = 4
-    balance_rel: float = 1.5
+    balance_abs: int = 8
+    balance_rel: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)

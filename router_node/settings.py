@@ -202,11 +202,14 @@ class RouterSettings(SharedSettings):
         "MEDIUM=fraction (defaults: llm-d's CPU 0.8, Dynamo's disk 0.25; docs/configuration.md); "
         "a medium left out or at 0 is ignored (CPU=0: no tier counts)",
     )
+    # 8 and 2.0 (were 4 and 1.5): at load 4 of the shared-prefix sweep the tighter guard
+    # fired on ordinary Poisson imbalance, each spill a full cold prefill of a 2,048-token
+    # prefix that also evicted another group's; see docs/benchmarks.md.
     balance_abs: Int = setting(
-        4, "guard: a worker may lead the least-loaded by this many requests", ge=0
+        8, "guard: a worker may lead the least-loaded by this many requests", ge=0
     )
     balance_rel: float = setting(
-        1.5, "guard: ... or by this factor of the least-loaded one's load", ge=1
+        2.0, "guard: ... or by this factor of the least-loaded one's load", ge=1
     )
     pd_min_prefill_tokens: Int = setting(
         256,

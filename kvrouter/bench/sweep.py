@@ -139,7 +139,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="likewise for prompt tokens per real second (default 100,000): long prompts cost "
         "the client and the router per token",
     )
-    parser.add_argument("--concurrency", type=int, default=512)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="most requests in flight (default 0: every request, an open loop). A cap holds "
+        "requests back while the fleet queues, and that wait counts as the client sending "
+        "late: it would mark a point INVALID for the fleet's queueing, not the machine's",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds per point")
     parser.add_argument("--slo-ttft-s", type=float, default=2.0, help="SLO on TTFT (default 2)")
     parser.add_argument(
@@ -266,6 +273,7 @@ async def _sweep(
     run_args = argparse.Namespace(**vars(args))
     run_args.capacity_tokens = capacity_tokens
     run_args.models = 1
+    run_args.concurrency = args.concurrency or len(requests)
     points: list[dict[str, Any]] = []
     for load in loads:
         scaled = at_load(requests, load, fleet)
