@@ -41,6 +41,7 @@ from multidict import CIMultiDict
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from router_node.errors import APIError, not_found, sse_error_event, unavailable
+from router_node.feedback import Feedback
 from router_node.metrics import Metrics
 from router_node.request import CHAT, COMPLETIONS, ParsedRequest
 from router_node.routing import Plan
@@ -248,6 +249,7 @@ class Proxy:
         self.metrics = metrics
         self.session = session
         self.tasks = tasks
+        self.feedback = Feedback(settings, shared, metrics, tasks.spawn)
         self._mismatches_logged: dict[str, int] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
@@ -387,6 +389,8 @@ class Proxy:
                         self.metrics.upstream_errors.labels(worker.id, "prefill").inc()
                     continue
                 self.pool.record_success(worker)
+                # The prefill worker's own cache served this prefill: its feedback counts.
+                self.feedback.observe_body(req.model, worker.id, plan, answer)
                 try:
                     decoded = orjson.loads(answer)
                 except orjson.JSONDecodeError:
@@ -631,6 +635,8 @@ class Proxy:
                 self.pool.record_success(worker)
             if resp.status == 200 and req.count_is_exact:
                 self.check_prompt_tokens(req, worker, data)
+            if resp.status == 200 and not decode_leg:
+                self.feedback.observe_body(req.model, worker.id, plan, data)
             self.metrics.worker_requests.labels(worker.id).inc()
             self._first_byte(request, req.model)
             return web.Response(
@@ -682,9 +688,13 @@ class Proxy:
         # The usage chunk comes last (stream_options.include_usage); look at each chunk with
         # the end of the one before, in case the count straddles two reads.
         checking = req.count_is_exact
+        # A decode leg's cached tokens count what the prefill worker pushed (feedback.py).
+        awaiting_cached = prefill_worker is None
         tail = first[-64:]
         if checking and self.check_prompt_tokens(req, worker, first):
             checking = False
+        if awaiting_cached and self.feedback.observe_body(req.model, worker.id, plan, first):
+            awaiting_cached = False
         try:
             await out.prepare(request)
             await out.write(first)
@@ -699,10 +709,13 @@ class Proxy:
                 if not chunk:
                     break
                 await out.write(chunk)
-                if checking:
-                    if self.check_prompt_tokens(req, worker, tail + chunk):
-                        checking = False
-                    tail = chunk[-64:]
+                if checking and self.check_prompt_tokens(req, worker, tail + chunk):
+                    checking = False
+                if awaiting_cached and self.feedback.observe_body(
+                    req.model, worker.id, plan, tail + chunk
+                ):
+                    awaiting_cached = False
+                tail = chunk[-64:]
             await out.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log.debug("client left a stream from %s; closing the upstream request", worker.id)
