@@ -47,7 +47,7 @@ RUN groupadd --system --gid 10001 kvrouter \
        --shell /usr/sbin/nologin kvrouter
 COPY --from=builder /opt/venv /opt/venv
 USER 10001:10001
-# 8000: router HTTP (KVR_PORT, set above: the CLI's own default is 8080); 9100: listener metrics and health (KVR_METRICS_PORT).
+# 8000: router HTTP (KVR_PORT, the CLI's default too); 9100: listener metrics and health (KVR_METRICS_PORT).
 EXPOSE 8000 9100
 ENTRYPOINT ["kvrouter"]
 CMD ["--help"]

@@ -149,7 +149,7 @@ class Listener:
         self.index = ResidencyIndex(self._client, self.schema)
         await self._client.ping()
         await self.index.load()
-        self._ownership = Ownership(self.index, self.schema, s.listener_id, s.lease_ms)
+        self._ownership = Ownership(self.index, self.schema, s.listener_id, s.lease_ms, s.model)
         self._applier = Applier(
             self.index,
             model=s.model,

@@ -177,9 +177,12 @@ async def inspect_index(
                 capacities,
             )
         )
-    beats = await client.zrange(schema.listeners, 0, -1, withscores=True)
-    view.listeners = {_s(m): now_ms - int(s) for m, s in beats}
-    view.read["listeners"] = f"ZRANGE {schema.listeners} 0 -1 WITHSCORES"
+    # Listener replicas heartbeat per base model (each serves one).
+    live_key = schema.model("<model>").listeners
+    for model in sorted(found):
+        beats = await client.zrange(schema.model(model).listeners, 0, -1, withscores=True)
+        view.listeners.update({_s(m): now_ms - int(s) for m, s in beats})
+    view.read["listeners"] = f"ZRANGE {live_key} 0 -1 WITHSCORES (each model)"
     for key in sorted(await _scan(client, f"{p}:listener:owner:*", 100000)):
         h = {_s(k): _s(v) for k, v in (await client.hgetall(key)).items()}
         worker = key[len(f"{p}:listener:owner:") :]
@@ -187,7 +190,7 @@ async def inspect_index(
         applied: dict[str, str] = {}
         read = {
             "owner, epoch, lease_left_ms": f"HGETALL {key}",
-            "owner_heartbeat_age_ms": f"ZSCORE {schema.listeners} <owner>",
+            "owner_heartbeat_age_ms": f"ZSCORE {live_key} <owner>",
         }
         for f in sorted(h):
             if f.startswith("ns:"):

@@ -227,6 +227,11 @@ class Monitor:
         for wid in ids:
             log.info("worker %s joined from %s", wid, where)
             w = self.pool.workers[wid]
+            if self.settings.models_interval_s > 0:
+                # Its models first: in a several-model fleet a worker is routed to only for
+                # the models it lists (else 404 until the next poll), and the capacity
+                # scrape below compares its block size with its own model's.
+                await self.poll_models(w)
             if self.settings.health_interval_s > 0:
                 await self.check(w)
 

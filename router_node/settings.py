@@ -146,7 +146,7 @@ class RouterSettings(SharedSettings):
         "[[workers]] (see docs/configuration.md); the environment and flags win over it",
     )
     host: str = setting("0.0.0.0", "address to listen on")
-    port: Int = setting(8080, "port to listen on (0: any free port)", ge=0, le=65535)
+    port: Int = setting(8000, "port to listen on (0: any free port)", ge=0, le=65535)
     workers: Workers = setting(
         (),
         "static workers, `[ID=]URL[#dpN][@ROLE]`, ROLE prefill, decode or both (env: "

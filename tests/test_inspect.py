@@ -48,7 +48,7 @@ async def _fill(client: Any) -> dict[str, Any]:
     await register_worker(client, schema, "w1", "http://w1:8000", models=(M,), capacity_blocks=16)
     await idx.call(idx.own_worker_call("w1", "L1", lease_ms=60_000))
     # The listener's own bookkeeping, as eviction_listener writes it on its first batch.
-    await client.zadd(schema.listeners, {"L1": now})
+    await client.zadd(schema.model(M).listeners, {"L1": now})
     await client.hset(schema.listener_owner("w1"), f"ns:{M}", 1)
     await client.hset(schema.model(M).listener_seq, "w1", "7:42")
     return {"a": a, "b": b, "now": now}

@@ -77,3 +77,95 @@ def test_missing_url_stops_with_status_2() -> None:
     proc = sidecar({"KVR_MODEL": "llama"})
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "KVR_REGISTER_URL" in err and "Traceback" not in err
+
+
+async def test_relays_an_engine_restart_as_a_clear_notice(
+    redis_url: str, redis_client: Any, tmp_path: Any
+) -> None:
+    """The restart relay end to end: the sidecar and `kvrouter listen` as processes, a worker
+    whose health endpoint goes down and comes back; its records are cleared then, not while
+    it stays up."""
+    from aiohttp import web
+
+    from eviction_listener.notices import publish_notice
+    from kvrouter.index.hashing import BlockHasher
+    from kvrouter.index.scripts import ResidencyIndex
+    from tests.support.vllm_publisher import free_tcp_port
+
+    model, block = "llama", 16
+    up = {"value": True}
+    probes: list[bool] = []
+
+    async def health(_: web.Request) -> web.Response:
+        probes.append(up["value"])
+        return web.Response(status=200 if up["value"] else 503)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_tcp_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    worker = f"127.0.0.1:{port}"
+    tokens = list(range(5 * block))
+    keys = BlockHasher(model, block).keys(tokens)
+
+    async def depth() -> int:
+        return (await ResidencyIndex(redis_client).lookup(model, keys)).depth(worker)
+
+    base = {"KVR_REDIS_URL": redis_url, "KVR_MODEL": model, "KVR_BLOCK_SIZE": str(block)}
+    listen_log = (tmp_path / "listen.log").open("w")
+    listener = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter", "listen",
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **base,
+             "KVR_METRICS_HOST": "127.0.0.1", "KVR_METRICS_PORT": str(free_tcp_port())},
+        stdout=listen_log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    proc = sidecar(
+        {
+            **base,
+            "KVR_REGISTER_URL": f"http://{worker}",
+            "KVR_REGISTER_HEARTBEAT_S": "0.1",
+            "KVR_REGISTER_RELAY_RESTARTS": "true",
+        }
+    )
+    try:
+        # The worker's blocks, as notices put them (publish until the listener hears).
+        deadline = time.monotonic() + STEP
+        while not (
+            await publish_notice(redis_client, model, "store", worker, tokens=tokens) > 0
+            and await depth() == 5
+        ):
+            assert listener.returncode is None and proc.poll() is None
+            assert time.monotonic() < deadline, "the listener never applied a notice"
+            await asyncio.sleep(0.05)
+        # Up all along: several probes, nothing cleared.
+        seen = len(probes)
+        while len(probes) < seen + 5:
+            assert time.monotonic() < deadline, "the sidecar does not probe"
+            await asyncio.sleep(0.05)
+        assert await depth() == 5
+        # Down for a few probes (the engine restarting), then up: cleared.
+        up["value"] = False
+        seen = len(probes)
+        while len(probes) < seen + 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await depth() == 5  # down alone clears nothing: the routers' health check acts
+        up["value"] = True
+        while await depth() != 0:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the restart was not relayed"
+            await asyncio.sleep(0.05)
+    finally:
+        for p in (proc,):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=STEP)
+        if listener.returncode is None:
+            listener.terminate()
+            await listener.wait()
+        listen_log.close()
+        await runner.cleanup()
+    _, err = proc.communicate()
+    assert "is up again: cleared its records of llama" in err, err

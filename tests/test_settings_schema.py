@@ -82,7 +82,7 @@ def test_empty_variables_are_empty_text_or_unset() -> None:
     s = RouterSettings.from_env(
         {"KVR_MODEL": "m", "KVR_REDIS_URL": "", "KVR_PORT": "", "KVR_KV_EVENTS": ""}
     )
-    assert (s.redis_url, s.port, s.kv_events) == ("", 8080, False)
+    assert (s.redis_url, s.port, s.kv_events) == ("", 8000, False)
 
 
 def test_secrets_are_hidden_in_repr_errors_and_summary() -> None:

@@ -135,6 +135,13 @@ class ModelKeys:
         return f"{self.base}:meta"
 
     @property
+    def listeners(self) -> str:
+        """ZSET listener id -> last heartbeat ms (wall clock): the live listener replicas of
+        this base model. Per model, because a listener serves one base model and only sees
+        that model's engines: replicas of another model must not be handed its workers."""
+        return f"{self.base}:listeners"
+
+    @property
     def notices(self) -> str:
         """Pub/sub channel of msgpack notices for this model (any worker's)."""
         return f"{self.base}:notices"
@@ -184,11 +191,6 @@ class KeySchema:
         """HASH owner / until (ms) / epoch / ns:<model>: which listener replica applies this
         worker's events, until when, and its fencing epoch (see own_worker-1.lua)."""
         return f"{self.prefix}:listener:owner:{validate_worker_id(worker)}"
-
-    @property
-    def listeners(self) -> str:
-        """ZSET listener id -> last heartbeat ms (wall clock)."""
-        return f"{self.prefix}:listeners"
 
     def rate_bucket(self, client: str) -> str:
         """HASH tok / ts: one client's request token bucket (take_token-1.lua). `client` is

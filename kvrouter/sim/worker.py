@@ -682,6 +682,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 def _chat_prompt(tok: Tokenizer, body: Mapping[str, Any]) -> Sequence[int]:
     """A chat body's prompt: the whole request through a tokenizer that applies vLLM's
     request preprocessing (the router's Tokenizer), else the messages alone."""
+    if not isinstance(body.get("messages"), list):
+        # vLLM answers 400 (request validation); iterating None would be a 500 here.
+        raise ApiError(400, "messages must be a list of message objects", param="messages")
     encode_request = getattr(tok, "encode_chat_request", None)
     if encode_request is None:
         try:

@@ -49,7 +49,6 @@ ROUTER_SETTINGS = {
     "KVR_K8S_NAMESPACE",
     "KVR_K8S_SELECTOR",
     "KVR_K8S_HTTP_PORT_NAME",
-    "KVR_K8S_EVENTS_PORT_NAME",
     "KVR_PD_MIN_PREFILL_TOKENS",
     "KVR_PD_SATURATION_TOKENS",
     "KVR_PD_TRANSFER_WEIGHT",
@@ -154,6 +153,7 @@ def test_examples_exist() -> None:
         "external-redis-cluster.yaml",
         "minimal.yaml",
         "production.yaml",
+        "two-models.yaml",
     ]
 
 
@@ -331,7 +331,7 @@ def test_static_discovery_needs_no_api_access(helm: str) -> None:
         "--set",
         "discovery.static.workers={vllm-0=http://10.0.0.1:8000,http://10.0.0.2:8000}",
         "--set",
-        "discovery.static.engines={tcp://10.0.0.1:5557}",
+        "discovery.static.engines={vllm-0=tcp://10.0.0.1:5557}",
     )
     assert "Role" not in kinds(docs) and "RoleBinding" not in kinds(docs)
     router_cm = find(docs, "ConfigMap", "kvr-kv-router-router")["data"]
@@ -698,7 +698,8 @@ DOC = ROOT / "docs" / "kubernetes.md"
 def test_doc_vllm_manifests_are_valid_and_publish_kv_events() -> None:
     text = DOC.read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
-    docs = [d for block in blocks for d in yaml.safe_load_all(block) if d]
+    # Kubernetes manifests only (the page's values snippets are not).
+    docs = [d for block in blocks for d in yaml.safe_load_all(block) if d and "apiVersion" in d]
     assert sorted(d["kind"] for d in docs) == ["Service", "StatefulSet"]
     for doc in docs:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
@@ -803,6 +804,67 @@ def test_required_values_fail_with_an_example(helm: str, args: list[str], named:
     assert "validation failed" not in proc.stderr  # not a raw schema error
 
 
+@pytest.mark.parametrize(
+    "engine", ["tcp://10.0.0.1:5557", "vllm-0=10.0.0.1:5557", "vllm-0=tcp://h:1,replay"]
+)
+def test_static_engines_without_an_id_fail_with_an_example(helm: str, engine: str) -> None:
+    # The listener rejects them at start; the chart says so at install, naming the entry.
+    proc = run_helm(
+        helm, "template", "kvr", str(CHART), "--set", "config.model=m",
+        "--set", "discovery.mode=static",
+        "--set", "discovery.static.workers={vllm-0=http://10.0.0.1:8000}",
+        "--set", "discovery.static.engines={" + engine.replace(",", "\\,") + "}",
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stdout
+    assert "/discovery/static/engines" in proc.stderr and engine in proc.stderr
+    assert "vllm-0=tcp://10.0.0.1:5557,replay=" in proc.stderr  # the example
+
+
+def test_two_models_render_a_models_file_and_a_listener_each(helm: str, tmp_path: Path) -> None:
+    from eviction_listener.settings import ListenerSettings
+    from router_node.settings import RouterSettings
+
+    docs = render(helm, "-f", str(CHART / "examples" / "two-models.yaml"))
+    router_cm = find(docs, "ConfigMap", "kvr-kv-router-router")["data"]
+    assert "KVR_MODEL" not in router_cm and router_cm["KVR_CONFIG"] == "/etc/kvrouter/models.yaml"
+    models_file = find(docs, "ConfigMap", "kvr-kv-router-router-models")["data"]["models.yaml"]
+    path = tmp_path / "models.yaml"
+    path.write_text(models_file)
+    # The router reads it as its own --config file.
+    settings = RouterSettings.load(None, {**router_cm, "KVR_CONFIG": str(path)})
+    sizes = {m.name: m.block_size for m in settings.model_configs}
+    assert sizes == {"meta-llama/Llama-3.1-8B-Instruct": 16, "Qwen/Qwen2.5-7B-Instruct": 32,
+                     "sql-lora": None}  # fmt: skip
+    listeners = {
+        d["metadata"]["name"]: ListenerSettings.from_env(
+            find(docs, "ConfigMap", d["metadata"]["name"])["data"]
+        )
+        for d in docs
+        if d["kind"] == "Deployment" and "listener" in d["metadata"]["name"]
+    }
+    assert {n: (s.model, s.block_size, s.k8s_selector) for n, s in listeners.items()} == {
+        "kvr-kv-router-listener-llama": ("meta-llama/Llama-3.1-8B-Instruct", 16,
+                                         "kvrouter.io/fleet=main,kvrouter.io/model=llama"),
+        "kvr-kv-router-listener-qwen": ("Qwen/Qwen2.5-7B-Instruct", 32,
+                                        "kvrouter.io/fleet=main,kvrouter.io/model=qwen"),
+    }  # fmt: skip
+    selectors = [find(docs, "Deployment", n)["spec"]["selector"]["matchLabels"] for n in listeners]
+    assert selectors[0] != selectors[1]  # two Deployments never adopt each other's pods
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--set", "config.model=a", "--set", "config.models[0].name=b"], "are exclusive"),
+        (["--set", "config.models[0].name=org/m", "--set", "config.models[1].name=other/m"],
+         "give one an `id`"),
+    ],
+)  # fmt: skip
+def test_bad_model_lists_fail_with_a_reason(helm: str, args: list[str], named: str) -> None:
+    proc = run_helm(helm, "template", "kvr", str(CHART), *BASE[2:], *args)
+    assert proc.returncode != 0 and named in proc.stderr, proc.stderr
+
+
 def test_helm_show_readme_names_the_required_values(helm: str) -> None:
     readme = run_helm(helm, "show", "readme", str(CHART)).stdout
     assert "config.model" in readme and "discovery.kubernetes.selector" in readme
@@ -817,9 +879,15 @@ def test_every_rendered_variable_is_a_setting_of_its_process(helm: str, example:
     from router_node.settings import RouterSettings
 
     docs = render(helm, "-f", str(example))
-    for component, cls in (("router", RouterSettings), ("listener", ListenerSettings)):
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    for d in deployments:
+        component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+        cls = {"router": RouterSettings, "listener": ListenerSettings}.get(component)
+        if cls is None:
+            continue
         known = {cls.env_name(n) for n in cls.settable()}
-        c = container(find(docs, "Deployment", f"kvr-kv-router-{component}"), component)
-        names = set(find(docs, "ConfigMap", f"kvr-kv-router-{component}")["data"])
+        c = container(d, component)
+        # Every listener of a several-model install has a ConfigMap of its own.
+        names = set(find(docs, "ConfigMap", d["metadata"]["name"])["data"])
         names |= {e["name"] for e in c.get("env") or [] if e["name"].startswith("KVR_")}
         assert names <= known, (component, sorted(names - known))

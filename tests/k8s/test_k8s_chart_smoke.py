@@ -169,11 +169,15 @@ def pods_of(
             local.mkdir(parents=True, exist_ok=True)
         for vol in tpl["spec"].get("volumes") or []:
             mount = next((m for m in c.get("volumeMounts") or [] if m["name"] == vol["name"]), None)
-            if mount is None or "secret" not in vol:
+            if mount is None or not ("secret" in vol or "configMap" in vol):
                 continue
-            sec = secrets[vol["secret"]["secretName"]]
-            files = {k: base64.b64decode(v).decode() for k, v in (sec.get("data") or {}).items()}
-            files.update(sec.get("stringData") or {})
+            if "configMap" in vol:
+                files = dict(configmaps[vol["configMap"]["name"]].get("data") or {})
+            else:
+                sec = secrets[vol["secret"]["secretName"]]
+                files = {k: base64.b64decode(v).decode()
+                         for k, v in (sec.get("data") or {}).items()}  # fmt: skip
+                files.update(sec.get("stringData") or {})
             for key, text in files.items():
                 (mounts[mount["mountPath"]] / key).write_text(text)
 
@@ -247,11 +251,15 @@ class FakeApi:
         self._closed = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.selectors.add(request.query.get("labelSelector", ""))
+        selector = request.query.get("labelSelector", "")
+        self.selectors.add(selector)
         if request.query.get("watch") != "1":
+            terms = selector_labels(selector)
             items = [
-                s for s in self.slices if s["metadata"]["namespace"] == request.match_info["ns"]
-            ]
+                s for s in self.slices
+                if s["metadata"]["namespace"] == request.match_info["ns"]
+                and terms.items() <= s["metadata"]["labels"].items()
+            ]  # fmt: skip
             return web.json_response({"metadata": {"resourceVersion": "10"}, "items": items})
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
@@ -271,10 +279,24 @@ class FakeApi:
         await self.runner.cleanup()
 
 
-def worker_slices(fleet: dict[str, Any], env: dict[str, str]) -> list[dict[str, Any]]:
-    """One EndpointSlice per simulated worker, labelled for the rendered selector and with
-    ports named as the rendered KVR_K8S_*_PORT_NAME settings."""
-    key, _, value = env["KVR_K8S_SELECTOR"].split(",")[0].partition("=")
+def selector_labels(selector: str) -> dict[str, str]:
+    """The labels an equality-based selector (``k=v,k2==v2``) asks for; the API server's
+    set-based forms are not used by the examples."""
+    out = {}
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        key, sep, value = term.partition("=")
+        assert sep and not key.endswith("!"), f"unsupported selector term {term!r}"
+        out[key] = value.removeprefix("=")
+    return out
+
+
+def worker_slices(
+    fleet: dict[str, Any], env: dict[str, str], name: str = "vllm-"
+) -> list[dict[str, Any]]:
+    """One EndpointSlice per simulated worker (pod ``<name><i>``), labelled for the rendered
+    selector (a listener's: the fleet's and its model's) and with ports named as the rendered
+    KVR_K8S_*_PORT_NAME settings."""
+    labels = selector_labels(env["KVR_K8S_SELECTOR"])
     out = []
     for i, w in enumerate(fleet["workers"]):
         events = int(w["events_endpoint"].rsplit(":", 1)[1])
@@ -286,11 +308,11 @@ def worker_slices(fleet: dict[str, Any], env: dict[str, str]) -> list[dict[str, 
         }
         out.append({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"vllm-{i}", "namespace": env["KVR_K8S_NAMESPACE"],
-                         "labels": {key: value}},
+            "metadata": {"name": f"{name}{i}", "namespace": env["KVR_K8S_NAMESPACE"],
+                         "labels": labels},
             "addressType": "IPv4",
             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True},
-                           "targetRef": {"kind": "Pod", "name": f"vllm-{i}"}}],
+                           "targetRef": {"kind": "Pod", "name": f"{name}{i}"}}],
             "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports.items()],
         })  # fmt: skip
     return out
@@ -388,6 +410,7 @@ async def fake_api() -> AsyncIterator[FakeApi]:
 def start_sim(
     model: str, block_size: str, workdir: Path
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / "sim.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvrouter", "sim", "--workers", "2", "--base-port", "0",
@@ -529,56 +552,80 @@ async def run_example(
     fake_api: FakeApi,
     tmp_path: Path,
 ) -> None:
-    router, listener = components["router"], components["listener"]
+    router = components["router"]
+    # One listener per base model (a several-model example has more than one).
+    listeners = [p for p in pods if p.labels.get("app.kubernetes.io/component") == "listener"]
+    assert listeners, "no listener rendered"
     for p in pods:
         p.env = {k: replace_services(v, addresses) for k, v in p.env.items()}
-        if p in (router, listener):
+        if p is router or p in listeners:
             # The API server URL: in a pod it comes from KUBERNETES_SERVICE_HOST and the
             # service-account files; here the fake one.
             assert p.env.get("KVR_DISCOVERY") == "kubernetes"
             p.env["KVR_K8S_API_URL"] = fake_api.url
     assert ".svc" not in router.env["KVR_REDIS_URL"], router.env["KVR_REDIS_URL"]
 
-    sim, fleet = start_sim(router.env["KVR_MODEL"], router.env["KVR_BLOCK_SIZE"], tmp_path)
+    # Two simulated workers per model, each model's as its listener's settings say.
+    sims: list[subprocess.Popen[bytes]] = []
+    fleets: list[dict[str, Any]] = []
     try:
-        fake_api.slices = worker_slices(fleet, listener.env)
+        for j, listener in enumerate(listeners):
+            sim, fleet = start_sim(
+                listener.env["KVR_MODEL"], listener.env["KVR_BLOCK_SIZE"], tmp_path / f"sim{j}"
+            )
+            sims.append(sim)
+            fleets.append(fleet)
+            name = "vllm-" if len(listeners) == 1 else f"vllm-m{j}-"
+            fleet["pods"] = [f"{name}{i}" for i in range(len(fleet["workers"]))]
+            fake_api.slices += worker_slices(fleet, listener.env, name)
         with processes(pods):
             if "redis" in components:
                 start_process(components["redis"], tmp_path)
                 await wait_ready(components["redis"], pods)
             start_process(router, tmp_path)
-            start_process(listener, tmp_path)
+            for listener in listeners:
+                start_process(listener, tmp_path)
             await wait_ready(router, pods)
-            await wait_ready(listener, pods)
-            assert fake_api.selectors == {router.env["KVR_K8S_SELECTOR"]}
+            for listener in listeners:
+                await wait_ready(listener, pods)
+            assert fake_api.selectors == {p.env["KVR_K8S_SELECTOR"] for p in (router, *listeners)}
             # Without a tokenizer (the chart's default) the router says what that costs.
             assert router.log is not None
             warned = "routed by load only" in router.log.read_text()
-            assert warned is not bool(router.env.get("KVR_TOKENIZER")), logs(pods)
-            await route_repeated_prompt(router, listener, fleet, pods)
+            config = router.env.get("KVR_CONFIG")
+            tokenizers = router.env.get("KVR_TOKENIZER") or (
+                config is not None and "tokenizer:" in Path(config).read_text()  # noqa: ASYNC240
+            )
+            assert warned is not bool(tokenizers), logs(pods)
+            workers = sum(len(f["workers"]) for f in fleets)
+            for listener, fleet in zip(listeners, fleets, strict=True):
+                await route_repeated_prompt(router, listener, fleet, pods, workers)
     finally:
-        sim.terminate()
-        sim.wait(timeout=20)
+        for sim in sims:
+            sim.terminate()
+            sim.wait(timeout=20)
 
 
 async def route_repeated_prompt(
-    router: Pod, listener: Pod, fleet: dict[str, Any], pods: list[Pod]
+    router: Pod, listener: Pod, fleet: dict[str, Any], pods: list[Pod], workers: int
 ) -> None:
+    """A repeated prompt of the listener's model goes to the worker of that model that holds
+    it, once the listener applied that worker's KV events."""
     from openai import AsyncOpenAI
 
-    model = router.env["KVR_MODEL"]
+    model = listener.env["KVR_MODEL"]
     base = f"http://127.0.0.1:{router.local_port('http')}/v1"
     client = AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=30)
     # Token ids: the chart's default has no tokenizer, and pre-tokenized prompts are routed
     # by their KV blocks all the same.
-    prompt = [(13 * i + 7) % 30_000 for i in range(int(router.env["KVR_BLOCK_SIZE"]) * 16)]
+    prompt = [(13 * i + 7) % 30_000 for i in range(int(listener.env["KVR_BLOCK_SIZE"]) * 16)]
     deadline = time.monotonic() + START_S
-    # Until the router has learnt both workers from the EndpointSlices.
+    # Until the router has learnt every worker from the EndpointSlices.
     async with aiohttp.ClientSession() as s:
         while True:
             async with s.get(base.removesuffix("/v1") + "/ready") as r:
                 body = await r.json()
-            if len(body.get("workers", {})) == len(fleet["workers"]):
+            if len(body.get("workers", {})) == workers:
                 break
             assert time.monotonic() < deadline, f"router workers: {body}\n{logs(pods)}"
             await asyncio.sleep(0.2)
@@ -586,12 +633,15 @@ async def route_repeated_prompt(
         model=model, prompt=prompt, max_tokens=2
     )
     first = raw.headers["x-kvrouter-worker"]
-    assert first in {f"vllm-{i}:{w['port']}" for i, w in enumerate(fleet["workers"])}
+    assert first in {f"{pod}:{w['port']}" for pod, w in zip(fleet["pods"], fleet["workers"],
+                                                             strict=True)}  # fmt: skip
     # The listener confirmed the blocks from the worker's KV events: its applied sequence.
+    from eviction_listener.settings import ListenerSettings
     from kvrouter.index.connection import connect
-    from router_node.settings import RouterSettings
 
-    r = connect(RouterSettings.from_env(router.env).redis_connect_url)
+    # The listener's Redis settings: the same Redis as the router's, and all in its env (a
+    # several-model router has its models in a config file).
+    r = connect(ListenerSettings.from_env(listener.env).redis_connect_url)
     try:
         while await applied_seq(r, model, first, prefix=listener.env["KVR_KEY_PREFIX"]) is None:
             assert time.monotonic() < deadline, f"no KV events applied for {first}\n{logs(pods)}"

@@ -175,3 +175,99 @@ async def test_listener_logs_in_with_the_charts_password_variable() -> None:
         with pytest.raises((AuthenticationError, ResponseError)):
             async with Listener(ListenerSettings.from_env(env)):
                 pass
+
+
+async def _owned(metrics_url: str) -> float:
+    import aiohttp
+
+    from tests.support.metrics import parse
+
+    async with aiohttp.ClientSession() as s, s.get(metrics_url) as r:
+        return parse(await r.text()).value("kvrouter_listener_owned_workers")
+
+
+async def _until_async(predicate: Any, proc: asyncio.subprocess.Process) -> None:
+    async with asyncio.timeout(STEP):
+        while True:
+            assert proc.returncode is None, "kvrouter listen exited"
+            try:
+                if await predicate():
+                    return
+            except (OSError, KeyError):
+                pass  # not listening yet, or the gauge not exported yet
+            await asyncio.sleep(0.05)
+
+
+async def test_listen_process_follows_engines_coming_and_going(
+    api: ProxiedFakeApi,
+    engines: list[tuple[VllmEventPublisher, int]],
+    redis_url: str,
+    redis_client: Any,
+    tmp_path: Any,
+) -> None:
+    """The same as above, with the listener run as the chart runs it: `kvrouter listen` as a
+    process, configured only through its environment (discovery kubernetes, the API reached
+    through a proxy URL, the port names of the chart's values)."""
+    (pub_a, port_a), (pub_b, port_b) = engines
+    api.put(engine_slice("vllm-a", "vllm-0", port_a, port_a + 1))
+    metrics_port = free_tcp_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "KVR_MODEL": M,
+        "KVR_REDIS_URL": redis_url,
+        "KVR_BLOCK_SIZE": str(B),
+        "KVR_DISCOVERY": "kubernetes",
+        "KVR_K8S_API_URL": api.url,
+        "KVR_K8S_NAMESPACE": NS,
+        "KVR_K8S_SELECTOR": SELECTOR,
+        "KVR_K8S_EVENTS_PORT_NAME": "kv-events",
+        "KVR_K8S_REPLAY_PORT_NAME": "kv-replay",
+        "KVR_METRICS_HOST": "127.0.0.1",
+        "KVR_METRICS_PORT": str(metrics_port),
+        "KVR_LEASE_S": "2",
+        "KVR_NOTICES": "false",
+    }
+    log = (tmp_path / "listen.log").open("w")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter", "listen",
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        await _until_async(lambda: _wait_owned(metrics_url, 1), proc)
+        await sync_listener(pub_a, redis_client, M, "vllm-0:8000")
+        pub_a.stored([(1 << 63) + i for i in range(4)], TOKENS)
+        await sync_listener(pub_a, redis_client, M, "vllm-0:8000")
+        assert await depth(redis_client, "vllm-0:8000") == 4
+
+        # A new engine's slice while the process runs: owned, its events applied.
+        api.put(engine_slice("vllm-b", "vllm-1", port_b, port_b + 1))
+        await _until_async(lambda: _wait_owned(metrics_url, 2), proc)
+        await sync_listener(pub_b, redis_client, M, "vllm-1:8000")
+        pub_b.stored([(1 << 62) + i for i in range(2)], TOKENS[: 2 * B])
+        await sync_listener(pub_b, redis_client, M, "vllm-1:8000")
+        assert await depth(redis_client, "vllm-1:8000") == 2
+
+        # The first engine's slice goes away: released (its lease ended at once, not left to
+        # expire), and its later events are no longer applied.
+        api.delete("vllm-a")
+        await _until_async(lambda: _wait_owned(metrics_url, 1), proc)
+        assert await redis_client.hget("kvr:listener:owner:vllm-0:8000", "until") == "0"
+        pub_a.removed([(1 << 63) + i for i in range(4)])
+        await sync_listener(pub_b, redis_client, M, "vllm-1:8000")
+        assert await depth(redis_client, "vllm-0:8000") == 4
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            log.close()
+    assert proc.returncode == 0, (tmp_path / "listen.log").read_text()
+
+
+async def _wait_owned(metrics_url: str, n: int) -> bool:
+    return await _owned(metrics_url) == n

@@ -353,3 +353,8 @@ async def test_responses_embeddings_tokenize_and_scoring(
         assert (await r.json())["data"][0]["object"] == "score"
     async with http.post(base + "/v1/embeddings", json={"model": model, "input": 7}) as r:
         assert r.status == 400
+    # Not a list of messages: 400 as vLLM answers, never a 500 (the hostile-input fuzz found
+    # {"messages": null} crashing the handler).
+    for messages in (None, "hi", 3):
+        async with http.post(base + "/tokenize", json={"model": model, "messages": messages}) as r:
+            assert r.status == 400, await r.text()

@@ -807,8 +807,8 @@ _KEY_PATTERNS = [
     r"kvr:\{[^{}]+\}:(wrk|lru|cut|emap):[^\s|]+",
     r"kvr:\{[^{}]+\}:head:[0-9a-f]{16}",
     r"kvr:\{[^{}]+\}:head:@[^\s|]+",
-    r"kvr:\{[^{}]+\}:(workers|lseq|load|lease|meta)",
-    r"kvr:(registry|heartbeat|listeners)",
+    r"kvr:\{[^{}]+\}:(workers|lseq|load|lease|meta|listeners)",
+    r"kvr:(registry|heartbeat)",
     r"kvr:listener:owner:[^\s|]+",
 ]
 

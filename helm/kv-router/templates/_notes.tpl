@@ -4,8 +4,10 @@
 {{- $ns := .Release.Namespace -}}
 {{- $port := .Values.router.service.port -}}
 {{- $prefix := .Values.config.keyPrefix -}}
+{{- $models := include "kv-router.modelNames" . | fromJsonArray -}}
+{{- $model := first $models -}}
 kv-router {{ .Chart.AppVersion }} is installed as release "{{ .Release.Name }}" in namespace "{{ $ns }}".
-Model "{{ .Values.config.model }}", policy "{{ .Values.router.policy }}", block size {{ .Values.config.blockSize }} (must equal vLLM's --block-size).
+Model{{ if gt (len $models) 1 }}s{{ end }} "{{ join "\", \"" $models }}", policy "{{ .Values.router.policy }}", block size {{ .Values.config.blockSize }} (must equal vLLM's --block-size).
 {{- if and (eq .Values.tokenizer.source "none") (not .Values.tokenizer.path) }}
 
 WARNING: no tokenizer (tokenizer.source is "none" and tokenizer.path is empty). Chat and text
@@ -26,7 +28,7 @@ router the model's tokenizer.json (tokenizer.source: configMap, volume or initCo
      curl http://127.0.0.1:{{ $port }}/v1/models
 {{- end }}
      curl http://127.0.0.1:{{ $port }}/v1/completions -H 'Content-Type: application/json' \
-       -d '{"model": "{{ .Values.config.model }}", "prompt": "Hello", "max_tokens": 8}'
+       -d '{"model": "{{ $model }}", "prompt": "Hello", "max_tokens": 8}'
 
    The admin token (header "Authorization: Bearer <token>" on admin endpoints):
 {{- $tok := splitList "/" (include "kv-router.adminTokenRef" .) }}
@@ -57,8 +59,8 @@ router the model's tokenizer.json (tokenizer.source: configMap, volume or initCo
 3. Inspect the prefix-cache index in Redis (every key is readable; see docs/redis-schema.md)
 {{- if .Values.redis.enabled }}
      kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli --scan --pattern '{{ $prefix }}:*'
-     kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli ZRANGE '{{ $prefix }}:{ {{- .Values.config.model -}} }:workers' 0 -1 WITHSCORES
-     kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli ZCARD '{{ $prefix }}:{ {{- .Values.config.model -}} }:wrk:<worker id>'
+     kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli ZRANGE '{{ $prefix }}:{ {{- $model -}} }:workers' 0 -1 WITHSCORES
+     kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli ZCARD '{{ $prefix }}:{ {{- $model -}} }:wrk:<worker id>'
    (REDISCLI_AUTH is set in the Redis container, so redis-cli authenticates by itself.)
 
    This Redis is a single node without replication, for trying kv-router out. In production
