@@ -27,8 +27,17 @@ Not observed: P/D decode legs (their worker's cached tokens count the blocks the
 worker pushed, not the decode worker's own cache) and plans that did not read the index
 (baseline policies, Redis down: there was no prediction).
 
-The logic is here, behind one call (`Feedback.observe_body`), so any front end that reads a
-response's usage can use it.
+**Races are not losses.** A request that matched blocks another in-flight request to the same
+worker recorded at dispatch, before the engine finished computing them, gets fewer cached
+tokens than matched though nothing was lost. So this replica tracks its in-flight requests
+per worker (`dispatched` / `finished`); at dispatch it notes how deep the new chain shares a
+prefix with one sent there earlier and still in flight, and a later shortfall within that
+depth corrects nothing (only blocks past it can be dropped). Requests in flight on *other*
+replicas are not seen: their races can still drop records that become true a moment later
+(an under-prediction until the next record, never a misroute).
+
+The logic is here, behind a few calls (`dispatched`, `observe_body`, `finished`), so any front
+end that reads a response's usage can use it.
 """
 
 from __future__ import annotations
@@ -58,6 +67,19 @@ def cached_tokens_in(data: bytes) -> int | None:
     return int(found.group(1)) if found is not None else None
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading blocks chains `a` and `b` share. Block keys are chained (each hashes
+    its parent), so equal keys at a position mean equal prefixes up to it: a binary search."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; a[hi:] differs unless hi is the end
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class Feedback:
     """Error histogram and index correction from engines' reported cached tokens."""
 
@@ -74,18 +96,47 @@ class Feedback:
         self.shared = shared
         self.metrics = metrics
         self.spawn = spawn
+        # (model, worker) -> chains of this replica's requests in flight there.
+        self._inflight: dict[tuple[str, str], list[list[int]]] = {}
 
-    def observe_body(self, model: str, worker: str, plan: Plan, data: bytes) -> bool:
+    def dispatched(self, model: str, worker: str, plan: Plan) -> int:
+        """A request with `plan` was sent to `worker`: returns how many leading blocks of its
+        chain an earlier request still in flight there shares (the engine may still be
+        computing those: a shortfall within them is a race, not a loss). Pair with
+        `finished`."""
+        chains = self._inflight.setdefault((model, worker), [])
+        racing = max((common_prefix(plan.chain, c) for c in chains), default=0)
+        chains.append(plan.chain)
+        return racing
+
+    def finished(self, model: str, worker: str, plan: Plan) -> None:
+        """The request `dispatched` with `plan` is done (answered, failed or cancelled)."""
+        chains = self._inflight.get((model, worker))
+        if chains is None:
+            return
+        for i, c in enumerate(chains):
+            if c is plan.chain:
+                del chains[i]
+                break
+        if not chains:
+            del self._inflight[(model, worker)]
+
+    def observe_body(
+        self, model: str, worker: str, plan: Plan, data: bytes, racing: int = 0
+    ) -> bool:
         """Look for cached tokens in `data`; observe them if found. Returns True once found
-        (so a stream stops looking)."""
+        (so a stream stops looking). `racing`: what `dispatched` returned."""
         cached = cached_tokens_in(data)
         if cached is None:
             return False
-        self.observe(model, worker, plan, cached)
+        self.observe(model, worker, plan, cached, racing)
         return True
 
-    def observe(self, model: str, worker: str, plan: Plan, cached_tokens: int) -> None:
-        """The engine `worker` served `cached_tokens` of the plan's prompt from its cache."""
+    def observe(
+        self, model: str, worker: str, plan: Plan, cached_tokens: int, racing: int = 0
+    ) -> None:
+        """The engine `worker` served `cached_tokens` of the plan's prompt from its cache;
+        blocks below `racing` were being computed for an earlier request (not corrected)."""
         if not plan.indexed:
             return
         error = cached_tokens - plan.matched_tokens(worker)
@@ -97,7 +148,8 @@ class Feedback:
         matched_blocks = plan.matched_blocks(worker)
         if not self.settings.feedback_heal or engine_blocks >= matched_blocks:
             return
-        stale = plan.chain[engine_blocks:matched_blocks][: self.settings.feedback_max_blocks]
+        start = max(engine_blocks, racing)
+        stale = plan.chain[start:matched_blocks][: self.settings.feedback_max_blocks]
         if stale:
             self.spawn(self._correct(model, worker, stale))
 

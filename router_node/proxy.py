@@ -367,6 +367,7 @@ class Proxy:
             headers = self._headers(request, worker)
             headers["X-Request-Id"] = rid
             lease = self._lease(req, plan, worker)
+            racing = self.feedback.dispatched(req.model, worker.id, plan)
             worker.inflight += 1
             resp: aiohttp.ClientResponse | None = None
             try:
@@ -390,7 +391,7 @@ class Proxy:
                     continue
                 self.pool.record_success(worker)
                 # The prefill worker's own cache served this prefill: its feedback counts.
-                self.feedback.observe_body(req.model, worker.id, plan, answer)
+                self.feedback.observe_body(req.model, worker.id, plan, answer, racing)
                 try:
                     decoded = orjson.loads(answer)
                 except orjson.JSONDecodeError:
@@ -404,6 +405,7 @@ class Proxy:
             finally:
                 worker.inflight -= 1
                 lease.end()
+                self.feedback.finished(req.model, worker.id, plan)
                 if resp is not None:
                     if resp.content.is_eof():
                         resp.release()
@@ -595,6 +597,7 @@ class Proxy:
                 return failed
         # A decode leg's lease counts the request, not the prompt: the prefill ran elsewhere.
         lease = self._lease(req, plan, worker, 0 if decode_leg else None)
+        racing = self.feedback.dispatched(req.model, worker.id, plan)
         worker.inflight += 1
         dispatched = time.monotonic()
         headers = self._headers(request, worker)
@@ -620,7 +623,7 @@ class Proxy:
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
                 out = await self._stream(
-                    request, req, resp, plan, worker, lease, prefill_worker, dispatched
+                    request, req, resp, plan, worker, lease, prefill_worker, dispatched, racing
                 )
                 if isinstance(out, web.StreamResponse):
                     self.metrics.worker_requests.labels(worker.id).inc()
@@ -636,7 +639,7 @@ class Proxy:
             if resp.status == 200 and req.count_is_exact:
                 self.check_prompt_tokens(req, worker, data)
             if resp.status == 200 and not decode_leg:
-                self.feedback.observe_body(req.model, worker.id, plan, data)
+                self.feedback.observe_body(req.model, worker.id, plan, data, racing)
             self.metrics.worker_requests.labels(worker.id).inc()
             self._first_byte(request, req.model)
             return web.Response(
@@ -647,6 +650,7 @@ class Proxy:
         finally:
             worker.inflight -= 1
             lease.end()
+            self.feedback.finished(req.model, worker.id, plan)
             if resp is not None:
                 # close() drops the connection when the body was not read to the end (a
                 # failure, a client that left): the engine then aborts the request.
@@ -665,6 +669,7 @@ class Proxy:
         lease: Lease,
         prefill_worker: Worker | None = None,
         dispatched: float | None = None,
+        racing: int = 0,
     ) -> web.StreamResponse | APIError:
         try:
             first = await resp.content.readany()
@@ -693,7 +698,9 @@ class Proxy:
         tail = first[-64:]
         if checking and self.check_prompt_tokens(req, worker, first):
             checking = False
-        if awaiting_cached and self.feedback.observe_body(req.model, worker.id, plan, first):
+        if awaiting_cached and self.feedback.observe_body(
+            req.model, worker.id, plan, first, racing
+        ):
             awaiting_cached = False
         try:
             await out.prepare(request)
@@ -712,7 +719,7 @@ class Proxy:
                 if checking and self.check_prompt_tokens(req, worker, tail + chunk):
                     checking = False
                 if awaiting_cached and self.feedback.observe_body(
-                    req.model, worker.id, plan, tail + chunk
+                    req.model, worker.id, plan, tail + chunk, racing
                 ):
                     awaiting_cached = False
                 tail = chunk[-64:]

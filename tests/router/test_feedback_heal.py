@@ -13,12 +13,13 @@ Loopback only; every wait is bounded; nothing asserts on durations.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,12 @@ import pytest
 from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import ResidencyIndex
 from router_node.app import RouterServer
+from router_node.feedback import Feedback, common_prefix
+from router_node.metrics import Metrics
+from router_node.routing import Plan
+from router_node.scoring import Decision
 from router_node.settings import RouterSettings, WorkerSpec
+from router_node.shared_index import SharedIndex
 from tests.router.conftest import settle, wait_for
 from tests.support.metrics import parse
 
@@ -209,3 +215,62 @@ async def test_rounding_alone_never_corrects(
     finally:
         await client.close()
         await router.close()
+
+
+def test_common_prefix_of_chained_keys() -> None:
+    a = BlockHasher(MODEL, B).keys(PROMPT)
+    b = BlockHasher(MODEL, B).keys(SIBLING)
+    assert common_prefix(a, b) == common_prefix(b, a) == 6
+    assert common_prefix(a, a) == len(a)
+    assert common_prefix(a, a[:3]) == 3
+    assert common_prefix(a, []) == 0
+    assert common_prefix(a, BlockHasher("other", B).keys(PROMPT)) == 0
+
+
+async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
+    redis_url: str, redis_client: Any
+) -> None:
+    """Two requests for the same chain on one worker: the second matched what the first
+    recorded at dispatch and the engine had not computed yet. Its shortfall is a race: no
+    correction. The same shortfall once the first request is done is a loss: corrected."""
+    settings = RouterSettings(redis_url=redis_url, models=(MODEL,), workers=())
+    metrics = Metrics()
+    shared = SharedIndex(settings, metrics)
+    await shared.start()
+    spawned: list[asyncio.Task[Any]] = []
+
+    def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        spawned.append(task)
+        return task
+
+    feedback = Feedback(settings, shared, metrics, spawn)
+    keys = BlockHasher(MODEL, B).keys(PROMPT)
+    idx = ResidencyIndex(redis_client)
+    await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
+
+    def plan() -> Plan:
+        decision = Decision(policy="kv", reason="prefix", ranking=("w",))
+        return Plan(decision, keys, USEFUL, depths={"w": len(keys)}, indexed=True, block_size=B)
+
+    try:
+        first, second = plan(), plan()
+        assert feedback.dispatched(MODEL, "w", first) == 0
+        racing = feedback.dispatched(MODEL, "w", second)
+        assert racing == len(keys)
+        feedback.observe(MODEL, "w", second, 0, racing)
+        assert not spawned
+        feedback.finished(MODEL, "w", second)
+        feedback.finished(MODEL, "w", first)
+        third = plan()
+        assert feedback.dispatched(MODEL, "w", third) == 0
+        feedback.observe(MODEL, "w", third, 2 * B, 0)
+        await asyncio.gather(*spawned)
+        feedback.finished(MODEL, "w", third)
+        assert (await idx.lookup(MODEL, keys)).depths == {"w": 2}
+        sample = metrics.registry.get_sample_value(
+            "kvrouter_index_corrections_total", {"model": MODEL}
+        )
+        assert sample == 1
+    finally:
+        await shared.close()
