@@ -7,7 +7,9 @@ store, removal and clear of that worker in the flush, in event order, together w
 the last batch it covers (written atomically with the effects: the resume point after a
 restart, see ``WorkerState``). A round trip that fails is retried whole: calls that had run
 are skipped by the script (same epoch, seq not above the stored one), so nothing is applied
-twice.
+twice. A worker's run longer than ``max_ops`` ops goes as several calls in successive round
+trips (sub-batches), so no one script holds Redis for a whole large flush; each stores how
+many ops of the run it has applied, and a retry or a new owner's replay skips those.
 
 Mapping BlockStored to router keys (docs/notices.md "Engine events" has the operator's view):
 
@@ -170,6 +172,32 @@ class _Call:
     state: WorkerState | None = None
     namespace: str = ""
     seq: int = -1
+    final: bool = True
+    """False for a sub-batch that does not end its run: the position stays partial."""
+    cut: bool = False
+    """The call is one of several sub-batches of its run."""
+
+
+MAX_OPS_PER_CALL: Final = 512
+"""Ops per apply_engine_events call: bounds how long one call holds Redis (issue #17 item 9;
+docs/benchmarks.md has the longest call before and after)."""
+
+
+def _cut(b: _Ops, max_ops: int, seq: int) -> list[tuple[int, str, list[int]]]:
+    """A builder's run as (offset, ops, fields) calls of at most ``max_ops`` ops; one call
+    (possibly empty) when it fits. A run without a resume point (``seq`` -1, after a resync)
+    goes whole: its position could not say where a replay of it stands."""
+    ops = "".join(b.ops)
+    if len(ops) <= max_ops or seq < 0:
+        return [(0, ops, b.fields)]
+    out = []
+    pos = 0
+    for start in range(0, len(ops), max_ops):
+        part = ops[start : start + max_ops]
+        n = 2 * part.count("R") + 3 * part.count("S") + part.count("D")
+        out.append((start, part, b.fields[pos : pos + n]))
+        pos += n
+    return out
 
 
 def _sub_hash(h: int, i: int) -> int:
@@ -218,8 +246,10 @@ class Applier:
         register_namespace: Callable[[WorkerState, str], Awaitable[None]],
         on_fenced: Callable[[WorkerState], None] = lambda st: None,
         stopping: Callable[[], bool] = lambda: False,
+        max_ops: int = MAX_OPS_PER_CALL,
     ) -> None:
         self.index = index
+        self.max_ops = max_ops
         self.model = model
         self.block_size = block_size
         self.hasher = BlockHasher(model, block_size, hash_seed)
@@ -318,21 +348,36 @@ class Applier:
                     continue
                 if ns == self.model or mono - st.last_write.get(ns, 0.0) >= IDLE_REFRESH_S:
                     builders[(st, ns)] = _Ops()
+        # Each worker's run of ops goes out in calls of at most max_ops ops, one round trip per
+        # round of calls, so no single script holds Redis for the whole flush.
+        runs = []
         for (st, ns), b in builders.items():
             seq = seqs.get(st, -1)
-            call = self.index.apply_engine_events_call(
-                ns,
-                st.worker_id,
-                "".join(b.ops),
-                pack_u64(b.fields),
-                epoch=st.epoch,
-                seq=seq,
-                ttl_ms=self.ttl_ms,
-                capacity=self.capacity,
-            )
-            calls.append(_Call(call, st, ns, seq))
-        if calls:
-            await self._execute(calls)
+            runs.append((st, ns, seq, st.applied.get(ns, -1), _cut(b, self.max_ops, seq)))
+        rounds = max((len(r[4]) for r in runs), default=0)
+        for k in range(max(rounds, 1)):
+            for st, ns, seq, base, parts in runs:
+                if k >= len(parts):
+                    continue
+                offset, ops, fields = parts[k]
+                final = k == len(parts) - 1
+                call = self.index.apply_engine_events_call(
+                    ns,
+                    st.worker_id,
+                    ops,
+                    pack_u64(fields),
+                    epoch=st.epoch,
+                    seq=seq,
+                    ttl_ms=self.ttl_ms,
+                    capacity=self.capacity,
+                    base=base,
+                    offset=offset,
+                    final=final,
+                )
+                calls.append(_Call(call, st, ns, seq, final, cut=len(parts) > 1))
+            if calls:
+                await self._execute(calls)
+            calls = []
 
     def _namespaces(
         self, st: WorkerState, builders: dict[tuple[WorkerState, str], _Ops]
@@ -564,6 +609,12 @@ class Applier:
         mono = time.monotonic()
         for c, r in zip(calls, results, strict=True):
             if not isinstance(r, ApplyResult):
+                if isinstance(r, Exception) and c.cut and c.final and c.state is not None:
+                    # The run's last call failed for good: its ops are lost (as a whole call's
+                    # were), but Redis keeps the run's partial position on the old base. The
+                    # next run must not start from that base, or the script would skip the
+                    # new run's first ops as if they were this run's.
+                    c.state.applied[c.namespace] = c.seq
                 continue
             st = c.state
             assert st is not None
@@ -574,7 +625,8 @@ class Applier:
                     st.active = False
                     self._on_fenced(st)
                 continue
-            st.applied[c.namespace] = c.seq
+            if c.final:
+                st.applied[c.namespace] = c.seq
             st.last_write[c.namespace] = mono
             if r.status == ALREADY_APPLIED:
                 m.already_applied += 1

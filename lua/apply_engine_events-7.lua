@@ -18,6 +18,14 @@ with HSET / HDEL, children counts and scores settled in memory), plus:
     refused whole (-1). A call whose seq is not above the stored seq under the same epoch was
     applied already (a retry after an unknown outcome): it is skipped (0), unless its ops
     start with C, which resets the stream (a clear is idempotent).
+  * Sub-batches (ARGV[10..12]): a long run of ops is sent as several calls in turn, each
+    saying where its ops start: `base`, the last batch fully applied before the run, and
+    `offset`, how many of the run's ops earlier calls hold. A call that does not finish the
+    run stores "<epoch>:<base>:<offset + its ops>": a partial position, kept by claim_worker.
+    A call whose base is the stored seq skips the ops the stored offset says are applied
+    already (all of them: status 0, nothing written), so a listener that crashed mid-run and
+    one that takes over and replays the batches, grouped and cut however it likes, apply every
+    op exactly once. The call that finishes the run (final = 1) stores "<epoch>:<seq>".
 
 KEYS[1]  the worker's engine map  "kvr:{m}:emap:<worker>"
          HASH engine hex -> "<router key hex>:<parent engine hex or ->:<refs>:<children>"
@@ -25,7 +33,8 @@ KEYS[2]  the worker's records ZSET   "kvr:{m}:wrk:<worker>"
 KEYS[3]  the worker's hole ZSET   "kvr:{m}:cut:<worker>"
 KEYS[4]  workers ZSET             "kvr:{m}:workers"
 KEYS[5]  head key prefix          "kvr:{m}:head:"
-KEYS[6]  stream positions HASH    "kvr:{m}:lseq"   worker -> "<epoch>:<seq>"
+KEYS[6]  stream positions HASH    "kvr:{m}:lseq"   worker -> "<epoch>:<seq>" (or
+         "<epoch>:<base>:<ops>", a run cut off part way: see Sub-batches)
 KEYS[7]  the worker's last accesses "kvr:{m}:lru:<worker>"  block hex -> last access us
 ARGV[1]  worker id
 ARGV[2]  ops, one character each, in event order:
@@ -42,6 +51,10 @@ ARGV[7]  the most records to trim in this call (> 0)
 ARGV[8]  epoch (>= 0): the caller's ownership fencing token (claim_worker-1 stores it)
 ARGV[9]  seq (>= -1): the last engine batch these ops cover; -1 = no resume point (the stream
          was reset and nothing since)
+ARGV[10] base (optional, >= -1): the stored seq the run of ops started from (absent: the call
+         is a whole run, as before sub-batches)
+ARGV[11] offset (>= 0, with base): ops of the run sent by earlier calls
+ARGV[12] final ("1" or "0", with base): whether this call ends the run (then seq is stored)
 
 Returns  {status, stored, duplicates, released, removed, unknown, holes, clears, added,
           refreshed, evicted, expired}
@@ -73,16 +86,40 @@ local epoch = int_arg(ARGV[8], 0)
 if not epoch then return fail(-3, 'epoch', 'must be an integer >= 0') end
 local seq = int_arg(ARGV[9], -1)
 if not seq then return fail(-3, 'seq', 'must be an integer >= -1') end
+local base, offset, final = nil, 0, true
+if ARGV[10] then
+  base = int_arg(ARGV[10], -1)
+  if not base then return fail(-3, 'base', 'must be an integer >= -1') end
+  offset = int_arg(ARGV[11], 0)
+  if not offset then return fail(-3, 'offset', 'must be an integer >= 0') end
+  if ARGV[12] ~= '0' and ARGV[12] ~= '1' then return fail(-3, 'final', 'must be 0 or 1') end
+  final = ARGV[12] == '1'
+end
 local now = now_us(ARGV[4])
 ttl = ttl * 1000
+local run_ops = #ops
 
 local cur = redis.call('HGET', lseq_key, worker)
 if cur then
-  local ce, cs = string.match(cur, '^(%d+):(%-?%d+)$')
+  local ce, cs, co = string.match(cur, '^(%d+):(%-?%d+):?(%d*)$')
   if ce then
-    ce, cs = tonumber(ce), tonumber(cs)
+    ce, cs, co = tonumber(ce), tonumber(cs), tonumber(co) or -1
     if ce > epoch then return {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0} end
-    if ce == epoch and cs >= seq and string.sub(ops, 1, 1) ~= 'C' then
+    if ce == epoch and co >= 0 and base == cs then
+      -- A partial position on this call's base: skip the ops an earlier call applied (a
+      -- clear among them too: it is a replay, not a new stream).
+      if co > offset then
+        local skip = co - offset
+        if skip >= #ops then return {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0} end
+        local nf = 0
+        for i = 1, skip do
+          local c = string.byte(ops, i)
+          nf = nf + (c == 82 and 2 or c == 83 and 3 or c == 68 and 1 or 0)
+        end
+        ops = string.sub(ops, skip + 1)
+        fields = string.sub(fields, 16 * nf + 1)
+      end
+    elseif ce == epoch and cs >= seq and string.sub(ops, 1, 1) ~= 'C' then
       return {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
     end
   end
@@ -337,7 +374,11 @@ for rk, s in pairs(heads) do
   end
 end
 
-redis.call('HSET', lseq_key, worker, epoch .. ':' .. seq)
+if final then
+  redis.call('HSET', lseq_key, worker, epoch .. ':' .. seq)
+else
+  redis.call('HSET', lseq_key, worker, epoch .. ':' .. base .. ':' .. (offset + run_ops))
+end
 extend_expiry(lseq_key, now + ttl)
 local evicted = trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker, lru_key)
 return {1, stored, dups, released, removed, unknown, holes, clears, added, changed - added,

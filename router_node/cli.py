@@ -1,8 +1,8 @@
 """`kvrouter serve`: run one router replica.
 
 Flags mirror the ``KVR_*`` environment variables (flags win); see `settings.py` or the
-README's settings table. Exit code 2 for a bad setting or tokenizer, with a message that
-names it.
+generated tables in docs/settings.md. Exit code 2 for a bad setting or tokenizer, with a
+message that names it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The router's edge: what a slow, greedy or bursty client may cost a replica.
 
-Three bounds, each off or generous by default (the README's settings table):
+Three bounds, each off or generous by default (docs/settings.md):
 
 * **Header read timeout and header limits.** aiohttp parses headers into a connection that
   stays open as long as the client trickles bytes (its keep-alive timer, 75 s, is the only

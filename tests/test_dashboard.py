@@ -24,6 +24,7 @@ pytestmark = pytest.mark.redis
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "helm" / "kv-router" / "dashboards"
 DASHBOARD = DASHBOARD / "kvrouter.json"
+README = Path(__file__).resolve().parents[1] / "README.md"
 # PromQL words that are not metric names.
 PROMQL = {
     "sum", "min", "max", "avg", "count", "rate", "irate", "increase", "by", "without",
@@ -125,6 +126,9 @@ async def test_every_dashboard_query_names_an_exported_metric(
         assert used, f"{title}: no metric in {expr}"
         missing = used - names
         assert not missing, f"{title}: {sorted(missing)} not exported; query {expr}"
+    # The README's "Is it working?" metrics and queries name only what is exported, too.
+    cited = set(re.findall(r"\bkvrouter_[a-z0-9_]+", README.read_text()))
+    assert len(cited) >= 5 and not cited - names, sorted(cited - names)
     # The list: each of these is on the dashboard.
     titles = " | ".join(t for t, _ in qs).lower()
     for topic in ("hit ratio", "decisions", "first byte", "lookup", "redis", "lag", "gaps",

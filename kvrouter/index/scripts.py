@@ -412,11 +412,17 @@ class ResidencyIndex:
         capacity: int = 0,
         now_ms: int = 0,
         limit: int = 1000,
+        base: int | None = None,
+        offset: int = 0,
+        final: bool = True,
     ) -> ScriptCall:
         """One worker's engine events for one model, in order (see apply_engine_events-7.lua).
 
         ``ops`` is one character per op (R, S, D, C); ``fields`` the packed hex fields
-        (``pack_u64``). The script validates the fields; this checks the rest.
+        (``pack_u64``). The script validates the fields; this checks the rest. A run of ops
+        sent as several calls (sub-batches) gives each its ``base`` (the stored seq the run
+        started from), ``offset`` (ops of the run in earlier calls) and ``final`` (this call
+        ends the run); ``base`` None sends the call as a whole run.
         """
         k = self.keys(model)
         w = worker_arg(worker)
@@ -447,9 +453,18 @@ class ResidencyIndex:
                 nonneg("limit", limit, minimum=1),
                 nonneg("epoch", epoch),
                 seq,
+                *self._sub_batch_args(base, offset, final),
             ],
             lambda r: ApplyResult(*(int(x) for x in r)),
         )
+
+    @staticmethod
+    def _sub_batch_args(base: int | None, offset: int, final: bool) -> list[Any]:
+        if base is None:
+            return []
+        if isinstance(base, bool) or not isinstance(base, int) or base < -1 or base > U64:
+            raise ScriptArgumentError("base", f"must be an integer >= -1, got {base!r}")
+        return [base, nonneg("offset", offset), "1" if final else "0"]
 
     def claim_worker_call(self, model: str, worker: str, *, epoch: int, ttl_ms: int) -> ScriptCall:
         """Fence older owners out of ``model`` for ``worker`` and read its stream position."""

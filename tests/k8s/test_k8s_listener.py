@@ -78,6 +78,24 @@ async def until(predicate: Any) -> None:
             await asyncio.sleep(0.02)
 
 
+def listener_env(api: ProxiedFakeApi, redis_url: str, *, metrics_port: int) -> dict[str, str]:
+    """The listener's KVR_* settings for the fake API's EndpointSlices (as the chart renders
+    them, the API reached through a proxy URL)."""
+    return {
+        "KVR_MODEL": M,
+        "KVR_REDIS_URL": redis_url,
+        "KVR_BLOCK_SIZE": str(B),
+        "KVR_DISCOVERY": "kubernetes",
+        "KVR_K8S_API_URL": api.url,
+        "KVR_K8S_NAMESPACE": NS,
+        "KVR_K8S_SELECTOR": SELECTOR,
+        "KVR_METRICS_HOST": "127.0.0.1",
+        "KVR_METRICS_PORT": str(metrics_port),
+        "KVR_LEASE_S": "2",
+        "KVR_NOTICES": "false",
+    }
+
+
 async def depth(client: Any, worker: str) -> int:
     keys = BlockHasher(M, B).keys(TOKENS)
     return (await ResidencyIndex(client).lookup(M, keys)).depth(worker)
@@ -91,21 +109,7 @@ async def test_engines_added_and_removed_while_running(
 ) -> None:
     (pub_a, port_a), (pub_b, port_b) = engines
     api.put(engine_slice("vllm-a", "vllm-0", port_a, port_a + 1))
-    settings = ListenerSettings.from_env(
-        {
-            "KVR_MODEL": M,
-            "KVR_REDIS_URL": redis_url,
-            "KVR_BLOCK_SIZE": str(B),
-            "KVR_DISCOVERY": "kubernetes",
-            "KVR_K8S_API_URL": api.url,
-            "KVR_K8S_NAMESPACE": NS,
-            "KVR_K8S_SELECTOR": SELECTOR,
-            "KVR_METRICS_HOST": "127.0.0.1",
-            "KVR_METRICS_PORT": "0",
-            "KVR_LEASE_S": "2",
-            "KVR_NOTICES": "false",
-        }
-    )
+    settings = ListenerSettings.from_env(listener_env(api, redis_url, metrics_port=0))
     async with Listener(settings) as listener:
         await listener.wait_ticked()
         assert listener.owned_workers == ["vllm-0:8000"]
@@ -213,19 +217,9 @@ async def test_listen_process_follows_engines_coming_and_going(
     metrics_port = free_tcp_port()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "KVR_MODEL": M,
-        "KVR_REDIS_URL": redis_url,
-        "KVR_BLOCK_SIZE": str(B),
-        "KVR_DISCOVERY": "kubernetes",
-        "KVR_K8S_API_URL": api.url,
-        "KVR_K8S_NAMESPACE": NS,
-        "KVR_K8S_SELECTOR": SELECTOR,
+        **listener_env(api, redis_url, metrics_port=metrics_port),
         "KVR_K8S_EVENTS_PORT_NAME": "kv-events",
         "KVR_K8S_REPLAY_PORT_NAME": "kv-replay",
-        "KVR_METRICS_HOST": "127.0.0.1",
-        "KVR_METRICS_PORT": str(metrics_port),
-        "KVR_LEASE_S": "2",
-        "KVR_NOTICES": "false",
     }
     log = (tmp_path / "listen.log").open("w")
     proc = await asyncio.create_subprocess_exec(
