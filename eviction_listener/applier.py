@@ -26,6 +26,8 @@ Mapping BlockStored to router keys (docs/notices.md "Engine events" has the oper
   blocks (k - 1 synthetic engine hashes, removed with it). A single block smaller than that
   is an SGLang partial page: never indexed. Anything else is refused: counted as
   ``block_size_mismatch`` and logged with what to change.
+* Blocks on another ``medium`` (offloaded to CPU memory, disk) go to that medium's tier, not
+  to the GPU records (``eviction_listener/tiers.py``).
 * Only ``medium`` GPU (or None, older engines), KV-cache group 0 (or None), blocks with token
   ids, and blocks whose extra keys hold nothing but the LoRA name and vLLM's cache salt are
   indexed. vLLM puts a request's ``cache_salt`` in the extra keys of its first block only (the
@@ -55,6 +57,7 @@ from redis.exceptions import RedisError, ResponseError
 from eviction_listener.events import AllBlocksCleared, BlockRemoved, BlockStored
 from eviction_listener.metrics import ListenerMetrics, LogLimiter
 from eviction_listener.notices import Notice
+from eviction_listener.tiers import TierFlush, lower_tier
 from eviction_listener.zmq_source import Delivered, Resync, SourceItem
 from kvrouter.backoff import Backoff
 from kvrouter.index.hashing import BlockHasher, extend_chain, tokens_to_bytes
@@ -150,6 +153,9 @@ class WorkerState:
     active: bool = True
     """False once the listener gave the worker up: its queued items are dropped."""
     mismatch_logged: bool = False
+    tiers: set[tuple[str, str]] = field(default_factory=set)
+    """(namespace, medium) of every lower tier the worker's events wrote (cleared on a
+    resync: removals may have been lost)."""
 
     def resume_seq(self) -> int | None:
         """Where the event stream can continue from, or None (no resume point)."""
@@ -307,6 +313,7 @@ class Applier:
         floors: dict[WorkerState, dict[str, int]] = {}
         seqs: dict[WorkerState, int] = {}
         calls: list[_Call] = []
+        tiers = TierFlush()
         for st, it in live:
             if st is None:
                 assert isinstance(it, Notice)
@@ -320,6 +327,8 @@ class Applier:
             if type(it) is Resync:
                 for ns in self._namespaces(st, builders):
                     self._builder(builders, st, ns).ops.append("C")
+                for ns, medium in st.tiers:
+                    tiers.clear(st.worker_id, ns, medium)
                 fl.clear()
                 fl.update(dict.fromkeys(self._namespaces(st, builders), -1))
                 seqs[st] = -1
@@ -331,7 +340,7 @@ class Applier:
             if it.replayed:
                 m.replayed_batches += 1
             m.observe_lag(now - it.batch.ts)
-            self._translate(st, it, fl, builders)
+            self._translate(st, it, fl, builders, tiers)
 
         # Namespaces met for the first time are recorded with the worker's lease first, so a
         # new owner knows every namespace it must claim and resume from.
@@ -375,6 +384,13 @@ class Applier:
                     final=final,
                 )
                 calls.append(_Call(call, st, ns, seq, final, cut=len(parts) > 1))
+            if k == max(rounds, 1) - 1:
+                # Tier calls go in the last round, after every GPU op of the flush. They carry
+                # no seq or epoch: replaying them (a retried round trip) leaves the same state.
+                calls += [
+                    _Call(c)
+                    for c in tiers.calls(self.index, ttl_ms=self.ttl_ms, capacity=self.capacity)
+                ]
             if calls:
                 await self._execute(calls)
             calls = []
@@ -437,6 +453,7 @@ class Applier:
         it: Delivered,
         floors: dict[str, int],
         builders: dict[tuple[WorkerState, str], _Ops],
+        tiers: TierFlush,
     ) -> None:
         m = self.metrics
         seq = it.seq
@@ -445,6 +462,9 @@ class Applier:
             t = type(ev)
             if t is BlockStored:
                 assert isinstance(ev, BlockStored)
+                if ev.medium is not None and ev.medium != "GPU":
+                    self._tier_stored(st, ev, seq, floors, tiers)
+                    continue
                 n = len(ev.block_hashes)
                 k, reason = self._k(st, ev)
                 if reason is not None:
@@ -505,7 +525,7 @@ class Applier:
                 assert isinstance(ev, BlockRemoved)
                 n = len(ev.block_hashes)
                 if ev.medium is not None and ev.medium != "GPU":
-                    m.skipped_blocks[SKIP_MEDIUM] += n
+                    self._tier_removed(st, ev, seq, floors, tiers)
                     continue
                 if ev.group_idx:
                     m.skipped_blocks[SKIP_GROUP] += n
@@ -517,6 +537,72 @@ class Applier:
                     if seq > floors.get(ns, -1):
                         self._builder(builders, st, ns).ops.append("C")
                 m.clears["all_blocks_cleared"] += 1
+
+    def _tier_stored(
+        self, st: WorkerState, ev: BlockStored, seq: int, floors: dict[str, int], tiers: TierFlush
+    ) -> None:
+        """A store on a lower tier: the blocks' router keys from the event's tokens when it
+        has them, else from the GPU event that stored the same engine hashes."""
+        m = self.metrics
+        hashes = ev.block_hashes
+        n = len(hashes)
+        medium = lower_tier(ev.medium)
+        if medium is None:
+            m.skipped_blocks[SKIP_MEDIUM] += n
+            return
+        if ev.group_idx:
+            m.skipped_blocks[SKIP_GROUP] += n
+            return
+        if st.engine_block_size != self.block_size:
+            # An engine block of several router blocks would need every sub-block's key;
+            # the tiers index engines whose blocks are router blocks.
+            m.skipped_blocks[SKIP_BLOCK_SIZE] += n
+            return
+        keys: list[int | None]
+        parent_key = None
+        if ev.token_ids is not None and len(ev.token_ids) == n * self.block_size:
+            if ev.parent_hash is None:
+                salt = ev.cache_salt
+                if salt is None and ev.extra_keys is not None:
+                    salt = _extras_salt(ev.extra_keys, ev.lora_name, True)
+                if salt is not _NOT_INDEXABLE:
+                    parent_key = self.root(ev.lora_name, salt)
+            else:
+                parent_key = st.keys.get(ev.parent_hash)
+        if parent_key is not None:
+            tokens = ev.token_ids
+            assert tokens is not None
+            buf = tokens.tobytes() if _LITTLE else tokens_to_bytes(tokens.tolist())
+            keys = list(extend_chain(parent_key, buf, self.block_size))
+        else:
+            keys = [st.keys.get(h) for h in hashes]
+        ns = ev.lora_name or st.lora_ns.get(hashes[0]) or self.model if hashes else self.model
+        if seq <= floors.get(ns, -1):
+            return
+        pairs = [(h, k) for h, k in zip(hashes, keys, strict=True) if k is not None]
+        if len(pairs) < n:
+            m.skipped_blocks[SKIP_ORPHAN] += n - len(pairs)
+        if pairs:
+            tiers.store(st.worker_id, ns, medium, pairs)
+            st.tiers.add((ns, medium))
+            m.tier_blocks["stored"] += len(pairs)
+
+    def _tier_removed(
+        self, st: WorkerState, ev: BlockRemoved, seq: int, floors: dict[str, int], tiers: TierFlush
+    ) -> None:
+        """A removal on a lower tier drops that tier's records only."""
+        m = self.metrics
+        medium = lower_tier(ev.medium)
+        if medium is None or ev.group_idx:
+            m.skipped_blocks[SKIP_MEDIUM if medium is None else SKIP_GROUP] += len(ev.block_hashes)
+            return
+        by_ns: dict[str, list[int]] = {}
+        for h in ev.block_hashes:
+            by_ns.setdefault(st.lora_ns.get(h) or self.model, []).append(h)
+        for ns, hs in by_ns.items():
+            if seq > floors.get(ns, -1):
+                tiers.remove(st.worker_id, ns, medium, hs)
+                m.tier_blocks["removed"] += len(hs)
 
     def _removed(
         self,

@@ -42,6 +42,8 @@ class ListenerMetrics:
     """Blocks of GPU BlockStored events handed to the index (before orphan/skip checks)."""
     blocks_removed: int = 0
     skipped_blocks: Counter[str] = field(default_factory=Counter)
+    tier_blocks: Counter[str] = field(default_factory=Counter)
+    """Blocks stored / removed on lower storage tiers (medium CPU, ...), by op."""
     clears: Counter[str] = field(default_factory=Counter)
     notices: Counter[str] = field(default_factory=Counter)
     notice_errors: Counter[str] = field(default_factory=Counter)
@@ -155,6 +157,12 @@ class ListenerCollector(Collector):
             "blocks_per_second",
             "Block events applied per second (last ~10 s).",
             round(blk_rate, 3),
+        )
+        yield _counter(
+            "tier_blocks_total",
+            "Block events on lower storage tiers (a medium other than GPU) applied, by op.",
+            "op",
+            sorted(m.tier_blocks.items()),
         )
         yield _counter(
             "skipped_blocks_total",

@@ -564,6 +564,8 @@ async def debug_route(request: web.Request) -> web.Response:
                 "depth_blocks": plan.depths.get(c.worker, 0),
                 "matched_blocks": c.matched_blocks,
                 "matched_tokens": c.matched_blocks * bs,
+                "tier_blocks": plan.tier_depths.get(c.worker, {}),
+                "tier_credit_blocks": c.tier_blocks,
                 "load": {"requests": c.requests, "prefill_tokens": c.prefill_tokens},
                 "cost": d.costs.get(c.worker),
                 "guarded": c.worker in d.guarded,

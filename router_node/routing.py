@@ -31,6 +31,7 @@ from router_node.scoring import (
 )
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
+from router_node.tiers import tier_credit_blocks
 from router_node.tracing import ATTR_CHOSEN, ATTR_POLICY, ATTR_REASON, get_tracer
 from router_node.workers import WorkerPool, relative_speeds
 
@@ -81,6 +82,9 @@ class Plan:
     """Blocks the engine can reuse at most: ``(prompt_tokens - 1) // block_size``."""
     depths: dict[str, int] = field(default_factory=dict)
     """Raw matched depth per worker from the lookup (blocks)."""
+    tier_depths: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Worker -> medium -> blocks past its GPU match it holds on that lower tier (capped at
+    the useful blocks; only workers with any)."""
     load: dict[str, WorkerLoad] = field(default_factory=dict)
     candidates: list[Candidate] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -155,6 +159,7 @@ class Router:
             for name, b in self.catalogue.bases.items()
         }
         self.tokenizers: dict[str, PromptTokenizer | None] = dict(tokenizers or {})
+        self.tier_credits = settings.tier_credit_map
 
     def resolve(self, model: str) -> RoutedModel | None:
         """What `model` is (a configured base model or adapter, or an adapter a worker
@@ -228,13 +233,21 @@ class Router:
         if policy in _NEEDS_LOOKUP:
             with self.tracer.start_as_current_span("lookup") as span:
                 result = await self.shared.lookup(
-                    req.model, chain[: plan.useful_blocks], [w.id for w in workers]
+                    req.model,
+                    chain[: plan.useful_blocks],
+                    [w.id for w in workers],
+                    media=tuple(self.tier_credits),
                 )
                 span.set_attribute("kvrouter.lookup.blocks", plan.useful_blocks)
                 span.set_attribute("kvrouter.lookup.indexed", result is not None)
         if result is not None:
             plan.indexed = True
             plan.depths = result.depths
+            if result.tiers:
+                for w in workers:
+                    td = result.tier_depths(w.id, plan.useful_blocks)
+                    if td:
+                        plan.tier_depths[w.id] = td
             plan.load = result.load
             empty = WorkerLoad()
             speed = relative_speeds(workers) if self.settings.speed_aware else {}
@@ -249,6 +262,7 @@ class Router:
                     max(result.load.get(w.id, empty).prefill_tokens, w.prefill_pending),
                     load_penalty.get(w.id, 0.0),
                     speed.get(w.id, 1.0),
+                    tier_credit_blocks(plan.tier_depths.get(w.id, {}), self.tier_credits),
                 )
                 for w in workers
             ]

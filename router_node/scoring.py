@@ -10,6 +10,9 @@ The default ``kv`` policy is a cost model, in blocks of prefill work::
     cost(w) = prefill_weight * (blocks w must prefill + queue_weight * w's queued prefill blocks)
             + decode_weight  * w's in-flight requests
 
+where a block w holds on a lower storage tier (offloaded to CPU memory or disk, past its GPU
+match) counts as a fraction of a hit (``tier_credits``, router_node/tiers.py).
+
 ``queue_weight`` (default 0.5) counts another request's queued prefill at half the weight of
 this request's own: leaving a worker that holds the conversation costs more than this request's
 prefill (the next turn misses too), and on the Mooncake trace full weight moved half the
@@ -68,6 +71,10 @@ class Candidate:
     """The worker's prefill speed over the fleet's mean (2.0: prefills twice as fast). The kv
     cost divides its prefill work by it, so the cost is predicted time to first token in
     units of "one block at the fleet's mean speed"; 1.0 when unknown or not speed-aware."""
+    tier_blocks: float = 0.0
+    """Blocks past ``matched_blocks`` the engine loads from a lower storage tier (CPU memory,
+    disk), each weighted by its tier's credit, a fraction of a GPU hit (router_node/tiers.py):
+    the kv cost counts them as that much less prefill."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +108,7 @@ class Decision:
 
 def kv_cost(c: Candidate, prompt_tokens: int, cfg: ScoringConfig) -> float:
     """The kv policy's cost of sending a `prompt_tokens` prompt to `c` (blocks of work)."""
-    own = max(0, prompt_tokens - c.matched_blocks * cfg.block_size)
+    own = max(0.0, prompt_tokens - (c.matched_blocks + c.tier_blocks) * cfg.block_size)
     prefill_blocks = (own + cfg.queue_weight * c.prefill_tokens) / cfg.block_size
     prefill = (prefill_blocks + c.setup_blocks) / c.speed
     return cfg.prefill_weight * prefill + cfg.decode_weight * c.requests

@@ -37,6 +37,7 @@ from router_node.models import (
     load_config_file,
 )
 from router_node.scoring import POLICIES
+from router_node.tiers import DEFAULT_TIER_CREDITS, parse_tier_credits
 
 __all__ = [
     "DISCOVERY_MODES",
@@ -205,6 +206,13 @@ class RouterSettings(SharedSettings):
     temperature: float = setting(
         0.0, "kv softmax temperature over cost (0 = pick the lowest)", ge=0
     )
+    tier_credits: CommaList = setting(
+        DEFAULT_TIER_CREDITS,
+        "kv: a block the worker holds on a lower storage tier (the engine reports it on "
+        "another medium) is credited at this fraction of a GPU hit, per medium, as "
+        "MEDIUM=fraction (defaults: llm-d's CPU 0.8, Dynamo's disk 0.25; docs/configuration.md); "
+        "a medium left out or at 0 is ignored (CPU=0: no tier counts)",
+    )
     balance_abs: Int = setting(
         4, "guard: a worker may lead the least-loaded by this many requests", ge=0
     )
@@ -320,6 +328,12 @@ class RouterSettings(SharedSettings):
             raise ValueError(f"must be one of {', '.join(POLICIES)}")
         return value
 
+    @field_validator("tier_credits")
+    @classmethod
+    def _tier_credits(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_tier_credits(value)
+        return value
+
     @field_validator("session_header")
     @classmethod
     def _session_header(cls, value: str) -> str:
@@ -389,6 +403,12 @@ class RouterSettings(SharedSettings):
         return cast(RouterSettings, cls.build(merged, **overrides))
 
     # -- derived -------------------------------------------------------------------------
+    @property
+    def tier_credit_map(self) -> dict[str, float]:
+        """Medium -> credit of a hit on it, media with a credit above 0 only (the others are
+        not looked up)."""
+        return {m: c for m, c in parse_tier_credits(self.tier_credits).items() if c > 0}
+
     @property
     def speculative_ttl_ms(self) -> int:
         """Life of blocks written at dispatch beyond what the worker was seen holding: short

@@ -134,14 +134,19 @@ class SharedIndex:
 
     # -- the request path ----------------------------------------------------------------------
     async def lookup(
-        self, model: str, chain: Sequence[int], candidates: Sequence[str]
+        self,
+        model: str,
+        chain: Sequence[int],
+        candidates: Sequence[str],
+        media: Sequence[str] = (),
     ) -> LookupResult | None:
-        """Round trip 1. None when the index is down or the call failed (caller falls back)."""
+        """Round trip 1. None when the index is down or the call failed (caller falls back).
+        `media`: lower storage tiers to look up too (in the same round trip)."""
         if not self.up or self.index is None:
             return None
         start = time.perf_counter()
         try:
-            result = await self.index.lookup(model, chain, candidates)
+            result = await self.index.lookup_with_tiers(model, chain, media, candidates)
         except REDIS_FAILURES as exc:
             self.mark_down("lookup", exc)
             return None

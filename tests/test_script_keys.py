@@ -131,10 +131,17 @@ def test_prefix_declarations_are_the_documented_exceptions() -> None:
         "clear_worker": [5],
         "store_engine_blocks": [5],
         "apply_engine_events": [5],
+        "lookup_tiers": [1, 2, 3],
     }
     schema = KeySchema().model(M)
     # A prefix carries the model's hash tag: keys built from it share the declared keys' slot.
-    for prefix in (schema.worker_prefix, schema.cut_prefix, schema.head_prefix):
+    for prefix in (
+        schema.worker_prefix,
+        schema.cut_prefix,
+        schema.head_prefix,
+        schema.tier_prefix,
+        schema.tier_workers_prefix,
+    ):
         assert "{" + M + "}" in prefix
 
 
@@ -176,6 +183,18 @@ async def test_every_script_touches_only_declared_keys(idx: CheckedIndex) -> Non
     assert applied.status == 1
     owner = await idx.call(idx.own_worker_call("w4", "listener-a", lease_ms=60_000))
     assert owner.held
+
+    # Lower storage tiers: stores, a removal, a clear, and the tier lookup.
+    tier = await idx.store_tier_blocks(
+        M, "w5", "CPU", "SSDC", pack_u64([800, chain[0], 801, chain[1], 801]), ttl_ms=HOUR,
+        capacity=1, now_ms=T0,
+    )  # fmt: skip
+    assert tier.stored == 2
+    await idx.store_tier_blocks(
+        M, "w5", "CPU", "S", pack_u64([800, chain[0]]), ttl_ms=HOUR, now_ms=T0
+    )
+    got = await idx.lookup_with_tiers(M, chain, ["CPU", "DISK"], now_ms=T0 + 1)
+    assert got.tiers["CPU"]["w5"] == (0, 1)
 
     # Leases and the rate limit bucket.
     await idx.acquire_lease(M, "w1", "lease1", prefill_tokens=64, ttl_ms=60_000)

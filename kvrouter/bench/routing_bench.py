@@ -82,6 +82,8 @@ class Variant:
     prefill_share: float = 0.0
     """Prefill/decode split: this share of the workers (at least one) prefill; 0 = none."""
     router_env: tuple[tuple[str, str], ...] = ()
+    cpu_tier: int = 0
+    """Each worker gets a CPU offload tier of this many times its GPU capacity (0: none)."""
 
     def prefill_workers(self, workers: int) -> int:
         if not self.prefill_share:
@@ -105,7 +107,13 @@ VARIANTS = (
     Variant("kv_pd_always", "kv", True, prefill_share=0.25),
     Variant("kv_pd_half", "kv", True, prefill_share=0.5, router_env=PD_SATURATION),
     Variant("kv_pd_4x", "kv", True, replicas=4, prefill_share=0.25, router_env=PD_SATURATION),
+    # A fleet whose workers offload evicted blocks to a CPU tier of 4x their GPU capacity
+    # (host memory is several times HBM): the router credits tier hits (kv_cpu, default
+    # KVR_TIER_CREDITS) or ignores them (kv_cpu_gpu_only), on the same fleet.
+    Variant("kv_cpu", "kv", True, cpu_tier=4),
+    Variant("kv_cpu_gpu_only", "kv", True, cpu_tier=4, router_env=(("KVR_TIER_CREDITS", "CPU=0"),)),
 )
+TIER_VARIANTS = ("kv_cpu", "kv_cpu_gpu_only")
 # --quick: the first 900 requests (about 5 minutes of the trace), 4 times faster. At 6x the
 # listener, simulator, router, client and Redis saturated two cores and the run measured the
 # machine more than the router (docs/benchmarks.md).
@@ -133,8 +141,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=512)
     parser.add_argument(
         "--variants",
-        default=",".join(v.name for v in VARIANTS),
-        help="comma-separated subset of: " + ", ".join(v.name for v in VARIANTS),
+        default=",".join(v.name for v in VARIANTS if v.name not in TIER_VARIANTS),
+        help="comma-separated subset of: "
+        + ", ".join(v.name for v in VARIANTS)
+        + " (default: all but the CPU-tier fleet's "
+        + ", ".join(TIER_VARIANTS)
+        + ")",
     )
     parser.add_argument(
         "--models",
@@ -202,6 +214,8 @@ async def run_variant(
         extra_router_env=v.router_env,
         prefill_tokens_per_s=getattr(args, "prefill_tokens_per_s", None),
         speed_mix=getattr(args, "speed_mix", "") or "",
+        sim_args=(("--cpu-capacity-tokens", str(v.cpu_tier * args.capacity_tokens))
+                  if v.cpu_tier else ()),
     )  # fmt: skip
     per_model: dict[str, list[RequestRecord]] = {}
     async with LocalStack(cfg) as stack:
@@ -272,14 +286,19 @@ async def fleet_counters(stack: LocalStack) -> dict[str, Any]:
     import aiohttp
 
     assert stack.fleet is not None
-    computed = pulled = 0
+    computed = pulled = loaded = 0
     async with aiohttp.ClientSession() as s:
         for w in stack.fleet.workers:
             async with s.get(f"{w.url}/admin/state") as r:
                 st = await r.json()
             computed += int(st["stats"]["prompt_tokens"])
+            loaded += int(st["stats"].get("cpu_loaded_tokens", 0))
             pulled += int(st.get("pd", {}).get("pulled_bytes", 0))
-    return {"computed_prompt_tokens": computed, "transfer_gb": pulled / 1e9}
+    return {
+        "computed_prompt_tokens": computed,
+        "cpu_loaded_tokens": loaded,
+        "transfer_gb": pulled / 1e9,
+    }
 
 
 def pd_decision_reasons(metrics_text: str) -> Counter[str]:
@@ -333,7 +352,7 @@ def combine_runs(
     for key in ("loop_lag_p99_s", "loop_lag_max_s"):
         lags = [s[key] for s, _ in runs if s.get(key) is not None]
         summary[key] = max(lags) if lags else None
-    for key in ("computed_prompt_tokens", "transfer_gb"):
+    for key in ("computed_prompt_tokens", "cpu_loaded_tokens", "transfer_gb"):
         summary[key] = sum(s.get(key, 0) for s, _ in runs)
     sent = summary["prompt_tokens"]
     summary["compute_hit_ratio"] = 1 - summary["computed_prompt_tokens"] / sent if sent else 0.0
@@ -494,6 +513,9 @@ async def _bench(
     replicas = replica_comparison(results)
     if replicas:
         table += "\n\n" + replicas
+    tiers = tier_table(results)
+    if tiers:
+        table += "\n\n" + tiers
     pd = pd_table(results)
     if pd:
         table += "\n\n" + pd
@@ -519,6 +541,7 @@ async def _bench(
             "tpot_p99_s": _r(s.get("tpot_p99_s")),
             "compute_hit_ratio": _r(s.get("compute_hit_ratio")),
             "transfer_gb": _r(s.get("transfer_gb")),
+            "cpu_loaded_tokens": s.get("cpu_loaded_tokens", 0),
             "failed": s["failed"],
             "exact_share": _r(s.get("exact_share")),
             "over_share": _r(s.get("over_share")),
@@ -609,6 +632,27 @@ def decisions_table(results: dict[str, dict[str, Any]]) -> str:
         total = sum(d.values()) or 1
         lines.append(
             f"| {name} | " + " | ".join(f"{d.get(r, 0) / total:.1%}" for r in reasons) + " |"
+        )
+    return "\n".join(lines)
+
+
+def tier_table(results: dict[str, dict[str, Any]]) -> str:
+    """The CPU-tier variants side by side: what crediting tier hits buys on the same fleet
+    (prompt tokens computed, loaded from the CPU tier, hit ratios, TTFT); "" without them."""
+    rows = [(n, results[n]) for n in TIER_VARIANTS if n in results]
+    if not rows:
+        return ""
+    lines = [
+        "| fleet with a CPU tier | compute hit ratio | loaded from CPU | GPU+CPU hit ratio "
+        "| TTFT p50 | p90 | p99 |",
+        "|" + "---|" * 7,
+    ]
+    for name, s in rows:
+        sent = s["prompt_tokens"] or 1
+        lines.append(
+            f"| {name} | {s.get('compute_hit_ratio', 0.0):.3f} "
+            f"| {_pct(s.get('cpu_loaded_tokens', 0) / sent)} | {s['hit_ratio']:.3f} "
+            f"| {_fmt(s['ttft_p50_s'])} | {_fmt(s['ttft_p90_s'])} | {_fmt(s['ttft_p99_s'])} |"
         )
     return "\n".join(lines)
 

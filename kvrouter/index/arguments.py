@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvrouter.index.errors import ScriptArgumentError, ScriptErrorCode
-from kvrouter.index.keys import KeyNameError, validate_worker_id
+from kvrouter.index.keys import KeyNameError, validate_medium, validate_worker_id
 
 # Bounds a caller cannot exceed in one call: they keep a script's run time, and so Redis's
 # pause for everyone else, bounded.
@@ -36,6 +36,14 @@ def worker_arg(worker: str) -> str:
         return validate_worker_id(worker)
     except KeyNameError as exc:
         raise ScriptArgumentError("worker", str(exc), ScriptErrorCode.BAD_WORKER) from None
+
+
+def medium_arg(medium: str) -> str:
+    """A valid storage medium name, or ScriptArgumentError."""
+    try:
+        return validate_medium(medium)
+    except KeyNameError as exc:
+        raise ScriptArgumentError("medium", str(exc)) from None
 
 
 def lease_id_arg(lease_id: str) -> str:

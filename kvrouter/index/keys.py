@@ -49,6 +49,19 @@ def validate_model(model: str) -> str:
     return model
 
 
+def validate_medium(medium: str) -> str:
+    """A storage medium an engine reports (vLLM's ``medium``: "GPU", "CPU", a connector's
+    name) as it appears in tier key names: 1-32 characters of [A-Za-z0-9_]."""
+    if (
+        not isinstance(medium, str)
+        or not 0 < len(medium) <= 32
+        or not medium.isascii()
+        or not medium.replace("_", "").isalnum()
+    ):
+        raise KeyNameError(f"medium {medium!r} must be 1-32 characters of [A-Za-z0-9_]")
+    return medium
+
+
 def glob_escape(text: str) -> str:
     """`text` as a literal in a Redis glob (PSUBSCRIBE, SCAN MATCH, ACL ``&`` patterns)."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
@@ -116,6 +129,31 @@ class ModelKeys:
         """ZSET head block hex -> valid-until us: the chain heads one worker recorded, so they
         are dropped with the records behind them (scripts derive it from the head prefix)."""
         return f"{self.base}:head:@{validate_worker_id(worker)}"
+
+    # -- lower storage tiers (blocks an engine offloaded to CPU memory, disk, ...) -----------
+    @property
+    def tier_prefix(self) -> str:
+        """Lookups append ``<medium>|<worker>`` to this to name a tier ZSET."""
+        return f"{self.base}:tier:"
+
+    def tier(self, medium: str, worker: str) -> str:
+        """ZSET block hex -> valid-until us: the blocks one worker holds on a lower tier
+        (``medium`` as the engine names it, e.g. CPU), apart from its GPU records."""
+        return f"{self.base}:tier:{validate_medium(medium)}|{validate_worker_id(worker)}"
+
+    def tier_map(self, medium: str, worker: str) -> str:
+        """HASH engine block hash (16 hex) -> block hex: how a removal on that tier, which
+        names engine hashes only, finds the record to drop."""
+        return f"{self.base}:tmap:{validate_medium(medium)}|{validate_worker_id(worker)}"
+
+    @property
+    def tier_workers_prefix(self) -> str:
+        return f"{self.base}:tiers:"
+
+    def tier_workers(self, medium: str) -> str:
+        """ZSET worker -> latest valid-until us: who has records on that tier (what a
+        lookup probes for it)."""
+        return f"{self.base}:tiers:{validate_medium(medium)}"
 
     # -- load ----------------------------------------------------------------------------
     @property

@@ -16,7 +16,9 @@ The names below are re-exported so callers import from one place.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 from kvrouter.index.arguments import (
@@ -26,6 +28,7 @@ from kvrouter.index.arguments import (
     OPS,
     U64,
     lease_id_arg,
+    medium_arg,
     nonneg,
     pack_keys,
     pack_u64,
@@ -48,6 +51,7 @@ from kvrouter.index.results import (
     RecordResult,
     ReleaseResult,
     StoreResult,
+    TierResult,
     WorkerLoad,
 )
 from kvrouter.index.script_loader import LuaScript, load_scripts
@@ -74,10 +78,14 @@ __all__ = [
     "ScriptCall",
     "ServerTraits",
     "StoreResult",
+    "TierResult",
     "WorkerLoad",
     "load_scripts",
     "pack_u64",
 ]
+
+
+OPS_TIER = re.compile(r"^[SDC]*\Z")
 
 
 def _parse_load(flat: Sequence[Any]) -> dict[str, WorkerLoad]:
@@ -96,6 +104,14 @@ def _decode_lookup(reply: Any) -> LookupResult:
     flat, load, probes = reply
     depths = {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
     return LookupResult(depths, _parse_load(load), int(probes))
+
+
+def _decode_tiers(reply: Any) -> dict[str, dict[str, tuple[int, int]]]:
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for i in range(0, len(reply), 4):
+        run = (int(reply[i + 2]), int(reply[i + 3]))
+        out.setdefault(text(reply[i]), {})[text(reply[i + 1])] = run
+    return out
 
 
 def _decode_owner(r: Any) -> OwnerLease:
@@ -181,6 +197,116 @@ class ResidencyIndex:
         """Each worker's consecutive matched depth for `chain`, plus shared load."""
         return cast(
             LookupResult, await self._call(self.lookup_call(model, chain, candidates, now_ms))
+        )
+
+    def lookup_tiers_call(
+        self,
+        model: str,
+        chain: Sequence[int],
+        media: Sequence[str],
+        candidates: Iterable[str] | None = None,
+        now_ms: int = 0,
+    ) -> ScriptCall:
+        """How far the chain continues on the lower tiers `media` past each candidate's GPU
+        prefix (decoded to medium -> worker -> (GPU depth seen, run of tier blocks))."""
+        k = self.keys(model)
+        cand = "\n".join(worker_arg(w) for w in candidates) if candidates is not None else ""
+        return ScriptCall(
+            self.scripts["lookup_tiers"],
+            [k.tier_prefix, k.tier_workers_prefix, k.worker_prefix],
+            [
+                nonneg("now_ms", now_ms),
+                pack_keys("chain", chain),
+                cand,
+                "\n".join(medium_arg(m) for m in media),
+            ],
+            _decode_tiers,
+        )
+
+    async def lookup_with_tiers(
+        self,
+        model: str,
+        chain: Sequence[int],
+        media: Sequence[str],
+        candidates: Iterable[str] | None = None,
+        now_ms: int = 0,
+    ) -> LookupResult:
+        """``lookup`` plus which chain blocks each worker holds on the lower tiers `media`,
+        both scripts in one pipeline (one round trip). Without media, exactly ``lookup``."""
+        if not media:
+            return await self.lookup(model, chain, candidates, now_ms)
+        cand = list(candidates) if candidates is not None else None
+        gpu, tiers = await self.run_pipeline(
+            [
+                self.lookup_call(model, chain, cand, now_ms),
+                self.lookup_tiers_call(model, chain, media, cand, now_ms),
+            ]
+        )
+        return replace(
+            cast(LookupResult, gpu), tiers=cast(dict[str, dict[str, tuple[int, int]]], tiers)
+        )
+
+    def store_tier_blocks_call(
+        self,
+        model: str,
+        worker: str,
+        medium: str,
+        ops: str,
+        fields: str,
+        *,
+        ttl_ms: int,
+        capacity: int = 0,
+        now_ms: int = 0,
+    ) -> ScriptCall:
+        """Stores (op S: engine hash, block key), removals (op D: engine hash) and clears (op
+        C) of one worker's blocks on the lower tier `medium`, in order; `fields` packed by
+        pack_u64."""
+        k = self.keys(model)
+        w = worker_arg(worker)
+        m = medium_arg(medium)
+        if not OPS_TIER.match(ops):
+            raise ScriptArgumentError("ops", "expected letters S, D and C")
+        return ScriptCall(
+            self.scripts["store_tier_blocks"],
+            [k.tier(m, w), k.tier_map(m, w), k.tier_workers(m)],
+            [
+                w,
+                ops,
+                fields,
+                nonneg("now_ms", now_ms),
+                nonneg("ttl_ms", ttl_ms, minimum=1, maximum=MAX_TTL_MS),
+                nonneg("capacity", capacity),
+            ],
+            lambda r: TierResult(*(int(x) for x in r)),
+        )
+
+    async def store_tier_blocks(
+        self,
+        model: str,
+        worker: str,
+        medium: str,
+        ops: str,
+        fields: str,
+        *,
+        ttl_ms: int,
+        capacity: int = 0,
+        now_ms: int = 0,
+    ) -> TierResult:
+        """Apply tier stores and removals (see ``store_tier_blocks_call``)."""
+        return cast(
+            TierResult,
+            await self._call(
+                self.store_tier_blocks_call(
+                    model,
+                    worker,
+                    medium,
+                    ops,
+                    fields,
+                    ttl_ms=ttl_ms,
+                    capacity=capacity,
+                    now_ms=now_ms,
+                )
+            ),
         )
 
     def record_call(

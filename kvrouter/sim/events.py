@@ -18,6 +18,7 @@ import msgpack
 Encoding = Literal["positional", "map"]
 
 MEDIUM_GPU = "GPU"
+MEDIUM_CPU = "CPU"
 SPEC_KIND = "full_attention"
 
 
@@ -34,6 +35,9 @@ class BlockStored:
     extra_keys: list[Any] | None = None
     """One entry per block (None: no extra keys), as vLLM sends them; a salted request's
     first block carries ``[cache_salt]`` (``[lora_name, cache_salt]`` under an adapter)."""
+    medium: str = MEDIUM_GPU
+    """Where the blocks are: GPU, or CPU for the offload tier (whose stores carry hashes
+    only, no tokens, as vLLM's CPU offloading connector sends them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,7 @@ class BlockRemoved:
     """Cached blocks were evicted (one per event, as vLLM's lazy eviction emits them)."""
 
     block_hashes: list[int]
+    medium: str = MEDIUM_GPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +68,7 @@ def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, A
                 event.token_ids,
                 event.block_size,
                 None,  # lora_id
-                MEDIUM_GPU,
+                event.medium,
                 event.lora_name,
                 extra_keys,
                 0,  # group_idx
@@ -77,7 +82,7 @@ def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, A
             "token_ids": event.token_ids,
             "block_size": event.block_size,
             "lora_id": None,
-            "medium": MEDIUM_GPU,
+            "medium": event.medium,
             "lora_name": event.lora_name,
             "extra_keys": extra_keys,
             "group_idx": 0,
@@ -85,11 +90,11 @@ def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, A
         }
     if isinstance(event, BlockRemoved):
         if encoding == "positional":
-            return ["BlockRemoved", event.block_hashes, MEDIUM_GPU, 0]
+            return ["BlockRemoved", event.block_hashes, event.medium, 0]
         return {
             "type": "BlockRemoved",
             "block_hashes": event.block_hashes,
-            "medium": MEDIUM_GPU,
+            "medium": event.medium,
             "group_idx": 0,
         }
     if encoding == "positional":

@@ -71,6 +71,18 @@ class SimSettings(KvrSettings):
     prefill_tokens_per_s: float = setting(
         16_000.0, "uncached prompt tokens prefilled per simulated second", gt=0
     )
+    cpu_capacity_tokens: Int = setting(
+        0,
+        "capacity of each worker's CPU offload tier in tokens (0 = none): blocks the GPU "
+        "evicts are offloaded there and published as vLLM events with medium CPU",
+        ge=0,
+    )
+    cpu_load_tokens_per_s: float = setting(
+        160_000.0,
+        "tokens of KV loaded back from the CPU tier per simulated second (the reload cost; "
+        "default ten times the prefill speed)",
+        gt=0,
+    )
     speed_mix: str = setting(
         "",
         "comma-separated speed factors given to the workers in turn (2,1: every other worker "

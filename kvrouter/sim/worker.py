@@ -119,6 +119,8 @@ def engine_config(settings: SimSettings, speed: float = 1.0) -> EngineConfig:
         max_batch=settings.max_batch,
         max_batched_tokens=settings.max_batched_tokens,
         max_model_len=settings.max_model_len,
+        cpu_blocks=settings.cpu_capacity_tokens // settings.block_size,
+        cpu_load_tokens_per_s=settings.cpu_load_tokens_per_s * speed,
     )
 
 
