@@ -19,6 +19,25 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 # Event-loop lag: from "on time" to "the run measured the machine, not the router".
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+# Engine cached minus router matched tokens: negative is over-prediction (the router believed
+# in blocks the engine did not have), positive under-prediction. Symmetric, block-sized steps
+# near 0, where a healthy index lives.
+ERROR_BUCKETS = (
+    -16384,
+    -4096,
+    -1024,
+    -256,
+    -64,
+    -16,
+    -1,
+    0,
+    15,
+    63,
+    255,
+    1023,
+    4095,
+    16383,
+)
 
 # generate_latest writes format 0.0.4; say so (CONTENT_TYPE_LATEST names a newer one).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -224,6 +243,38 @@ class Metrics:
             "kvrouter_tokenization_mismatch_total",
             "responses whose worker-reported prompt token count differs from the router's "
             "(a wrong tokenizer or chat template here), by model",
+            ("model",),
+            registry=r,
+        )
+        self.prediction_error = Histogram(
+            "kvrouter_prediction_error_tokens",
+            "per response whose engine reports usage.prompt_tokens_details.cached_tokens: "
+            "those cached tokens minus the tokens the router matched on that worker "
+            "(< 0: over-predicted), by model; P/D decode legs are left out",
+            ("model",),
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
+        # A histogram with negative buckets has no _sum (the OpenMetrics rule prometheus_client
+        # follows), so the error's totals are counted here, split by sign: over / prompt
+        # tokens is the bench's "over-predicted" share.
+        self.mispredicted_tokens = Counter(
+            "kvrouter_mispredicted_tokens",
+            "tokens the router over-predicted (matched, but the engine had not cached) or "
+            "under-predicted (cached, but not matched), by model and direction",
+            ("model", "direction"),
+            registry=r,
+        )
+        self.index_corrections = Counter(
+            "kvrouter_index_corrections_total",
+            "feedback corrections: a worker reported fewer cached blocks than the router "
+            "matched, so its records of the chain past the engine's depth were dropped, by model",
+            ("model",),
+            registry=r,
+        )
+        self.index_corrected_blocks = Counter(
+            "kvrouter_index_corrected_blocks_total",
+            "records those corrections removed (0 when another replica got there first)",
             ("model",),
             registry=r,
         )

@@ -41,6 +41,7 @@ from multidict import CIMultiDict
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from router_node.errors import APIError, not_found, sse_error_event, unavailable
+from router_node.feedback import Feedback
 from router_node.metrics import Metrics
 from router_node.request import CHAT, COMPLETIONS, ParsedRequest
 from router_node.routing import Plan
@@ -255,6 +256,7 @@ class Proxy:
         self.metrics = metrics
         self.session = session
         self.tasks = tasks
+        self.feedback = Feedback(settings, shared, metrics, tasks.spawn)
         self._mismatches_logged: dict[str, int] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
@@ -380,6 +382,7 @@ class Proxy:
                 headers = self._headers(request, worker)
                 headers["X-Request-Id"] = rid
                 lease = self._lease(req, plan, worker)
+                racing = self.feedback.dispatched(req.model, worker.id, plan)
                 worker.inflight += 1
                 resp: aiohttp.ClientResponse | None = None
                 try:
@@ -405,6 +408,8 @@ class Proxy:
                             self.metrics.upstream_errors.labels(worker.id, "prefill").inc()
                         continue
                     self.pool.record_success(worker)
+                    # The prefill worker's own cache served this prefill: its feedback counts.
+                    self.feedback.observe_body(req.model, worker.id, plan, answer, racing)
                     try:
                         decoded = orjson.loads(answer)
                     except orjson.JSONDecodeError:
@@ -418,6 +423,7 @@ class Proxy:
                 finally:
                     worker.inflight -= 1
                     lease.end()
+                    self.feedback.finished(req.model, worker.id, plan)
                     if resp is not None:
                         if resp.content.is_eof():
                             resp.release()
@@ -611,6 +617,7 @@ class Proxy:
                 return failed
         # A decode leg's lease counts the request, not the prompt: the prefill ran elsewhere.
         lease = self._lease(req, plan, worker, 0 if decode_leg else None)
+        racing = self.feedback.dispatched(req.model, worker.id, plan)
         worker.inflight += 1
         dispatched = time.monotonic()
         headers = self._headers(request, worker)
@@ -636,7 +643,7 @@ class Proxy:
                 )
             if resp.content_type == "text/event-stream" and resp.status == 200:
                 out = await self._stream(
-                    request, req, resp, plan, worker, lease, prefill_worker, dispatched
+                    request, req, resp, plan, worker, lease, prefill_worker, dispatched, racing
                 )
                 if isinstance(out, web.StreamResponse):
                     self.metrics.worker_requests.labels(worker.id).inc()
@@ -651,6 +658,8 @@ class Proxy:
                 self.pool.record_success(worker)
             if resp.status == 200 and req.count_is_exact:
                 self.check_prompt_tokens(req, worker, data)
+            if resp.status == 200 and not decode_leg:
+                self.feedback.observe_body(req.model, worker.id, plan, data, racing)
             self.metrics.worker_requests.labels(worker.id).inc()
             self._first_byte(request, req.model)
             return web.Response(
@@ -661,6 +670,7 @@ class Proxy:
         finally:
             worker.inflight -= 1
             lease.end()
+            self.feedback.finished(req.model, worker.id, plan)
             if resp is not None:
                 # close() drops the connection when the body was not read to the end (a
                 # failure, a client that left): the engine then aborts the request.
@@ -679,6 +689,7 @@ class Proxy:
         lease: Lease,
         prefill_worker: Worker | None = None,
         dispatched: float | None = None,
+        racing: int = 0,
     ) -> web.StreamResponse | APIError:
         try:
             first = await resp.content.readany()
@@ -702,9 +713,15 @@ class Proxy:
         # The usage chunk comes last (stream_options.include_usage); look at each chunk with
         # the end of the one before, in case the count straddles two reads.
         checking = req.count_is_exact
+        # A decode leg's cached tokens count what the prefill worker pushed (feedback.py).
+        awaiting_cached = prefill_worker is None
         tail = first[-64:]
         if checking and self.check_prompt_tokens(req, worker, first):
             checking = False
+        if awaiting_cached and self.feedback.observe_body(
+            req.model, worker.id, plan, first, racing
+        ):
+            awaiting_cached = False
         try:
             await out.prepare(request)
             await out.write(first)
@@ -719,10 +736,13 @@ class Proxy:
                 if not chunk:
                     break
                 await out.write(chunk)
-                if checking:
-                    if self.check_prompt_tokens(req, worker, tail + chunk):
-                        checking = False
-                    tail = chunk[-64:]
+                if checking and self.check_prompt_tokens(req, worker, tail + chunk):
+                    checking = False
+                if awaiting_cached and self.feedback.observe_body(
+                    req.model, worker.id, plan, tail + chunk, racing
+                ):
+                    awaiting_cached = False
+                tail = chunk[-64:]
             await out.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log.debug("client left a stream from %s; closing the upstream request", worker.id)

@@ -181,6 +181,17 @@ class RouterSettings(SharedSettings):
     speculative_ttl_s: float = setting(
         30.0, "life of speculative residency written at dispatch when kv_events is on", gt=0
     )
+    feedback_heal: Bool = setting(
+        True,
+        "when a worker reports fewer cached tokens (usage.prompt_tokens_details) than the "
+        "router matched, drop that worker's records of the chain past the engine's depth",
+    )
+    feedback_max_blocks: Int = setting(
+        1024,
+        "most blocks one feedback correction drops (the first one, marked a hole, already "
+        "cuts every chain through it)",
+        ge=1,
+    )
     scrape_capacity: Bool = setting(True, "read capacity from vLLM's vllm:cache_config_info metric")
     prefill_weight: float = setting(1.0, "kv cost per block to prefill (own and queued)", ge=0)
     queue_weight: float = setting(

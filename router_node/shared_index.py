@@ -213,6 +213,17 @@ class SharedIndex:
         except REDIS_FAILURES as exc:
             self.mark_down("release", exc)
 
+    async def correct_chain(self, model: str, worker: str, keys: Sequence[int]) -> int | None:
+        """Feedback: drop `keys` from `worker` (see correct_chain-3.lua). Returns records
+        removed; None when Redis is down (the correction is dropped, the TTL still applies)."""
+        if not self.up or self.index is None:
+            return None
+        try:
+            return await self.index.correct_chain(model, worker, keys)
+        except REDIS_FAILURES as exc:
+            self.mark_down("correct_chain", exc)
+            return None
+
     async def clear_worker(self, model: str, worker: str) -> bool:
         """Forget a worker's residency; False when Redis is down (try again later)."""
         if not self.up or self.index is None:

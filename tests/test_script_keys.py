@@ -159,6 +159,9 @@ async def test_every_script_touches_only_declared_keys(idx: CheckedIndex) -> Non
     assert got.depth("w2") == 16
     assert await idx.evict(M, "w2", chain[4:6], now_ms=T0 + 3) == 2
     assert (await idx.lookup(M, chain, now_ms=T0 + 4)).depth("w2") == 4
+    # Feedback: w2's engine had 2 blocks of the chain.
+    assert await idx.correct_chain(M, "w2", chain[2:4], now_ms=T0 + 4) == 2
+    assert (await idx.lookup(M, chain, now_ms=T0 + 5)).depth("w2") == 2
 
     # The listener's scripts.
     blocks = [EngineBlock(500, None, chain[0]), EngineBlock(501, 500, chain[1])]

@@ -110,6 +110,32 @@ async def test_evict_marks_holes(idx: ResidencyIndex) -> None:
     assert (await idx.lookup(M, c, now_ms=T0 + 3)).depth("w") == 30
 
 
+async def test_correct_chain_cuts_the_subtree_of_one_worker(
+    idx: ResidencyIndex, any_client: Any
+) -> None:
+    """Feedback: the engine had 6 blocks of a chain the router matched 30 deep on w1. The
+    correction drops w1's blocks past 6 and cuts every chain through block 6 (a sibling that
+    shares 20 blocks), leaves w2 alone, and is idempotent; a new record fills the hole."""
+    c = chain(30)
+    sibling = c[:20] + chain(10, seed=1)
+    for w in ("w1", "w2"):
+        await idx.record(M, w, c, ttl_new_ms=HOUR, now_ms=T0)
+        await idx.record(M, w, sibling, ttl_new_ms=HOUR, now_ms=T0)
+    assert await idx.correct_chain(M, "w1", c[6:30], now_ms=T0) == 24
+    for ch in (c, sibling):
+        assert (await idx.lookup(M, ch, now_ms=T0 + 1)).depths == {"w1": 6, "w2": 30}
+    k = KeySchema().model(M)
+    assert await any_client.zcard(k.lru("w1")) == await any_client.zcard(k.worker("w1")) == 16
+    # A second replica reporting the same shortfall finds nothing left to drop.
+    assert await idx.correct_chain(M, "w1", c[6:30], now_ms=T0) == 0
+    assert (await idx.lookup(M, sibling, now_ms=T0 + 1)).depths == {"w1": 6, "w2": 30}
+    # The engine computed the chain; its next record makes it matchable again.
+    await idx.record(M, "w1", c, ttl_new_ms=HOUR, now_ms=T0 + 2)
+    assert (await idx.lookup(M, c, now_ms=T0 + 3)).depth("w1") == 30
+    with pytest.raises(ScriptArgumentError):
+        await idx.correct_chain(M, "w1", [], now_ms=T0)
+
+
 async def test_clear_worker(idx: ResidencyIndex, any_client: Any) -> None:
     c = chain(50)
     await idx.record(M, "w1", c, ttl_new_ms=HOUR, now_ms=T0)
@@ -318,6 +344,9 @@ def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str
         ("record_chain", rec, [w, packed, 0, NOW_US, 0, 100], "now"),
         ("record_chain", rec, [w, packed, NOW_US, NOW_US - 1, 0, 100], "top"),
         ("evict_blocks", evict, [w, packed, 0, 7], "mark_holes"),
+        ("correct_chain", evict, [w, packed[:-16] + "zz" * 8, 0], "blocks"),
+        ("correct_chain", evict, [w, "", 0], "blocks"),
+        ("correct_chain", evict, [w, packed, -5], "now"),
         ("store_engine_blocks", store, [w, blocks48, "01", 0, HOUR, 0, 100], "roots"),
         ("store_engine_blocks", store, [w, blocks48, "1", 0, -4, 0, 100], "ttl"),
         ("release_engine_blocks", release, [w, packed[:15], 0], "blocks"),

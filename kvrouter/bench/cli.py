@@ -15,6 +15,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "kvrouter.bench.routing_bench",
         "every routing policy on a simulated fleet replaying a Mooncake trace",
     ),
+    "heal": (
+        "kvrouter.bench.heal_bench",
+        "a worker restarted silently mid-run: requests misrouted to it, with and without feedback",
+    ),
     "sweep": (
         "kvrouter.bench.sweep",
         "every policy at several offered loads: TTFT, TPOT, goodput at SLO, validity",

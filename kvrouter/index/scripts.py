@@ -391,6 +391,28 @@ class ResidencyIndex:
             ),
         )
 
+    def correct_chain_call(
+        self, model: str, worker: str, keys: Sequence[int], *, now_ms: int = 0
+    ) -> ScriptCall:
+        """The call behind `correct_chain`."""
+        k = self.keys(model)
+        w = worker_arg(worker)
+        return ScriptCall(
+            self.scripts["correct_chain"],
+            [k.worker(w), k.cut(w), k.lru(w)],
+            [w, pack_keys("keys", keys), nonneg("now_ms", now_ms)],
+            int,
+        )
+
+    async def correct_chain(
+        self, model: str, worker: str, keys: Sequence[int], *, now_ms: int = 0
+    ) -> int:
+        """Drop `keys` (a chain's blocks from the first one the engine reported it did not
+        have) from `worker`, marking the first as a hole; returns records removed."""
+        return cast(
+            int, await self._call(self.correct_chain_call(model, worker, keys, now_ms=now_ms))
+        )
+
     def clear_worker_call(self, model: str, worker: str) -> ScriptCall:
         k = self.keys(model)
         w = worker_arg(worker)
