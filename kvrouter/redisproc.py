@@ -60,6 +60,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server, or do nothing if it runs: ``with RedisServer().start() as r``
+        used to start a second one on the same port, which failed to bind while the first,
+        no longer referenced, outlived the test."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisUnavailable(f"redis-server not found on PATH: {INSTALL_HINT}")

@@ -161,7 +161,7 @@ async def test_listener_logs_in_with_the_charts_password_variable() -> None:
     from kvrouter.redisproc import RedisServer
 
     password = "chart-Pw/with:odd@chars"
-    with RedisServer(args=("--requirepass", password)).start() as server:
+    with RedisServer(args=("--requirepass", password)) as server:
         env = {
             "KVR_MODEL": M,
             "KVR_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
