@@ -45,6 +45,29 @@ local function batches(list, per, cmd, key, opts)
   return sum, out
 end
 
+-- Narrow the interval (lo, hi) of a worker's consecutive run to adjacent positions and return
+-- lo, the last position held. Positions 1..lo are held, position hi is not (n + 1: unknown);
+-- `miss(positions)` probes sorted positions inside the interval in one call and returns the
+-- index of the first one not held (nil if all are). Each further round probes an 8-way split
+-- of what is left. Used by lookup_chain and lookup_tiers.
+local function narrow_held(miss, positions, lo, hi, n)
+  while true do
+    local m = miss(positions)
+    if m == nil then
+      lo = positions[#positions]
+    else
+      hi = positions[m]
+      if m > 1 then lo = positions[m - 1] end
+    end
+    if hi - lo <= 1 or lo == n then return lo end
+    local top = math.min(hi, n + 1)
+    local span = top - lo - 1
+    local k = math.min(span, 7)
+    positions = {}
+    for t = 1, k do positions[t] = lo + math.floor(t * (span + 1) / (k + 1)) end
+  end
+end
+
 local function fail(code, arg, msg)
   return redis.error_reply('KVR ' .. code .. ' ' .. arg .. ': ' .. msg)
 end

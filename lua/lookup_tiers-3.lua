@@ -57,24 +57,11 @@ end
 -- positions and narrows the interval between the last hit and the first miss.
 local function run_from(key, from)
   if redis.call('EXISTS', key) == 0 then return 0 end
-  local lo, hi = from - 1, n + 1  -- positions from..lo are held; hi is not (n + 1: unknown)
+  -- Positions from..lo are held; hi is not (n + 1: unknown).
   local positions = {from, n}
   if from == n then positions = {n} end
-  while true do
-    local m = first_miss(key, positions)
-    if m == nil then
-      lo = positions[#positions]
-    else
-      hi = positions[m]
-      if m > 1 then lo = positions[m - 1] end
-    end
-    if hi - lo <= 1 or lo == n then return lo - from + 1 end
-    local top = math.min(hi, n + 1)
-    local span = top - lo - 1
-    local k = math.min(span, 7)
-    positions = {}
-    for t = 1, k do positions[t] = lo + math.floor(t * (span + 1) / (k + 1)) end
-  end
+  local miss = function(ps) return first_miss(key, ps) end
+  return narrow_held(miss, positions, from - 1, n + 1, n) - from + 1
 end
 
 local allowed = nil

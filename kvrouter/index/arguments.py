@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kvrouter.index.errors import ScriptArgumentError, ScriptErrorCode
@@ -36,6 +36,12 @@ def worker_arg(worker: str) -> str:
         return validate_worker_id(worker)
     except KeyNameError as exc:
         raise ScriptArgumentError("worker", str(exc), ScriptErrorCode.BAD_WORKER) from None
+
+
+def candidates_arg(candidates: Iterable[str] | None) -> str:
+    """Candidate worker ids as the lookup scripts take them: one per line, each valid ('' =
+    every worker)."""
+    return "\n".join(worker_arg(w) for w in candidates) if candidates is not None else ""
 
 
 def medium_arg(medium: str) -> str:

@@ -27,6 +27,7 @@ from kvrouter.index.arguments import (
     MAX_TTL_MS,
     OPS,
     U64,
+    candidates_arg,
     lease_id_arg,
     medium_arg,
     nonneg,
@@ -177,7 +178,7 @@ class ResidencyIndex:
         now_ms: int = 0,
     ) -> ScriptCall:
         k = self.keys(model)
-        cand = "\n".join(worker_arg(w) for w in candidates) if candidates is not None else ""
+        cand = candidates_arg(candidates)
         packed = pack_keys("chain", chain)
         now = nonneg("now_ms", now_ms)
         return ScriptCall(
@@ -210,7 +211,7 @@ class ResidencyIndex:
         """How far the chain continues on the lower tiers `media` past each candidate's GPU
         prefix (decoded to medium -> worker -> (GPU depth seen, run of tier blocks))."""
         k = self.keys(model)
-        cand = "\n".join(worker_arg(w) for w in candidates) if candidates is not None else ""
+        cand = candidates_arg(candidates)
         return ScriptCall(
             self.scripts["lookup_tiers"],
             [k.tier_prefix, k.tier_workers_prefix, k.worker_prefix],
