@@ -7,7 +7,9 @@ store, removal and clear of that worker in the flush, in event order, together w
 the last batch it covers (written atomically with the effects: the resume point after a
 restart, see ``WorkerState``). A round trip that fails is retried whole: calls that had run
 are skipped by the script (same epoch, seq not above the stored one), so nothing is applied
-twice.
+twice. A worker's run longer than ``max_ops`` ops goes as several calls in successive round
+trips (sub-batches), so no one script holds Redis for a whole large flush; each stores how
+many ops of the run it has applied, and a retry or a new owner's replay skips those.
 
 Mapping BlockStored to router keys (docs/notices.md "Engine events" has the operator's view):
 
@@ -24,15 +26,22 @@ Mapping BlockStored to router keys (docs/notices.md "Engine events" has the oper
   blocks (k - 1 synthetic engine hashes, removed with it). A single block smaller than that
   is an SGLang partial page: never indexed. Anything else is refused: counted as
   ``block_size_mismatch`` and logged with what to change.
+* Blocks on another ``medium`` (offloaded to CPU memory, disk) go to that medium's tier, not
+  to the GPU records (``eviction_listener/tiers.py``).
 * Only ``medium`` GPU (or None, older engines), KV-cache group 0 (or None), blocks with token
-  ids, and blocks whose extra keys hold nothing but the LoRA name are indexed. Extra keys the
-  router's hash cannot fold (multimodal items, vLLM's cache salt, prompt embeddings) would make
-  a plain-text key claim a block the engine would not hit: skipped and counted.
+  ids, and blocks whose extra keys hold nothing but the LoRA name and vLLM's cache salt are
+  indexed. vLLM puts a request's ``cache_salt`` in the extra keys of its first block only (the
+  block starting at token 0, so a BlockStored without parent): the one string there that is
+  not the LoRA name is the salt, folded into the chain's root exactly as the router folds the
+  request's ``cache_salt``; later blocks inherit it through their parent. Other extra keys
+  the router's hash cannot fold (multimodal items, prompt embeddings) would make a plain-text
+  key claim a block the engine would not hit: skipped and counted. (A first block whose only
+  extra key is one multimodal identifier string is read as a salt: its keys then hang off a
+  root no router request produces, so it is never matched, never matched wrongly.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import struct
@@ -48,7 +57,9 @@ from redis.exceptions import RedisError, ResponseError
 from eviction_listener.events import AllBlocksCleared, BlockRemoved, BlockStored
 from eviction_listener.metrics import ListenerMetrics, LogLimiter
 from eviction_listener.notices import Notice
+from eviction_listener.tiers import TierFlush, lower_tier
 from eviction_listener.zmq_source import Delivered, Resync, SourceItem
+from kvrouter.backoff import Backoff
 from kvrouter.index.hashing import BlockHasher, extend_chain, tokens_to_bytes
 from kvrouter.index.scripts import (
     ALREADY_APPLIED,
@@ -142,6 +153,9 @@ class WorkerState:
     active: bool = True
     """False once the listener gave the worker up: its queued items are dropped."""
     mismatch_logged: bool = False
+    tiers: set[tuple[str, str]] = field(default_factory=set)
+    """(namespace, medium) of every lower tier the worker's events wrote (cleared on a
+    resync: removals may have been lost)."""
 
     def resume_seq(self) -> int | None:
         """Where the event stream can continue from, or None (no resume point)."""
@@ -164,6 +178,32 @@ class _Call:
     state: WorkerState | None = None
     namespace: str = ""
     seq: int = -1
+    final: bool = True
+    """False for a sub-batch that does not end its run: the position stays partial."""
+    cut: bool = False
+    """The call is one of several sub-batches of its run."""
+
+
+MAX_OPS_PER_CALL: Final = 512
+"""Ops per apply_engine_events call: bounds how long one call holds Redis (issue #17 item 9;
+docs/benchmarks.md has the longest call before and after)."""
+
+
+def _cut(b: _Ops, max_ops: int, seq: int) -> list[tuple[int, str, list[int]]]:
+    """A builder's run as (offset, ops, fields) calls of at most ``max_ops`` ops; one call
+    (possibly empty) when it fits. A run without a resume point (``seq`` -1, after a resync)
+    goes whole: its position could not say where a replay of it stands."""
+    ops = "".join(b.ops)
+    if len(ops) <= max_ops or seq < 0:
+        return [(0, ops, b.fields)]
+    out = []
+    pos = 0
+    for start in range(0, len(ops), max_ops):
+        part = ops[start : start + max_ops]
+        n = 2 * part.count("R") + 3 * part.count("S") + part.count("D")
+        out.append((start, part, b.fields[pos : pos + n]))
+        pos += n
+    return out
 
 
 def _sub_hash(h: int, i: int) -> int:
@@ -171,16 +211,29 @@ def _sub_hash(h: int, i: int) -> int:
     return int(xxhash.xxh3_64_intdigest(struct.pack("<QI", h, i)))
 
 
-def _plain_extras(extra: tuple[Any, ...], lora: str | None) -> bool:
-    """True if no block's extra keys hold anything but the LoRA name."""
+_NOT_INDEXABLE: Final = object()
+
+
+def _extras_salt(extra: tuple[Any, ...], lora: str | None, rooted: bool) -> Any:
+    """vLLM's cache salt from a BlockStored's extra keys: None if there is none, the salt,
+    or _NOT_INDEXABLE when the extra keys hold anything but the LoRA name and (in the first
+    block of a chain, `rooted`) one salt string."""
     if extra.count(None) == len(extra):
-        return True
-    for e in extra:
+        return None
+    salt: str | None = None
+    for i, e in enumerate(extra):
         if e is None:
             continue
-        if type(e) is not tuple or lora is None or any(x != lora for x in e):
-            return False
-    return True
+        if type(e) is not tuple:
+            return _NOT_INDEXABLE
+        rest = [x for x in e if lora is None or x != lora]
+        if not rest:
+            continue
+        if i == 0 and rooted and len(rest) == 1 and type(rest[0]) is str:
+            salt = rest[0]
+            continue
+        return _NOT_INDEXABLE
+    return salt
 
 
 class Applier:
@@ -199,8 +252,10 @@ class Applier:
         register_namespace: Callable[[WorkerState, str], Awaitable[None]],
         on_fenced: Callable[[WorkerState], None] = lambda st: None,
         stopping: Callable[[], bool] = lambda: False,
+        max_ops: int = MAX_OPS_PER_CALL,
     ) -> None:
         self.index = index
+        self.max_ops = max_ops
         self.model = model
         self.block_size = block_size
         self.hasher = BlockHasher(model, block_size, hash_seed)
@@ -237,7 +292,10 @@ class Applier:
             if bs < st.engine_block_size and n == 1:
                 return 0, SKIP_PARTIAL_PAGE
             return 0, SKIP_BLOCK_SIZE
-        if ev.extra_keys is not None and not _plain_extras(ev.extra_keys, ev.lora_name):
+        if (
+            ev.extra_keys is not None
+            and _extras_salt(ev.extra_keys, ev.lora_name, ev.parent_hash is None) is _NOT_INDEXABLE
+        ):
             return 0, SKIP_EXTRA_KEYS
         return bs // self.block_size, None
 
@@ -255,6 +313,7 @@ class Applier:
         floors: dict[WorkerState, dict[str, int]] = {}
         seqs: dict[WorkerState, int] = {}
         calls: list[_Call] = []
+        tiers = TierFlush()
         for st, it in live:
             if st is None:
                 assert isinstance(it, Notice)
@@ -268,6 +327,8 @@ class Applier:
             if type(it) is Resync:
                 for ns in self._namespaces(st, builders):
                     self._builder(builders, st, ns).ops.append("C")
+                for ns, medium in st.tiers:
+                    tiers.clear(st.worker_id, ns, medium)
                 fl.clear()
                 fl.update(dict.fromkeys(self._namespaces(st, builders), -1))
                 seqs[st] = -1
@@ -279,7 +340,7 @@ class Applier:
             if it.replayed:
                 m.replayed_batches += 1
             m.observe_lag(now - it.batch.ts)
-            self._translate(st, it, fl, builders)
+            self._translate(st, it, fl, builders, tiers)
 
         # Namespaces met for the first time are recorded with the worker's lease first, so a
         # new owner knows every namespace it must claim and resume from.
@@ -296,21 +357,43 @@ class Applier:
                     continue
                 if ns == self.model or mono - st.last_write.get(ns, 0.0) >= IDLE_REFRESH_S:
                     builders[(st, ns)] = _Ops()
+        # Each worker's run of ops goes out in calls of at most max_ops ops, one round trip per
+        # round of calls, so no single script holds Redis for the whole flush.
+        runs = []
         for (st, ns), b in builders.items():
             seq = seqs.get(st, -1)
-            call = self.index.apply_engine_events_call(
-                ns,
-                st.worker_id,
-                "".join(b.ops),
-                pack_u64(b.fields),
-                epoch=st.epoch,
-                seq=seq,
-                ttl_ms=self.ttl_ms,
-                capacity=self.capacity,
-            )
-            calls.append(_Call(call, st, ns, seq))
-        if calls:
-            await self._execute(calls)
+            runs.append((st, ns, seq, st.applied.get(ns, -1), _cut(b, self.max_ops, seq)))
+        rounds = max((len(r[4]) for r in runs), default=0)
+        for k in range(max(rounds, 1)):
+            for st, ns, seq, base, parts in runs:
+                if k >= len(parts):
+                    continue
+                offset, ops, fields = parts[k]
+                final = k == len(parts) - 1
+                call = self.index.apply_engine_events_call(
+                    ns,
+                    st.worker_id,
+                    ops,
+                    pack_u64(fields),
+                    epoch=st.epoch,
+                    seq=seq,
+                    ttl_ms=self.ttl_ms,
+                    capacity=self.capacity,
+                    base=base,
+                    offset=offset,
+                    final=final,
+                )
+                calls.append(_Call(call, st, ns, seq, final, cut=len(parts) > 1))
+            if k == max(rounds, 1) - 1:
+                # Tier calls go in the last round, after every GPU op of the flush. They carry
+                # no seq or epoch: replaying them (a retried round trip) leaves the same state.
+                calls += [
+                    _Call(c)
+                    for c in tiers.calls(self.index, ttl_ms=self.ttl_ms, capacity=self.capacity)
+                ]
+            if calls:
+                await self._execute(calls)
+            calls = []
 
     def _namespaces(
         self, st: WorkerState, builders: dict[tuple[WorkerState, str], _Ops]
@@ -370,6 +453,7 @@ class Applier:
         it: Delivered,
         floors: dict[str, int],
         builders: dict[tuple[WorkerState, str], _Ops],
+        tiers: TierFlush,
     ) -> None:
         m = self.metrics
         seq = it.seq
@@ -378,6 +462,9 @@ class Applier:
             t = type(ev)
             if t is BlockStored:
                 assert isinstance(ev, BlockStored)
+                if ev.medium is not None and ev.medium != "GPU":
+                    self._tier_stored(st, ev, seq, floors, tiers)
+                    continue
                 n = len(ev.block_hashes)
                 k, reason = self._k(st, ev)
                 if reason is not None:
@@ -391,7 +478,10 @@ class Applier:
                 hashes = ev.block_hashes
                 parent = ev.parent_hash
                 if parent is None:
-                    pk = self.root(ev.lora_name, ev.cache_salt)
+                    salt = ev.cache_salt
+                    if salt is None and ev.extra_keys is not None:
+                        salt = _extras_salt(ev.extra_keys, ev.lora_name, True)
+                    pk = self.root(ev.lora_name, salt)
                 else:
                     pk = st.keys.get(parent)
                     if pk is None:
@@ -435,7 +525,7 @@ class Applier:
                 assert isinstance(ev, BlockRemoved)
                 n = len(ev.block_hashes)
                 if ev.medium is not None and ev.medium != "GPU":
-                    m.skipped_blocks[SKIP_MEDIUM] += n
+                    self._tier_removed(st, ev, seq, floors, tiers)
                     continue
                 if ev.group_idx:
                     m.skipped_blocks[SKIP_GROUP] += n
@@ -447,6 +537,72 @@ class Applier:
                     if seq > floors.get(ns, -1):
                         self._builder(builders, st, ns).ops.append("C")
                 m.clears["all_blocks_cleared"] += 1
+
+    def _tier_stored(
+        self, st: WorkerState, ev: BlockStored, seq: int, floors: dict[str, int], tiers: TierFlush
+    ) -> None:
+        """A store on a lower tier: the blocks' router keys from the event's tokens when it
+        has them, else from the GPU event that stored the same engine hashes."""
+        m = self.metrics
+        hashes = ev.block_hashes
+        n = len(hashes)
+        medium = lower_tier(ev.medium)
+        if medium is None:
+            m.skipped_blocks[SKIP_MEDIUM] += n
+            return
+        if ev.group_idx:
+            m.skipped_blocks[SKIP_GROUP] += n
+            return
+        if st.engine_block_size != self.block_size:
+            # An engine block of several router blocks would need every sub-block's key;
+            # the tiers index engines whose blocks are router blocks.
+            m.skipped_blocks[SKIP_BLOCK_SIZE] += n
+            return
+        keys: list[int | None]
+        parent_key = None
+        if ev.token_ids is not None and len(ev.token_ids) == n * self.block_size:
+            if ev.parent_hash is None:
+                salt = ev.cache_salt
+                if salt is None and ev.extra_keys is not None:
+                    salt = _extras_salt(ev.extra_keys, ev.lora_name, True)
+                if salt is not _NOT_INDEXABLE:
+                    parent_key = self.root(ev.lora_name, salt)
+            else:
+                parent_key = st.keys.get(ev.parent_hash)
+        if parent_key is not None:
+            tokens = ev.token_ids
+            assert tokens is not None
+            buf = tokens.tobytes() if _LITTLE else tokens_to_bytes(tokens.tolist())
+            keys = list(extend_chain(parent_key, buf, self.block_size))
+        else:
+            keys = [st.keys.get(h) for h in hashes]
+        ns = ev.lora_name or st.lora_ns.get(hashes[0]) or self.model if hashes else self.model
+        if seq <= floors.get(ns, -1):
+            return
+        pairs = [(h, k) for h, k in zip(hashes, keys, strict=True) if k is not None]
+        if len(pairs) < n:
+            m.skipped_blocks[SKIP_ORPHAN] += n - len(pairs)
+        if pairs:
+            tiers.store(st.worker_id, ns, medium, pairs)
+            st.tiers.add((ns, medium))
+            m.tier_blocks["stored"] += len(pairs)
+
+    def _tier_removed(
+        self, st: WorkerState, ev: BlockRemoved, seq: int, floors: dict[str, int], tiers: TierFlush
+    ) -> None:
+        """A removal on a lower tier drops that tier's records only."""
+        m = self.metrics
+        medium = lower_tier(ev.medium)
+        if medium is None or ev.group_idx:
+            m.skipped_blocks[SKIP_MEDIUM if medium is None else SKIP_GROUP] += len(ev.block_hashes)
+            return
+        by_ns: dict[str, list[int]] = {}
+        for h in ev.block_hashes:
+            by_ns.setdefault(st.lora_ns.get(h) or self.model, []).append(h)
+        for ns, hs in by_ns.items():
+            if seq > floors.get(ns, -1):
+                tiers.remove(st.worker_id, ns, medium, hs)
+                m.tier_blocks["removed"] += len(hs)
 
     def _removed(
         self,
@@ -539,6 +695,12 @@ class Applier:
         mono = time.monotonic()
         for c, r in zip(calls, results, strict=True):
             if not isinstance(r, ApplyResult):
+                if isinstance(r, Exception) and c.cut and c.final and c.state is not None:
+                    # The run's last call failed for good: its ops are lost (as a whole call's
+                    # were), but Redis keeps the run's partial position on the old base. The
+                    # next run must not start from that base, or the script would skip the
+                    # new run's first ops as if they were this run's.
+                    c.state.applied[c.namespace] = c.seq
                 continue
             st = c.state
             assert st is not None
@@ -549,7 +711,8 @@ class Applier:
                     st.active = False
                     self._on_fenced(st)
                 continue
-            st.applied[c.namespace] = c.seq
+            if c.final:
+                st.applied[c.namespace] = c.seq
             st.last_write[c.namespace] = mono
             if r.status == ALREADY_APPLIED:
                 m.already_applied += 1
@@ -572,7 +735,7 @@ class Applier:
         trouble retries the calls still owned, with backoff, until the listener stops."""
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
-        delay = 0.05
+        backoff = Backoff(0.05, 2.0)
         while todo:
             todo = [i for i in todo if calls[i].state is None or calls[i].state.active]  # type: ignore[union-attr]
             if not todo:
@@ -586,8 +749,7 @@ class Applier:
                     for i in todo:
                         results[i] = exc
                     break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.sleep()
                 continue
             again: list[int] = []
             for i, r in zip(todo, replies, strict=True):
@@ -606,8 +768,7 @@ class Applier:
             if todo:
                 if not retry or self._stopping():
                     break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.sleep()
         return results
 
     async def _send(self, calls: list[ScriptCall | RecordCall]) -> list[Any]:

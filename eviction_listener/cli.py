@@ -25,5 +25,10 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from eviction_listener.service import run_listener
+    from kvrouter.discovery.kubernetes import DiscoveryError
 
-    return run_listener(settings)
+    try:
+        return run_listener(settings)
+    except DiscoveryError as exc:  # e.g. kubernetes discovery outside a pod: an operator problem
+        print(f"kvrouter listen: error: {exc}", file=sys.stderr)
+        return 2

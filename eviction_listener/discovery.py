@@ -1,10 +1,11 @@
 """Where the listener learns which engines publish KV events: the seam for worker discovery.
 
 A discovery source is anything with ``async def engines() -> Sequence[EngineSpec]`` (the
-``EngineDiscovery`` protocol), polled every ``discovery_interval_s``. Shipped: ``static``
-(``KVR_ENGINES``) and ``redis`` (the worker registry routers read). A Kubernetes source
-(being built as ``kvrouter/discovery/``) plugs in by implementing the protocol and a branch
-in ``make_discovery``.
+``EngineDiscovery`` protocol), polled every ``discovery_interval_s``; a source that also has
+a ``changed`` asyncio.Event is read as soon as it is set. Shipped: ``static``
+(``KVR_ENGINES``), ``redis`` (the worker registry routers read) and ``kubernetes`` (the
+EndpointSlices the routers watch, read for the ports named ``KVR_K8S_EVENTS_PORT_NAME`` and
+``KVR_K8S_REPLAY_PORT_NAME``; worker ids built by kvrouter/discovery, as the router's).
 
 Registry entries (``<prefix>:registry``, worker id -> JSON, heartbeat in ``<prefix>:heartbeat``)
 are used when their heartbeat is fresh, they serve the model (or list no models) and carry::
@@ -18,6 +19,8 @@ own, already offset, endpoints).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from eviction_listener.settings import EngineSpec, ListenerSettings
+from kvrouter.discovery.base import Endpoint, EndpointSource
 from kvrouter.index.keys import KeySchema
 
 logger = logging.getLogger(__name__)
@@ -92,7 +96,65 @@ class RedisRegistryDiscovery:
         return out
 
 
+def engine_from_endpoint(ep: Endpoint) -> EngineSpec | None:
+    """The engine of one discovered worker (one DP rank, its ports already offset), or None
+    when its slice names no KV-event port."""
+    if ep.events_endpoint is None:
+        return None
+    base = ep.worker_id.partition("#dp")[0]
+    return EngineSpec(
+        base, ep.events_endpoint, ep.replay_endpoint, 1, "", None, rank=ep.dp_rank or None
+    )
+
+
+class KubernetesDiscovery:
+    """Engines from a watch of EndpointSlices, kept current in a background task.
+
+    ``engines()`` answers from the latest snapshot (waiting up to ``first_wait_s`` for the
+    first one) and ``changed`` is set on every new snapshot, so engines that come and go are
+    owned and released without waiting for the next poll.
+    """
+
+    def __init__(self, source: EndpointSource, *, first_wait_s: float = 5.0) -> None:
+        self._source = source
+        self._first_wait_s = first_wait_s
+        self._latest: list[EngineSpec] = []
+        self._first = asyncio.Event()
+        self.changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async for snapshot in self._source.snapshots():
+            specs = [engine_from_endpoint(ep) for ep in snapshot]
+            self._latest = [s for s in specs if s is not None]
+            skipped = len(snapshot) - len(self._latest)
+            if skipped:
+                logger.warning("%d discovered workers have no KV-event port: skipped", skipped)
+            self._first.set()
+            self.changed.set()
+
+    async def engines(self) -> Sequence[EngineSpec]:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="listener kubernetes watch")
+        if not self._first.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first.wait(), self._first_wait_s)
+        return list(self._latest)
+
+    async def close(self) -> None:
+        """Stop the watch (idempotent)."""
+        await self._source.close()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
 def make_discovery(settings: ListenerSettings, client: Any) -> EngineDiscovery:
+    """The discovery source `settings` ask for."""
+    if settings.discovery == "kubernetes":
+        # Not-ready engines too: a pod failing readiness under load still changes its cache,
+        # and its events keep the index right (docs/kubernetes.md, Readiness).
+        return KubernetesDiscovery(settings.kubernetes_source(include_not_ready=True))
     if settings.discovery == "redis":
         return RedisRegistryDiscovery(
             client,

@@ -20,7 +20,14 @@ from prometheus_client.registry import Collector
 
 from eviction_listener.zmq_source import LogLimiter, SourceStats, add_stats
 
-__all__ = ["ListenerCollector", "ListenerMetrics", "ListenerState", "LogLimiter", "registry"]
+__all__ = [
+    "DeprecatedAliases",
+    "ListenerCollector",
+    "ListenerMetrics",
+    "ListenerState",
+    "LogLimiter",
+    "registry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +42,8 @@ class ListenerMetrics:
     """Blocks of GPU BlockStored events handed to the index (before orphan/skip checks)."""
     blocks_removed: int = 0
     skipped_blocks: Counter[str] = field(default_factory=Counter)
+    tier_blocks: Counter[str] = field(default_factory=Counter)
+    """Blocks stored / removed on lower storage tiers (medium CPU, ...), by op."""
     clears: Counter[str] = field(default_factory=Counter)
     notices: Counter[str] = field(default_factory=Counter)
     notice_errors: Counter[str] = field(default_factory=Counter)
@@ -91,7 +100,10 @@ class ListenerState:
     ready: bool
 
 
-_P = "kvr_listener_"
+_P = "kvrouter_listener_"
+# One prefix for both processes (kvrouter_*). The listener's old names stay as aliases for
+# one release so dashboards and alerts can move; remove OLD_PREFIX in the release after.
+OLD_PREFIX = "kvr_listener_"
 
 
 def _counter(
@@ -145,6 +157,12 @@ class ListenerCollector(Collector):
             "blocks_per_second",
             "Block events applied per second (last ~10 s).",
             round(blk_rate, 3),
+        )
+        yield _counter(
+            "tier_blocks_total",
+            "Block events on lower storage tiers (a medium other than GPU) applied, by op.",
+            "op",
+            sorted(m.tier_blocks.items()),
         )
         yield _counter(
             "skipped_blocks_total",
@@ -236,10 +254,30 @@ def _counter_value(name: str, help_text: str, value: float) -> CounterMetricFami
     return CounterMetricFamily(_P + name, help_text, value=value)
 
 
+class DeprecatedAliases(Collector):
+    """Every family of `inner` again under its old ``kvr_listener_`` name (HELP says so)."""
+
+    def __init__(self, inner: Collector) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.inner.collect():
+            yield fam
+            old = OLD_PREFIX + fam.name.removeprefix(_P)
+            alias = Metric(
+                old, f"Deprecated alias of {fam.name} (removed in the next release).", fam.type
+            )
+            alias.samples = [
+                s._replace(name=OLD_PREFIX + s.name.removeprefix(_P)) for s in fam.samples
+            ]
+            yield alias
+
+
 def registry(m: ListenerMetrics, state: Callable[[], ListenerState]) -> CollectorRegistry:
-    """A registry of its own for one listener, holding its `ListenerCollector`."""
+    """A registry of its own for one listener, holding its `ListenerCollector` (and the old
+    names as deprecated aliases)."""
     reg = CollectorRegistry()
-    reg.register(ListenerCollector(m, state))
+    reg.register(DeprecatedAliases(ListenerCollector(m, state)))
     return reg
 
 

@@ -24,7 +24,13 @@ from typing import Any, Final, Literal
 
 import msgpack
 
-from kvrouter.index.keys import DEFAULT_PREFIX, KeyNameError, KeySchema, validate_worker_id
+from kvrouter.index.keys import (
+    DEFAULT_PREFIX,
+    KeyNameError,
+    KeySchema,
+    glob_escape,
+    validate_worker_id,
+)
 
 NOTICE_VERSION: Final = 1
 NoticeOp = Literal["store", "evict", "clear"]
@@ -33,7 +39,15 @@ MAX_NOTICE_BYTES: Final = 16 * 1024 * 1024
 MAX_NOTICE_KEYS: Final = 131_072
 MAX_NOTICE_TOKENS: Final = 2_097_152
 MAX_NAME_BYTES: Final = 1024
-NOTICE_ERROR_KINDS: Final = ("msgpack", "shape", "type", "value", "version", "too_large")
+NOTICE_ERROR_KINDS: Final = (
+    "msgpack",
+    "shape",
+    "type",
+    "value",
+    "version",
+    "too_large",
+    "channel",
+)
 """Every ``NoticeDecodeError.kind``: stable metric label values."""
 _U64: Final = (1 << 64) - 1
 _TOKEN_TYPECODE: Final = "I" if array("I").itemsize == 4 else "L"
@@ -177,9 +191,30 @@ def encode_notice(
     return payload
 
 
-def notice_channel(model: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """``kvr:{model}:notices``: the channel of the model's notices (adapters included)."""
-    return KeySchema(prefix).model(model).notices
+def notice_channel(model: str, prefix: str = DEFAULT_PREFIX, worker: str | None = None) -> str:
+    """``kvr:{model}:notices``: the channel of the model's notices (adapters included); with
+    `worker`, that worker's own channel ``kvr:{model}:notices:<worker>``."""
+    keys = KeySchema(prefix).model(model)
+    return keys.notices if worker is None else keys.worker_notices(worker)
+
+
+def check_channel(notice: Notice, channel: str, prefix: str) -> None:
+    """Refuse a notice received on a worker's own channel (``<prefix><worker>``, `prefix`
+    being ``ModelKeys.worker_notices_prefix``) that speaks for another worker."""
+    if not channel.startswith(prefix) or channel[len(prefix) :] != notice.worker:
+        raise NoticeDecodeError(
+            "channel", f"notice for worker {notice.worker!r} on channel {channel!r}"
+        )
+
+
+def worker_acl_rules(models: Sequence[str], worker: str, prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """The Redis 7 ACL rules of a user that may only PUBLISH `worker`'s notices of `models`
+    (to follow ``ACL SETUSER <user> on ><password>``): no keys, no other channel, no other
+    command. docs/notices.md and the chart's per-worker users use the same rules."""
+    channels = [
+        "&" + glob_escape(KeySchema(prefix).model(m).worker_notices(worker)) for m in models
+    ]
+    return ["resetkeys", "resetchannels", *channels, "-@all", "+publish", "+ping", "+hello"]
 
 
 async def publish_notice(
@@ -189,16 +224,18 @@ async def publish_notice(
     worker: str,
     *,
     prefix: str = DEFAULT_PREFIX,
+    own_channel: bool = False,
     **fields: Any,
 ) -> int:
     """Publish a notice with an asyncio redis client; returns how many subscribers got it.
 
     ``fields`` are ``encode_notice``'s keyword arguments (keys, tokens, from_block,
-    lora_name, cache_salt, ts). Publish on the base model's channel, adapters included.
+    lora_name, cache_salt, ts). Publish on the base model's channel, adapters included;
+    with `own_channel`, on the worker's own channel (what a per-worker ACL user may do).
     """
     # PUBLISH through execute_command: redis-py's asyncio RedisCluster (6.x, 7.x) has no
     # publish() method, but sends the command to a node, and the cluster bus delivers it.
-    channel = notice_channel(model, prefix)
+    channel = notice_channel(model, prefix, worker if own_channel else None)
     n = await client.execute_command("PUBLISH", channel, encode_notice(op, worker, **fields))
     return int(n)
 
@@ -210,7 +247,9 @@ def publish_notice_sync(
     worker: str,
     *,
     prefix: str = DEFAULT_PREFIX,
+    own_channel: bool = False,
     **fields: Any,
 ) -> int:
     """``publish_notice`` for a synchronous ``redis.Redis`` client (a worker's own thread)."""
-    return int(client.publish(notice_channel(model, prefix), encode_notice(op, worker, **fields)))
+    channel = notice_channel(model, prefix, worker if own_channel else None)
+    return int(client.publish(channel, encode_notice(op, worker, **fields)))

@@ -1,7 +1,9 @@
 """Which listener replica applies which worker's events, coordinated through Redis.
 
-* Heartbeats: each replica writes ``<prefix>:listeners`` (ZSET listener id -> ms) every tick;
-  replicas whose heartbeat is older than the lease are not live.
+* Heartbeats: each replica writes its model's ``<prefix>:{<model>}:listeners`` (ZSET listener
+  id -> ms) every tick; replicas whose heartbeat is older than the lease are not live. The live
+  set is per base model: a listener only discovers its own model's engines, so the replicas
+  that split them are those of the same model (one listener Deployment per model).
 * Assignment: rendezvous hashing (highest xxh3 of ``listener|worker`` among live replicas).
   Every replica computes the same answer from the same live set, workers spread evenly, and
   a replica joining or leaving moves only the workers it wins or held.
@@ -42,11 +44,17 @@ class Ownership:
     """One replica's view: heartbeat, live set, and lease calls (batched per tick)."""
 
     def __init__(
-        self, index: ResidencyIndex, schema: KeySchema, listener_id: str, lease_ms: int
+        self,
+        index: ResidencyIndex,
+        schema: KeySchema,
+        listener_id: str,
+        lease_ms: int,
+        model: str,
     ) -> None:
         self.index = index
         self.client: Any = index.client
         self.schema = schema
+        self.live_key = schema.model(model).listeners
         self.listener_id = listener_id
         self.lease_ms = lease_ms
         self.live: tuple[str, ...] = (listener_id,)
@@ -54,7 +62,7 @@ class Ownership:
     async def heartbeat(self) -> tuple[str, ...]:
         """Record this replica alive; return the live replicas (self included)."""
         now = int(time.time() * 1000)
-        key = self.schema.listeners
+        key = self.live_key
         await self.client.zadd(key, {self.listener_id: now})
         # Forget replicas silent for far longer than a lease (keeps the ZSET small).
         await self.client.zremrangebyscore(key, "-inf", now - 100 * self.lease_ms)
@@ -66,7 +74,7 @@ class Ownership:
 
     async def leave(self) -> None:
         """Drop out of the live set (a draining replica stops attracting workers)."""
-        await self.client.zrem(self.schema.listeners, self.listener_id)
+        await self.client.zrem(self.live_key, self.listener_id)
 
     def assigned(self, worker: str) -> bool:
         return rendezvous_owner(worker, self.live) == self.listener_id

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import signal
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from redis.exceptions import RedisError
 
 from eviction_listener.applier import Applier, InboxItem, KeyCache, WorkerState
+from eviction_listener.batch_queue import BatchQueue
 from eviction_listener.discovery import EngineDiscovery, make_discovery
 from eviction_listener.metrics import (
     ListenerMetrics,
@@ -49,7 +49,7 @@ from eviction_listener.metrics import (
     registry,
     render,
 )
-from eviction_listener.notices import Notice, NoticeDecodeError, decode_notice
+from eviction_listener.notices import Notice, NoticeDecodeError, check_channel, decode_notice
 from eviction_listener.ownership import Ownership, rendezvous_owner
 from eviction_listener.settings import EngineSpec, ListenerSettings
 from eviction_listener.zmq_source import (
@@ -61,6 +61,7 @@ from eviction_listener.zmq_source import (
     add_stats,
     dp_worker_id,
 )
+from kvrouter.backoff import Backoff
 from kvrouter.index.connection import connect, pubsub_client, redact_url
 from kvrouter.index.keys import KeySchema
 from kvrouter.index.scripts import ClaimResult, OwnerLease, ResidencyIndex
@@ -70,61 +71,16 @@ logger = logging.getLogger(__name__)
 LISTENER_KEY: web.AppKey[Listener] = web.AppKey("listener")
 
 
+def _text(v: bytes | str) -> str:
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+
+
 def weight(item: InboxItem) -> int:
     """Block events in an inbox item (1 for a notice or a resync): the Redis work it costs."""
     it = item[1]
     if isinstance(it, Delivered):
         return max(1, sum(len(getattr(ev, "block_hashes", ())) for ev in it.batch.events))
     return 1
-
-
-class _Inbox:
-    """Bounded FIFO of (worker state, item) from the pumps and notices to the flush task."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: deque[InboxItem] = deque()
-        self._capacity = capacity
-        self._not_empty = asyncio.Event()
-        self._not_full = asyncio.Event()
-        self._closed = False
-
-    async def put_many(self, items: Sequence[InboxItem]) -> None:
-        while len(self._items) >= self._capacity and not self._closed:
-            self._not_full.clear()
-            await self._not_full.wait()
-        if self._closed:
-            return
-        self._items.extend(items)
-        self._not_empty.set()
-
-    async def get_many(self, max_items: int, max_weight: int | None = None) -> list[InboxItem]:
-        """Wait for at least one item; take up to `max_items` whole items whose total
-        `weight()` stays within `max_weight` (the first item is always taken)."""
-        while not self._items:
-            if self._closed:
-                return []
-            self._not_empty.clear()
-            await self._not_empty.wait()
-        items = self._items
-        out: list[InboxItem] = []
-        budget = max_weight
-        while items and len(out) < max_items:
-            if budget is not None:
-                w = weight(items[0])
-                if out and w > budget:
-                    break
-                budget -= w
-            out.append(items.popleft())
-        self._not_full.set()
-        return out
-
-    def close(self) -> None:
-        self._closed = True
-        self._not_empty.set()
-        self._not_full.set()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass(eq=False, slots=True)
@@ -156,7 +112,9 @@ class Listener:
         self.index: ResidencyIndex | None = None
         self._ownership: Ownership | None = None
         self._applier: Applier | None = None
-        self._inbox = _Inbox(max(4 * settings.apply_batch, 1024))
+        self._inbox: BatchQueue[InboxItem] = BatchQueue(
+            max(4 * settings.apply_batch, 1024), weight=weight
+        )
         self._owned: dict[str, _Owned] = {}
         self._engines: dict[str, tuple[EngineEndpoint, int]] = {}
         self._retired = SourceStats()
@@ -185,10 +143,13 @@ class Listener:
             "listener %s for model %s on %s", s.listener_id, s.model, redact_url(s.redis_url)
         )
         self._client = connect(s.redis_connect_url)
+        # Before any I/O: a discovery that cannot be configured (kubernetes outside a pod)
+        # stops the start with its own message, not with a Redis error.
+        self._discovery = self._discovery_arg or make_discovery(s, self._client)
         self.index = ResidencyIndex(self._client, self.schema)
         await self._client.ping()
         await self.index.load()
-        self._ownership = Ownership(self.index, self.schema, s.listener_id, s.lease_ms)
+        self._ownership = Ownership(self.index, self.schema, s.listener_id, s.lease_ms, s.model)
         self._applier = Applier(
             self.index,
             model=s.model,
@@ -202,7 +163,6 @@ class Listener:
             stopping=lambda: self._closing,
         )
         self._ctx = self._ctx_arg if self._ctx_arg is not None else zmq.asyncio.Context()
-        self._discovery = self._discovery_arg or make_discovery(s, self._client)
         await self._refresh_engines()
         if self._runner is None:
             await self._start_http()
@@ -268,6 +228,7 @@ class Listener:
                         await self._ownership.leave()
                         self.metrics.handovers += len(self._owned)
             self._owned.clear()
+            await self._close_discovery()
             if self._runner is not None:
                 await self._runner.cleanup()
             for c in (self._client, self._pubsub_client):
@@ -278,6 +239,12 @@ class Listener:
                 self._ctx.term()
         finally:
             self._closed.set()
+
+    async def _close_discovery(self) -> None:
+        close = getattr(getattr(self, "_discovery", None), "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
 
     async def abort(self) -> None:
         """Stop at once: no drain, no lease release, no goodbye heartbeat. What a crashed
@@ -292,6 +259,7 @@ class Listener:
         for o in self._owned.values():
             await o.source.close()
         self._owned.clear()
+        await self._close_discovery()
         if self._runner is not None:
             await self._runner.cleanup()
         for c in (self._client, self._pubsub_client):
@@ -342,8 +310,15 @@ class Listener:
         self._engines = engines
 
     async def _discovery_loop(self) -> None:
+        changed = getattr(self._discovery, "changed", None)
         while True:
-            await asyncio.sleep(self.settings.discovery_interval_s)
+            if isinstance(changed, asyncio.Event):
+                # A watching source says when its set changed; the interval stays the bound.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.settings.discovery_interval_s)
+                changed.clear()
+            else:
+                await asyncio.sleep(self.settings.discovery_interval_s)
             try:
                 await self._refresh_engines()
             except Exception as exc:  # keep the last known engines
@@ -489,8 +464,9 @@ class Listener:
         return rendezvous_owner(worker, live) == self.settings.listener_id
 
     async def _notice_loop(self) -> None:
-        channel = self.schema.model(self.settings.model).notices
-        delay = 0.1
+        keys = self.schema.model(self.settings.model)
+        channel = keys.notices
+        backoff = Backoff(0.1, 5.0)
         first = True
         while True:
             pubsub = None
@@ -502,15 +478,18 @@ class Listener:
                 sub = pubsub_client(self._pubsub_client)
                 pubsub = sub.pubsub()
                 await pubsub.subscribe(channel)
+                # Each worker's own channel too: a notice there must name that worker.
+                await pubsub.psubscribe(keys.worker_notices_pattern)
                 if not first:
                     await self._after_notice_gap()
                 first = False
-                delay = 0.1
+                backoff.reset()
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is None or msg.get("type") != "message":
+                    if msg is None or msg.get("type") not in ("message", "pmessage"):
                         continue
-                    await self._on_notice(msg["data"])
+                    own = msg["type"] == "pmessage"
+                    await self._on_notice(msg["data"], _text(msg["channel"]) if own else None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let the subscription die: log, back off, retry
@@ -520,8 +499,7 @@ class Listener:
                     self._log.warning("notices", "notice subscription lost: %s", exc)
                 else:
                     logger.exception("notice subscription failed; retrying")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.sleep()
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
@@ -530,9 +508,13 @@ class Listener:
                     with contextlib.suppress(Exception):
                         await sub.aclose()
 
-    async def _on_notice(self, data: bytes) -> None:
+    async def _on_notice(self, data: bytes, own_channel: str | None = None) -> None:
+        """Apply one notice; `own_channel` is the worker channel it came on, if it did."""
         try:
             n = decode_notice(data)
+            if own_channel is not None:
+                prefix = self.schema.model(self.settings.model).worker_notices_prefix
+                check_channel(n, own_channel, prefix)
         except NoticeDecodeError as exc:
             self.metrics.notice_errors[exc.kind] += 1
             self._log.warning(f"notice:{exc.kind}", "undecodable notice skipped: %s", exc)

@@ -238,11 +238,6 @@ class ListenerSettings(SharedSettings):
             )
         if not self.redis_url:
             raise ValueError(f"{self.names('redis_url')}: the listener needs Redis")
-        if self.discovery == "kubernetes":
-            raise ValueError(
-                f"{self.names('discovery')}: kubernetes discovery is not supported by the "
-                "listener yet (static or redis)"
-            )
         self.check_discovery()
         seen: set[str] = set()
         for e in self.engines:

@@ -67,7 +67,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
@@ -75,6 +75,7 @@ from typing import Final
 import zmq
 import zmq.asyncio
 
+from eviction_listener.batch_queue import BatchQueue
 from eviction_listener.events import (
     MAX_PAYLOAD_BYTES,
     AllBlocksCleared,
@@ -254,6 +255,10 @@ class SourceFailedError(RuntimeError):
     """A reader task died on an unexpected error; the source stops yielding."""
 
 
+def _reader_failed(exc: BaseException) -> SourceFailedError:
+    return SourceFailedError("a ZMQ reader task failed")
+
+
 @dataclass(slots=True)
 class _Stream:
     worker_id: str
@@ -282,53 +287,6 @@ class _SocketGroup:
         if self.catch_all is not None:
             return [self.catch_all.topic.encode()]
         return list(self.by_topic)
-
-
-class _Channel:
-    """Bounded FIFO between reader tasks and the consumer; close/fail wake the consumer."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: deque[SourceItem] = deque()
-        self._capacity = capacity
-        self._not_empty = asyncio.Event()
-        self._not_full = asyncio.Event()
-        self._closed = False
-        self._error: BaseException | None = None
-
-    async def put(self, item: SourceItem) -> None:
-        while len(self._items) >= self._capacity:
-            self._not_full.clear()
-            await self._not_full.wait()
-        self._items.append(item)
-        self._not_empty.set()
-
-    async def get_many(self, max_items: int) -> list[SourceItem]:
-        while True:
-            # A failed reader stops the consumer at once, even with items queued: its worker's
-            # stream has stopped, and carrying on with the others would hide that.
-            if self._error is not None:
-                raise SourceFailedError("a ZMQ reader task failed") from self._error
-            if self._items:
-                break
-            if self._closed:
-                return []
-            self._not_empty.clear()
-            await self._not_empty.wait()
-        items = self._items
-        out = [items.popleft() for _ in range(min(max_items, len(items)))]
-        self._not_full.set()
-        return out
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def close(self) -> None:
-        self._closed = True
-        self._not_empty.set()
-
-    def fail(self, exc: BaseException) -> None:
-        self._error = exc
-        self._not_empty.set()
 
 
 class LogLimiter:
@@ -443,7 +401,7 @@ class ZmqEventSource:
         self._sockets: list[zmq.asyncio.Socket] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._streams: dict[str, _Stream] = {}
-        self._channel: _Channel | None = None
+        self._channel: BatchQueue[SourceItem] | None = None
         self._queue_size = queue_size
         self._log = LogLimiter(log_interval)
         self._started = False
@@ -459,7 +417,7 @@ class ZmqEventSource:
         if self._started:
             return
         self._started = True
-        self._channel = _Channel(self._queue_size)
+        self._channel = BatchQueue(self._queue_size, on_failure=_reader_failed)
         self._ctx = self._ctx_arg if self._ctx_arg is not None else zmq.asyncio.Context()
         try:
             for group in self._groups:

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "router_node.epp_cli",
         "the router as an endpoint picker for Envoy inference gateways (ext_proc, gRPC)",
     ),
+    "inspect": (
+        "kvrouter.inspect",
+        "the shared index as an operator sees it: residency, shared prefixes, listeners, leases",
+    ),
     "listen": (
         "eviction_listener.cli",
         "eviction listener: engine KV events and worker notices into the shared index",
@@ -33,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
         "kvrouter.demo",
         "everything on an embedded default: Redis, 8 simulated workers, router",
+    ),
+    "register": (
+        "kvrouter.register",
+        "worker sidecar: register in the Redis registry, heartbeat, deregister on SIGTERM",
     ),
     "replay": ("kvrouter.sim.replay", "replay a Mooncake trace against a router or worker"),
     "serve": ("router_node.cli", "run a router replica (OpenAI-compatible, KV-cache-aware)"),

@@ -31,7 +31,7 @@ import argparse
 import difflib
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -39,6 +39,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from kvrouter.index.connection import SCHEMES, redact_url
 from kvrouter.index.keys import DEFAULT_PREFIX, KeyNameError, KeySchema, validate_model
+
+if TYPE_CHECKING:
+    from kvrouter.discovery.kubernetes import ApiServer, KubernetesEndpointSource
 
 ENV_PREFIX = "KVR_"
 Discovery = Literal["static", "redis", "kubernetes"]
@@ -454,6 +457,15 @@ class SharedSettings(KvrSettings):
             )
         return value
 
+    @field_validator("k8s_http_port_name", "k8s_events_port_name", "k8s_replay_port_name")
+    @classmethod
+    def _port_name(cls, value: str) -> str:
+        from kvrouter.discovery.kubernetes import PORT_NAME
+
+        if not PORT_NAME.match(value):
+            raise ValueError("not a Kubernetes port name (1-15 lowercase letters, digits, '-')")
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _key_prefix(cls, value: str) -> str:
@@ -482,6 +494,48 @@ class SharedSettings(KvrSettings):
             )
         if self.discovery == "redis" and not self.redis_url:
             raise ValueError(f"{self.names('discovery')}: redis discovery needs a Redis URL")
+
+    def kubernetes_api(self) -> tuple[ApiServer, str]:
+        """The API server client and the namespace that ``discovery=kubernetes`` watches.
+
+        In-cluster configuration comes from the process environment (KUBERNETES_SERVICE_HOST
+        and _PORT) and the service-account files unless ``k8s_api_url`` is set. Raises
+        DiscoveryError naming what is missing.
+        """
+        from pathlib import Path
+
+        from kvrouter.discovery.kubernetes import SERVICE_ACCOUNT_DIR, ApiServer, DiscoveryError
+
+        api = ApiServer(self.k8s_api_url) if self.k8s_api_url else ApiServer.in_cluster(environ())
+        namespace = self.k8s_namespace
+        if not namespace:
+            ns_file = Path(SERVICE_ACCOUNT_DIR, "namespace")
+            if not ns_file.is_file():
+                raise DiscoveryError(
+                    "KVR_K8S_NAMESPACE is not set and there is no service-account namespace file"
+                )
+            namespace = ns_file.read_text().strip()
+        return api, namespace
+
+    def kubernetes_source(self, *, include_not_ready: bool = False) -> KubernetesEndpointSource:
+        """The EndpointSlice watch of ``discovery=kubernetes``, for the router and the listener
+        alike (the same slices, read for different named ports), in the namespace of
+        `kubernetes_api`. Raises DiscoveryError naming what is missing.
+        """
+        from kvrouter.discovery.kubernetes import KubernetesEndpointSource, PortNames
+
+        api, namespace = self.kubernetes_api()
+        return KubernetesEndpointSource(
+            api,
+            namespace,
+            self.k8s_selector,
+            ports=PortNames(
+                http=self.k8s_http_port_name,
+                events=self.k8s_events_port_name,
+                replay=self.k8s_replay_port_name,
+            ),
+            include_not_ready=include_not_ready,
+        )
 
     @property
     def redis_connect_url(self) -> str:

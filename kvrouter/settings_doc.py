@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from eviction_listener.settings import ListenerSettings
+from kvrouter.register import RegisterSettings
 from kvrouter.settings import KvrSettings, SharedSettings
 from kvrouter.sim.settings import SimSettings
 from router_node.settings import RouterSettings
@@ -71,6 +72,10 @@ def render() -> str:
         table(RouterSettings, router_own),
         "## The listener only: `kvrouter listen`\n",
         table(ListenerSettings, listener_own),
+        "## The registry sidecar only: `kvrouter register`\n",
+        "Besides the shared Redis settings, `KVR_MODEL` (the models it serves; empty = every "
+        "model) and `KVR_BLOCK_SIZE` (announced with its KV events).\n",
+        table(RegisterSettings, [n for n in RegisterSettings.settable() if n not in shared]),
         "## The simulator: `kvrouter sim`\n",
         "Its own `KVR_SIM_*` variables (it talks to no Redis), parsed by the same schema.\n",
         table(SimSettings, SimSettings.settable()),

@@ -5,9 +5,11 @@ single self-contained EVALSHA body.
 
 Conventions every script follows:
   * Every ZSET score kvrouter writes (wrk, cut, head, workers, lease) is a "valid until" time
-    in whole microseconds since the epoch. A record is live while its score is >= now. Each block of a
-    chain gets a score 1 us older than the block before it, so LRU trimming and expiry cut a
-    chain's tail before its head (the prefix property). Integer scores matter: Redis formats
+    in whole microseconds since the epoch, except lru's: a block's last access time (us),
+    the one order capacity trimming follows, whichever source (router dispatch, engine event,
+    notice) wrote the record and however long that source lets it live. A record is live while its score is >= now. Each block of a
+    chain gets a score 1 us older than the block before it, in both sets, so trimming and
+    expiry cut a chain's tail before its head (the prefix property). Integer scores matter: Redis formats
     an integral double in a reply several times faster than a fractional one, and 1 us steps
     keep one chain's scores together in the ZSET, so inserts stay cache-local. Integers up to
     2^53 us are exact in a double (until the year 2255). Callers pass times and TTLs in ms.
@@ -41,6 +43,29 @@ local function batches(list, per, cmd, key, opts)
     end
   end
   return sum, out
+end
+
+-- Narrow the interval (lo, hi) of a worker's consecutive run to adjacent positions and return
+-- lo, the last position held. Positions 1..lo are held, position hi is not (n + 1: unknown);
+-- `miss(positions)` probes sorted positions inside the interval in one call and returns the
+-- index of the first one not held (nil if all are). Each further round probes an 8-way split
+-- of what is left. Used by lookup_chain and lookup_tiers.
+local function narrow_held(miss, positions, lo, hi, n)
+  while true do
+    local m = miss(positions)
+    if m == nil then
+      lo = positions[#positions]
+    else
+      hi = positions[m]
+      if m > 1 then lo = positions[m - 1] end
+    end
+    if hi - lo <= 1 or lo == n then return lo end
+    local top = math.min(hi, n + 1)
+    local span = top - lo - 1
+    local k = math.min(span, 7)
+    positions = {}
+    for t = 1, k do positions[t] = lo + math.floor(t * (span + 1) / (k + 1)) end
+  end
 end
 
 local function fail(code, arg, msg)
@@ -119,12 +144,14 @@ local function unpack_fixed(s, width)
 end
 
 -- What a record writes besides its blocks' scores, once they are in the worker's set: the
--- set's expiry, the worker's latest valid-until (`top`, the highest score written), the
+-- sets' expiry (records and last accesses), the worker's latest valid-until (`top`, the highest score written), the
 -- chain's head entry when `head_prefix` is given, and the removal of holes the chain fills.
 -- `blocks` is the chain head first: a Lua list of hex keys, or the packed hex string (split
 -- only when the worker has holes).
-local function finish_record(wrk_key, cut_key, workers_key, head_prefix, worker, blocks, top)
+local function finish_record(wrk_key, cut_key, workers_key, head_prefix, worker, blocks, top,
+                             lru_key)
   extend_expiry(wrk_key, top)
+  extend_expiry(lru_key, top)
   redis.call('ZADD', workers_key, 'GT', top, worker)
   extend_expiry(workers_key, top)
   if head_prefix then
@@ -137,23 +164,26 @@ local function finish_record(wrk_key, cut_key, workers_key, head_prefix, worker,
   end
 end
 
--- Record `hexes` (a Lua list of block hex keys) for `worker`, block i (from 1) scored
--- now + ttl - (i - 1) (now and ttl in us), then finish the record (no head entry: the caller
--- adds its own). One ZADD GT pass: a score never moves backwards, so a racing writer that
--- gave a block a longer life keeps it. Returns added, refreshed. (Routers' records do the
--- ZADD as a plain command instead: see record_chain.)
-local function record_blocks(wrk_key, cut_key, workers_key, worker, hexes, now, ttl)
+-- Record `hexes` (a Lua list of block hex keys) for `worker`, block i (from 1) valid until
+-- now + ttl - (i - 1) and last accessed at now - (i - 1) (now and ttl in us), then finish the
+-- record (no head entry: the caller adds its own). ZADD GT: a score never moves backwards, so
+-- a racing writer that gave a block a longer life or a later access keeps it. Returns added,
+-- refreshed. (Routers' records do the ZADDs as plain commands instead: see record_chain.)
+local function record_blocks(wrk_key, cut_key, workers_key, worker, hexes, now, ttl, lru_key)
   local n = #hexes
   if n == 0 then return 0, 0 end
   local before = redis.call('ZCARD', wrk_key)
-  local pairs_ = {}
+  local until_, seen = {}, {}
   for k = 1, n do
-    pairs_[2 * k - 1] = now + ttl - (k - 1)
-    pairs_[2 * k] = hexes[k]
+    until_[2 * k - 1] = now + ttl - (k - 1)
+    until_[2 * k] = hexes[k]
+    seen[2 * k - 1] = now - (k - 1)
+    seen[2 * k] = hexes[k]
   end
-  local changed = batches(pairs_, 2, 'ZADD', wrk_key, {'GT', 'CH'})
+  local changed = batches(until_, 2, 'ZADD', wrk_key, {'GT', 'CH'})
+  batches(seen, 2, 'ZADD', lru_key, {'GT', 'CH'})
   local added = redis.call('ZCARD', wrk_key) - before
-  finish_record(wrk_key, cut_key, workers_key, nil, worker, hexes, now + ttl)
+  finish_record(wrk_key, cut_key, workers_key, nil, worker, hexes, now + ttl, lru_key)
   return added, changed - added
 end
 
@@ -164,30 +194,55 @@ local function mark_hole(cut_key, h, until_ms)
   extend_expiry(cut_key, until_ms)
 end
 
--- Drop the worker's records (holes, heads) whose time has passed. Returns how many records.
-local function expire_records(wrk_key, cut_key, now, head_prefix, worker)
+-- Drop the worker's records (holes, heads, last accesses) whose time has passed. Returns how
+-- many records.
+local function expire_records(wrk_key, cut_key, now, head_prefix, worker, lru_key)
   redis.call('ZREMRANGEBYSCORE', cut_key, '-inf', '(' .. now)
   drop_heads(head_prefix, worker, '(' .. now)
-  return redis.call('ZREMRANGEBYSCORE', wrk_key, '-inf', '(' .. now)
+  local dead = redis.call('ZRANGEBYSCORE', wrk_key, '-inf', '(' .. now)
+  if #dead == 0 then return 0 end
+  batches(dead, 1, 'ZREM', lru_key)
+  return batches(dead, 1, 'ZREM', wrk_key)
 end
 
--- Trim the worker to `capacity` blocks (0 = no limit), lowest valid-until first, at most
--- `limit` in one call so a shrunken capacity cannot stall Redis, with the heads of the
--- chains trimmed away. Returns how many records.
-local function trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker)
+-- Drop `worker`'s head entries for those of `hexes` (a Lua list) that head a chain it recorded.
+local function drop_heads_of(head_prefix, worker, hexes)
+  local wk = heads_key(head_prefix, worker)
+  local _, scores = batches(hexes, 1, 'ZMSCORE', wk)
+  local gone = {}
+  for i = 1, #hexes do
+    if scores[i] then
+      gone[#gone + 1] = hexes[i]
+      redis.call('ZREM', head_prefix .. hexes[i], worker)
+    end
+  end
+  batches(gone, 1, 'ZREM', wk)
+end
+
+-- Trim the worker to `capacity` blocks (0 = no limit), least recently accessed first (the lru
+-- set), whatever source wrote the records and whatever their remaining lives, at most `limit`
+-- in one call so a shrunken capacity cannot stall Redis; a trimmed block that heads a chain
+-- loses its head entry. Records without a last access (written before the lru set existed)
+-- are trimmed after the lru set runs dry, lowest valid-until first. Returns how many records.
+local function trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker, lru_key)
   if capacity == 0 then return 0 end
   local over = redis.call('ZCARD', wrk_key) - capacity
   if over <= 0 then return 0 end
   if over > limit then over = limit end
-  -- Heads scored at or below the last trimmed record lose their chains with it (a head on
-  -- that exact score that survives the trim only loses its head entry: a missed match,
-  -- never a wrong one).
-  local last = redis.call('ZRANGE', wrk_key, over - 1, over - 1, 'WITHSCORES')
-  if last[2] then drop_heads(head_prefix, worker, last[2]) end
-  -- ZREMRANGEBYRANK rather than ZPOPMIN: it returns no members, so nothing is copied back
-  -- into Lua (for thousands of blocks that copy costs more than the removal).
-  redis.call('ZREMRANGEBYRANK', wrk_key, 0, over - 1)
-  return over
+  local victims = redis.call('ZRANGE', lru_key, 0, over - 1)
+  local removed = 0
+  if #victims > 0 then
+    redis.call('ZREMRANGEBYRANK', lru_key, 0, #victims - 1)
+    removed = batches(victims, 1, 'ZREM', wrk_key)
+    drop_heads_of(head_prefix, worker, victims)
+  end
+  if removed < over then
+    local rest = redis.call('ZRANGE', wrk_key, 0, over - removed - 1)
+    batches(rest, 1, 'ZREM', wrk_key)
+    drop_heads_of(head_prefix, worker, rest)
+    removed = removed + #rest
+  end
+  return removed
 end
 
 -- Drop every head a worker recorded (clearing the worker).

@@ -6,7 +6,8 @@ there. After this call, apply_engine_events refuses every call with a lower epoc
 listener that lost the worker (paused, partitioned) can never write after the new owner has
 read the position it resumes from.
 
-KEYS[1]  stream positions HASH  "kvr:{m}:lseq"   worker -> "<epoch>:<seq>"
+KEYS[1]  stream positions HASH  "kvr:{m}:lseq"   worker -> "<epoch>:<seq>", or
+         "<epoch>:<seq>:<ops>" after a run of ops was cut off part way (apply_engine_events-7)
 ARGV[1]  worker id
 ARGV[2]  epoch (>= 0): the fencing token own_worker-1 returned
 ARGV[3]  ttl, ms (> 0): the key lives at least this long (the life of a confirmed record)
@@ -25,15 +26,17 @@ if not epoch then return fail(-3, 'epoch', 'must be an integer >= 0') end
 local ttl = int_arg(ARGV[3], 1)
 if not ttl then return fail(-3, 'ttl', 'must be a positive integer (ms)') end
 
-local seq = -1
+local seq, part = -1, ''
 local cur = redis.call('HGET', lseq_key, worker)
 if cur then
-  local ce, cs = string.match(cur, '^(%d+):(%-?%d+)$')
+  local ce, cs, co = string.match(cur, '^(%d+):(%-?%d+)(:?%d*)$')
   if ce then
     if tonumber(ce) > epoch then return {-1, tonumber(cs)} end
-    seq = tonumber(cs)
+    seq, part = tonumber(cs), co
   end
 end
-redis.call('HSET', lseq_key, worker, epoch .. ':' .. seq)
+-- A partial position (":<ops>", a run cut into sub-batches) is kept: the new owner replays
+-- from seq and apply_engine_events skips the ops already applied.
+redis.call('HSET', lseq_key, worker, epoch .. ':' .. seq .. part)
 extend_expiry(lseq_key, now_us('0') + ttl * 1000)
 return {1, seq}

@@ -75,22 +75,7 @@ local function search(wk)
   local positions = {}
   for p in pairs(want) do positions[#positions + 1] = p end
   table.sort(positions)
-  while true do
-    local m = first_miss(wk, positions)
-    if m == nil then
-      lo = positions[#positions]
-    else
-      hi = positions[m]
-      if m > 1 then lo = positions[m - 1] end
-    end
-    if hi - lo <= 1 or lo == n then break end
-    -- 8-way split of the open interval (lo, hi).
-    local top = math.min(hi, n + 1)
-    local span = top - lo - 1
-    local k = math.min(span, 7)
-    positions = {}
-    for t = 1, k do positions[t] = lo + math.floor(t * (span + 1) / (k + 1)) end
-  end
+  lo = narrow_held(function(ps) return first_miss(wk, ps) end, positions, lo, hi, n)
   if lo > 0 and lo < n and not hint_seen[lo] then
     hint_seen[lo] = true
     hints[#hints + 1] = lo

@@ -49,7 +49,8 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvrouter.discovery.base import EndpointSource
-from router_node.core import RoutingCore
+from router_node.admission import Ticket
+from router_node.core import RoutingCore, request_priority
 from router_node.errors import APIError, bad_request, too_large, unavailable
 from router_node.metrics import CONTENT_TYPE
 from router_node.monitor import Monitor
@@ -182,6 +183,8 @@ class _Exchange:
     plan: Plan | None = None
     worker: Worker | None = None
     lease: Lease | None = None
+    ticket: Ticket | None = None
+    """The admission slot (priority admission), held until the response ends."""
     first_byte: bool = False
 
 
@@ -294,7 +297,11 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         raw = bytes(ex.body)
         path = ex.headers.get(":path", "")
         endpoint = endpoint_of(path, b'"messages"' in raw)
-        req, plan = await self.core.prepare(endpoint, raw, ex.headers, allowed=ex.hint)
+        priority = request_priority(self.settings, ex.headers)
+        req, plan, ticket = await self.core.prepare(
+            endpoint, raw, ex.headers, priority=priority, allowed=ex.hint
+        )
+        ex.ticket = ticket
         now = time.monotonic()
         ranked: list[Worker] = []
         for wid in plan.decision.ranking:
@@ -307,7 +314,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             raise unavailable(
                 f"no ready endpoint serves model {req.model!r}", self.settings.retry_after_s
             )
-        self.core.count(req, plan)
+        self.core.count(endpoint, req, plan)
         ex.req, ex.plan = req, plan
         self._hold(ex, ranked[0])
         ex.stage = "sent"
@@ -369,6 +376,9 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         if ex.lease is not None and ex.worker is not None and ex.first_byte:
             self.core.pool.record_success(ex.worker)
         self._release(ex)
+        if ex.ticket is not None:
+            ex.ticket.release()
+            ex.ticket = None
         ex.stage = "done"
 
 

@@ -14,8 +14,30 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+# Event-loop lag: from "on time" to "the run measured the machine, not the router".
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+# Engine cached minus router matched tokens: negative is over-prediction (the router believed
+# in blocks the engine did not have), positive under-prediction. Symmetric, block-sized steps
+# near 0, where a healthy index lives.
+ERROR_BUCKETS = (
+    -16384,
+    -4096,
+    -1024,
+    -256,
+    -64,
+    -16,
+    -1,
+    0,
+    15,
+    63,
+    255,
+    1023,
+    4095,
+    16383,
+)
 
 # generate_latest writes format 0.0.4; say so (CONTENT_TYPE_LATEST names a newer one).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -114,6 +136,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.first_byte_seconds = Histogram(
+            "kvrouter_time_to_first_byte_seconds",
+            "from the request's arrival to the first byte sent back (a streamed response's "
+            "first chunk: TTFT through the router; a whole response otherwise), by model",
+            ("model",),
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
         self.tokenize_seconds = Histogram(
             "kvrouter_tokenize_seconds",
             "time to tokenize a request's prompt",
@@ -164,11 +194,105 @@ class Metrics:
             ("worker",),
             registry=r,
         )
+        self.pd_decisions = Counter(
+            "kvrouter_pd_decisions_total",
+            "prefill/decode decisions: split, or why the request ran whole on a decode worker "
+            "(short_suffix, prefill_saturated, no_prefill_worker)",
+            ("reason",),
+            registry=r,
+        )
+        self.pd_fallbacks = Counter(
+            "kvrouter_pd_fallbacks_total",
+            "split requests that ran whole on the decode worker after all, by cause "
+            "(prefill_failed, missing_params, malformed_params)",
+            ("cause",),
+            registry=r,
+        )
+        self.pd_prefill_cancelled = Counter(
+            "kvrouter_pd_prefill_cancelled_total",
+            "prefill legs cancelled because the client went away",
+            registry=r,
+        )
+        self.pool_workers = Gauge(
+            "kvrouter_pool_workers",
+            "workers able to take requests, by prefill/decode role (prefill, decode, both)",
+            ("role",),
+            registry=r,
+        )
+        self.edge_refused = Counter(
+            "kvrouter_edge_refused_total",
+            "requests or connections refused at the edge, by reason (header_timeout, "
+            "rate_limited, overloaded, queue_full)",
+            ("reason",),
+            registry=r,
+        )
+        self.tokenization_inexact = Counter(
+            "kvrouter_tokenization_inexact_total",
+            "requests the router cannot tokenize exactly (routed on the text before the part "
+            "it cannot render, or on load), by endpoint and reason",
+            ("endpoint", "reason"),
+            registry=r,
+        )
+        self.tokenization_checked = Counter(
+            "kvrouter_tokenization_checked_total",
+            "responses whose reported prompt token count was compared with the router's",
+            ("model",),
+            registry=r,
+        )
+        self.tokenization_mismatch = Counter(
+            "kvrouter_tokenization_mismatch_total",
+            "responses whose worker-reported prompt token count differs from the router's "
+            "(a wrong tokenizer or chat template here), by model",
+            ("model",),
+            registry=r,
+        )
+        self.prediction_error = Histogram(
+            "kvrouter_prediction_error_tokens",
+            "per response whose engine reports usage.prompt_tokens_details.cached_tokens: "
+            "those cached tokens minus the tokens the router matched on that worker "
+            "(< 0: over-predicted), by model; P/D decode legs are left out",
+            ("model",),
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
+        # A histogram with negative buckets has no _sum (the OpenMetrics rule prometheus_client
+        # follows), so the error's totals are counted here, split by sign: over / prompt
+        # tokens is the bench's "over-predicted" share.
+        self.mispredicted_tokens = Counter(
+            "kvrouter_mispredicted_tokens",
+            "tokens the router over-predicted (matched, but the engine had not cached) or "
+            "under-predicted (cached, but not matched), by model and direction",
+            ("model", "direction"),
+            registry=r,
+        )
+        self.index_corrections = Counter(
+            "kvrouter_index_corrections_total",
+            "feedback corrections: a worker reported fewer cached blocks than the router "
+            "matched, so its records of the chain past the engine's depth were dropped, by model",
+            ("model",),
+            registry=r,
+        )
+        self.index_corrected_blocks = Counter(
+            "kvrouter_index_corrected_blocks_total",
+            "records those corrections removed (0 when another replica got there first)",
+            ("model",),
+            registry=r,
+        )
         self.tokenizer_cache = CallbackGauge(
             "kvrouter_tokenizer_cache",
             "segment cache counters (hits, misses, entries, tokens)",
             "stat",
             r,
+        )
+
+        self.loop_lag = Histogram(
+            "kvrouter_event_loop_lag_seconds",
+            "how late the event loop woke a periodic probe (a busy loop delays every request)",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "kvrouter_event_loop_lag_max_seconds", "largest event-loop lag since start", registry=r
         )
 
     def render(self) -> str:

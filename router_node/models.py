@@ -38,6 +38,9 @@ from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.keys import KeyNameError, validate_model
 
 LORA_PLACEMENTS = ("loaded_only", "any_base_worker")
+# vLLM's --chat-template-content-format values (kvrouter.tokenizer.preprocess.CONTENT_FORMATS;
+# repeated here so reading a config file does not import the tokenizer).
+CONTENT_FORMATS = ("auto", "string", "openai")
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,9 @@ class ModelConfig:
     tokenizer: str | None = None
     chat_template: str | None = None
     """A Jinja file that replaces the tokenizer directory's chat template."""
+    chat_template_content_format: str | None = None
+    """"string" or "openai" when the engine runs with ``--chat-template-content-format``;
+    None = detect it from the template, as vLLM's default "auto" does."""
     block_size: int | None = None
     hash_seed: str | None = None
     prefill_weight: float | None = None
@@ -73,6 +79,7 @@ _BASE_KEYS = {
     "name": str,
     "tokenizer": str,
     "chat_template": str,
+    "chat_template_content_format": str,
     "block_size": int,
     "hash_seed": str,
     "prefill_weight": float,
@@ -81,7 +88,7 @@ _BASE_KEYS = {
     "temperature": float,
 }
 _ADAPTER_KEYS = {"name": str, "parent": str, "lora_path": str}
-_WORKER_KEYS = {"url": str, "id": str, "models": list, "dp_rank": int}
+_WORKER_KEYS = {"url": str, "id": str, "models": list, "dp_rank": int, "role": str}
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +179,12 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> ConfigFile:
             validate_model(values["name"])
         except KeyNameError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        fmt = values.get("chat_template_content_format")
+        if fmt is not None and fmt not in CONTENT_FORMATS:
+            raise ConfigError(
+                f"{where}: 'chat_template_content_format' must be one of "
+                f"{', '.join(CONTENT_FORMATS)}, got {fmt!r}"
+            )
         if values.get("block_size") is not None and values["block_size"] < 1:
             raise ConfigError(f"{where}: 'block_size' must be >= 1")
         for k in ("prefill_weight", "queue_weight", "decode_weight", "temperature"):
@@ -221,6 +234,8 @@ class BaseModel:
     decode_weight: float
     temperature: float
     hasher: BlockHasher
+    content_format: str = "auto"
+    """The chat template content format: "auto" (detected as vLLM does), "string", "openai"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +295,7 @@ class ModelCatalogue:
                 c.decode_weight if c.decode_weight is not None else decode_weight,
                 c.temperature if c.temperature is not None else temperature,
                 BlockHasher(name, bs, seed),
+                c.chat_template_content_format or "auto",
             )
         for a in adapters.values():
             if a.parent not in bases:

@@ -216,6 +216,7 @@ class Monitor:
         joined = self.pool.sync_registry(
             (e.id, e.url, e.models, e.capacity_blocks, e.dp_rank) for e in entries
         )
+        self.pool.set_roles("registry", ((e.id, e.role) for e in entries))
         for e in entries:
             w = self.pool.get(e.id)
             if w is not None and w.source == "registry" and w.listed is None:
@@ -226,6 +227,11 @@ class Monitor:
         for wid in ids:
             log.info("worker %s joined from %s", wid, where)
             w = self.pool.workers[wid]
+            if self.settings.models_interval_s > 0:
+                # Its models first: in a several-model fleet a worker is routed to only for
+                # the models it lists (else 404 until the next poll), and the capacity
+                # scrape below compares its block size with its own model's.
+                await self.poll_models(w)
             if self.settings.health_interval_s > 0:
                 await self.check(w)
 
@@ -245,6 +251,7 @@ class Monitor:
                         if e.ready
                     ),
                 )
+                self.pool.set_roles("kubernetes", ((e.worker_id, e.role) for e in snapshot))
                 await self._joined(joined, "discovery")
         except asyncio.CancelledError:
             raise

@@ -81,6 +81,56 @@ CHAT_REQUEST = {
 }
 
 
+RESPONSES_REQUEST = {
+    "type": "object",
+    "required": ["model", "input"],
+    "additionalProperties": True,
+    "properties": {
+        **_COMMON_PROPS,
+        "input": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "object"}},
+            ]
+        },
+        "instructions": {"type": "string"},
+        "previous_response_id": {"type": "string"},
+    },
+}
+
+EMBEDDINGS_REQUEST = {
+    "type": "object",
+    "required": ["model", "input"],
+    "additionalProperties": True,
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "input": COMPLETION_REQUEST["properties"]["prompt"],  # type: ignore[index]
+        "user": {"type": "string"},
+    },
+}
+
+# Score, rerank, tokenize, detokenize: the router reads only `model` and routes on load.
+MODEL_ONLY_REQUEST = {
+    "type": "object",
+    "required": ["model"],
+    "additionalProperties": True,
+    "properties": {"model": {"type": "string", "minLength": 1}},
+}
+
+# (path, operationId, request schema, what it is)
+_ROUTED = (
+    ("/v1/responses", "responses", "ResponsesRequest", "the Responses API, routed as chat"),
+    ("/v1/embeddings", "embeddings", "EmbeddingsRequest", "embeddings, routed on their text"),
+    ("/v1/score", "score", "ModelOnlyRequest", "vLLM's score API, routed on load"),
+    ("/score", "score_root", "ModelOnlyRequest", "vLLM's score API, routed on load"),
+    ("/v1/rerank", "rerank", "ModelOnlyRequest", "vLLM's rerank API, routed on load"),
+    ("/rerank", "rerank_root", "ModelOnlyRequest", "vLLM's rerank API, routed on load"),
+    ("/v2/rerank", "rerank_v2", "ModelOnlyRequest", "vLLM's rerank API, routed on load"),
+    ("/tokenize", "tokenize", "ModelOnlyRequest", "vLLM's tokenizer endpoint, on load"),
+    ("/detokenize", "detokenize", "ModelOnlyRequest", "vLLM's tokenizer endpoint, on load"),
+)
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "malformed JSON or fields",
@@ -113,6 +163,17 @@ def _ok(desc: str, media: str = "application/json") -> dict[str, Any]:
 def openapi_spec(version: str = "0.1.0") -> dict[str, Any]:
     """The OpenAPI document (a fresh dict each call)."""
     inference_errors = _errors(400, 404, 413, 503)
+    routed = {
+        path: {
+            "post": {
+                "operationId": op,
+                "description": what,
+                "requestBody": _json_body(schema),
+                "responses": {**_ok("the worker's answer"), **inference_errors},
+            }
+        }
+        for path, op, schema, what in _ROUTED
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "kvrouter", "version": version},
@@ -131,6 +192,7 @@ def openapi_spec(version: str = "0.1.0") -> dict[str, Any]:
                     "responses": {**_ok("the worker's answer (JSON or SSE)"), **inference_errors},
                 }
             },
+            **routed,
             "/v1/models": {"get": {"operationId": "models", "responses": _ok("served models")}},
             "/health": {"get": {"operationId": "health", "responses": _ok("liveness")}},
             "/ready": {
@@ -172,6 +234,9 @@ def openapi_spec(version: str = "0.1.0") -> dict[str, Any]:
                 "Error": _ERROR,
                 "CompletionRequest": COMPLETION_REQUEST,
                 "ChatRequest": CHAT_REQUEST,
+                "ResponsesRequest": RESPONSES_REQUEST,
+                "EmbeddingsRequest": EMBEDDINGS_REQUEST,
+                "ModelOnlyRequest": MODEL_ONLY_REQUEST,
             },
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
         },

@@ -10,7 +10,8 @@ older than ``KVR_HEARTBEAT_TIMEOUT_S``. Deregistering removes both entries.
 Description fields: ``url`` (required, http(s)://host:port), ``models`` (list; empty = every
 model the router serves), ``capacity_blocks`` (int, 0 = unknown), ``dp_rank`` (int),
 ``adapters`` (object, LoRA adapter -> base model, for adapters listed in ``models``; a
-worker's own ``/v1/models`` wins when the router polls it).
+worker's own ``/v1/models`` wins when the router polls it), ``role`` (``prefill``, ``decode``
+or ``both``, the default).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvrouter.index.keys import KeyNameError, KeySchema, validate_worker_id
-from router_node.settings import WorkerSpec
+from router_node.settings import WorkerSpec, parse_role
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class RegisteredWorker:
     heartbeat_ms: int = 0
     adapters: tuple[tuple[str, str], ...] = ()
     """(adapter, base model) pairs."""
+    role: str = "both"
+    """``prefill``, ``decode`` or ``both`` (absent in the entry = both)."""
 
 
 def _now_ms() -> int:
@@ -53,10 +56,14 @@ async def register_worker(
     capacity_blocks: int = 0,
     dp_rank: int | None = None,
     adapters: dict[str, str] | None = None,
+    kv_events: dict[str, Any] | None = None,
+    role: str = "both",
     now_ms: int | None = None,
 ) -> None:
     """Add or update a worker and heartbeat it. `adapters` maps each LoRA adapter in
-    `models` to its base model."""
+    `models` to its base model; `kv_events` (``endpoint``, ``replay``, ``topic``,
+    ``block_size``) is what a listener with registry discovery subscribes to; `role` puts it
+    in the prefill or decode pool."""
     validate_worker_id(worker_id)
     WorkerSpec.parse(url)  # same URL rules as static workers
     desc = {
@@ -67,6 +74,10 @@ async def register_worker(
     }
     if adapters:
         desc["adapters"] = dict(adapters)
+    if kv_events:
+        desc["kv_events"] = dict(kv_events)
+    if parse_role(role) != "both":
+        desc["role"] = parse_role(role)
     await client.hset(schema.registry, worker_id, json.dumps(desc))
     await heartbeat(client, schema, worker_id, now_ms=now_ms)
 
@@ -117,6 +128,7 @@ async def read_registry(
                     None if desc.get("dp_rank") is None else int(desc["dp_rank"]),
                     int(beat),
                     tuple((str(a), str(p)) for a, p in adapters.items()),
+                    parse_role(str(desc.get("role") or "both")),
                 )
             )
         except (KeyNameError, ValueError, KeyError, TypeError) as exc:

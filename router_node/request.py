@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -18,8 +18,18 @@ from kvrouter.index.hashing import TokenIdError, tokens_to_bytes
 from router_node.errors import APIError, bad_request, not_found, too_large
 from router_node.settings import RouterSettings
 
+if TYPE_CHECKING:  # routing imports this module: the annotation only
+    from router_node.routing import RoutedModel
+
 COMPLETIONS = "completions"
 CHAT = "chat"
+RESPONSES = "responses"
+"""The Responses API: rendered as the chat it stands for (vLLM serves it that way)."""
+EMBEDDINGS = "embeddings"
+"""Embeddings: text input tokenized like a completions prompt, for prefix affinity."""
+LOAD_ONLY = "load_only"
+"""Score, rerank, tokenize, detokenize: routed on load alone (the body names the model)."""
+TEXT_ENDPOINTS = (COMPLETIONS, CHAT, RESPONSES, EMBEDDINGS)
 
 
 class PromptTokenizer(Protocol):
@@ -62,6 +72,20 @@ class ParsedRequest:
     """`token_ids` packed as uint32 (set when the check already packed them; hashing reuses
     it instead of converting 4k ids again)."""
     texts: list[str] = field(default_factory=list)
+    inexact: str | None = None
+    """Why the router could not tokenize the whole prompt exactly (an image part, prompt
+    embeddings, state stored on the worker...): `token_ids` then hold only the exact text
+    prefix before it (possibly none), and the request is not checked for a mismatch."""
+
+    @property
+    def count_is_exact(self) -> bool:
+        """True when `prompt_tokens` is what the engine will count (so a worker's differing
+        usage.prompt_tokens means a wrong tokenizer or template here)."""
+        return self.inexact is None and self.token_ids is not None and self.prompt_tokens > 0
+
+    resolved: RoutedModel | None = None
+    """The model with its tokenizer, hasher and scoring, resolved once by parse_request
+    (None when no resolver was given: the plain configured-name check)."""
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -80,16 +104,19 @@ def parse_request(
     body: dict[str, Any],
     headers: Mapping[str, str],
     settings: RouterSettings,
-    known: Callable[[str], bool] | None = None,
+    resolve: Callable[[str], RoutedModel | None] | None = None,
 ) -> ParsedRequest:
     """Check the fields routing needs. Raises APIError (400 malformed, 404 unknown model).
 
-    `known` says whether the router serves a model name (default: it is configured); the app
-    passes one that also knows the adapters its workers list."""
+    `resolve` turns a model name into what routing needs, or None when the router does not
+    serve it (the app passes `Router.resolve`, which also knows the adapters its workers
+    list); it runs once, and the result rides on the request. Without it a name must be
+    configured."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a string", "model")
-    if not (known(model) if known is not None else model in settings.models):
+    resolved = resolve(model) if resolve is not None else None
+    if resolved is None and (resolve is not None or model not in settings.models):
         raise not_found(f"The model `{model}` does not exist.", "model", "model_not_found")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -100,15 +127,22 @@ def parse_request(
     session = headers.get(settings.session_header) or body.get("user")
     if session is not None and not isinstance(session, str):
         raise bad_request("'user' must be a string", "user")
-    req = ParsedRequest(endpoint, model, stream, body, salt, session or None)
+    req = ParsedRequest(endpoint, model, stream, body, salt, session or None, resolved=resolved)
     if endpoint == COMPLETIONS:
-        _check_prompt(body.get("prompt"))
-    else:
+        if body.get("prompt") is not None or body.get("prompt_embeds") is None:
+            _check_prompt(body.get("prompt"))
+    elif endpoint == CHAT:
         _check_messages(body.get("messages"))
+    elif endpoint == RESPONSES:
+        value = body.get("input")
+        if not isinstance(value, str | list):
+            raise bad_request("'input' must be a string or a list of items", "input")
+    elif endpoint == EMBEDDINGS and "messages" not in body:
+        _check_prompt(body.get("input"), "input")
     return req
 
 
-def _check_prompt(prompt: Any) -> None:
+def _check_prompt(prompt: Any, name: str = "prompt") -> None:
     # Shape only, from the first element: a token list is checked in C when it is tokenized
     # (a per-token Python loop here would cost more than the rest of the request path).
     if isinstance(prompt, str):
@@ -122,9 +156,9 @@ def _check_prompt(prompt: Any) -> None:
         if isinstance(head, int) and not isinstance(head, bool):
             return  # one token list
     raise bad_request(
-        "'prompt' must be a string, a list of strings, a list of token ids "
+        f"'{name}' must be a string, a list of strings, a list of token ids "
         "or a list of token-id lists (non-empty)",
-        "prompt",
+        name,
     )
 
 
@@ -170,47 +204,137 @@ def tokenize(
         from kvrouter.tokenizer.errors import TokenizationRequestError
 
         if isinstance(exc, TokenizationRequestError):
-            param = "messages" if req.endpoint == CHAT else "prompt"
-            raise bad_request(str(exc), param) from None
+            raise bad_request(str(exc), _param(req.endpoint)) from None
         raise
+    _apply_truncation(req)
     limit = settings.max_prompt_tokens
     if limit and req.prompt_tokens > limit:
-        param = "messages" if req.endpoint == CHAT else "prompt"
+        param = _param(req.endpoint)
         raise too_large(
             f"the prompt has {req.prompt_tokens} tokens; this router accepts at most {limit}",
             param,
         )
 
 
+def _apply_truncation(req: ParsedRequest) -> None:
+    """vLLM's ``truncate_prompt_tokens`` cuts the prompt the router just tokenized: kept
+    from the left (the default) every block key changes, so route on load; kept from the
+    right (``truncation_side: "right"``) the first N tokens are still an exact prefix."""
+    keep = req.body.get("truncate_prompt_tokens")
+    if keep is None or req.token_ids is None:
+        return
+    req.inexact = req.inexact or "truncate_prompt_tokens"
+    if req.body.get("truncation_side") == "right" and type(keep) is int and keep >= 0:
+        req.token_ids = req.token_ids[:keep]
+        req.token_bytes = None
+    else:
+        req.token_ids = None
+        req.token_bytes = None
+    req.prompt_tokens = len(req.token_ids or ())
+
+
+def _param(endpoint: str) -> str:
+    return {CHAT: "messages", RESPONSES: "input", EMBEDDINGS: "input"}.get(endpoint, "prompt")
+
+
 def _tokenize(req: ParsedRequest, tokenizer: PromptTokenizer | None) -> None:
     body = req.body
+    if req.endpoint == LOAD_ONLY:
+        return
+    if req.endpoint == RESPONSES:
+        if tokenizer is None:
+            return
+        from kvrouter.tokenizer.errors import UntokenizableContent
+        from kvrouter.tokenizer.preprocess import responses_to_chat_body
+
+        try:
+            chat = responses_to_chat_body(body)
+        except UntokenizableContent as exc:
+            req.inexact = exc.reason
+            return
+        _tokenize_chat(req, tokenizer, chat)
+        return
+    if req.endpoint == EMBEDDINGS:
+        if "messages" in body:
+            # vLLM's chat-style embeddings have their own template defaults; not modelled.
+            req.inexact = "embeddings_messages"
+            return
+        _tokenize_prompts(req, tokenizer, body.get("input"), body.get("add_special_tokens", True))
+        return
     if req.endpoint == CHAT:
         if tokenizer is None:
             return
-        kwargs = body.get("chat_template_kwargs") or {}
-        if not isinstance(kwargs, dict):
-            raise bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs")
-        flags = {}
-        for name, default in (
-            ("add_generation_prompt", True),
-            ("continue_final_message", False),
-            ("add_special_tokens", False),
-        ):
-            value = body.get(name, default)
-            if not isinstance(value, bool):
-                raise bad_request(f"'{name}' must be a boolean", name)
-            flags[name] = value
-        ids = tokenizer.encode_chat(
-            body["messages"],
-            tools=body.get("tools"),
-            documents=body.get("documents"),
-            **flags,
-            **{k: v for k, v in kwargs.items() if k not in flags},
-        )
+        _tokenize_chat(req, tokenizer, body)
+        return
+    if body.get("prompt_embeds") is not None:
+        # The engine splices embeddings the router cannot see: route on load.
+        req.inexact = "prompt_embeds"
+        return
+    _tokenize_prompts(req, tokenizer, body["prompt"], body.get("add_special_tokens", True))
+
+
+def _tokenize_chat(req: ParsedRequest, tokenizer: PromptTokenizer, body: Mapping[str, Any]) -> None:
+    if body.get("chat_template") is not None:
+        # A per-request template (vLLM needs --trust-request-chat-template for it): the
+        # router renders only the model's own templates.
+        req.inexact = "request_chat_template"
+        return
+    encode_request = getattr(tokenizer, "encode_chat_request", None)
+    if encode_request is not None:
+        from kvrouter.tokenizer.errors import TokenizerError, UntokenizableContent
+        from kvrouter.tokenizer.preprocess import first_untokenizable
+
+        try:
+            ids = encode_request(body)
+        except UntokenizableContent as exc:
+            # Route on the exact text before the first part the router cannot render: the
+            # messages before it, rendered without a generation prompt, are a prefix of the
+            # engine's prompt (the part's own message starts after them).
+            req.inexact = exc.reason
+            messages = body.get("messages") or []
+            first = first_untokenizable(messages)
+            ids = []
+            if first is not None and first[0] > 0:
+                prefix = {
+                    **body,
+                    "messages": messages[: first[0]],
+                    "add_generation_prompt": False,
+                    "continue_final_message": False,
+                }
+                try:
+                    ids = encode_request(prefix)
+                except TokenizerError:
+                    ids = []
+            req.token_ids, req.prompt_tokens = (ids or None), len(ids)
+            return
         req.token_ids, req.prompt_tokens = ids, len(ids)
         return
-    prompt = body["prompt"]
-    add_special = body.get("add_special_tokens", True)
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    flags = {}
+    for name, default in (
+        ("add_generation_prompt", True),
+        ("continue_final_message", False),
+        ("add_special_tokens", False),
+    ):
+        value = body.get(name, default)
+        if not isinstance(value, bool):
+            raise bad_request(f"'{name}' must be a boolean", name)
+        flags[name] = value
+    ids = tokenizer.encode_chat(
+        body["messages"],
+        tools=body.get("tools"),
+        documents=body.get("documents"),
+        **flags,
+        **{k: v for k, v in kwargs.items() if k not in flags},
+    )
+    req.token_ids, req.prompt_tokens = ids, len(ids)
+
+
+def _tokenize_prompts(
+    req: ParsedRequest, tokenizer: PromptTokenizer | None, prompt: Any, add_special: Any
+) -> None:
     if not isinstance(add_special, bool):
         raise bad_request("'add_special_tokens' must be a boolean", "add_special_tokens")
     if isinstance(prompt, str):

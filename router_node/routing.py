@@ -10,20 +10,65 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import WorkerLoad
 from router_node.errors import not_found, unavailable
 from router_node.metrics import Metrics
-from router_node.models import ModelCatalogue, Resolved
-from router_node.request import ParsedRequest
-from router_node.scoring import Candidate, Decision, ScoringConfig, decide
+from router_node.models import BaseModel, ModelCatalogue, Resolved
+from router_node.request import ParsedRequest, PromptTokenizer
+from router_node.scoring import (
+    Candidate,
+    Decision,
+    PairConfig,
+    PairDecision,
+    ScoringConfig,
+    decide,
+    decide_pair,
+)
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
-from router_node.workers import WorkerPool
+from router_node.tiers import tier_credit_blocks
+from router_node.tracing import ATTR_CHOSEN, ATTR_POLICY, ATTR_REASON, get_tracer
+from router_node.workers import WorkerPool, relative_speeds
 
 # Policies that read residency or shared load; the others route without a lookup.
 _NEEDS_LOOKUP = frozenset({"kv", "prefix_only", "least_load"})
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedModel:
+    """A request's model, resolved once per request: what the name means (a base model or an
+    adapter of one) and everything routing it takes (tokenizer, block hasher, scoring)."""
+
+    resolved: Resolved
+    tokenizer: PromptTokenizer | None
+    """The base model's tokenizer (an adapter tokenizes like its base); None: route on load."""
+    scoring: ScoringConfig
+
+    @property
+    def name(self) -> str:
+        """The requested name: the index namespace of its blocks."""
+        return self.resolved.name
+
+    @property
+    def base(self) -> BaseModel:
+        return self.resolved.base
+
+    @property
+    def lora_name(self) -> str | None:
+        return self.resolved.lora_name
+
+    @property
+    def hasher(self) -> BlockHasher:
+        return self.resolved.base.hasher
+
+    def keys(self, tokens: Any, cache_salt: str | None = None) -> list[int]:
+        """Block keys of `tokens` as the engine serving this model hashes them."""
+        return self.resolved.keys(tokens, cache_salt=cache_salt)
 
 
 @dataclass(slots=True)
@@ -37,6 +82,9 @@ class Plan:
     """Blocks the engine can reuse at most: ``(prompt_tokens - 1) // block_size``."""
     depths: dict[str, int] = field(default_factory=dict)
     """Raw matched depth per worker from the lookup (blocks)."""
+    tier_depths: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Worker -> medium -> blocks past its GPU match it holds on that lower tier (capped at
+    the useful blocks; only workers with any)."""
     load: dict[str, WorkerLoad] = field(default_factory=dict)
     candidates: list[Candidate] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -49,12 +97,21 @@ class Plan:
     lora_name: str | None = None
     lora_path: str | None = None
     """Where a worker loads the adapter from (config), for ``/v1/load_lora_adapter``."""
+    pair: PairDecision | None = None
+    """Set when the fleet is disaggregated (some worker has role prefill) and the policy is
+    kv: the prefill/decode choice. ``decision.ranking`` is then the decode pool's ranking."""
 
     def matched_blocks(self, worker: str) -> int:
         return min(self.depths.get(worker, 0), self.useful_blocks)
 
     def matched_tokens(self, worker: str, block_size: int | None = None) -> int:
         return self.matched_blocks(worker) * (block_size or self.block_size)
+
+
+def policy_is_kv(policy: str) -> bool:
+    """The P/D split needs the kv policy's view of residency and load; baseline policies
+    route whole requests (prefill-only workers then take none)."""
+    return policy == "kv"
 
 
 class Router:
@@ -65,14 +122,31 @@ class Router:
         shared: SharedIndex,
         metrics: Metrics,
         rng: random.Random | None = None,
+        tokenizers: Mapping[str, PromptTokenizer | None] | None = None,
     ) -> None:
+        """`tokenizers`: each base model's tokenizer by name (None or a missing name: no
+        tokenizer, the model's text prompts are routed on load alone)."""
         self.settings = settings
         self.pool = pool
         self.shared = shared
         self.metrics = metrics
         self.rng = rng or random.Random()
-        self.sequence = 0
+        # Each replica starts its round-robin at a random position: replicas that all
+        # started at 0 would send their first requests (a burst behind a round-robin front)
+        # to the same workers in the same order.
+        # Drawn from a copy of `rng`, so the draws the policies make stay as they were.
+        offset = random.Random()
+        offset.setstate(self.rng.getstate())
+        self.sequence = offset.randrange(1 << 30)
+        self.tracer = get_tracer()
+        """Spans of the lookup and the scoring (create_app sets the app's tracer)."""
         self.catalogue: ModelCatalogue = settings.catalogue()
+        self.pair_config = PairConfig(
+            min_prefill_tokens=settings.pd_min_prefill_tokens,
+            saturation_tokens=settings.pd_saturation_tokens,
+            transfer_weight=settings.pd_transfer_weight,
+            local_max_tokens=settings.pd_local_max_tokens,
+        )
         self.configs = {
             name: ScoringConfig(
                 block_size=b.block_size,
@@ -85,33 +159,36 @@ class Router:
             )
             for name, b in self.catalogue.bases.items()
         }
+        self.tokenizers: dict[str, PromptTokenizer | None] = dict(tokenizers or {})
+        self.tier_credits = settings.tier_credit_map
 
-    def resolve(self, model: str) -> Resolved | None:
+    def resolve(self, model: str) -> RoutedModel | None:
         """What `model` is (a configured base model or adapter, or an adapter a worker
-        lists with a configured parent); None when this router cannot serve it."""
-        return self.catalogue.resolve(model, self.pool.adapter_parent(model))
+        lists with a configured parent), with its tokenizer and scoring; None when this
+        router cannot serve it. The app calls it once per request (parse_request)."""
+        resolved = self.catalogue.resolve(model, self.pool.adapter_parent(model))
+        if resolved is None:
+            return None
+        base = resolved.base.name
+        return RoutedModel(resolved, self.tokenizers.get(base), self.configs[base])
 
-    def knows(self, model: str) -> bool:
-        return self.resolve(model) is not None
-
-    def chain(self, req: ParsedRequest, model: Resolved | None = None) -> list[int]:
+    def chain(self, req: ParsedRequest, model: RoutedModel) -> list[int]:
+        """Block keys of the prompt's full blocks (empty when the prompt is unknown)."""
         if not req.token_ids:
-            return []
-        model = model or self.resolve(req.model)
-        if model is None:
             return []
         tokens = req.token_bytes if req.token_bytes is not None else req.token_ids
         return model.keys(tokens, cache_salt=req.cache_salt)
 
     async def plan(self, req: ParsedRequest, *, allowed: frozenset[str] | None = None) -> Plan:
-        """Rank the workers for `req`. Raises APIError 404 for a model no one serves, 503
-        when no worker can take it now. `allowed`, when given, keeps only the workers whose
-        address (``host:port``) it names (an endpoint picker's subset hint)."""
-        model = self.resolve(req.model)
+        """Rank the workers for `req`, on the model parse_request resolved. Raises APIError
+        404 for a model no one serves, 503 when no worker can take it now. `allowed`, when
+        given, keeps only the workers whose address (``host:port``) it names (an endpoint
+        picker's subset hint)."""
+        model = req.resolved if req.resolved is not None else self.resolve(req.model)
         if model is None:
             raise not_found(f"The model `{req.model}` does not exist.", "model", "model_not_found")
         placement = self.settings.lora_placement
-        pairs = self.pool.candidates_for(model, placement, time.monotonic())
+        pairs = self.pool.candidates_for(model.resolved, placement, time.monotonic())
         if allowed is not None:
             pairs = [(w, loaded) for w, loaded in pairs if w.address in allowed]
             if not pairs:
@@ -119,7 +196,13 @@ class Router:
                     f"no worker named by the subset hint can serve model {req.model!r}",
                     self.settings.retry_after_s,
                 )
-        if not pairs:
+        # Prefill-only workers never take a whole request: they answer one token and hand
+        # the KV cache over. They are candidates of the prefill leg only (below).
+        prefill_only = {w.id for w, _ in pairs if w.role == "prefill"}
+        disaggregated = bool(prefill_only) and policy_is_kv(self.settings.policy)
+        if not disaggregated:
+            pairs = [(w, loaded) for w, loaded in pairs if w.role != "prefill"]
+        if not pairs or all(w.role == "prefill" for w, _ in pairs):
             if model.lora_name is not None and not self.pool.lists(model.name):
                 where = (
                     "no worker has it loaded"
@@ -140,7 +223,7 @@ class Router:
         load_penalty = {
             w.id: float(self.settings.lora_load_cost_blocks) for w, loaded in pairs if not loaded
         }
-        config = self.configs[model.base.name]
+        config = model.scoring
         bs = model.base.block_size
         n_tokens = len(req.token_ids or ())
         chain = self.chain(req, model)
@@ -158,14 +241,26 @@ class Router:
         policy = self.settings.policy
         result = None
         if policy in _NEEDS_LOOKUP:
-            result = await self.shared.lookup(
-                req.model, chain[: plan.useful_blocks], [w.id for w in workers]
-            )
+            with self.tracer.start_as_current_span("lookup") as span:
+                result = await self.shared.lookup(
+                    req.model,
+                    chain[: plan.useful_blocks],
+                    [w.id for w in workers],
+                    media=tuple(self.tier_credits),
+                )
+                span.set_attribute("kvrouter.lookup.blocks", plan.useful_blocks)
+                span.set_attribute("kvrouter.lookup.indexed", result is not None)
         if result is not None:
             plan.indexed = True
             plan.depths = result.depths
+            if result.tiers:
+                for w in workers:
+                    td = result.tier_depths(w.id, plan.useful_blocks)
+                    if td:
+                        plan.tier_depths[w.id] = td
             plan.load = result.load
             empty = WorkerLoad()
+            speed = relative_speeds(workers) if self.settings.speed_aware else {}
             # Shared load comes from leases that land a round trip after each dispatch, so
             # a burst of arrivals would all see the same "least loaded" worker and pile onto
             # it. This replica's own counts are current: take whichever is larger.
@@ -176,6 +271,8 @@ class Router:
                     max(result.load.get(w.id, empty).requests, w.inflight),
                     max(result.load.get(w.id, empty).prefill_tokens, w.prefill_pending),
                     load_penalty.get(w.id, 0.0),
+                    speed.get(w.id, 1.0),
+                    tier_credit_blocks(plan.tier_depths.get(w.id, {}), self.tier_credits),
                 )
                 for w in workers
             ]
@@ -185,20 +282,33 @@ class Router:
                 for w in workers
             ]
         plan.candidates = cands
-        self.sequence += 1
-        if policy in _NEEDS_LOOKUP and result is None:
-            d = decide("least_load", cands, n_tokens, config, self.rng)
-            plan.decision = Decision(
-                policy, "redis_down" if self.shared.enabled else "local", d.ranking
-            )
-        else:
-            plan.decision = decide(
-                policy,
-                cands,
-                n_tokens,
-                config,
-                self.rng,
-                sequence=self.sequence,
-                session_key=req.session_key,
-            )
+        with self.tracer.start_as_current_span("score") as span:
+            self.sequence += 1
+            if disaggregated:
+                roles = {w.id: w.role for w in workers}
+                pre = [c for c in cands if roles[c.worker] in ("prefill", "both")]
+                dec = [c for c in cands if roles[c.worker] in ("decode", "both")]
+                pair = decide_pair(pre, dec, n_tokens, config, self.pair_config, self.rng)
+                plan.pair = pair
+                reason = "redis_down" if result is None else pair.reason
+                plan.decision = Decision(policy, reason, pair.decode, pair.costs)
+            elif policy in _NEEDS_LOOKUP and result is None:
+                d = decide("least_load", cands, n_tokens, config, self.rng)
+                plan.decision = Decision(
+                    policy, "redis_down" if self.shared.enabled else "local", d.ranking
+                )
+            else:
+                plan.decision = decide(
+                    policy,
+                    cands,
+                    n_tokens,
+                    config,
+                    self.rng,
+                    sequence=self.sequence,
+                    session_key=req.session_key,
+                )
+            d = plan.decision
+            span.set_attribute(ATTR_POLICY, d.policy)
+            span.set_attribute(ATTR_REASON, d.reason)
+            span.set_attribute(ATTR_CHOSEN, d.worker)
         return plan

@@ -10,6 +10,9 @@ The default ``kv`` policy is a cost model, in blocks of prefill work::
     cost(w) = prefill_weight * (blocks w must prefill + queue_weight * w's queued prefill blocks)
             + decode_weight  * w's in-flight requests
 
+where a block w holds on a lower storage tier (offloaded to CPU memory or disk, past its GPU
+match) counts as a fraction of a hit (``tier_credits``, router_node/tiers.py).
+
 ``queue_weight`` (default 0.5) counts another request's queued prefill at half the weight of
 this request's own: leaving a worker that holds the conversation costs more than this request's
 prefill (the next turn misses too), and on the Mooncake trace full weight moved half the
@@ -64,6 +67,14 @@ class Candidate:
     setup_blocks: float = 0.0
     """Work, in prefill blocks, the worker must do before this request's prefill (loading a
     LoRA adapter it does not hold); the kv policy adds it to the cost."""
+    speed: float = 1.0
+    """The worker's prefill speed over the fleet's mean (2.0: prefills twice as fast). The kv
+    cost divides its prefill work by it, so the cost is predicted time to first token in
+    units of "one block at the fleet's mean speed"; 1.0 when unknown or not speed-aware."""
+    tier_blocks: float = 0.0
+    """Blocks past ``matched_blocks`` the engine loads from a lower storage tier (CPU memory,
+    disk), each weighted by its tier's credit, a fraction of a GPU hit (router_node/tiers.py):
+    the kv cost counts them as that much less prefill."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +86,8 @@ class ScoringConfig:
     queue_weight: float = 0.5
     decode_weight: float = 2.0
     temperature: float = 0.0
-    balance_abs: int = 4
-    balance_rel: float = 1.5
+    balance_abs: int = 8
+    balance_rel: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +108,10 @@ class Decision:
 
 def kv_cost(c: Candidate, prompt_tokens: int, cfg: ScoringConfig) -> float:
     """The kv policy's cost of sending a `prompt_tokens` prompt to `c` (blocks of work)."""
-    own = max(0, prompt_tokens - c.matched_blocks * cfg.block_size)
+    own = max(0.0, prompt_tokens - (c.matched_blocks + c.tier_blocks) * cfg.block_size)
     prefill_blocks = (own + cfg.queue_weight * c.prefill_tokens) / cfg.block_size
-    return cfg.prefill_weight * (prefill_blocks + c.setup_blocks) + cfg.decode_weight * c.requests
+    prefill = (prefill_blocks + c.setup_blocks) / c.speed
+    return cfg.prefill_weight * prefill + cfg.decode_weight * c.requests
 
 
 def guard_limit(least_requests: int, cfg: ScoringConfig) -> float:
@@ -216,3 +228,112 @@ def _sample(
         if x <= _EPS:
             return i
     return indices[-1]
+
+
+# -- prefill/decode disaggregation -----------------------------------------------------------
+
+PAIR_REASONS = ("split", "short_suffix", "prefill_saturated", "no_prefill_worker")
+
+
+@dataclass(frozen=True, slots=True)
+class PairConfig:
+    """The knobs of `decide_pair` (from RouterSettings)."""
+
+    min_prefill_tokens: int = 256
+    """Split only when the decode worker's uncached suffix has at least this many tokens:
+    below it, a local prefill costs less than the extra hop and the KV transfer."""
+    saturation_tokens: int = 0
+    """The prefill pool is saturated when every prefill worker has at least this many prompt
+    tokens queued; then requests run whole on the decode worker. 0 = never saturated."""
+    transfer_weight: float = 0.1
+    """Cost of pulling one block from the prefill worker, against computing it (1.0)."""
+    local_max_tokens: int = 0
+    """With the prefill pool saturated, only a request whose uncached suffix is at most this
+    many tokens runs whole on the decode worker; a longer one still takes the prefill hop and
+    queues. A local prefill stalls every decode batched with its chunks, for longer the longer
+    the suffix: this bounds the stall the saturation fallback brings back. 0 = any suffix."""
+
+
+@dataclass(frozen=True, slots=True)
+class PairDecision:
+    """Where one request goes under prefill/decode disaggregation."""
+
+    split: bool
+    """True: prefill leg on ``prefill[0]``, decode leg on ``decode[0]``. False: the whole
+    request on ``decode[0]`` (``prefill`` is then empty)."""
+    reason: str
+    """One of `PAIR_REASONS`: split, short_suffix, prefill_saturated, no_prefill_worker."""
+    prefill: tuple[str, ...]
+    """Prefill workers, best first (the rest are the fallbacks of a failed prefill leg)."""
+    decode: tuple[str, ...]
+    """Decode workers, best first (fallbacks of a decode leg that fails before its first byte)."""
+    suffix_tokens: int
+    """Prompt tokens the chosen decode worker does not hold (what a prefill hop would save)."""
+    costs: Mapping[str, float] = field(default_factory=dict)
+    """Decode cost per decode worker (split) or kv cost (whole request)."""
+    prefill_costs: Mapping[str, float] = field(default_factory=dict)
+
+
+def decode_cost(c: Candidate, prompt_tokens: int, cfg: ScoringConfig, pcfg: PairConfig) -> float:
+    """Cost of decoding a `prompt_tokens` request on `c` after a remote prefill: its decode
+    load, plus the blocks it must pull (those it holds need no transfer)."""
+    missing = max(0, prompt_tokens - c.matched_blocks * cfg.block_size) / cfg.block_size
+    return cfg.decode_weight * c.requests + cfg.prefill_weight * (
+        pcfg.transfer_weight * missing + c.setup_blocks
+    )
+
+
+def decide_pair(
+    prefill: Sequence[Candidate],
+    decode: Sequence[Candidate],
+    prompt_tokens: int,
+    cfg: ScoringConfig,
+    pcfg: PairConfig,
+    rng: random.Random,
+) -> PairDecision:
+    """Choose a (prefill, decode) pair for one request, or run it whole on a decode worker.
+
+    The decode worker is chosen first, by `decode_cost` (decode load plus transfer). If its
+    uncached suffix is below ``min_prefill_tokens``, no prefill worker is there, or every
+    prefill worker has ``saturation_tokens`` queued (and the suffix is at most
+    ``local_max_tokens``, when set), the request runs whole on the decode pool, ranked by the
+    kv policy (it prefills locally). Otherwise the prefill worker is the kv policy's pick over
+    the prefill pool (matched blocks and queued prefill). Pure and deterministic for a given
+    `rng` state; raises ValueError when `decode` is empty.
+    """
+    if not decode:
+        raise ValueError("no decode candidates to choose from")
+    dcosts = [decode_cost(c, prompt_tokens, cfg, pcfg) for c in decode]
+    ties = _tiebreak(rng, len(decode))
+    order = sorted(range(len(decode)), key=lambda i: (dcosts[i], ties[i]))
+    best = decode[order[0]]
+    suffix = max(0, prompt_tokens - best.matched_blocks * cfg.block_size)
+    reason = "split"
+    if not prefill:
+        reason = "no_prefill_worker"
+    elif suffix < pcfg.min_prefill_tokens:
+        reason = "short_suffix"
+    elif (
+        pcfg.saturation_tokens > 0
+        and (pcfg.local_max_tokens == 0 or suffix <= pcfg.local_max_tokens)
+        and all(c.prefill_tokens >= pcfg.saturation_tokens for c in prefill)
+    ):
+        reason = "prefill_saturated"
+    if reason != "split":
+        # The decode worker prefills the prompt itself: the kv policy weighs exactly that.
+        whole = _kv(decode, prompt_tokens, cfg, rng)
+        w = whole.worker
+        held = next(c for c in decode if c.worker == w).matched_blocks * cfg.block_size
+        return PairDecision(
+            False, reason, (), whole.ranking, max(0, prompt_tokens - held), whole.costs
+        )
+    p = _kv(prefill, prompt_tokens, cfg, rng)
+    return PairDecision(
+        True,
+        "split",
+        p.ranking,
+        tuple(decode[i].worker for i in order),
+        suffix,
+        {decode[i].worker: dcosts[i] for i in range(len(decode))},
+        p.costs,
+    )

@@ -10,7 +10,7 @@ docs/settings.md lists every setting; tests/test_settings_schema.py keeps it in 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit
@@ -21,6 +21,7 @@ from kvrouter.index.keys import KeyNameError, validate_worker_id
 from kvrouter.settings import (
     DISCOVERY_MODES,
     Bool,
+    CommaList,
     Int,
     SettingsError,
     SharedSettings,
@@ -36,9 +37,11 @@ from router_node.models import (
     load_config_file,
 )
 from router_node.scoring import POLICIES
+from router_node.tiers import DEFAULT_TIER_CREDITS, parse_tier_credits
 
 __all__ = [
     "DISCOVERY_MODES",
+    "ROLES",
     "RouterSettings",
     "SettingsError",
     "WorkerSpec",
@@ -47,10 +50,21 @@ __all__ = [
     "settings_table_rows",
 ]
 
+ROLES = ("both", "prefill", "decode")
+"""Worker roles for prefill/decode disaggregation; ``both`` serves whole requests."""
+
+
+def parse_role(text: str) -> str:
+    """A worker role (case-insensitive); raises ValueError naming the choices."""
+    role = text.strip().lower()
+    if role not in ROLES:
+        raise ValueError(f"worker role must be one of {', '.join(ROLES)}, got {text!r}")
+    return role
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """One statically configured worker: ``[ID=]URL[#dpN]``."""
+    """One statically configured worker: ``[ID=]URL[#dpN][@ROLE]``."""
 
     id: str
     url: str
@@ -59,15 +73,23 @@ class WorkerSpec:
     models: tuple[str, ...] = ()
     """Models it serves (config file ``[[workers]]``); empty = learn from its /v1/models,
     else every model."""
+    role: str = "both"
+    """``prefill``, ``decode`` or ``both`` (prefill/decode disaggregation)."""
 
     @classmethod
     def parse(cls, text: str) -> WorkerSpec:
-        """Parse ``[ID=]URL`` where URL may end in ``#dpN`` for data-parallel rank N.
+        """Parse ``[ID=]URL[#dpN][@ROLE]``: ``#dpN`` pins data-parallel rank N, ``@prefill`` or
+        ``@decode`` puts the worker in that pool (default ``both``).
 
         The id defaults to the URL's host:port (plus ``#dpN`` for N > 0): the id the listener
         and the index use for the same engine.
         """
         text = text.strip()
+        role = "both"
+        head, at, tail = text.rpartition("@")
+        # Only a known role after the last '@' is a role: a URL's user@host stays a URL.
+        if at and tail.strip().lower() in ROLES:
+            text, role = head, tail.strip().lower()
         wid, sep, url = text.partition("=")
         if not sep or "://" in wid:
             wid, url = "", text
@@ -90,7 +112,7 @@ class WorkerSpec:
             validate_worker_id(wid)
         except KeyNameError as exc:
             raise ValueError(str(exc)) from None
-        return cls(wid, url.rstrip("/"), rank)
+        return cls(wid, url.rstrip("/"), rank, role=role)
 
 
 def _workers(value: Any) -> Any:
@@ -125,10 +147,11 @@ class RouterSettings(SharedSettings):
         "[[workers]] (see docs/configuration.md); the environment and flags win over it",
     )
     host: str = setting("0.0.0.0", "address to listen on")
-    port: Int = setting(8080, "port to listen on (0: any free port)", ge=0, le=65535)
+    port: Int = setting(8000, "port to listen on (0: any free port)", ge=0, le=65535)
     workers: Workers = setting(
         (),
-        "static workers, `[ID=]URL[#dpN]` (env: comma-separated; flag: repeatable)",
+        "static workers, `[ID=]URL[#dpN][@ROLE]`, ROLE prefill, decode or both (env: "
+        "comma-separated; flag: repeatable)",
         flag="--worker",
         repeatable=True,
     )
@@ -158,20 +181,67 @@ class RouterSettings(SharedSettings):
     speculative_ttl_s: float = setting(
         30.0, "life of speculative residency written at dispatch when kv_events is on", gt=0
     )
+    feedback_heal: Bool = setting(
+        True,
+        "when a worker reports fewer cached tokens (usage.prompt_tokens_details) than the "
+        "router matched, drop that worker's records of the chain past the engine's depth",
+    )
+    feedback_max_blocks: Int = setting(
+        1024,
+        "most blocks one feedback correction drops (the first one, marked a hole, already "
+        "cuts every chain through it)",
+        ge=1,
+    )
     scrape_capacity: Bool = setting(True, "read capacity from vLLM's vllm:cache_config_info metric")
     prefill_weight: float = setting(1.0, "kv cost per block to prefill (own and queued)", ge=0)
     queue_weight: float = setting(
         0.5, "kv: weight of a worker's queued prefill against its own", ge=0
     )
     decode_weight: float = setting(2.0, "kv cost per in-flight request on the worker", ge=0)
+    speed_aware: Bool = setting(
+        False,
+        "kv: divide each worker's prefill cost by its prefill speed relative to the fleet's, "
+        "learned from its own TTFTs (a fleet of mixed GPUs)",
+    )
     temperature: float = setting(
         0.0, "kv softmax temperature over cost (0 = pick the lowest)", ge=0
     )
+    tier_credits: CommaList = setting(
+        DEFAULT_TIER_CREDITS,
+        "kv: a block the worker holds on a lower storage tier (the engine reports it on "
+        "another medium) is credited at this fraction of a GPU hit, per medium, as "
+        "MEDIUM=fraction (defaults: llm-d's CPU 0.8, Dynamo's disk 0.25; docs/configuration.md); "
+        "a medium left out or at 0 is ignored (CPU=0: no tier counts)",
+    )
+    # 8 and 2.0 (were 4 and 1.5): at load 4 of the shared-prefix sweep the tighter guard
+    # fired on ordinary Poisson imbalance, each spill a full cold prefill of a 2,048-token
+    # prefix that also evicted another group's; see docs/benchmarks.md.
     balance_abs: Int = setting(
-        4, "guard: a worker may lead the least-loaded by this many requests", ge=0
+        8, "guard: a worker may lead the least-loaded by this many requests", ge=0
     )
     balance_rel: float = setting(
-        1.5, "guard: ... or by this factor of the least-loaded one's load", ge=1
+        2.0, "guard: ... or by this factor of the least-loaded one's load", ge=1
+    )
+    pd_min_prefill_tokens: Int = setting(
+        256,
+        "P/D: skip the prefill hop when the decode worker's uncached suffix is shorter (tokens)",
+        ge=0,
+    )
+    pd_saturation_tokens: Int = setting(
+        0,
+        "P/D: prefill pool saturated (requests run whole on a decode worker) when every "
+        "prefill worker has this many prompt tokens queued (0 = never)",
+        ge=0,
+    )
+    pd_local_max_tokens: Int = setting(
+        0,
+        "P/D: with the prefill pool saturated, only an uncached suffix up to this many tokens "
+        "runs whole on a decode worker (its prefill stalls that worker's decodes); a longer "
+        "one still takes the prefill hop (0 = any suffix)",
+        ge=0,
+    )
+    pd_transfer_weight: float = setting(
+        0.1, "P/D: cost of pulling a KV block against computing it", ge=0
     )
     session_header: str = setting(
         "x-session-id", "request header naming a session (session policy)"
@@ -229,6 +299,55 @@ class RouterSettings(SharedSettings):
     metrics_port: Int = setting(
         9090, "kvrouter epp: HTTP port of /metrics (-1 = off)", ge=-1, le=65535
     )
+    header_timeout_s: float = setting(
+        30.0,
+        "a connection whose request line and headers are not in this long after their first "
+        "byte is dropped (0 = off: aiohttp's 75 s keep-alive timer is the only bound)",
+        ge=0,
+    )
+    max_headers: Int = setting(128, "most header lines in a request (400 above)", ge=1)
+    max_header_bytes: Int = setting(
+        8190, "longest request line or header line in bytes (400 above)", ge=1
+    )
+    rate_limit_rps: float = setting(
+        0.0,
+        "requests per second per client (API key, else address), a token bucket in Redis "
+        "shared by every replica; 429 with Retry-After beyond it (0 = off)",
+        ge=0,
+        allow_inf_nan=False,
+    )
+    rate_limit_burst: Int = setting(
+        0, "token bucket size per client (0 = rate_limit_rps, at least 1)", ge=0
+    )
+    priority_header: str = setting(
+        "x-kvrouter-priority",
+        "request header giving a request's priority: interactive (default) or batch",
+    )
+    batch_key_digests: CommaList = setting(
+        (),
+        "SHA-256 hex digests of API keys (the Authorization header's token) whose requests are "
+        "always batch, whatever their priority header says (comma-separated)",
+    )
+    worker_max_inflight: Int = setting(
+        0,
+        "requests per worker this replica lets in before queueing the rest, interactive ahead "
+        "of batch (0 = no router queue)",
+        ge=0,
+    )
+    batch_share: float = setting(
+        0.5,
+        "share of those slots batch requests may fill; the rest stay free for interactive ones",
+        gt=0,
+        le=1,
+    )
+    priority_queue_max: Int = setting(
+        1024, "requests that may wait in the priority queue (503 with Retry-After beyond)", ge=0
+    )
+    max_concurrent: Int = setting(
+        0,
+        "inference requests in flight per replica; 503 with Retry-After beyond it (0 = no bound)",
+        ge=0,
+    )
     model_configs: ModelConfigs = setting(
         (), "per-model settings and adapters from the config file", no_env=True
     )
@@ -238,6 +357,12 @@ class RouterSettings(SharedSettings):
     def _policy(cls, value: str) -> str:
         if value not in POLICIES:
             raise ValueError(f"must be one of {', '.join(POLICIES)}")
+        return value
+
+    @field_validator("tier_credits")
+    @classmethod
+    def _tier_credits(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_tier_credits(value)
         return value
 
     @field_validator("session_header")
@@ -321,6 +446,12 @@ class RouterSettings(SharedSettings):
 
     # -- derived -------------------------------------------------------------------------
     @property
+    def tier_credit_map(self) -> dict[str, float]:
+        """Medium -> credit of a hit on it, media with a credit above 0 only (the others are
+        not looked up)."""
+        return {m: c for m, c in parse_tier_credits(self.tier_credits).items() if c > 0}
+
+    @property
     def speculative_ttl_ms(self) -> int:
         """Life of blocks written at dispatch beyond what the worker was seen holding: short
         when KV events will confirm them, the whole horizon when nothing will."""
@@ -346,6 +477,20 @@ def _as_list(raw: Any) -> tuple[Any, ...]:
     return tuple(comma_list(raw)) if isinstance(raw, str | list | tuple) else (raw,)
 
 
+def otel_configured(variables: Mapping[str, str] | None = None) -> bool:
+    """Whether the standard OpenTelemetry variables ask for traces: an OTLP endpoint is set
+    (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT``), and neither
+    ``OTEL_SDK_DISABLED=true`` nor ``OTEL_TRACES_EXPORTER=none`` turns them off."""
+    env = environ() if variables is None else variables
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
 def conf_lists(conf: ConfigFile) -> dict[str, tuple[Any, ...]]:
     """The model names and workers a config file contributes."""
     out: dict[str, tuple[Any, ...]] = {}
@@ -361,6 +506,7 @@ def conf_lists(conf: ConfigFile) -> dict[str, tuple[Any, ...]]:
                         + (f"#dp{w['dp_rank']}" if "dp_rank" in w else "")
                     ),
                     models=tuple(w.get("models", ())),
+                    role=parse_role(w.get("role", "both")),
                 )
                 for w in conf.workers
             )
@@ -399,47 +545,13 @@ def settings_table_rows() -> list[tuple[str, str, str, str]]:
     return RouterSettings.table_rows()
 
 
-def parse_worker_list(items: Sequence[str]) -> tuple[WorkerSpec, ...]:
-    """Parse ``[ID=]URL`` strings (for embedding code that builds settings by hand)."""
-    return tuple(WorkerSpec.parse(x) for x in items)
-
-
 def kubernetes_source(settings: RouterSettings) -> Any:
-    """The EndpointSlice watch for ``discovery=kubernetes`` (a KubernetesEndpointSource).
-
-    Here because in-cluster configuration comes from the process environment
-    (KUBERNETES_SERVICE_HOST/PORT) and the service-account files, and this module is the one
-    that reads the environment. Raises DiscoveryError naming what is missing.
-    """
-    from pathlib import Path
-
-    from kvrouter.discovery.kubernetes import (
-        SERVICE_ACCOUNT_DIR,
-        ApiServer,
-        DiscoveryError,
-        KubernetesEndpointSource,
-        PortNames,
-    )
-
-    if settings.k8s_api_url:
-        api = ApiServer(settings.k8s_api_url)
-    else:
-        api = ApiServer.in_cluster(environ())
-    namespace = settings.k8s_namespace
-    if not namespace:
-        ns_file = Path(SERVICE_ACCOUNT_DIR, "namespace")
-        if not ns_file.is_file():
-            raise DiscoveryError(
-                "KVR_K8S_NAMESPACE is not set and there is no service-account namespace file"
-            )
-        namespace = ns_file.read_text().strip()
+    """The endpoint watch of ``discovery=kubernetes``: an InferencePool's Ready pods when
+    ``k8s_inference_pool`` names one, else the EndpointSlice watch (see
+    `SharedSettings.kubernetes_source`). Raises DiscoveryError naming what is missing."""
     if settings.k8s_inference_pool:
         from kvrouter.discovery.inferencepool import InferencePoolSource
 
+        api, namespace = settings.kubernetes_api()
         return InferencePoolSource(api, namespace, settings.k8s_inference_pool)
-    return KubernetesEndpointSource(
-        api,
-        namespace,
-        settings.k8s_selector,
-        ports=PortNames(http=settings.k8s_http_port_name),
-    )
+    return settings.kubernetes_source()

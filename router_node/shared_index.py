@@ -30,6 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from kvrouter.backoff import Backoff
 from kvrouter.index.connection import connect, redact_url
 from kvrouter.index.errors import IndexError_
 from kvrouter.index.scripts import LookupResult, RecordCall, ResidencyIndex, ScriptCall
@@ -119,29 +120,33 @@ class SharedIndex:
             self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
-        delay = BACKOFF_START_S
+        backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         assert self.index is not None
         while not self._closing:
-            await asyncio.sleep(delay)
+            await backoff.sleep()
             try:
                 await self.client.ping()
                 await self.index.load()
             except REDIS_FAILURES:
-                delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             self._set_up()
             return
 
     # -- the request path ----------------------------------------------------------------------
     async def lookup(
-        self, model: str, chain: Sequence[int], candidates: Sequence[str]
+        self,
+        model: str,
+        chain: Sequence[int],
+        candidates: Sequence[str],
+        media: Sequence[str] = (),
     ) -> LookupResult | None:
-        """Round trip 1. None when the index is down or the call failed (caller falls back)."""
+        """Round trip 1. None when the index is down or the call failed (caller falls back).
+        `media`: lower storage tiers to look up too (in the same round trip)."""
         if not self.up or self.index is None:
             return None
         start = time.perf_counter()
         try:
-            result = await self.index.lookup(model, chain, candidates)
+            result = await self.index.lookup_with_tiers(model, chain, media, candidates)
         except REDIS_FAILURES as exc:
             self.mark_down("lookup", exc)
             return None
@@ -207,6 +212,17 @@ class SharedIndex:
             )
         except REDIS_FAILURES as exc:
             self.mark_down("release", exc)
+
+    async def correct_chain(self, model: str, worker: str, keys: Sequence[int]) -> int | None:
+        """Feedback: drop `keys` from `worker` (see correct_chain-3.lua). Returns records
+        removed; None when Redis is down (the correction is dropped, the TTL still applies)."""
+        if not self.up or self.index is None:
+            return None
+        try:
+            return await self.index.correct_chain(model, worker, keys)
+        except REDIS_FAILURES as exc:
+            self.mark_down("correct_chain", exc)
+            return None
 
     async def clear_worker(self, model: str, worker: str) -> bool:
         """Forget a worker's residency; False when Redis is down (try again later)."""

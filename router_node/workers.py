@@ -26,6 +26,22 @@ from urllib.parse import urlsplit
 from router_node.models import Resolved
 from router_node.settings import RouterSettings
 
+# Samples below this many prefill tokens are ignored: their TTFT is decode step and network.
+PREFILL_SAMPLE_MIN_TOKENS = 256
+PREFILL_RATE_ALPHA = 0.1
+# Samples a worker needs before its learned speed counts (the first few are noisy).
+PREFILL_MIN_SAMPLES = 8
+
+
+def relative_speeds(workers: list[Worker]) -> dict[str, float]:
+    """Each worker's learned prefill rate over the mean of the learned ones; workers not yet
+    learned (and every worker until two are) count as 1.0."""
+    known = {w.id: w.prefill_rate for w in workers if w.prefill_samples >= PREFILL_MIN_SAMPLES}
+    if len(known) < 2:
+        return {}
+    mean = sum(known.values()) / len(known)
+    return {wid: rate / mean for wid, rate in known.items()}
+
 
 @dataclass(slots=True)
 class Worker:
@@ -59,6 +75,24 @@ class Worker:
     """Prompt tokens this replica sent the worker that have no first token yet."""
     capacity_source: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    role: str = "both"
+    """Prefill/decode pool: ``prefill`` (prefill legs only), ``decode`` (decode legs and whole
+    requests when the prefill hop is skipped) or ``both`` (whole requests; either leg)."""
+    prefill_rate: float = 0.0
+    """Prompt tokens per second it prefills, learned from its TTFTs (0 = not yet known)."""
+    prefill_samples: int = 0
+
+    def observe_prefill(self, tokens: float, seconds: float) -> None:
+        """One TTFT: `tokens` of prefill (the request's uncached prompt plus the prefill
+        queued ahead of it at dispatch) took `seconds` to the first byte. An exponentially
+        weighted mean of tokens/s, so a worker that slows down (or a replacement GPU) is
+        learned again within tens of requests."""
+        if tokens < PREFILL_SAMPLE_MIN_TOKENS or seconds <= 0:
+            return  # a short prefill's TTFT is mostly fixed overhead, not throughput
+        rate = tokens / seconds
+        self.prefill_samples += 1
+        alpha = max(PREFILL_RATE_ALPHA, 1.0 / self.prefill_samples)
+        self.prefill_rate += alpha * (rate - self.prefill_rate)
 
     def __post_init__(self) -> None:
         if self.dp_rank is not None:
@@ -108,6 +142,7 @@ class WorkerPool:
                 models=frozenset(spec.models),
                 capacity_blocks=settings.worker_capacity_blocks,
                 capacity_source="config" if settings.worker_capacity_blocks else "",
+                role=spec.role,
             )
 
     def candidates(self, model: str, now: float) -> list[Worker]:
@@ -135,6 +170,26 @@ class WorkerPool:
                 and w.serves(model.base.name)
             ):
                 out.append((w, False))
+        return out
+
+    def set_roles(self, source: str, roles: Iterable[tuple[str, str]]) -> None:
+        """Apply (worker id, role) pairs from `source` to the workers it owns."""
+        for wid, role in roles:
+            w = self.workers.get(wid)
+            if w is not None and w.source == source:
+                w.role = role
+
+    @property
+    def disaggregated(self) -> bool:
+        """True when some worker is in the prefill pool (the P/D split is in use)."""
+        return any(w.role == "prefill" for w in self.workers.values())
+
+    def pools(self, now: float) -> dict[str, list[str]]:
+        """Worker ids by role, available ones only (for /ready)."""
+        out: dict[str, list[str]] = {r: [] for r in ("prefill", "decode", "both")}
+        for w in self.workers.values():
+            if w.available(now):
+                out[w.role].append(w.id)
         return out
 
     def lists(self, model: str) -> bool:

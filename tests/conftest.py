@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from kvrouter.index.connection import connect
-from kvrouter.redisproc import INSTALL_HINT, RedisClusterProcs, RedisServer
+from kvrouter.redisproc import INSTALL_HINT, RedisServer
+from tests.support.redis_cluster import RedisClusterProcs
 
 NO_REDIS = shutil.which("redis-server") is None and "REDIS_URL" not in os.environ
 REDIS_IMAGE = os.environ.get("KVR_TEST_REDIS_IMAGE", "redis:7.2")

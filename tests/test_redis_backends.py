@@ -32,3 +32,20 @@ async def test_index_on_a_redis_container() -> None:
         await idx.record("m", "w1", list(range(1, 33)), ttl_new_ms=60_000)
         assert (await idx.lookup("m", list(range(1, 33)))).depths == {"w1": 32}
         await client.aclose()
+
+
+def test_a_started_server_started_again_leaves_no_process_behind() -> None:
+    # `with RedisServer().start() as r` starts twice: the second must not orphan the first.
+    from kvrouter.redisproc import RedisServer
+
+    server = RedisServer().start()
+    first = server.proc
+    assert first is not None
+    try:
+        with server as again:  # __enter__ starts it again
+            assert again is server and server.proc is first and first.poll() is None
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+            pytest.fail("the first redis-server outlived close()")

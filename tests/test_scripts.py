@@ -110,6 +110,32 @@ async def test_evict_marks_holes(idx: ResidencyIndex) -> None:
     assert (await idx.lookup(M, c, now_ms=T0 + 3)).depth("w") == 30
 
 
+async def test_correct_chain_cuts_the_subtree_of_one_worker(
+    idx: ResidencyIndex, any_client: Any
+) -> None:
+    """Feedback: the engine had 6 blocks of a chain the router matched 30 deep on w1. The
+    correction drops w1's blocks past 6 and cuts every chain through block 6 (a sibling that
+    shares 20 blocks), leaves w2 alone, and is idempotent; a new record fills the hole."""
+    c = chain(30)
+    sibling = c[:20] + chain(10, seed=1)
+    for w in ("w1", "w2"):
+        await idx.record(M, w, c, ttl_new_ms=HOUR, now_ms=T0)
+        await idx.record(M, w, sibling, ttl_new_ms=HOUR, now_ms=T0)
+    assert await idx.correct_chain(M, "w1", c[6:30], now_ms=T0) == 24
+    for ch in (c, sibling):
+        assert (await idx.lookup(M, ch, now_ms=T0 + 1)).depths == {"w1": 6, "w2": 30}
+    k = KeySchema().model(M)
+    assert await any_client.zcard(k.lru("w1")) == await any_client.zcard(k.worker("w1")) == 16
+    # A second replica reporting the same shortfall finds nothing left to drop.
+    assert await idx.correct_chain(M, "w1", c[6:30], now_ms=T0) == 0
+    assert (await idx.lookup(M, sibling, now_ms=T0 + 1)).depths == {"w1": 6, "w2": 30}
+    # The engine computed the chain; its next record makes it matchable again.
+    await idx.record(M, "w1", c, ttl_new_ms=HOUR, now_ms=T0 + 2)
+    assert (await idx.lookup(M, c, now_ms=T0 + 3)).depth("w1") == 30
+    with pytest.raises(ScriptArgumentError):
+        await idx.correct_chain(M, "w1", [], now_ms=T0)
+
+
 async def test_clear_worker(idx: ResidencyIndex, any_client: Any) -> None:
     c = chain(50)
     await idx.record(M, "w1", c, ttl_new_ms=HOUR, now_ms=T0)
@@ -304,21 +330,26 @@ NOW_US = 1_800_000_000_000_000
 def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str]]:
     """(script, keys, args, the argument Lua must name) with every other argument valid."""
     w = "w"
-    rec = [k.worker(w), k.cut(w), k.workers, k.head_prefix]
-    store = [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix]
+    rec = [k.worker(w), k.cut(w), k.workers, k.head_prefix, k.lru(w)]
+    store = [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix, k.lru(w)]
+    evict = [k.worker(w), k.cut(w), k.lru(w)]
+    release = [k.engine_map(w), k.worker(w), k.cut(w), k.lru(w)]
     blocks48 = packed[:16] + "0" * 16 + packed[:16]
     return [
         ("record_chain", rec, [w, packed, NOW_US, NOW_US, "lots", 100], "capacity"),
         ("record_chain", rec, [w, packed + "abc", NOW_US, NOW_US, 0, 100], "chain"),
-        ("evict_blocks", rec[:2], [w, packed[:-16] + "zz" * 8, 0, 1], "blocks"),
+        ("evict_blocks", evict, [w, packed[:-16] + "zz" * 8, 0, 1], "blocks"),
         ("record_chain", rec, [w, packed, NOW_US, NOW_US, 0, 0], "limit"),
         ("record_chain", rec, ["a|b", packed, NOW_US, NOW_US, 0, 100], "worker"),
         ("record_chain", rec, [w, packed, 0, NOW_US, 0, 100], "now"),
         ("record_chain", rec, [w, packed, NOW_US, NOW_US - 1, 0, 100], "top"),
-        ("evict_blocks", rec[:2], [w, packed, 0, 7], "mark_holes"),
+        ("evict_blocks", evict, [w, packed, 0, 7], "mark_holes"),
+        ("correct_chain", evict, [w, packed[:-16] + "zz" * 8, 0], "blocks"),
+        ("correct_chain", evict, [w, "", 0], "blocks"),
+        ("correct_chain", evict, [w, packed, -5], "now"),
         ("store_engine_blocks", store, [w, blocks48, "01", 0, HOUR, 0, 100], "roots"),
         ("store_engine_blocks", store, [w, blocks48, "1", 0, -4, 0, 100], "ttl"),
-        ("release_engine_blocks", store[:3], [w, packed[:15], 0], "blocks"),
+        ("release_engine_blocks", release, [w, packed[:15], 0], "blocks"),
         ("acquire_lease", [k.leases, k.load], [w, "id", -2, 100, 0], "prefill_tokens"),
         ("release_lease", [k.leases, k.load], [w, "id", 0, "sometimes"], "mode"),
         (
@@ -402,3 +433,21 @@ async def test_head_entries_follow_the_records(idx: ResidencyIndex, any_client: 
     await idx.clear_worker(M, "w")
     assert await any_client.exists(k.worker_heads("w")) == 0
     assert await any_client.zrange(k.head(f"{chains[0][0]:016x}"), 0, -1) == ["w2"]
+
+
+async def test_trim_drops_the_least_recently_accessed_whatever_the_source(
+    idx: ResidencyIndex,
+) -> None:
+    """At capacity, a block a router dispatched just now outlives one an engine confirmed an
+    hour ago, although the confirmed record is valid for longer (issue #17, item 4)."""
+    now = int(time.time() * 1000)
+    old, new = chain(4, seed=100), chain(2, seed=200)
+    confirmed = [EngineBlock(1000 + i, None if i == 0 else 999 + i, k) for i, k in enumerate(old)]
+    # Confirmed an hour ago with a two-hour life: valid for another hour.
+    await idx.store_engine_blocks(M, "w", confirmed, ttl_ms=2 * HOUR, now_ms=now - HOUR)
+    # Dispatched now, speculative: valid for 30 s only, so lowest by valid-until.
+    r = await idx.record(M, "w", new, ttl_new_ms=30_000, capacity=4)
+    assert r.evicted == 2
+    assert (await idx.lookup(M, new)).depth("w") == 2
+    # The confirmed chain lost its tail (least recently accessed), not its head.
+    assert (await idx.lookup(M, old)).depth("w") == 2

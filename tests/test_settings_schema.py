@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from eviction_listener.settings import ListenerSettings
+from kvrouter.register import RegisterSettings
 from kvrouter.settings import TYPO_CUTOFF, SettingsError, SharedSettings
 from kvrouter.settings_doc import render
 from kvrouter.sim.settings import SimSettings
 from router_node.settings import RouterSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-PROCESSES = (RouterSettings, ListenerSettings, SimSettings)
+PROCESSES = (RouterSettings, ListenerSettings, SimSettings, RegisterSettings)
 
 
 def test_docs_settings_md_is_generated_from_the_schema() -> None:
@@ -81,7 +82,7 @@ def test_empty_variables_are_empty_text_or_unset() -> None:
     s = RouterSettings.from_env(
         {"KVR_MODEL": "m", "KVR_REDIS_URL": "", "KVR_PORT": "", "KVR_KV_EVENTS": ""}
     )
-    assert (s.redis_url, s.port, s.kv_events) == ("", 8080, False)
+    assert (s.redis_url, s.port, s.kv_events) == ("", 8000, False)
 
 
 def test_secrets_are_hidden_in_repr_errors_and_summary() -> None:

@@ -42,7 +42,17 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if uv is None:
         pytest.skip("uv not on PATH (make test puts the pinned uv there)")
     out = tmp_path_factory.mktemp("dist")
-    _run([uv, "build", "--wheel", "--out-dir", str(out), str(ROOT)])
+    # Build from a copy without setuptools' build/ folder: a stale one left by an earlier build
+    # in the checkout carries renamed or deleted scripts into the wheel.
+    src = tmp_path_factory.mktemp("src") / "kvrouter"
+    shutil.copytree(
+        ROOT, src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "dist", "out", "*.egg-info", "__pycache__", ".*_cache",
+            ".hypothesis",
+        ),
+    )  # fmt: skip
+    _run([uv, "build", "--wheel", "--out-dir", str(out), str(src)])
     (whl,) = out.glob("kvrouter-*.whl")
     return whl
 

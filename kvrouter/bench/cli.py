@@ -15,6 +15,14 @@ BENCHES: dict[str, tuple[str, str]] = {
         "kvrouter.bench.routing_bench",
         "every routing policy on a simulated fleet replaying a Mooncake trace",
     ),
+    "heal": (
+        "kvrouter.bench.heal_bench",
+        "a worker restarted silently mid-run: requests misrouted to it, with and without feedback",
+    ),
+    "sweep": (
+        "kvrouter.bench.sweep",
+        "every policy at several offered loads: TTFT, TPOT, goodput at SLO, validity",
+    ),
     "listener": (
         "kvrouter.bench.listener_bench",
         "block events/s one listener applies to Redis vs one Lua call per event",
@@ -22,6 +30,10 @@ BENCHES: dict[str, tuple[str, str]] = {
     "decode": (
         "kvrouter.bench.decode_bench",
         "KV-event payload decoding throughput vs a bare msgpack unpack",
+    ),
+    "priority": (
+        "kvrouter.bench.priority_bench",
+        "interactive TTFT under batch saturation, with and without the priority queue",
     ),
     "router": (
         "kvrouter.bench.router_bench",

@@ -20,7 +20,7 @@ from functools import partial
 import msgpack
 
 from eviction_listener.events import BlockRemoved, BlockStored, KVEvent, decode_batch
-from eviction_listener.testing import FIELDS_V0_10, encode_batch
+from kvrouter.bench.vllm_wire import FIELDS_V0_10, encode_batch
 
 TARGET_BLOCKS_PER_S = 50_000
 BLOCK = 16

@@ -16,6 +16,10 @@ translation, and the Lua writes, on a private redis-server on loopback.
 
 A block event is one block hash of a BlockStored or BlockRemoved. Both runs end with the
 same index (checked), so they did the same work. The last stdout line is one JSON object.
+
+During the full listener run the server's SLOWLOG records every script call slower than
+``SLOWLOG_US``: the longest one is how long a single flush's Lua call kept Redis from serving
+anything else (lookups included), the figure issue #17 item 9 bounds.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from eviction_listener.applier import Applier, InboxItem, KeyCache, WorkerState
+from eviction_listener.applier import (
+    MAX_OPS_PER_CALL,
+    Applier,
+    InboxItem,
+    KeyCache,
+    WorkerState,
+)
 from eviction_listener.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -36,9 +46,9 @@ from eviction_listener.events import (
     decode_batch,
 )
 from eviction_listener.metrics import ListenerMetrics
-from eviction_listener.testing import encode_batch
 from eviction_listener.zmq_source import Delivered
 from kvrouter.bench.common import emit_json, print_table, redis_server
+from kvrouter.bench.vllm_wire import encode_batch
 from kvrouter.index.connection import connect
 from kvrouter.index.hashing import BlockHasher, extend_chain
 from kvrouter.index.keys import KeySchema
@@ -47,6 +57,10 @@ from kvrouter.index.scripts import EngineBlock, ResidencyIndex
 MODEL = "bench-model"
 B = 16
 TTL_MS = 3_600_000
+# Script calls at least this long (us) are kept by the SLOWLOG during the full run; enough
+# entries that none is dropped in a default run (the report says when some were).
+SLOWLOG_US = 100
+SLOWLOG_LEN = 100_000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +71,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--capacity", type=int, default=4096, help="blocks per engine before it evicts"
     )
     parser.add_argument("--apply-batch", type=int, default=4096)
+    parser.add_argument(
+        "--max-ops",
+        type=int,
+        default=MAX_OPS_PER_CALL,
+        help="ops per apply_engine_events call (a huge value: one call per flush, as before)",
+    )
     parser.add_argument("--seed", type=int, default=11)
 
 
@@ -167,7 +187,9 @@ async def _fresh(client: Any) -> None:
     await client.flushall()
 
 
-async def run_listener_path(client: Any, streams: list[list[bytes]], apply_batch: int) -> float:
+async def run_listener_path(
+    client: Any, streams: list[list[bytes]], apply_batch: int, max_ops: int = MAX_OPS_PER_CALL
+) -> float:
     """Seconds for the shipped path to apply every stream (interleaved like a fleet)."""
     index = ResidencyIndex(client)
     await index.load()
@@ -185,6 +207,7 @@ async def run_listener_path(client: Any, streams: list[list[bytes]], apply_batch
         capacity=0,
         metrics=metrics,
         register_namespace=register,
+        max_ops=max_ops,
     )
     states = [
         WorkerState(f"w{i}", 1, B, keys=KeyCache(1 << 17), lora_ns=KeyCache(1024))
@@ -251,6 +274,52 @@ async def _index_state(client: Any, workers: int) -> list[Any]:
     return out
 
 
+@dataclass
+class ScriptTimes:
+    """EVALSHA times on the server during one run (SLOWLOG and INFO commandstats)."""
+
+    calls: int
+    mean_us: float
+    longest_us: int
+    over_10ms: int
+    complete: bool
+    """False when the SLOWLOG filled up, so the longest may have been dropped."""
+
+
+async def _start_script_times(client: Any) -> dict[str, str]:
+    """Reset the SLOWLOG and command stats; returns the settings to restore (a REDIS_URL
+    server is someone else's)."""
+    old = {
+        k: str(v)
+        for k, v in (await client.config_get("slowlog-*")).items()
+        if k in ("slowlog-log-slower-than", "slowlog-max-len")
+    }
+    await client.config_set("slowlog-log-slower-than", SLOWLOG_US)
+    await client.config_set("slowlog-max-len", SLOWLOG_LEN)
+    await client.slowlog_reset()
+    await client.config_resetstat()
+    return old
+
+
+async def _script_times(client: Any) -> ScriptTimes:
+    entries = await client.slowlog_get(SLOWLOG_LEN)
+    durations = []
+    for e in entries:
+        cmd = e["command"]
+        name = (cmd.decode() if isinstance(cmd, bytes) else str(cmd)).split(" ", 1)[0]
+        if name.upper() in ("EVALSHA", "EVAL"):
+            durations.append(int(e["duration"]))
+    stats = await client.info("commandstats")
+    ev = stats.get("cmdstat_evalsha", {"calls": 0, "usec_per_call": 0.0})
+    return ScriptTimes(
+        calls=int(ev["calls"]),
+        mean_us=float(ev["usec_per_call"]),
+        longest_us=max(durations, default=0),
+        over_10ms=sum(1 for d in durations if d >= 10_000),
+        complete=len(entries) < SLOWLOG_LEN,
+    )
+
+
 async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps or (1500 if args.quick else 6000)
     streams = build_streams(args.workers, steps, args.capacity, args.seed)
@@ -263,7 +332,7 @@ async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
     client = connect(url)
     try:
         await _fresh(client)
-        t_prefix = await run_listener_path(client, prefix, args.apply_batch)
+        t_prefix = await run_listener_path(client, prefix, args.apply_batch, args.max_ops)
         state_fast = await _index_state(client, args.workers)
         await _fresh(client)
         t_base = await run_baseline(client, prefix)
@@ -271,7 +340,13 @@ async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
         if state_fast != state_base:
             raise SystemExit("listener and baseline built different indexes: a bug")
         await _fresh(client)
-        t_full = await run_listener_path(client, streams, args.apply_batch)
+        old = await _start_script_times(client)
+        try:
+            t_full = await run_listener_path(client, streams, args.apply_batch, args.max_ops)
+            times = await _script_times(client)
+        finally:
+            for k, v in old.items():
+                await client.config_set(k, v)
     finally:
         await client.aclose()
     fast = total_events / t_full
@@ -287,6 +362,12 @@ async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
         ("path", "block events/s", "work"),
     )
     print(f"speedup over the baseline (same prefix): {fast_prefix / base:.1f}x")
+    longest = f"{times.longest_us / 1000:.1f} ms" if times.longest_us else f"< {SLOWLOG_US} us"
+    print(
+        f"listener script calls: {times.calls:,}, mean {times.mean_us:,.0f} us, longest "
+        f"{longest}{'' if times.complete else ' (SLOWLOG full: may be more)'}, "
+        f"{times.over_10ms:,} over 10 ms"
+    )
     return {
         "bench": "listener",
         "quick": bool(args.quick),
@@ -298,12 +379,24 @@ async def _bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "baseline_block_events_per_s": round(base, 1),
         "listener_same_prefix_per_s": round(fast_prefix, 1),
         "speedup": round(fast_prefix / base, 2),
+        "max_ops": args.max_ops,
+        "script_calls": times.calls,
+        "script_mean_us": round(times.mean_us, 1),
+        "script_longest_us": times.longest_us,
+        "scripts_over_10ms": times.over_10ms,
+        "slowlog_complete": times.complete,
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.workers < 1 or args.capacity < 64 or args.apply_batch < 1 or args.steps < 0:
-        raise SystemExit("--workers and --apply-batch must be >= 1, --capacity >= 64")
+    if (
+        args.workers < 1
+        or args.capacity < 64
+        or args.apply_batch < 1
+        or args.steps < 0
+        or args.max_ops < 1
+    ):
+        raise SystemExit("--workers, --apply-batch and --max-ops must be >= 1, --capacity >= 64")
     with redis_server() as url:
         result = asyncio.run(_bench(url, args))
     emit_json(result)

@@ -3,11 +3,11 @@
 In one run, on this machine:
 
   latency     a pre-tokenized 4,096-token completions request (max_tokens 1) sent straight
-              to a fast fake worker, and the same through a router replica (the baseline and
+              to a canned worker, and the same through a router replica (the baseline and
               the measured path alternate, one request at a time); added = router - direct at
               p50 and p99. The router is a real `kvrouter serve` subprocess with a private
               redis-server and the default `kv` policy over 4 worker ids (all pointing at the
-              one fake worker), so every request does the full path: parse, hash 256 blocks,
+              one canned worker), so every request does the full path: parse, hash 256 blocks,
               Lua lookup, score, record + lease, proxy, release.
   throughput  requests per second through the router with `--concurrency` requests in flight
               (and straight to the worker, for scale).
@@ -88,7 +88,7 @@ def _epp_available() -> bool:
 
 @contextlib.contextmanager
 def _processes(redis_url: str) -> Iterator[dict[str, str]]:
-    """A fast fake worker, a router, and (when Envoy is installed) an endpoint picker with
+    """A canned worker, a router, and (when Envoy is installed) an endpoint picker with
     an Envoy in front and a plain Envoy, each its own process, as in a deployment."""
     from kvrouter.envoyproc import Envoy
 
@@ -99,7 +99,7 @@ def _processes(redis_url: str) -> Iterator[dict[str, str]]:
         prefix="kvr-bench-router-", suffix=".log", delete=False
     )
     worker = subprocess.Popen(
-        [sys.executable, "-m", "router_node.testing", "--port", str(wport), "--fast"],
+        [sys.executable, "-m", "kvrouter.bench.canned_worker", "--port", str(wport)],
         stdout=subprocess.DEVNULL,
         stderr=log,
         env=env,

@@ -48,9 +48,20 @@ class StackConfig:
     seed: int = 0
     redis_url: str | None = None
     extra_router_env: tuple[tuple[str, str], ...] = ()
+    prefill_tokens_per_s: float | None = None
+    """Each worker's prefill throughput (None: the simulator's default)."""
+    speed_mix: str = ""
+    """The simulator's ``--speed-mix`` (speed factors given to the workers in turn)."""
+    sim_args: tuple[str, ...] = ()
+    """Extra `kvrouter sim` flags (e.g. a smaller --max-batch to saturate the fleet)."""
     adapters: tuple[str, ...] = ()
     """LoRA adapters of `model` every simulated worker also serves (routers learn them from
     the workers' /v1/models; the listener indexes their events under their own names)."""
+    prefill_workers: int = 0
+    """Prefill/decode disaggregation: the first N simulated workers are prefill workers and
+    the routers get them as ``@prefill``, the others as ``@decode`` (0 = no split)."""
+    extra_sim_args: tuple[str, ...] = ()
+    """More `kvrouter sim` flags (engine speed, link bandwidth)."""
 
 
 @dataclass
@@ -134,6 +145,10 @@ class LocalStack:
             "--kv-events-base-port", "0",
             "--seed", str(cfg.seed), "--ready-file", str(ready),
             *(["--lora-adapters", ",".join(cfg.adapters)] if cfg.adapters else []),
+            *(["--prefill-tokens-per-s", str(cfg.prefill_tokens_per_s)]
+              if cfg.prefill_tokens_per_s else []),
+            *(["--speed-mix", cfg.speed_mix] if cfg.speed_mix else []),
+            "--prefill-workers", str(cfg.prefill_workers), *cfg.extra_sim_args, *cfg.sim_args,
         ])  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.exists():
@@ -164,7 +179,8 @@ class LocalStack:
 
         worker_flags: list[str] = []
         for w in self.fleet.workers:
-            worker_flags += ["--worker", f"{w.id}={w.url}"]
+            role = f"@{w.role}" if w.role != "both" else ""
+            worker_flags += ["--worker", f"{w.id}={w.url}{role}"]
         router_env = {
             **common_env,
             "KVR_KV_EVENTS": "true" if cfg.kv_events else "false",

@@ -31,6 +31,8 @@ class Endpoint:
     dp_rank: int = 0
     ready: bool = True
     pod: str | None = None
+    role: str = "both"
+    """Prefill/decode pool: ``prefill``, ``decode`` or ``both`` (the router reads it)."""
 
 
 @runtime_checkable

@@ -62,6 +62,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from kvrouter.backoff import Backoff
 from kvrouter.discovery.base import Endpoint
 
 log = logging.getLogger("kvrouter.discovery")
@@ -72,6 +73,9 @@ DP_SIZE_LABEL = "kvrouter.io/dp-size"
 HTTP_PORT_LABEL = "kvrouter.io/http-port"
 EVENTS_PORT_LABEL = "kvrouter.io/kv-events-port"
 REPLAY_PORT_LABEL = "kvrouter.io/kv-replay-port"
+ROLE_LABEL = "kvrouter.io/role"
+"""prefill, decode or both: the Service's pool (one Service per pool; copied to its slices)."""
+ROLES = ("both", "prefill", "decode")
 
 # Environment variables of the Kubernetes discovery settings (the Helm chart sets them).
 ENV_NAMESPACE = "KVR_K8S_NAMESPACE"
@@ -81,7 +85,7 @@ ENV_EVENTS_PORT_NAME = "KVR_K8S_EVENTS_PORT_NAME"
 ENV_REPLAY_PORT_NAME = "KVR_K8S_REPLAY_PORT_NAME"
 ENV_API_URL = "KVR_K8S_API_URL"  # out-of-cluster development, e.g. behind `kubectl proxy`
 
-_PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME, as in k8s
+PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME, as in k8s
 MAX_DP_SIZE = 1024
 MAX_LINE_BYTES = 32 * 1024 * 1024  # one watch event; far above any real EndpointSlice
 
@@ -116,7 +120,7 @@ class PortNames:
             (ENV_EVENTS_PORT_NAME, self.events),
             (ENV_REPLAY_PORT_NAME, self.replay),
         ):
-            if not _PORT_NAME.match(name):
+            if not PORT_NAME.match(name):
                 raise DiscoveryError(
                     f"{env}: {name!r} is not a Kubernetes port name "
                     "(1-15 lowercase letters, digits and '-')"
@@ -257,6 +261,9 @@ def endpoints_from_slices(
             http = _label_int(labels, HTTP_PORT_LABEL, 1, 65535) or named.get(ports.http)
             events = _label_int(labels, EVENTS_PORT_LABEL, 1, 65535) or named.get(ports.events)
             replay = _label_int(labels, REPLAY_PORT_LABEL, 1, 65535) or named.get(ports.replay)
+            role = (labels.get(ROLE_LABEL) or "both").strip().lower()
+            if role not in ROLES:
+                raise ValueError(f"label {ROLE_LABEL}={labels[ROLE_LABEL]!r} is not one of {ROLES}")
         except ValueError as exc:
             if on_problem:
                 on_problem(f"EndpointSlice {name}: {exc}; skipped")
@@ -303,27 +310,12 @@ def endpoints_from_slices(
                     dp_rank=rank,
                     ready=ready,
                     pod=pod,
+                    role=role,
                 )
                 seen = found.get(worker_id)
                 if seen is None or (endpoint.ready and not seen.ready):
                     found[worker_id] = endpoint
     return [found[k] for k in sorted(found)]
-
-
-class _Backoff:
-    """Capped exponential backoff with jitter: initial, x2 each failure, up to maximum."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial, self.maximum = initial, maximum
-        self._next = initial
-
-    def reset(self) -> None:
-        self._next = self.initial
-
-    def delay(self) -> float:
-        d = self._next * random.uniform(0.5, 1.0)
-        self._next = min(self._next * 2, self.maximum)
-        return d
 
 
 class KubernetesEndpointSource:
@@ -351,7 +343,7 @@ class KubernetesEndpointSource:
         self.watch_timeout_s = watch_timeout_s
         self.page_size = page_size
         self.connect_timeout_s = connect_timeout_s
-        self._backoff = _Backoff(backoff_initial_s, backoff_max_s)
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s, jitter=True)
         self._session: aiohttp.ClientSession | None = None
         self._closed = asyncio.Event()
         self._problems_logged: set[str] = set()

@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kvrouter.index.errors import ScriptArgumentError, ScriptErrorCode
-from kvrouter.index.keys import KeyNameError, validate_worker_id
+from kvrouter.index.keys import KeyNameError, validate_medium, validate_worker_id
 
 # Bounds a caller cannot exceed in one call: they keep a script's run time, and so Redis's
 # pause for everyone else, bounded.
@@ -36,6 +36,20 @@ def worker_arg(worker: str) -> str:
         return validate_worker_id(worker)
     except KeyNameError as exc:
         raise ScriptArgumentError("worker", str(exc), ScriptErrorCode.BAD_WORKER) from None
+
+
+def candidates_arg(candidates: Iterable[str] | None) -> str:
+    """Candidate worker ids as the lookup scripts take them: one per line, each valid ('' =
+    every worker)."""
+    return "\n".join(worker_arg(w) for w in candidates) if candidates is not None else ""
+
+
+def medium_arg(medium: str) -> str:
+    """A valid storage medium name, or ScriptArgumentError."""
+    try:
+        return validate_medium(medium)
+    except KeyNameError as exc:
+        raise ScriptArgumentError("medium", str(exc)) from None
 
 
 def lease_id_arg(lease_id: str) -> str:

@@ -49,6 +49,24 @@ def validate_model(model: str) -> str:
     return model
 
 
+def validate_medium(medium: str) -> str:
+    """A storage medium an engine reports (vLLM's ``medium``: "GPU", "CPU", a connector's
+    name) as it appears in tier key names: 1-32 characters of [A-Za-z0-9_]."""
+    if (
+        not isinstance(medium, str)
+        or not 0 < len(medium) <= 32
+        or not medium.isascii()
+        or not medium.replace("_", "").isalnum()
+    ):
+        raise KeyNameError(f"medium {medium!r} must be 1-32 characters of [A-Za-z0-9_]")
+    return medium
+
+
+def glob_escape(text: str) -> str:
+    """`text` as a literal in a Redis glob (PSUBSCRIBE, SCAN MATCH, ACL ``&`` patterns)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelKeys:
     """Key names of one model's slice of the index (all in one Cluster slot)."""
@@ -64,12 +82,17 @@ class ModelKeys:
     # -- residency ---------------------------------------------------------------------
     @property
     def worker_prefix(self) -> str:
-        """Scripts append a worker id to this to name its LRU ZSET."""
+        """Scripts append a worker id to this to name its records ZSET."""
         return f"{self.base}:wrk:"
 
     def worker(self, worker: str) -> str:
-        """ZSET block hex -> valid-until us: the model of one worker's cache, in LRU order."""
+        """ZSET block hex -> valid-until us: the model of one worker's cache (what is live)."""
         return f"{self.base}:wrk:{validate_worker_id(worker)}"
+
+    def lru(self, worker: str) -> str:
+        """ZSET block hex -> last access us: the same blocks as ``worker``, in the one order
+        capacity trimming follows (least recently accessed first, whatever wrote them)."""
+        return f"{self.base}:lru:{validate_worker_id(worker)}"
 
     @property
     def cut_prefix(self) -> str:
@@ -107,6 +130,31 @@ class ModelKeys:
         are dropped with the records behind them (scripts derive it from the head prefix)."""
         return f"{self.base}:head:@{validate_worker_id(worker)}"
 
+    # -- lower storage tiers (blocks an engine offloaded to CPU memory, disk, ...) -----------
+    @property
+    def tier_prefix(self) -> str:
+        """Lookups append ``<medium>|<worker>`` to this to name a tier ZSET."""
+        return f"{self.base}:tier:"
+
+    def tier(self, medium: str, worker: str) -> str:
+        """ZSET block hex -> valid-until us: the blocks one worker holds on a lower tier
+        (``medium`` as the engine names it, e.g. CPU), apart from its GPU records."""
+        return f"{self.base}:tier:{validate_medium(medium)}|{validate_worker_id(worker)}"
+
+    def tier_map(self, medium: str, worker: str) -> str:
+        """HASH engine block hash (16 hex) -> block hex: how a removal on that tier, which
+        names engine hashes only, finds the record to drop."""
+        return f"{self.base}:tmap:{validate_medium(medium)}|{validate_worker_id(worker)}"
+
+    @property
+    def tier_workers_prefix(self) -> str:
+        return f"{self.base}:tiers:"
+
+    def tier_workers(self, medium: str) -> str:
+        """ZSET worker -> latest valid-until us: who has records on that tier (what a
+        lookup probes for it)."""
+        return f"{self.base}:tiers:{validate_medium(medium)}"
+
     # -- load ----------------------------------------------------------------------------
     @property
     def load(self) -> str:
@@ -125,9 +173,30 @@ class ModelKeys:
         return f"{self.base}:meta"
 
     @property
+    def listeners(self) -> str:
+        """ZSET listener id -> last heartbeat ms (wall clock): the live listener replicas of
+        this base model. Per model, because a listener serves one base model and only sees
+        that model's engines: replicas of another model must not be handed its workers."""
+        return f"{self.base}:listeners"
+
+    @property
     def notices(self) -> str:
-        """Pub/sub channel of msgpack notices for this model."""
+        """Pub/sub channel of msgpack notices for this model (any worker's)."""
         return f"{self.base}:notices"
+
+    def worker_notices(self, worker: str) -> str:
+        """Pub/sub channel of one worker's notices: a notice on it must name that worker, so a
+        Redis ACL that lets the worker PUBLISH only here keeps it from speaking for others."""
+        return f"{self.base}:notices:{validate_worker_id(worker)}"
+
+    @property
+    def worker_notices_prefix(self) -> str:
+        return f"{self.base}:notices:"
+
+    @property
+    def worker_notices_pattern(self) -> str:
+        """PSUBSCRIBE pattern of every worker's notice channel of this model."""
+        return glob_escape(self.worker_notices_prefix) + "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +230,13 @@ class KeySchema:
         worker's events, until when, and its fencing epoch (see own_worker-1.lua)."""
         return f"{self.prefix}:listener:owner:{validate_worker_id(worker)}"
 
-    @property
-    def listeners(self) -> str:
-        """ZSET listener id -> last heartbeat ms (wall clock)."""
-        return f"{self.prefix}:listeners"
+    def rate_bucket(self, client: str) -> str:
+        """HASH tok / ts: one client's request token bucket (take_token-1.lua). `client` is
+        a digest of its API key or its address (never the key itself); the hash tag keeps
+        each bucket in one Cluster slot."""
+        if not client or any(c in client for c in "{}\n\r ") or len(client) > _MAX_ID_LEN:
+            raise KeyNameError(f"rate-limit client id {client[:40]!r} is not a key-safe id")
+        return f"{self.prefix}:rl:{{{client}}}"
 
     def model_pattern(self) -> str:
         """A SCAN MATCH pattern for the metadata key of every model."""

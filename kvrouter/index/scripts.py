@@ -16,7 +16,9 @@ The names below are re-exported so callers import from one place.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 from kvrouter.index.arguments import (
@@ -25,7 +27,9 @@ from kvrouter.index.arguments import (
     MAX_TTL_MS,
     OPS,
     U64,
+    candidates_arg,
     lease_id_arg,
+    medium_arg,
     nonneg,
     pack_keys,
     pack_u64,
@@ -48,6 +52,7 @@ from kvrouter.index.results import (
     RecordResult,
     ReleaseResult,
     StoreResult,
+    TierResult,
     WorkerLoad,
 )
 from kvrouter.index.script_loader import LuaScript, load_scripts
@@ -74,10 +79,14 @@ __all__ = [
     "ScriptCall",
     "ServerTraits",
     "StoreResult",
+    "TierResult",
     "WorkerLoad",
     "load_scripts",
     "pack_u64",
 ]
+
+
+OPS_TIER = re.compile(r"^[SDC]*\Z")
 
 
 def _parse_load(flat: Sequence[Any]) -> dict[str, WorkerLoad]:
@@ -96,6 +105,14 @@ def _decode_lookup(reply: Any) -> LookupResult:
     flat, load, probes = reply
     depths = {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
     return LookupResult(depths, _parse_load(load), int(probes))
+
+
+def _decode_tiers(reply: Any) -> dict[str, dict[str, tuple[int, int]]]:
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for i in range(0, len(reply), 4):
+        run = (int(reply[i + 2]), int(reply[i + 3]))
+        out.setdefault(text(reply[i]), {})[text(reply[i + 1])] = run
+    return out
 
 
 def _decode_owner(r: Any) -> OwnerLease:
@@ -161,7 +178,7 @@ class ResidencyIndex:
         now_ms: int = 0,
     ) -> ScriptCall:
         k = self.keys(model)
-        cand = "\n".join(worker_arg(w) for w in candidates) if candidates is not None else ""
+        cand = candidates_arg(candidates)
         packed = pack_keys("chain", chain)
         now = nonneg("now_ms", now_ms)
         return ScriptCall(
@@ -181,6 +198,116 @@ class ResidencyIndex:
         """Each worker's consecutive matched depth for `chain`, plus shared load."""
         return cast(
             LookupResult, await self._call(self.lookup_call(model, chain, candidates, now_ms))
+        )
+
+    def lookup_tiers_call(
+        self,
+        model: str,
+        chain: Sequence[int],
+        media: Sequence[str],
+        candidates: Iterable[str] | None = None,
+        now_ms: int = 0,
+    ) -> ScriptCall:
+        """How far the chain continues on the lower tiers `media` past each candidate's GPU
+        prefix (decoded to medium -> worker -> (GPU depth seen, run of tier blocks))."""
+        k = self.keys(model)
+        cand = candidates_arg(candidates)
+        return ScriptCall(
+            self.scripts["lookup_tiers"],
+            [k.tier_prefix, k.tier_workers_prefix, k.worker_prefix],
+            [
+                nonneg("now_ms", now_ms),
+                pack_keys("chain", chain),
+                cand,
+                "\n".join(medium_arg(m) for m in media),
+            ],
+            _decode_tiers,
+        )
+
+    async def lookup_with_tiers(
+        self,
+        model: str,
+        chain: Sequence[int],
+        media: Sequence[str],
+        candidates: Iterable[str] | None = None,
+        now_ms: int = 0,
+    ) -> LookupResult:
+        """``lookup`` plus which chain blocks each worker holds on the lower tiers `media`,
+        both scripts in one pipeline (one round trip). Without media, exactly ``lookup``."""
+        if not media:
+            return await self.lookup(model, chain, candidates, now_ms)
+        cand = list(candidates) if candidates is not None else None
+        gpu, tiers = await self.run_pipeline(
+            [
+                self.lookup_call(model, chain, cand, now_ms),
+                self.lookup_tiers_call(model, chain, media, cand, now_ms),
+            ]
+        )
+        return replace(
+            cast(LookupResult, gpu), tiers=cast(dict[str, dict[str, tuple[int, int]]], tiers)
+        )
+
+    def store_tier_blocks_call(
+        self,
+        model: str,
+        worker: str,
+        medium: str,
+        ops: str,
+        fields: str,
+        *,
+        ttl_ms: int,
+        capacity: int = 0,
+        now_ms: int = 0,
+    ) -> ScriptCall:
+        """Stores (op S: engine hash, block key), removals (op D: engine hash) and clears (op
+        C) of one worker's blocks on the lower tier `medium`, in order; `fields` packed by
+        pack_u64."""
+        k = self.keys(model)
+        w = worker_arg(worker)
+        m = medium_arg(medium)
+        if not OPS_TIER.match(ops):
+            raise ScriptArgumentError("ops", "expected letters S, D and C")
+        return ScriptCall(
+            self.scripts["store_tier_blocks"],
+            [k.tier(m, w), k.tier_map(m, w), k.tier_workers(m)],
+            [
+                w,
+                ops,
+                fields,
+                nonneg("now_ms", now_ms),
+                nonneg("ttl_ms", ttl_ms, minimum=1, maximum=MAX_TTL_MS),
+                nonneg("capacity", capacity),
+            ],
+            lambda r: TierResult(*(int(x) for x in r)),
+        )
+
+    async def store_tier_blocks(
+        self,
+        model: str,
+        worker: str,
+        medium: str,
+        ops: str,
+        fields: str,
+        *,
+        ttl_ms: int,
+        capacity: int = 0,
+        now_ms: int = 0,
+    ) -> TierResult:
+        """Apply tier stores and removals (see ``store_tier_blocks_call``)."""
+        return cast(
+            TierResult,
+            await self._call(
+                self.store_tier_blocks_call(
+                    model,
+                    worker,
+                    medium,
+                    ops,
+                    fields,
+                    ttl_ms=ttl_ms,
+                    capacity=capacity,
+                    now_ms=now_ms,
+                )
+            ),
         )
 
     def record_call(
@@ -209,7 +336,7 @@ class ResidencyIndex:
         w = worker_arg(worker)
         return RecordCall(
             script=self.scripts["record_chain"],
-            keys=[k.worker(w), k.cut(w), k.workers, k.head_prefix],
+            keys=[k.worker(w), k.cut(w), k.workers, k.head_prefix, k.lru(w)],
             worker=w,
             packed=pack_keys("chain", chain),
             now_ms=nonneg("now_ms", now_ms),
@@ -243,7 +370,7 @@ class ResidencyIndex:
         w = worker_arg(worker)
         return ScriptCall(
             self.scripts["evict_blocks"],
-            [k.worker(w), k.cut(w)],
+            [k.worker(w), k.cut(w), k.lru(w)],
             [w, pack_keys("keys", keys), nonneg("now_ms", now_ms), 1 if mark_holes else 0],
             int,
         )
@@ -265,12 +392,34 @@ class ResidencyIndex:
             ),
         )
 
+    def correct_chain_call(
+        self, model: str, worker: str, keys: Sequence[int], *, now_ms: int = 0
+    ) -> ScriptCall:
+        """The call behind `correct_chain`."""
+        k = self.keys(model)
+        w = worker_arg(worker)
+        return ScriptCall(
+            self.scripts["correct_chain"],
+            [k.worker(w), k.cut(w), k.lru(w)],
+            [w, pack_keys("keys", keys), nonneg("now_ms", now_ms)],
+            int,
+        )
+
+    async def correct_chain(
+        self, model: str, worker: str, keys: Sequence[int], *, now_ms: int = 0
+    ) -> int:
+        """Drop `keys` (a chain's blocks from the first one the engine reported it did not
+        have) from `worker`, marking the first as a hole; returns records removed."""
+        return cast(
+            int, await self._call(self.correct_chain_call(model, worker, keys, now_ms=now_ms))
+        )
+
     def clear_worker_call(self, model: str, worker: str) -> ScriptCall:
         k = self.keys(model)
         w = worker_arg(worker)
         return ScriptCall(
             self.scripts["clear_worker"],
-            [k.worker(w), k.cut(w), k.engine_map(w), k.workers, k.head_prefix],
+            [k.worker(w), k.cut(w), k.engine_map(w), k.workers, k.head_prefix, k.lru(w)],
             [w],
             int,
         )
@@ -310,7 +459,7 @@ class ResidencyIndex:
             roots.append("1" if p is None else "0")
         return ScriptCall(
             self.scripts["store_engine_blocks"],
-            [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix],
+            [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix, k.lru(w)],
             [
                 w,
                 "".join(parts),
@@ -340,7 +489,7 @@ class ResidencyIndex:
         w = worker_arg(worker)
         return ScriptCall(
             self.scripts["release_engine_blocks"],
-            [k.engine_map(w), k.worker(w), k.cut(w)],
+            [k.engine_map(w), k.worker(w), k.cut(w), k.lru(w)],
             [w, pack_keys("engine_hashes", engine_hashes), nonneg("now_ms", now_ms)],
             lambda r: ReleaseResult(*(int(x) for x in r)),
         )
@@ -390,11 +539,17 @@ class ResidencyIndex:
         capacity: int = 0,
         now_ms: int = 0,
         limit: int = 1000,
+        base: int | None = None,
+        offset: int = 0,
+        final: bool = True,
     ) -> ScriptCall:
-        """One worker's engine events for one model, in order (see apply_engine_events-6.lua).
+        """One worker's engine events for one model, in order (see apply_engine_events-7.lua).
 
         ``ops`` is one character per op (R, S, D, C); ``fields`` the packed hex fields
-        (``pack_u64``). The script validates the fields; this checks the rest.
+        (``pack_u64``). The script validates the fields; this checks the rest. A run of ops
+        sent as several calls (sub-batches) gives each its ``base`` (the stored seq the run
+        started from), ``offset`` (ops of the run in earlier calls) and ``final`` (this call
+        ends the run); ``base`` None sends the call as a whole run.
         """
         k = self.keys(model)
         w = worker_arg(worker)
@@ -406,7 +561,15 @@ class ResidencyIndex:
             raise ScriptArgumentError("seq", f"must be an integer >= -1, got {seq!r}")
         return ScriptCall(
             self.scripts["apply_engine_events"],
-            [k.engine_map(w), k.worker(w), k.cut(w), k.workers, k.head_prefix, k.listener_seq],
+            [
+                k.engine_map(w),
+                k.worker(w),
+                k.cut(w),
+                k.workers,
+                k.head_prefix,
+                k.listener_seq,
+                k.lru(w),
+            ],
             [
                 w,
                 ops,
@@ -417,9 +580,18 @@ class ResidencyIndex:
                 nonneg("limit", limit, minimum=1),
                 nonneg("epoch", epoch),
                 seq,
+                *self._sub_batch_args(base, offset, final),
             ],
             lambda r: ApplyResult(*(int(x) for x in r)),
         )
+
+    @staticmethod
+    def _sub_batch_args(base: int | None, offset: int, final: bool) -> list[Any]:
+        if base is None:
+            return []
+        if isinstance(base, bool) or not isinstance(base, int) or base < -1 or base > U64:
+            raise ScriptArgumentError("base", f"must be an integer >= -1, got {base!r}")
+        return [base, nonneg("offset", offset), "1" if final else "0"]
 
     def claim_worker_call(self, model: str, worker: str, *, epoch: int, ttl_ms: int) -> ScriptCall:
         """Fence older owners out of ``model`` for ``worker`` and read its stream position."""

@@ -42,12 +42,14 @@ class ScriptCall:
 
 @dataclass(slots=True)
 class RecordCall:
-    """One prepared record (see ``ResidencyIndex.record_call`` and record_chain-4.lua).
+    """One prepared record (see ``ResidencyIndex.record_call`` and record_chain-5.lua).
 
-    Three commands, sent in order on one connection: ZCARD of the worker's set, a plain
-    ``ZADD GT CH`` of every block with its score, and the record_chain script that finishes
-    the record. Redis parses the ZADD's thousands of arguments natively; passing them through
-    a Lua script cost three times as much server time (docs/benchmarks.md).
+    Four commands, sent in order on one connection: ZCARD of the worker's set, a plain
+    ``ZADD GT CH`` of every block with its valid-until, a plain ``ZADD GT`` of every block's
+    last access into the worker's lru set, and the record_chain script that finishes the
+    record. Redis parses the ZADDs' thousands of arguments natively; passing them through a
+    Lua script cost three times as much server time (docs/benchmarks.md).
+    ``keys``: wrk, cut, workers, head prefix, lru (record_chain-5.lua's KEYS).
     """
 
     script: LuaScript
@@ -91,6 +93,20 @@ class RecordCall:
         flat[1::2] = [p[i : i + 16] for i in range(0, 16 * n, 16)]
         return ["ZADD", self.keys[0], "GT", "CH", *flat], top
 
+    def lru_args(self, now_us: int) -> list[Any]:
+        """The ZADD of this record's last accesses: block i (from 0) at now - i, so a chain's
+        tail is trimmed before its head."""
+        n = self.blocks
+        if self.encoded:
+            data = zadd_pairs([(now_us, n)], self.packed.encode())
+            if data is not None:
+                return ["ZADD", self.keys[4], "GT", PackedArgs(2 * n, data)]
+        p = self.packed
+        flat: list[Any] = [None] * (2 * n)
+        flat[0::2] = range(now_us, now_us - n, -1)
+        flat[1::2] = [p[i : i + 16] for i in range(0, 16 * n, 16)]
+        return ["ZADD", self.keys[4], "GT", *flat]
+
     def tail(self, now_us: int, top: int) -> ScriptCall:
         return ScriptCall(
             self.script,
@@ -98,15 +114,15 @@ class RecordCall:
             [self.worker, self.packed, now_us, top, self.capacity, self.limit],
         )
 
-    def commands(self, now_us: int) -> tuple[list[Any], list[Any] | None, ScriptCall]:
-        """ZCARD, the ZADD (None for an empty chain) and the finishing script call."""
+    def commands(self, now_us: int) -> tuple[list[Any], list[list[Any]], ScriptCall]:
+        """ZCARD, the ZADDs (none for an empty chain) and the finishing script call."""
         if self.now_ms:
             now_us = self.now_ms * 1000
         zcard: list[Any] = ["ZCARD", self.keys[0]]
         if not self.blocks:
-            return zcard, None, self.tail(now_us, 0)
+            return zcard, [], self.tail(now_us, 0)
         zadd, top = self.zadd_args(now_us)
-        return zcard, zadd, self.tail(now_us, top)
+        return zcard, [zadd, self.lru_args(now_us)], self.tail(now_us, top)
 
     @staticmethod
     def result(before: Any, changed: Any, tail: Any) -> RecordResult:
@@ -275,27 +291,27 @@ class ScriptTransport:
         return c.decode(r) if c.decode else r
 
     async def _record_reply(self, tail: ScriptCall, got: Sequence[Any]) -> RecordResult:
-        """A record's result from its ZCARD, ZADD (absent for an empty chain) and script
+        """A record's result from its ZCARD, ZADDs (absent for an empty chain) and script
         replies. A script cache flushed under the record (restart, failover) leaves the ZADD
         done and the script not: it is loaded and run alone to finish the record."""
         for r in got[:-1]:
             if isinstance(r, Exception):
                 raise r
         last = await self._script_reply(tail, got[-1])
-        return RecordCall.result(got[0], got[1] if len(got) == 3 else 0, last)
+        return RecordCall.result(got[0], got[1] if len(got) == 4 else 0, last)
 
     def _queue_record(self, pipe: Any, c: RecordCall, now_us: int) -> tuple[int, ScriptCall]:
         """Queue a record's commands on `pipe`: how many, and the finishing script call.
         (EVALSHA through execute_command: Cluster pipelines refuse the evalsha method.)"""
-        zcard, zadd, tail = c.commands(now_us)
+        zcard, zadds, tail = c.commands(now_us)
         tail = self._current(tail)
         pipe.execute_command(*zcard)
-        if zadd is not None:
+        for zadd in zadds:
             pipe.execute_command(*zadd)
         pipe.execute_command(
             "EVALSHA", tail.script.sha, tail.script.num_keys, *tail.keys, *tail.args
         )
-        return (3 if zadd is not None else 2), tail
+        return 2 + len(zadds), tail
 
     async def _run_record(self, c: RecordCall, now_us: int) -> RecordResult:
         """A record on a Cluster: its commands as one MULTI/EXEC on the model's node."""

@@ -102,8 +102,11 @@ class Engine:
         *,
         root: bytes | None = None,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
+        remote_tokens: int = 0,
     ) -> SimRequest:
-        """Queue a request; raises RequestRejected if it can never run on this worker."""
+        """Queue a request; raises RequestRejected if it can never run on this worker.
+        `remote_tokens`: leading prompt tokens whose KV was pulled from a prefill worker."""
         req = self.scheduler.add(
             f"{next(self._ids)}",
             prompt,
@@ -111,8 +114,10 @@ class Engine:
             self.now_s(),
             root=root,
             lora_name=lora_name,
+            cache_salt=cache_salt,
         )
         req.notify = asyncio.Event()
+        req.remote_tokens = remote_tokens
         self._wake()
         return req
 

@@ -18,6 +18,7 @@ import msgpack
 Encoding = Literal["positional", "map"]
 
 MEDIUM_GPU = "GPU"
+MEDIUM_CPU = "CPU"
 SPEC_KIND = "full_attention"
 
 
@@ -31,6 +32,12 @@ class BlockStored:
     block_size: int
     lora_name: str | None = None
     """The LoRA adapter the blocks were computed under (None: the base model)."""
+    extra_keys: list[Any] | None = None
+    """One entry per block (None: no extra keys), as vLLM sends them; a salted request's
+    first block carries ``[cache_salt]`` (``[lora_name, cache_salt]`` under an adapter)."""
+    medium: str = MEDIUM_GPU
+    """Where the blocks are: GPU, or CPU for the offload tier (whose stores carry hashes
+    only, no tokens, as vLLM's CPU offloading connector sends them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +45,7 @@ class BlockRemoved:
     """Cached blocks were evicted (one per event, as vLLM's lazy eviction emits them)."""
 
     block_hashes: list[int]
+    medium: str = MEDIUM_GPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +59,7 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, Any]:
     """One event as the msgpack-ready object vLLM's msgspec encoder would produce."""
     if isinstance(event, BlockStored):
-        extra_keys: list[None] = [None] * len(event.block_hashes)
+        extra_keys = event.extra_keys or [None] * len(event.block_hashes)
         if encoding == "positional":
             return [
                 "BlockStored",
@@ -60,7 +68,7 @@ def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, A
                 event.token_ids,
                 event.block_size,
                 None,  # lora_id
-                MEDIUM_GPU,
+                event.medium,
                 event.lora_name,
                 extra_keys,
                 0,  # group_idx
@@ -74,7 +82,7 @@ def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, A
             "token_ids": event.token_ids,
             "block_size": event.block_size,
             "lora_id": None,
-            "medium": MEDIUM_GPU,
+            "medium": event.medium,
             "lora_name": event.lora_name,
             "extra_keys": extra_keys,
             "group_idx": 0,
@@ -82,11 +90,11 @@ def event_to_wire(event: KVEvent, encoding: Encoding) -> list[Any] | dict[str, A
         }
     if isinstance(event, BlockRemoved):
         if encoding == "positional":
-            return ["BlockRemoved", event.block_hashes, MEDIUM_GPU, 0]
+            return ["BlockRemoved", event.block_hashes, event.medium, 0]
         return {
             "type": "BlockRemoved",
             "block_hashes": event.block_hashes,
-            "medium": MEDIUM_GPU,
+            "medium": event.medium,
             "group_idx": 0,
         }
     if encoding == "positional":

@@ -94,6 +94,8 @@ class SimFleet:
                     replay_port=ev + 2 * i + 1 if ev else 0,
                     zmq_ctx=self._zmq,
                     tokenizer=tokenizer,
+                    speed=s.speed_of(i),
+                    role=s.role(i),
                 )
             )
         self.info: FleetInfo | None = None

@@ -14,6 +14,15 @@ tokens. The rules mirror vLLM's `BlockPool` / `KVCacheManager`:
 - Identical blocks computed concurrently by two requests are not de-duplicated: both are
   registered, each announces its own BlockStored and later its own BlockRemoved.
 
+An optional CPU tier (``cpu_blocks`` > 0) models vLLM's CPU offloading: a cached block the
+GPU evicts is offloaded to a host-memory LRU of its own capacity (announced as
+``BlockStored(medium="CPU")`` with hashes only, no tokens, as the offloading connector sends
+it), and the tier's own evictions as ``BlockRemoved(medium="CPU")``. A request whose prompt
+continues past its GPU hit on CPU blocks loads them instead of recomputing them
+(``match_tier``; the scheduler charges the reload time). The real connector offloads as blocks
+are stored rather than as they are evicted; what the router sees is the same once the GPU has
+let the block go, which is when the tier matters.
+
 One deliberate simplification: free blocks that hold no hash (partial blocks of finished
 requests, never-used blocks) are handed out before any cached block is evicted. vLLM keeps
 them in the same queue in free order; the difference only delays evictions slightly.
@@ -32,8 +41,9 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from kvrouter.sim.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvrouter.sim.events import MEDIUM_CPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 _MASK64 = (1 << 64) - 1
 
@@ -90,6 +100,7 @@ class KVCache:
 
     __slots__ = (
         "_block_hash",
+        "_cpu",
         "_events",
         "_free_cached",
         "_free_plain",
@@ -97,12 +108,16 @@ class KVCache:
         "_num_hashed",
         "_ref",
         "block_size",
+        "cpu_blocks",
         "num_blocks",
     )
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError("num_blocks and block_size must be >= 1")
+    def __init__(self, num_blocks: int, block_size: int, cpu_blocks: int = 0) -> None:
+        if num_blocks < 1 or block_size < 1 or cpu_blocks < 0:
+            raise ValueError("num_blocks and block_size must be >= 1, cpu_blocks >= 0")
+        self.cpu_blocks = cpu_blocks
+        # The CPU tier: engine hash -> None, front = evicted first.
+        self._cpu: OrderedDict[int, None] = OrderedDict()
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._ref = [0] * num_blocks
@@ -165,6 +180,27 @@ class KVCache:
             hit.append(ids[0])
         return hit
 
+    def match_tier(self, block_hashes: Sequence[int], start: int, num_tokens: int) -> int:
+        """How many blocks from position `start` on are held by the CPU tier, consecutively
+        (under the same `num_tokens - 1` cap as a GPU hit); each is touched as used."""
+        if not self._cpu:
+            return 0
+        limit = min(len(block_hashes), max(num_tokens - 1, 0) // self.block_size)
+        n = 0
+        cpu = self._cpu
+        for i in range(start, limit):
+            h = block_hashes[i]
+            if h not in cpu:
+                break
+            cpu.move_to_end(h)
+            n += 1
+        return n
+
+    @property
+    def num_cpu_cached(self) -> int:
+        """Blocks on the CPU tier."""
+        return len(self._cpu)
+
     def can_allocate(self, hit_blocks: Sequence[int], num_new: int) -> bool:
         """Whether `allocate(table, hit_blocks, num_new)` would succeed."""
         # Hitting a free cached block takes it out of the evictable pool.
@@ -212,6 +248,7 @@ class KVCache:
         tokens: Sequence[int],
         num_full_blocks: int,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         """Hash the table's blocks up to `num_full_blocks` (now full) and announce them.
 
@@ -236,6 +273,11 @@ class KVCache:
         self._num_hashed += num_full_blocks - start
         table.num_registered = num_full_blocks
         chunk = tokens[start * bs : num_full_blocks * bs]
+        extra: list[Any] | None = None
+        if cache_salt is not None and start == 0:
+            # As vLLM: the salt is an extra key of the request's first block only.
+            extra = [None] * len(new_hashes)
+            extra[0] = [lora_name, cache_salt] if lora_name else [cache_salt]
         self._events.append(
             BlockStored(
                 block_hashes=list(new_hashes),
@@ -243,6 +285,7 @@ class KVCache:
                 token_ids=chunk.tolist() if isinstance(chunk, array) else list(chunk),
                 block_size=bs,
                 lora_name=lora_name,
+                extra_keys=extra,
             )
         )
 
@@ -294,4 +337,18 @@ class KVCache:
         if not ids:
             del self._hash_to_blocks[h]
         self._events.append(BlockRemoved([h]))
+        if self.cpu_blocks and not ids:
+            self._offload(h)
         return b
+
+    def _offload(self, h: int) -> None:
+        """Copy an evicted block to the CPU tier (the last GPU copy of its hash)."""
+        cpu = self._cpu
+        if h in cpu:
+            cpu.move_to_end(h)
+            return
+        cpu[h] = None
+        self._events.append(BlockStored([h], None, [], self.block_size, medium=MEDIUM_CPU))
+        if len(cpu) > self.cpu_blocks:
+            old, _ = cpu.popitem(last=False)
+            self._events.append(BlockRemoved([old], medium=MEDIUM_CPU))

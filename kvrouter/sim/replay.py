@@ -41,6 +41,7 @@ from kvrouter.sim.trace import (
 )
 
 ROUTER_WORKER_HEADER = "x-kvrouter-worker"
+ROUTER_MATCHED_HEADER = "x-kvrouter-matched-tokens"
 SIM_WORKER_HEADER = "x-sim-worker"
 DEFAULT_POOLED_WORKERS = 8
 
@@ -63,13 +64,24 @@ class RequestRecord:
     prompt_tokens: int = 0
     """Tokens sent in the prompt."""
     cached_tokens: int | None = None
+    matched_tokens: int | None = None
+    """The router's prediction of ``cached_tokens`` on the worker it chose (its
+    ``x-kvrouter-matched-tokens`` header); None without a router."""
     completion_tokens: int | None = None
     max_tokens: int = 0
     error: str | None = None
+    tpot_s: float | None = None
+    """Time per output token after the first: (last token - first token) / (tokens - 1)."""
 
     @property
     def ok(self) -> bool:
         return self.status == 200 and self.error is None
+
+    @property
+    def late_s(self) -> float | None:
+        """How much later than scheduled it was sent (the client or the concurrency cap
+        fell behind); None if never sent."""
+        return None if self.sent_s is None else max(0.0, self.sent_s - self.arrival_s)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +145,7 @@ async def _one(
 ) -> None:
     loop = asyncio.get_running_loop()
     t_send = loop.time()
+    t_last = 0.0
     try:
         async with session.post(
             url, data=body, headers={"Content-Type": "application/json"}, timeout=client_timeout
@@ -141,6 +154,9 @@ async def _one(
             rec.worker = resp.headers.get(ROUTER_WORKER_HEADER) or resp.headers.get(
                 SIM_WORKER_HEADER
             )
+            matched = resp.headers.get(ROUTER_MATCHED_HEADER)
+            if matched is not None and matched.isdigit():
+                rec.matched_tokens = int(matched)
             if resp.status != 200:
                 rec.error = (await resp.text())[:300]
                 return
@@ -157,17 +173,22 @@ async def _one(
                 if "error" in chunk:
                     rec.error = json.dumps(chunk["error"])[:300]
                     continue
-                if rec.ttft_s is None and any(
+                if any(
                     c.get("text") or (c.get("delta") or {}).get("content")
                     for c in chunk.get("choices") or ()
                 ):
-                    rec.ttft_s = loop.time() - t_send
+                    t_last = loop.time() - t_send
+                    if rec.ttft_s is None:
+                        rec.ttft_s = t_last
                 usage = chunk.get("usage")
                 if usage:
                     rec.completion_tokens = usage.get("completion_tokens")
                     details = usage.get("prompt_tokens_details") or {}
                     rec.cached_tokens = details.get("cached_tokens")
             rec.e2e_s = loop.time() - t_send
+            n = rec.completion_tokens
+            if rec.ttft_s is not None and n is not None and n > 1:
+                rec.tpot_s = (t_last - rec.ttft_s) / (n - 1)
             if not done and rec.error is None:
                 rec.error = "stream ended without [DONE]"
     except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
@@ -306,14 +327,41 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def prediction(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """How well the router predicted the engine's cache hits, over successful requests that
+    report both (the router's matched tokens and the engine's cached tokens): the share
+    predicted exactly, and the tokens over-predicted (matched but not cached: a prefill the
+    router did not expect) and under-predicted (cached but not matched), each also as a
+    share of those requests' prompt tokens."""
+    both = [
+        (r.matched_tokens, r.cached_tokens, r.prompt_tokens)
+        for r in records
+        if r.ok and r.matched_tokens is not None and r.cached_tokens is not None
+    ]
+    prompt = sum(p for _, _, p in both)
+    over = sum(max(0, m - c) for m, c, _ in both)
+    under = sum(max(0, c - m) for m, c, _ in both)
+    return {
+        "predicted": len(both),
+        "exact_share": sum(1 for m, c, _ in both if m == c) / len(both) if both else None,
+        "over_tokens": over,
+        "under_tokens": under,
+        "over_share": over / prompt if prompt else None,
+        "under_share": under / prompt if prompt else None,
+    }
+
+
 def summarize(records: Sequence[RequestRecord], duration_s: float | None = None) -> dict[str, Any]:
-    """Counts, hit ratio (cached over prompt tokens of successful requests), latency
-    percentiles in real seconds, throughput and requests per worker."""
+    """Counts, hit ratio (cached over prompt tokens of successful requests), the router's
+    prediction accuracy (``prediction``), latency percentiles in real seconds, throughput and
+    requests per worker."""
     ok = [r for r in records if r.ok]
     prompt = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens or 0 for r in ok)
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
+    tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
+    late = [t for t in (r.late_s for r in records) if t is not None]
     if duration_s is None:
         ends = [(r.sent_s or 0.0) + (r.e2e_s or 0.0) for r in records]
         duration_s = max(ends, default=0.0)
@@ -329,9 +377,14 @@ def summarize(records: Sequence[RequestRecord], duration_s: float | None = None)
         "ttft_p99_s": percentile(ttft, 99),
         "e2e_p50_s": percentile(e2e, 50),
         "e2e_p99_s": percentile(e2e, 99),
+        "tpot_p50_s": percentile(tpot, 50),
+        "tpot_p99_s": percentile(tpot, 99),
+        "late_p99_s": percentile(late, 99),
+        "late_max_s": max(late, default=None),
         "duration_s": duration_s,
         "throughput_rps": len(ok) / duration_s if duration_s else 0.0,
         "per_worker": dict(sorted(Counter(r.worker or "?" for r in ok).items())),
+        **prediction(records),
     }
 
 

@@ -71,6 +71,23 @@ class SimSettings(KvrSettings):
     prefill_tokens_per_s: float = setting(
         16_000.0, "uncached prompt tokens prefilled per simulated second", gt=0
     )
+    cpu_capacity_tokens: Int = setting(
+        0,
+        "capacity of each worker's CPU offload tier in tokens (0 = none): blocks the GPU "
+        "evicts are offloaded there and published as vLLM events with medium CPU",
+        ge=0,
+    )
+    cpu_load_tokens_per_s: float = setting(
+        160_000.0,
+        "tokens of KV loaded back from the CPU tier per simulated second (the reload cost; "
+        "default ten times the prefill speed)",
+        gt=0,
+    )
+    speed_mix: str = setting(
+        "",
+        "comma-separated speed factors given to the workers in turn (2,1: every other worker "
+        "twice as fast in prefill and decode); empty = all alike",
+    )
     decode_step_ms: float = setting(10.0, "base duration of one engine step (simulated ms)", ge=0)
     decode_step_ms_per_seq: float = setting(
         0.25, "added to each step per sequence in the batch (simulated ms)", ge=0
@@ -96,6 +113,21 @@ class SimSettings(KvrSettings):
     seed: Int = setting(0, "seed folded into the engine block hashes")
     ready_file: str | None = setting(None, "write the fleet's JSON description here once listening")
     log_level: Level = setting("info", "logging level on stderr: debug, info, warning or error")
+    prefill_workers: Int = setting(
+        0,
+        "P/D: the first N workers are prefill workers, the rest decode workers (0 = all serve "
+        "whole requests)",
+        ge=0,
+    )
+    kv_bytes_per_token: Int = setting(
+        131_072,
+        "P/D: KV cache bytes per token a decode worker pulls (Llama-3-8B in bf16: 2 x 32 "
+        "layers x 8 KV heads x 128 dims x 2 bytes)",
+        ge=0,
+    )
+    transfer_gb_per_s: float = setting(
+        25.0, "P/D: prefill-to-decode link bandwidth in GB/s (simulated time)", gt=0
+    )
 
     @classmethod
     def names(cls, name: str) -> str:
@@ -115,6 +147,22 @@ class SimSettings(KvrSettings):
                 f"{self.names('capacity_tokens')}: must hold at least one block of "
                 f"{self.block_size} tokens, got {self.capacity_tokens}"
             )
+        if self.prefill_workers >= self.workers:
+            raise ValueError(
+                f"{self.names('prefill_workers')}: must be below --workers so a decode worker "
+                f"remains, got {self.prefill_workers}"
+            )
+        try:
+            speeds = self.speeds
+        except ValueError:
+            raise ValueError(
+                f"{self.names('speed_mix')}: expected comma-separated numbers, "
+                f"got {self.speed_mix!r}"
+            ) from None
+        if any(not x > 0 for x in speeds):
+            raise ValueError(
+                f"{self.names('speed_mix')}: every factor must be > 0, got {self.speed_mix!r}"
+            )
         if not self.model:
             raise ValueError(f"{self.names('model')}: must not be empty")
         if self.model in self.adapters:
@@ -127,6 +175,27 @@ class SimSettings(KvrSettings):
     def adapters(self) -> tuple[str, ...]:
         """The LoRA adapter names (parsed `lora_adapters`)."""
         return tuple(dict.fromkeys(a.strip() for a in self.lora_adapters.split(",") if a.strip()))
+
+    @property
+    def speeds(self) -> tuple[float, ...]:
+        """The parsed `speed_mix` (empty when unset): a mixed fleet. A factor multiplies
+        prefill throughput and divides the decode step times, as a faster GPU does both."""
+        return tuple(float(x) for x in self.speed_mix.split(",") if x.strip())
+
+    def speed_of(self, index: int) -> float:
+        """The speed factor of worker `index` (the mix repeats over the fleet)."""
+        speeds = self.speeds
+        return speeds[index % len(speeds)] if speeds else 1.0
+
+    def role(self, index: int) -> str:
+        """The prefill/decode role of worker `index`."""
+        if not self.prefill_workers:
+            return "both"
+        return "prefill" if index < self.prefill_workers else "decode"
+
+    def transfer_s(self, tokens: int) -> float:
+        """Simulated seconds to pull `tokens` tokens of KV cache over the link."""
+        return tokens * self.kv_bytes_per_token / (self.transfer_gb_per_s * 1e9)
 
     @property
     def num_gpu_blocks(self) -> int:

@@ -6,13 +6,29 @@ Endpoints (as vLLM's OpenAI server unless marked):
   streaming (`data: {...}` SSE chunks, then `data: [DONE]`) or not; `usage` carries
   `prompt_tokens_details.cached_tokens`; `stream_options.include_usage` adds a final usage
   chunk. Generation always runs to `max_tokens` (EOS is ignored).
+- `POST /v1/responses` (not streamed): the input rendered as the chat vLLM makes of it,
+  then generated like a chat; `usage.input_tokens`. `POST /v1/embeddings` (text or token
+  ids; a fixed small vector each, `usage.prompt_tokens`), `POST /tokenize`,
+  `POST /detokenize`, `POST /v1/score` and `/v1/rerank` (also `/score`, `/rerank`,
+  `/v2/rerank`; a fixed score): enough for a router to route them and a client to parse
+  the answer; no engine time is spent on them.
 - `GET /v1/models`, `GET /health`, `GET /metrics`, `POST /reset_prefix_cache`.
+- Prefill/decode disaggregation as vLLM's NixlConnector speaks it (docs/disaggregation.md):
+  a request with ``kv_transfer_params.do_remote_decode`` is a prefill leg, answered with
+  ``kv_transfer_params`` (``do_remote_prefill``, ``remote_block_ids``, ``remote_engine_id``,
+  ``remote_request_id``, ``remote_host``, ``remote_port``, ``tp_size``); a request with
+  ``do_remote_prefill`` and those fields is a decode leg: the worker "pulls" the prompt
+  blocks it does not hold (waiting ``kv_bytes_per_token x tokens / transfer_gb_per_s``
+  simulated seconds), caches them (BlockStored events) and decodes. Params without the
+  fields are logged, counted (``invalid_params``) and the prompt is recomputed, as vLLM does.
 - Simulator-only fault injection: `POST /admin/reset_prefix_cache` (same as vLLM's),
   `POST /admin/restart?down_s=S` (fail every request, empty the cache silently, restart
   the event seq at 0; with S > 0 also stop listening for S real seconds and answer 503 on
   kept-alive connections meanwhile), `POST /admin/drop_events?count=K&replay=1` (swallow
   the next K event batches on the live stream; replay=0 also keeps them out of the replay
-  buffer), `GET /admin/state` (JSON snapshot).
+  buffer), `GET /admin/state` (JSON snapshot, P/D counters and the last legs' params
+  included), `POST /admin/pd_fault?mode=omit|malformed|fail&count=K` (the next K prefill
+  legs answer without kv_transfer_params, with malformed ones, or with a 503).
 
 Every response carries `x-sim-worker: <worker id>`.
 """
@@ -35,7 +51,7 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from kvrouter.sim.engine import Engine
-from kvrouter.sim.kvcache import root_digest
+from kvrouter.sim.kvcache import chain_hashes, root_digest, token_bytes
 from kvrouter.sim.metrics import registry as metrics_registry
 from kvrouter.sim.metrics import render_metrics
 from kvrouter.sim.publisher import EventPublisher
@@ -84,22 +100,27 @@ class WorkerInfo:
     replay_endpoint: str | None
     topic: str
     dp_rank: int = 0
+    role: str = "both"
+    """prefill, decode or both (`kvrouter sim --prefill-workers`)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def engine_config(settings: SimSettings) -> EngineConfig:
-    """The engine shape a worker gets from the fleet's settings."""
+def engine_config(settings: SimSettings, speed: float = 1.0) -> EngineConfig:
+    """The engine shape a worker gets from the fleet's settings, at speed factor `speed`
+    (its entry of ``--speed-mix``)."""
     return EngineConfig(
         block_size=settings.block_size,
         num_blocks=settings.num_gpu_blocks,
-        prefill_tokens_per_s=settings.prefill_tokens_per_s,
-        decode_step_s=settings.decode_step_ms / 1000.0,
-        decode_step_s_per_seq=settings.decode_step_ms_per_seq / 1000.0,
+        prefill_tokens_per_s=settings.prefill_tokens_per_s * speed,
+        decode_step_s=settings.decode_step_ms / 1000.0 / speed,
+        decode_step_s_per_seq=settings.decode_step_ms_per_seq / 1000.0 / speed,
         max_batch=settings.max_batch,
         max_batched_tokens=settings.max_batched_tokens,
         max_model_len=settings.max_model_len,
+        cpu_blocks=settings.cpu_capacity_tokens // settings.block_size,
+        cpu_load_tokens_per_s=settings.cpu_load_tokens_per_s * speed,
     )
 
 
@@ -119,8 +140,24 @@ class SimWorker:
         replay_port: int = 0,
         zmq_ctx: zmq.asyncio.Context | None = None,
         tokenizer: Tokenizer | None = None,
+        speed: float = 1.0,
+        role: str = "both",
     ) -> None:
         self.worker_id = worker_id
+        self.speed = speed
+        self.role = role
+        self.pd: dict[str, Any] = {
+            "prefill_legs": 0,
+            "prefill_aborted": 0,
+            "remote_decodes": 0,
+            "invalid_params": 0,
+            "pulled_tokens": 0,
+            "pulled_bytes": 0,
+            "last_prefill": None,
+            "last_decode": None,
+        }
+        """Prefill/decode counters and the last legs seen (for /admin/state and tests)."""
+        self.pd_fault: tuple[str, int] = ("", 0)
         self.settings = settings
         self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
         self._port = port
@@ -143,7 +180,7 @@ class SimWorker:
             a: root_digest(f"{settings.model}\0lora\0{a}", settings.seed) for a in settings.adapters
         }
         self.engine = Engine(
-            engine_config(settings),
+            engine_config(settings, speed),
             root_digest(settings.model, settings.seed),
             time_scale=settings.time_scale,
             on_events=self.publisher.publish if self.publisher else None,
@@ -175,6 +212,7 @@ class SimWorker:
             events_endpoint=pub.endpoint if pub else None,
             replay_endpoint=pub.replay_endpoint if pub else None,
             topic=self.settings.kv_events_topic,
+            role=self.role,
         )
         return self.info
 
@@ -227,23 +265,49 @@ class SimWorker:
         stream: bool,
         include_usage: bool,
         model: str,
+        responses: bool = False,
+        kv_params: Mapping[str, Any] | None = None,
+        cache_salt: str | None = None,
     ) -> web.StreamResponse:
-        """Run one request through the engine and answer it, streaming or not."""
+        """Run one request through the engine and answer it, streaming or not (`responses`:
+        in the Responses API's shape, never streamed). `kv_params`: the request's
+        kv_transfer_params (a prefill or a decode leg of a split request). A `cache_salt`
+        gives the request's blocks their own hash root (as vLLM's salt does): they are shared
+        only with requests of the same salt."""
         if self.is_down:
             raise ApiError(503, "the engine is restarting", "ServiceUnavailableError")
+        lora = model if model in self.adapter_roots else None
+        root = self.adapter_roots[lora] if lora else self.engine.scheduler.root
+        if cache_salt is not None:
+            base = f"{self.settings.model}\0lora\0{lora}" if lora else self.settings.model
+            root = root_digest(f"{base}\0salt\0{cache_salt}", self.settings.seed)
+        prefill_leg = bool(kv_params and kv_params.get("do_remote_decode"))
+        remote = 0
+        if prefill_leg:
+            assert kv_params is not None
+            self.pd["prefill_legs"] += 1
+            self.pd["last_prefill"] = {
+                "kv_transfer_params": dict(kv_params),
+                "max_tokens": max_tokens,
+                "stream": stream,
+                "request_id": request.headers.get("x-request-id"),
+                # Tests check that the router's prefill span is the parent vLLM continues.
+                "traceparent": request.headers.get("traceparent"),
+            }
+            if self.pd_fault[0] == "fail" and self._take_fault():
+                raise ApiError(503, "injected prefill failure", "ServiceUnavailableError")
+        elif kv_params and kv_params.get("do_remote_prefill"):
+            remote = await self._pull(prompt, root, kv_params, request, max_tokens, stream)
         try:
-            lora = model if model in self.adapter_roots else None
             req = self.engine.submit(
-                prompt,
-                max_tokens,
-                root=self.adapter_roots[lora] if lora else None,
-                lora_name=lora,
-            )
+                prompt, max_tokens, root=root, lora_name=lora, cache_salt=cache_salt,
+                remote_tokens=remote,
+            )  # fmt: skip
         except RequestRejected as exc:
             raise ApiError(400, str(exc), param="max_tokens") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
-        fmt = _ChunkFormat(rid, created, model, chat, self.tokenizer)
+        fmt = _ChunkFormat(rid, created, model, chat, self.tokenizer, responses)
         try:
             if stream:
                 return await self._stream(request, req, fmt, include_usage)
@@ -251,9 +315,81 @@ class SimWorker:
                 pass
             if req.state is not RequestState.FINISHED:
                 raise ApiError(503, req.error or "request aborted", "ServiceUnavailableError")
-            return web.json_response(fmt.full(req), headers={WORKER_HEADER: self.worker_id})
+            body = fmt.full(req)
+            if prefill_leg:
+                params: dict[str, Any] | None = self._transfer_params(req, rid)
+                fault = self.pd_fault[0]
+                if fault == "omit" and self._take_fault():
+                    params = None
+                elif fault == "malformed" and self._take_fault():
+                    params = {"do_remote_prefill": True, "remote_block_ids": "not a list"}
+                body["kv_transfer_params"] = params
+            return web.json_response(body, headers={WORKER_HEADER: self.worker_id})
         finally:
+            if prefill_leg and req.state is not RequestState.FINISHED:
+                self.pd["prefill_aborted"] += 1  # the router (client) went away mid-prefill
             self.engine.abort(req)
+
+    def _take_fault(self) -> bool:
+        fault, left = self.pd_fault
+        if left <= 0:
+            return False
+        self.pd_fault = (fault, left - 1)
+        return True
+
+    def _transfer_params(self, req: SimRequest, rid: str) -> dict[str, Any]:
+        """What vLLM's prefill worker answers: where the decode worker pulls the KV from."""
+        bs = self.settings.block_size
+        req.ensure_hashes(req.prompt_len // bs, bs)
+        held = self.engine.scheduler.cache.match_prefix(
+            req.hashes[: req.prompt_len // bs], req.prompt_len
+        )
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": list(held),
+            "remote_engine_id": self.worker_id,
+            "remote_request_id": rid,
+            "remote_host": self.settings.host,
+            "remote_port": self._port,
+            "tp_size": 1,
+        }
+
+    async def _pull(
+        self,
+        prompt: Sequence[int],
+        root: bytes,
+        params: Mapping[str, Any],
+        request: web.Request,
+        max_tokens: int,
+        stream: bool,
+    ) -> int:
+        """A decode leg: wait for the pull of the blocks this worker lacks; returns the prompt
+        tokens now held (0 when the params are unusable: the prompt is recomputed)."""
+        self.pd["last_decode"] = {
+            "kv_transfer_params": dict(params),
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "request_id": request.headers.get("x-request-id"),
+        }
+        blocks = params.get("remote_block_ids")
+        needed = ("remote_engine_id", "remote_host", "remote_port", "remote_block_ids")
+        if any(params.get(k) is None for k in needed) or not isinstance(blocks, list):
+            self.pd["invalid_params"] += 1
+            log.warning("%s: invalid KVTransferParams %r; recomputing", self.worker_id, params)
+            return 0
+        bs = self.settings.block_size
+        remote = min(len(blocks), len(prompt) // bs) * bs
+        hashes, _ = chain_hashes(root, token_bytes(prompt[:remote]), bs)
+        local = len(self.engine.scheduler.cache.match_prefix(hashes, len(prompt))) * bs
+        pulled = max(0, remote - local)  # blocks it already holds need no transfer
+        self.pd["remote_decodes"] += 1
+        self.pd["pulled_tokens"] += pulled
+        self.pd["pulled_bytes"] += pulled * self.settings.kv_bytes_per_token
+        wait = self.settings.transfer_s(pulled) / self.settings.time_scale
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return remote
 
     async def _stream(
         self, request: web.Request, req: SimRequest, fmt: _ChunkFormat, include_usage: bool
@@ -303,6 +439,8 @@ class SimWorker:
             "usage": cache.usage,
             "sim_time_s": self.engine.now_s(),
             "stats": asdict(sched.stats),
+            "role": self.role,
+            "pd": self.pd,
             "events": None
             if pub is None
             else {
@@ -333,10 +471,13 @@ def _sse(obj: Mapping[str, Any]) -> bytes:
 class _ChunkFormat:
     """Builds OpenAI completion / chat bodies for one request."""
 
-    __slots__ = ("chat", "created", "model", "rid", "tok")
+    __slots__ = ("chat", "created", "model", "responses", "rid", "tok")
 
-    def __init__(self, rid: str, created: int, model: str, chat: bool, tok: Tokenizer) -> None:
+    def __init__(
+        self, rid: str, created: int, model: str, chat: bool, tok: Tokenizer, responses: bool
+    ) -> None:
         self.rid, self.created, self.model, self.chat, self.tok = rid, created, model, chat, tok
+        self.responses = responses
 
     def _envelope(self, choices: list[dict[str, Any]], kind: str) -> dict[str, Any]:
         return {
@@ -379,6 +520,8 @@ class _ChunkFormat:
 
     def full(self, req: SimRequest) -> dict[str, Any]:
         text = self.tok.decode(req.output_tokens.tolist())
+        if self.responses:
+            return _responses_body(self.rid, self.created, self.model, text, req)
         if self.chat:
             choice: dict[str, Any] = {
                 "index": 0,
@@ -394,6 +537,32 @@ class _ChunkFormat:
             body = self._envelope([choice], "text_completion")
         body["usage"] = usage(req)
         return body
+
+
+def _responses_body(
+    rid: str, created: int, model: str, text: str, req: SimRequest
+) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": f"msg_{rid}", "type": "message", "role": "assistant",
+            "status": "completed", "content": [part]}  # fmt: skip
+    return {
+        "id": f"resp_{rid}",
+        "object": "response",
+        "created_at": created,
+        "model": model,
+        "status": "completed",
+        "output": [item],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": req.prompt_len,
+            "input_tokens_details": {"cached_tokens": req.cached_tokens or 0},
+            "output_tokens": req.num_generated,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": req.prompt_len + req.num_generated,
+        },
+    }
 
 
 def usage(req: SimRequest) -> dict[str, Any]:
@@ -453,6 +622,20 @@ def _int_param(body: Mapping[str, Any], *names: str, default: int) -> int:
     return default
 
 
+def _kv_params(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    params = body.get("kv_transfer_params")
+    if params is not None and not isinstance(params, dict):
+        raise ApiError(400, "kv_transfer_params must be an object", param="kv_transfer_params")
+    return params
+
+
+def _salt(body: Mapping[str, Any]) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ApiError(400, "cache_salt must be a non-empty string", param="cache_salt")
+    return salt
+
+
 def _common(body: Mapping[str, Any], worker: SimWorker) -> tuple[str, bool, bool]:
     model = body.get("model") or worker.settings.model
     if model != worker.settings.model and model not in worker.adapter_roots:
@@ -479,7 +662,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     max_tokens = _int_param(body, "max_tokens", default=DEFAULT_MAX_TOKENS)
     return await worker.generate(
         request, prompt, max_tokens, chat=False, stream=stream,
-        include_usage=include_usage, model=model,
+        include_usage=include_usage, model=model, kv_params=_kv_params(body),
+        cache_salt=_salt(body),
     )  # fmt: skip
 
 
@@ -490,15 +674,131 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
-    try:
-        prompt = worker.tokenizer.encode_chat(messages)
-    except ChatFormatError as exc:
-        raise ApiError(400, str(exc), param="messages") from None
+    prompt = _chat_prompt(worker.tokenizer, body)
     max_tokens = _int_param(body, "max_completion_tokens", "max_tokens", default=DEFAULT_MAX_TOKENS)
     return await worker.generate(
         request, prompt, max_tokens, chat=True, stream=stream,
-        include_usage=include_usage, model=model,
+        include_usage=include_usage, model=model, kv_params=_kv_params(body),
+        cache_salt=_salt(body),
     )  # fmt: skip
+
+
+def _chat_prompt(tok: Tokenizer, body: Mapping[str, Any]) -> Sequence[int]:
+    """A chat body's prompt: the whole request through a tokenizer that applies vLLM's
+    request preprocessing (the router's Tokenizer), else the messages alone."""
+    if not isinstance(body.get("messages"), list):
+        # vLLM answers 400 (request validation); iterating None would be a 500 here.
+        raise ApiError(400, "messages must be a list of message objects", param="messages")
+    encode_request = getattr(tok, "encode_chat_request", None)
+    if encode_request is None:
+        try:
+            return tok.encode_chat(body["messages"])
+        except ChatFormatError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+    from kvrouter.tokenizer.errors import TokenizerError
+
+    try:
+        ids: Sequence[int] = encode_request(body)
+    except TokenizerError as exc:  # the request's fault, or content it cannot render
+        raise ApiError(400, str(exc), param="messages") from None
+    return ids
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    from kvrouter.tokenizer.errors import TokenizerError
+    from kvrouter.tokenizer.preprocess import responses_to_chat_body
+
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    model, stream, _ = _common(body, worker)
+    if stream:
+        raise ApiError(400, "the simulator does not stream the Responses API", param="stream")
+    if body.get("previous_response_id") is not None:
+        # The simulator stores no responses (vLLM answers 404 for one it does not have).
+        raise ApiError(404, "previous response not found", "NotFoundError",
+                       "previous_response_id")  # fmt: skip
+    try:
+        chat = responses_to_chat_body(body)
+    except TokenizerError as exc:
+        raise ApiError(400, str(exc), param="input") from None
+    prompt = _chat_prompt(worker.tokenizer, chat)
+    max_tokens = _int_param(body, "max_output_tokens", default=DEFAULT_MAX_TOKENS)
+    return await worker.generate(
+        request, prompt, max_tokens, chat=True, stream=False,
+        include_usage=False, model=model, responses=True,
+    )  # fmt: skip
+
+
+def _text_inputs(value: Any, tok: Tokenizer, param: str) -> list[Sequence[int]]:
+    if isinstance(value, str) or (isinstance(value, list) and value and type(value[0]) is int):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"{param} must be a string, token ids or a non-empty list of them",
+                       param=param)  # fmt: skip
+    out: list[Sequence[int]] = []
+    for item in value:
+        if isinstance(item, str):
+            out.append(tok.encode(item))
+        elif isinstance(item, list):
+            out.append(_token_array(item, param))
+        else:
+            raise ApiError(400, f"{param} items must be strings or token-id lists", param=param)
+    return out
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    model, _, _ = _common(body, worker)
+    inputs = _text_inputs(body.get("input"), worker.tokenizer, "input")
+    n = sum(len(ids) for ids in inputs)
+    data = [{"object": "embedding", "index": i, "embedding": [0.0, 1.0]}
+            for i in range(len(inputs))]  # fmt: skip
+    return web.json_response({"object": "list", "data": data, "model": model,
+                              "usage": {"prompt_tokens": n, "total_tokens": n}})  # fmt: skip
+
+
+async def tokenize_endpoint(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    _common(body, worker)
+    if "messages" in body:
+        ids = list(_chat_prompt(worker.tokenizer, body))
+    else:
+        ids = list(_text_inputs(body.get("prompt"), worker.tokenizer, "prompt")[0])
+    return web.json_response(
+        {"count": len(ids), "max_model_len": worker.settings.max_model_len, "tokens": ids}
+    )
+
+
+async def detokenize_endpoint(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    _common(body, worker)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise ApiError(400, "tokens must be a list of token ids", param="tokens")
+    return web.json_response({"prompt": worker.tokenizer.decode(_token_array(tokens, "tokens"))})
+
+
+async def score(request: web.Request) -> web.Response:
+    """Score and rerank: a fixed relevance per document (the simulator has no model)."""
+    worker = request.app[WORKER_KEY]
+    body = await _json_body(request)
+    model, _, _ = _common(body, worker)
+    documents = body.get("documents", body.get("text_2", []))
+    if isinstance(documents, str):
+        documents = [documents]
+    if not isinstance(documents, list):
+        raise ApiError(400, "documents must be a list", param="documents")
+    if "rerank" in request.path:
+        results = [{"index": i, "relevance_score": 0.5, "document": {"text": d}}
+                   for i, d in enumerate(documents)]  # fmt: skip
+        return web.json_response({"id": f"rerank-{uuid.uuid4().hex}", "model": model,
+                                  "results": results, "usage": {"total_tokens": 0}})  # fmt: skip
+    data = [{"index": i, "object": "score", "score": 0.5} for i in range(len(documents))]
+    return web.json_response({"id": f"score-{uuid.uuid4().hex}", "object": "list",
+                              "model": model, "data": data, "usage": {}})  # fmt: skip
 
 
 async def models(request: web.Request) -> web.Response:
@@ -569,6 +869,16 @@ async def admin_drop_events(request: web.Request) -> web.Response:
                               "next_seq": worker.publisher.next_seq})  # fmt: skip
 
 
+async def admin_pd_fault(request: web.Request) -> web.Response:
+    worker = request.app[WORKER_KEY]
+    mode = request.query.get("mode", "")
+    if mode not in ("omit", "malformed", "fail", ""):
+        raise ApiError(400, "mode must be omit, malformed or fail", param="mode")
+    count = int(_query_number(request, "count", 1))
+    worker.pd_fault = (mode, count if mode else 0)
+    return web.json_response({"ok": True, "mode": mode, "count": count})
+
+
 async def admin_state(request: web.Request) -> web.Response:
     return web.json_response(request.app[WORKER_KEY].state())
 
@@ -615,6 +925,12 @@ def create_worker_app(worker: SimWorker) -> web.Application:
     app.cleanup_ctx.append(_engine_ctx)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/tokenize", tokenize_endpoint)
+    app.router.add_post("/detokenize", detokenize_endpoint)
+    for path in ("/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank"):
+        app.router.add_post(path, score)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
@@ -623,4 +939,5 @@ def create_worker_app(worker: SimWorker) -> web.Application:
     app.router.add_post("/admin/restart", admin_restart)
     app.router.add_post("/admin/drop_events", admin_drop_events)
     app.router.add_get("/admin/state", admin_state)
+    app.router.add_post("/admin/pd_fault", admin_pd_fault)
     return app

@@ -1,8 +1,10 @@
 """Engine-exact tokenization for the router: HF tokenizer.json, chat templates rendered as
 transformers renders them, and a segment cache that makes turn N of a chat cheap.
 
-Public API: `Tokenizer` (load, encode_prompt, encode_chat, render_chat, validate_token_ids,
-vocab_size, cache_stats), the errors, and `CacheStats`. Test tokenizers:
+Public API: `Tokenizer` (load, encode_prompt, encode_chat, encode_chat_request,
+render_chat, content_format, validate_token_ids, vocab_size, cache_stats), the errors
+(`UntokenizableContent` for content only the engine can tokenize), and `CacheStats`.
+vLLM's chat request preprocessing lives in `kvrouter.tokenizer.preprocess`. Test tokenizers:
 `kvrouter.tokenizer.testing.build_test_tokenizer`; benchmark:
 `kvrouter.tokenizer.bench.multiturn_speedup`.
 """
@@ -14,6 +16,7 @@ from kvrouter.tokenizer.errors import (
     TokenizationRequestError,
     TokenizerError,
     TokenizerLoadError,
+    UntokenizableContent,
 )
 from kvrouter.tokenizer.tokenizer import Tokenizer
 
@@ -25,4 +28,5 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "TokenizerLoadError",
+    "UntokenizableContent",
 ]

@@ -86,6 +86,7 @@ class ChatTemplates:
         Raises `jinja2.TemplateSyntaxError`; the loader turns it into a TokenizerLoadError.
         """
         env = make_environment()
+        self._sources = dict(sources)
         self._templates: dict[str, jinja2.Template] = {}
         for name, source in sources.items():
             try:
@@ -103,6 +104,14 @@ class ChatTemplates:
     def select(self, template_name: str | None, tools: object) -> jinja2.Template:
         """Pick a template as transformers does: the named one if asked; otherwise "tool_use"
         when tools are given and such a template exists; otherwise "default"."""
+        return self._templates[self.select_name(template_name, tools)]
+
+    def source(self, name: str) -> str:
+        """The jinja source of the template called `name`."""
+        return self._sources[name]
+
+    def select_name(self, template_name: str | None, tools: object) -> str:
+        """The name of the template `select` picks (raises ChatTemplateError like it)."""
         if not self._templates:
             raise ChatTemplateError(
                 "this model has no chat template; send a completions request with a prompt instead"
@@ -112,11 +121,11 @@ class ChatTemplates:
                 raise ChatTemplateError(
                     f"unknown chat template {template_name!r}; available: {', '.join(self.names)}"
                 )
-            return self._templates[template_name]
+            return template_name
         if tools is not None and "tool_use" in self._templates:
-            return self._templates["tool_use"]
+            return "tool_use"
         if "default" in self._templates:
-            return self._templates["default"]
+            return "default"
         raise ChatTemplateError(
             f"this model has several chat templates and no default; choose one of: "
             f"{', '.join(self.names)}"

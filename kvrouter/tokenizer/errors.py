@@ -37,3 +37,16 @@ class ChatTemplateError(TokenizationRequestError):
 
 class InvalidTokenIdsError(TokenizationRequestError):
     """A pre-tokenized prompt holds something other than integers in [0, vocab_size)."""
+
+
+class UntokenizableContent(TokenizerError):
+    """The request holds content the router cannot turn into the engine's exact tokens
+    (images, audio, video, embeddings, content part types it does not know).
+
+    Not a client error: the engine may well serve it. `reason` is a short label for the
+    metric (the part type, or "unknown_part"); the router routes on the text before it, or
+    on load, and never on keys it cannot trust."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason

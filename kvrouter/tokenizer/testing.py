@@ -7,12 +7,22 @@ library on a synthetic corpus and writes a model directory like the ones engines
 - kind="llama3": byte-level BPE with a Llama-3-style split regex and special tokens
   `<|begin_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`...; the
   post-processor adds BOS; a Llama-3-shaped chat template with tool support.
+- kind="qwen": the same byte-level BPE with ChatML special tokens (`<|im_start|>`,
+  `<|im_end|>`, `<|endoftext|>`), no BOS, and a Qwen-shaped template: string content joined
+  with `+`, tools in `<tools>`, RAG `documents`, tool calls printed with their arguments
+  through `tojson`, an `enable_thinking` switch.
+- kind="deepseek": the same byte-level BPE with DeepSeek-style full-width special tokens
+  (`<｜begin▁of▁sentence｜>`, `<｜User｜>`, `<｜Assistant｜>`, tool-call markers), BOS added by
+  the post-processor and written by the template, system prompts gathered with a namespace.
 - kind="sentencepiece": SentencePiece-style BPE (Metaspace "▁", prepend_scheme "first",
   `<unk>` for unseen characters) with `<s>`, `</s>`, `[INST]`, `[/INST]` and a Mistral-shaped
   `[INST] ... [/INST]` template.
 
 The same inputs give byte-identical files, so tests and benchmarks are reproducible.
 """
+
+# DeepSeek's special tokens use FULLWIDTH VERTICAL LINE on purpose (that is the real spelling).
+# ruff: noqa: RUF001, RUF002
 
 from __future__ import annotations
 
@@ -24,8 +34,8 @@ from typing import Any, Literal
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-Kind = Literal["llama3", "sentencepiece"]
-KINDS: tuple[Kind, ...] = ("llama3", "sentencepiece")
+Kind = Literal["llama3", "sentencepiece", "qwen", "deepseek"]
+KINDS: tuple[Kind, ...] = ("llama3", "sentencepiece", "qwen", "deepseek")
 
 # The split pattern of Llama-3-style byte-level tokenizers (contractions, letter runs, up to
 # three digits, punctuation runs with trailing newlines, newline runs, other whitespace).
@@ -43,6 +53,20 @@ LLAMA3_SPECIAL_TOKENS = (
     "<|eom_id|>",
     "<|python_tag|>",
     *(f"<|reserved_special_token_{i}|>" for i in range(24)),
+)
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+DEEPSEEK_SPECIAL_TOKENS = (
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
 )
 SENTENCEPIECE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]")
 
@@ -68,10 +92,92 @@ LLAMA3_CHAT_TEMPLATE = """\
             {%- if part['type'] == 'text' %}{{- part['text'] | trim }}{%- endif %}
         {%- endfor %}
     {%- endif %}
+    {%- for call in message['tool_calls'] | default([]) %}
+        {{- '{"name": "' + call.function.name + '", "parameters": ' }}
+        {{- call.function.arguments | tojson + '}' }}
+    {%- endfor %}
     {{- '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+QWEN_CHAT_TEMPLATE = """\
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- '# Tools\\n\\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\\n' + tool | tojson }}
+    {%- endfor %}
+    {{- '\\n</tools><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- if documents %}
+    {{- '<|im_start|>system\\n# Documents' }}
+    {%- for doc in documents %}
+        {{- '\\n## ' + doc.title + '\\n' + doc.text }}
+    {%- endfor %}
+    {{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- elif message.role == 'assistant' %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls | default([]) %}
+            {%- set call = tool_call.function if tool_call.function is defined else tool_call %}
+            {{- '\\n<tool_call>\\n{"name": "' + call.name + '", "arguments": ' }}
+            {{- call.arguments | tojson + '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == 'tool' %}
+        {{- '<|im_start|>user\\n<tool_response>\\n' + message.content }}
+        {{- '\\n</tool_response><|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+
+DEEPSEEK_CHAT_TEMPLATE = """\
+{%- set ns = namespace(system='') %}
+{%- for message in messages %}
+    {%- if message['role'] == 'system' %}
+        {%- set ns.system = ns.system + message['content'] %}
+    {%- endif %}
+{%- endfor %}
+{{- bos_token + ns.system }}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' %}
+        {{- '<｜User｜>' + message['content'] }}
+    {%- elif message['role'] == 'assistant' and message['tool_calls'] is defined %}
+        {{- '<｜Assistant｜>' + message['content'] + '<｜tool▁calls▁begin｜>' }}
+        {%- for tool in message['tool_calls'] %}
+            {{- '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' }}
+            {{- tool['function']['name'] + '\\n```json\\n' }}
+            {{- tool['function']['arguments'] | tojson + '\\n```<｜tool▁call▁end｜>' }}
+        {%- endfor %}
+        {{- '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}
+    {%- elif message['role'] == 'tool' %}
+        {{- '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<｜Assistant｜>' }}
 {%- endif %}
 """
 
@@ -110,7 +216,7 @@ _WORDS = (  # noqa: SIM905
     "old year off come since against go came right used take three router cache token prefix "
     "worker request latency prompt model block hash redis cluster replica stream engine batch "
     "queue memory throughput decode prefill scheduler tensor kernel context window session "
-    "résumé naïve café über straße déjà vu 東京 中文 日本語 한국어 Привет мир γεια σου "  # noqa: RUF001 - Greek on purpose
+    "résumé naïve café über straße déjà vu 東京 中文 日本語 한국어 Привет мир γεια σου "
     "def return import class self None True False async await lambda yield print json dict list "
     "system user assistant tool function call arguments result error answer question please"
 ).split()
@@ -164,7 +270,12 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def _train_llama3(vocab_size: int, seed: int) -> HFTokenizer:
+def _train_llama3(
+    vocab_size: int,
+    seed: int,
+    special_tokens: tuple[str, ...] = LLAMA3_SPECIAL_TOKENS,
+    bos: str | None = "<|begin_of_text|>",
+) -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -175,12 +286,14 @@ def _train_llama3(vocab_size: int, seed: int) -> HFTokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(LLAMA3_SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(seed), trainer)
-    bos = "<|begin_of_text|>"
+    if bos is None:  # Qwen-style: no BOS at all
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        return tok
     tok.post_processor = processors.Sequence(
         [
             processors.ByteLevel(trim_offsets=False),
@@ -257,6 +370,22 @@ def build_test_tokenizer(
                 "single_word": False,
             },
             "chat_template": LLAMA3_CHAT_TEMPLATE,
+        }
+    elif kind == "qwen":
+        tok = _train_llama3(vocab_size, seed, QWEN_SPECIAL_TOKENS, bos=None)
+        config = {
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "chat_template": QWEN_CHAT_TEMPLATE,
+        }
+    elif kind == "deepseek":
+        bos = DEEPSEEK_SPECIAL_TOKENS[0]
+        tok = _train_llama3(vocab_size, seed, DEEPSEEK_SPECIAL_TOKENS, bos=bos)
+        config = {
+            "bos_token": bos,
+            "eos_token": DEEPSEEK_SPECIAL_TOKENS[1],
+            "chat_template": DEEPSEEK_CHAT_TEMPLATE,
         }
     else:
         tok = _train_sentencepiece(vocab_size, seed)

@@ -35,6 +35,14 @@ from kvrouter.tokenizer.errors import (
     TokenizerLoadError,
 )
 from kvrouter.tokenizer.loading import TokenizerFiles, read_tokenizer_files
+from kvrouter.tokenizer.preprocess import (
+    CONTENT_FORMATS,
+    ContentFormat,
+    detect_content_format,
+    prepare_messages,
+    prepare_tools,
+    template_kwargs,
+)
 from kvrouter.tokenizer.segments import (
     AddedTokenRule,
     AddedTokenSplitter,
@@ -79,8 +87,19 @@ class Tokenizer:
         segment_cache: bool = True,
         cache_entries: int = DEFAULT_CACHE_ENTRIES,
         cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        content_format: str = "auto",
     ) -> None:
-        """Build from parsed files; most callers want `Tokenizer.load(path)`."""
+        """Build from parsed files; most callers want `Tokenizer.load(path)`.
+
+        `content_format` is the chat template content format: "auto" detects it from the
+        template as vLLM does; "string" or "openai" override it (vLLM's
+        ``--chat-template-content-format``)."""
+        if content_format not in CONTENT_FORMATS:
+            raise ValueError(
+                f"content_format must be one of {', '.join(CONTENT_FORMATS)}, "
+                f"not {content_format!r}"
+            )
+        self._content_format = content_format
         self.path = files.path
         try:
             backend = _prepare_backend(files.tokenizer_json, files.split_special_tokens)
@@ -156,17 +175,20 @@ class Tokenizer:
         segment_cache: bool = True,
         cache_entries: int = DEFAULT_CACHE_ENTRIES,
         cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        content_format: str = "auto",
     ) -> Tokenizer:
         """Load from a tokenizer.json file or a model directory. Raises TokenizerLoadError.
 
         `segment_cache=False` always tokenizes whole strings (the reference path);
-        `cache_entries` and `cache_tokens` bound the segment cache.
+        `cache_entries` and `cache_tokens` bound the segment cache; `content_format` as
+        for the constructor.
         """
         return cls(
             read_tokenizer_files(path),
             segment_cache=segment_cache,
             cache_entries=cache_entries,
             cache_tokens=cache_tokens,
+            content_format=content_format,
         )
 
     # -- facts about the tokenizer -------------------------------------------------------
@@ -201,6 +223,16 @@ class Tokenizer:
         """The underlying `tokenizers.Tokenizer` (for decoding); do not reconfigure it."""
         return self._backend
 
+    def content_format(
+        self, template_name: str | None = None, tools: object = None
+    ) -> ContentFormat:
+        """The content format chats are rendered with: the configured one, or the one vLLM
+        detects from the template chosen for `template_name` and `tools`."""
+        if self._content_format != "auto":
+            return self._content_format  # type: ignore[return-value]
+        name = self._templates.select_name(template_name, tools)
+        return detect_content_format(self._templates.source(name))
+
     def cache_stats(self) -> CacheStats:
         """Segment cache counters for metrics."""
         return self._cache.stats()
@@ -229,11 +261,16 @@ class Tokenizer:
         template_name: str | None = None,
         **template_kwargs: Any,
     ) -> str:
-        """The prompt string the chat template makes of `messages`. Raises ChatTemplateError."""
+        """The prompt string the chat template makes of `messages`, after vLLM's message
+        preprocessing (content parts, tool-call arguments, tools; see preprocess.py).
+
+        Raises ChatTemplateError or TokenizationRequestError for what the engine would
+        reject, UntokenizableContent for media parts."""
+        fmt = self.content_format(template_name, tools)
         return self._templates.render(
-            messages,
+            prepare_messages(messages, fmt),
             add_generation_prompt=add_generation_prompt,
-            tools=tools,
+            tools=prepare_tools(tools),
             documents=documents,
             continue_final_message=continue_final_message,
             template_name=template_name,
@@ -265,6 +302,29 @@ class Tokenizer:
             **template_kwargs,
         )
         return self._encode(text, add_special_tokens)
+
+    def encode_chat_request(self, body: Mapping[str, Any]) -> list[int]:
+        """Token ids of a chat completions request body, as vLLM computes them: the
+        request-level switches (add_generation_prompt, continue_final_message, documents,
+        reasoning_effort, add_special_tokens) merged over ``chat_template_kwargs``, which are
+        filtered to what the template reads; messages and tools preprocessed.
+
+        Raises TokenizationRequestError (UntokenizableContent for media parts)."""
+        tools = body.get("tools")
+        source = self._templates.source(self._templates.select_name(None, tools))
+        kwargs, add_generation_prompt, continue_final, documents = template_kwargs(body, source)
+        add_special = body.get("add_special_tokens", False)
+        if not isinstance(add_special, bool):
+            raise TokenizationRequestError("add_special_tokens must be a boolean")
+        return self.encode_chat(
+            body.get("messages"),  # type: ignore[arg-type]  # prepare_messages checks it
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            documents=documents,
+            continue_final_message=continue_final,
+            add_special_tokens=add_special,
+            **kwargs,
+        )
 
     def validate_token_ids(self, ids: object) -> list[int]:
         """A pre-tokenized prompt, checked: a list of ints in [0, vocab_size).

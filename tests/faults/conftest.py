@@ -43,7 +43,7 @@ index (`x-kvrouter-matched-tokens` > 0); **stale** = residency records still nam
 restarted worker after the clear grace period (`kvr:{{m}}:wrk:<worker>`; `-` where no worker
 died). The load: 4 to 6 concurrent clients replaying 6 conversations that share 48-token
 prefixes (half streaming); router health checks every 0.3 s, clear grace 1.5 s
-(`kvrouter/bench/faults.py`, `FAST_ROUTER_ENV`).
+(`tests/support/faults.py`, `FAST_ROUTER_ENV`).
 """
 
 

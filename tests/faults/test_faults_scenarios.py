@@ -1,5 +1,5 @@
 """Each fault of design.md "Failure behaviour", one at a time, under a steady load, with real
-processes on loopback (kvrouter/bench/faults.py). Bounded: a few hundred requests and about
+processes on loopback (tests/support/faults.py). Bounded: a few hundred requests and about
 10 s per scenario."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from kvrouter.bench import faults
+from tests.support import faults
 
 pytestmark = [
     pytest.mark.faults,

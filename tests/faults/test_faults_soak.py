@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import redis
 
-from kvrouter.bench import faults
 from kvrouter.redisproc import RedisServer
+from tests.support import faults
 
 pytestmark = [
     pytest.mark.soak,

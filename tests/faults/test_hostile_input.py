@@ -23,8 +23,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvrouter.bench import faults
 from kvrouter.redisproc import RedisServer, free_port
+from tests.support import faults
 from tests.support.metrics import parse
 
 pytestmark = [
@@ -35,6 +35,7 @@ pytestmark = [
 ADMIN = "hostile-admin-token"
 MAX_BODY = 256 * 1024
 MAX_PROMPT = 2048
+HEADER_TIMEOUT_S = 1.0
 
 
 class Hostile:
@@ -53,6 +54,8 @@ class Hostile:
                 "KVR_ADMIN_TOKEN": ADMIN,
                 "KVR_MAX_BODY_BYTES": str(MAX_BODY),
                 "KVR_MAX_PROMPT_TOKENS": str(MAX_PROMPT),
+                # A short header read timeout, so the slowloris case sees clients dropped.
+                "KVR_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
             },
         )
         self.http = requests.Session()
@@ -342,8 +345,20 @@ def test_bad_request(
     })  # fmt: skip
 
 
+def _dropped_by_peer(s: socket.socket) -> bool:
+    """True when the router has closed this connection (EOF or a reset)."""
+    s.settimeout(0.5)
+    try:
+        return s.recv(1024) == b""
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
 def test_slow_clients(hostile: Hostile, reliability: Any) -> None:
-    """Slowloris: 200 connections dribbling headers for 3 s; real clients are still served."""
+    """Slowloris: 200 connections dribbling headers for 3 s; real clients are still served,
+    and the router drops every dribbling connection after its header read timeout."""
     port = int(hostile.url.rsplit(":", 1)[1])
     socks = []
     for _ in range(200):
@@ -373,6 +388,8 @@ def test_slow_clients(hostile: Hostile, reliability: Any) -> None:
             ok += r.status_code == 200
             i += 1
             time.sleep(0.1)
+        # 3 s of dribbling is three times the header read timeout: every one is gone.
+        dropped = sum(_dropped_by_peer(s) for s in socks)
     finally:
         for s in socks + slow_body:
             s.close()
@@ -381,10 +398,13 @@ def test_slow_clients(hostile: Hostile, reliability: Any) -> None:
     assert ok == len(latencies) and ok >= 5
     worst = max(latencies)
     assert worst < 2.0
+    assert dropped == len(socks)
     reliability.add("hostile", {
         "case": "slowloris: 200 conns dribbling headers + 20 dribbling bodies, 3 s",
         "tried": len(latencies),
-        "outcome": f"{ok}/{len(latencies)} real requests 200, slowest {worst * 1000:.0f} ms",
+        "outcome": f"{ok}/{len(latencies)} real requests 200, slowest {worst * 1000:.0f} ms; "
+                   f"{dropped}/{len(socks)} dribbling-header conns dropped "
+                   f"(KVR_HEADER_TIMEOUT_S={HEADER_TIMEOUT_S})",
         "index intact": "yes",
     })  # fmt: skip
 

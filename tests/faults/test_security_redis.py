@@ -20,10 +20,10 @@ import pytest
 import redis
 from aiohttp import web
 
-from kvrouter.bench import faults
 from kvrouter.index.keys import KeySchema
 from kvrouter.redisproc import RedisServer, free_port
 from router_node.registry import read_registry, register_worker
+from tests.support import faults
 from tests.support.metrics import parse
 
 pytestmark = [
@@ -47,10 +47,14 @@ KVR_COMMANDS = (
     # called from inside the Lua scripts (ACLs apply there too)
     "+exists +hdel +hget +hgetall +hincrby +hmget +hset +pexpire +pexpireat +time +unlink "
     "+zadd +zcard +zmscore +zrangebyscore +zrem +zremrangebyrank +zremrangebyscore +zscore "
-    # listener: notices (pub/sub), ownership and the registry read outside scripts
-    "+subscribe +unsubscribe +publish"
+    # listener: notices (pub/sub: the model's channel and every worker's own), ownership and
+    # the registry read outside scripts
+    "+subscribe +unsubscribe +psubscribe +punsubscribe +publish"
 )
-ACL_RULES = f"on >{PASSWORD} resetkeys ~kvr:* resetchannels &kvr:* -@all {KVR_COMMANDS}"
+# Redis checks a PSUBSCRIBE pattern literally against the user's channel patterns, so the
+# listener's pattern of the workers' own notice channels is granted as written.
+CHANNELS = f"&kvr:* &kvr:{{{faults.MODEL}}}:notices:*"
+ACL_RULES = f"on >{PASSWORD} resetkeys ~kvr:* resetchannels {CHANNELS} -@all {KVR_COMMANDS}"
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -252,7 +256,7 @@ async def test_admin_token_compared_in_constant_time(
     from router_node import app as app_module
     from router_node.app import RouterServer
     from router_node.settings import RouterSettings, WorkerSpec
-    from router_node.testing import FakeWorker
+    from tests.support.fake_worker import FakeWorker
 
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest

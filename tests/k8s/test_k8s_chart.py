@@ -68,7 +68,9 @@ ROUTER_SETTINGS = {
     "KVR_K8S_NAMESPACE",
     "KVR_K8S_SELECTOR",
     "KVR_K8S_HTTP_PORT_NAME",
-    "KVR_K8S_EVENTS_PORT_NAME",
+    "KVR_PD_MIN_PREFILL_TOKENS",
+    "KVR_PD_SATURATION_TOKENS",
+    "KVR_PD_TRANSFER_WEIGHT",
 }
 LISTENER_SETTINGS = {
     "KVR_REDIS_URL",
@@ -166,10 +168,12 @@ def secret_ref(c: dict[str, Any], name: str) -> tuple[str, str]:
 
 def test_examples_exist() -> None:
     assert [p.name for p in EXAMPLES] == [
+        "disaggregated.yaml",
         "epp.yaml",
         "external-redis-cluster.yaml",
         "minimal.yaml",
         "production.yaml",
+        "two-models.yaml",
     ]
 
 
@@ -376,7 +380,7 @@ def test_static_discovery_needs_no_api_access(helm: str) -> None:
         "--set",
         "discovery.static.workers={vllm-0=http://10.0.0.1:8000,http://10.0.0.2:8000}",
         "--set",
-        "discovery.static.engines={tcp://10.0.0.1:5557}",
+        "discovery.static.engines={vllm-0=tcp://10.0.0.1:5557}",
     )
     assert "Role" not in kinds(docs) and "RoleBinding" not in kinds(docs)
     router_cm = find(docs, "ConfigMap", "kvr-kv-router-router")["data"]
@@ -408,6 +412,64 @@ def test_bundled_redis_without_password(helm: str) -> None:
     listener = container(find(docs, "Deployment", "kvr-kv-router-listener"), "listener")
     assert "env" not in listener
     assert set(find(docs, "Secret")["data"]) == {"admin-token"}
+
+
+def test_notice_users_boot_a_real_redis_that_enforces_them(helm: str) -> None:
+    """The bundled Redis's per-worker notice users, rendered and then given to a real
+    redis-server as the kubelet would (the $(VAR) passwords expanded): each may publish on its
+    own notice channel only."""
+    import redis
+
+    from kvrouter.redisproc import RedisServer
+
+    docs = render(
+        helm,
+        *BASE,
+        *("--set", "redis.noticeUsers[0].worker=vllm-0:8000"),
+        *("--set", "redis.noticeUsers[0].existingSecret=notice-w0"),
+        *("--set", "redis.noticeUsers[1].worker=vllm-1:8000"),
+        *("--set", "redis.noticeUsers[1].existingSecret=notice-w1"),
+        *("--set", "redis.noticeUsers[1].passwordKey=pw"),
+    )
+    c = container(find(docs, "StatefulSet"), "redis")
+    assert secret_ref(c, "NOTICE_USER_PASSWORD_0") == ("notice-w0", "password")
+    assert secret_ref(c, "NOTICE_USER_PASSWORD_1") == ("notice-w1", "pw")
+    args = c["args"]
+    first = args.index("--user")  # only the ACL part: the pod's paths and port are its own
+    env = {
+        "REDIS_PASSWORD": "admin",
+        "NOTICE_USER_PASSWORD_0": "p0",
+        "NOTICE_USER_PASSWORD_1": "p1",
+    }
+    acl = ["--requirepass", "$(REDIS_PASSWORD)", *args[first:]]
+    for name, value in env.items():
+        acl = [a.replace(f"$({name})", value) for a in acl]
+    with RedisServer(args=acl) as server:
+        w0 = redis.Redis(port=server.port, username="notices-vllm-0:8000", password="p0")
+        try:
+            assert w0.publish("kvr:{llama}:notices:vllm-0:8000", b"x") == 0
+            for channel in ("kvr:{llama}:notices:vllm-1:8000", "kvr:{llama}:notices"):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    w0.publish(channel, b"x")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                w0.set("kvr:{llama}:meta", 1)
+        finally:
+            w0.close()
+
+
+def test_grafana_dashboard_configmap(helm: str, minimal: list[dict[str, Any]]) -> None:
+    """Off by default; on, a ConfigMap with the sidecar's label holding the dashboard file
+    byte for byte (its queries are checked against real scrapes in tests/test_dashboard.py)."""
+    assert not any(d["metadata"]["name"].endswith("-dashboard") for d in minimal)
+    docs = render(
+        helm, *BASE, "--set", "metrics.grafanaDashboard.enabled=true",
+        "--set", "metrics.grafanaDashboard.namespace=monitoring",
+    )  # fmt: skip
+    cm = find(docs, "ConfigMap", "kvr-kv-router-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    shipped = (CHART / "dashboards" / "kvrouter.json").read_text()
+    assert json.loads(cm["data"]["kvrouter.json"]) == json.loads(shipped)
 
 
 def test_listener_off_turns_kv_events_off(helm: str) -> None:
@@ -595,6 +657,15 @@ BAD_VALUES = {
     "bad-service-type": (["--set", "router.service.type=Ingress"], "/router/service/type"),
     "port-out-of-range": (["--set", "router.containerPort=70000"], "/router/containerPort"),
     "bad-maxmemory": (["--set", "redis.maxmemory=lots"], "/redis/maxmemory"),
+    "notice-user-glob-worker": (
+        [
+            "--set",
+            "redis.noticeUsers[0].worker=vllm-*",
+            "--set",
+            "redis.noticeUsers[0].existingSecret=s",
+        ],
+        "/redis/noticeUsers/0/worker",
+    ),
     "no-rbac-no-account": (
         ["--set", "rbac.create=false"],
         "with rbac.create=false needs serviceAccount.name",
@@ -676,7 +747,8 @@ DOC = ROOT / "docs" / "kubernetes.md"
 def test_doc_vllm_manifests_are_valid_and_publish_kv_events() -> None:
     text = DOC.read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
-    docs = [d for block in blocks for d in yaml.safe_load_all(block) if d]
+    # Kubernetes manifests only (the page's values snippets are not).
+    docs = [d for block in blocks for d in yaml.safe_load_all(block) if d and "apiVersion" in d]
     assert sorted(d["kind"] for d in docs) == ["Service", "StatefulSet"]
     for doc in docs:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
@@ -699,3 +771,172 @@ def test_doc_settings_table_names_every_variable_the_chart_sets() -> None:
     text = DOC.read_text()
     for name in ROUTER_SETTINGS | LISTENER_SETTINGS | SECRET_SETTINGS:
         assert f"`{name}`" in text, name
+
+
+def test_disaggregated_example_sets_the_pd_settings(helm: str) -> None:
+    docs = render(helm, "-f", str(CHART / "examples" / "disaggregated.yaml"))
+    cm = find(docs, "ConfigMap", "kvr-kv-router-router")["data"]
+    assert cm["KVR_K8S_SELECTOR"] == "app.kubernetes.io/part-of=vllm-pd"
+    assert cm["KVR_PD_MIN_PREFILL_TOKENS"] == "512"
+    assert cm["KVR_PD_SATURATION_TOKENS"] == "65536"
+    assert cm["KVR_PD_TRANSFER_WEIGHT"] == "0.1"
+    # Values the router would reject are rejected by the schema first.
+    for bad in ("router.disaggregation.minPrefillTokens=-1",
+                "router.disaggregation.transferWeight=-0.5"):  # fmt: skip
+        proc = run_helm(helm, "template", "kvr", str(CHART), "--set", bad)
+        assert proc.returncode != 0 and "disaggregation" in proc.stderr
+
+
+def test_static_engines_as_the_chart_joins_them_parse_in_the_listener(helm: str) -> None:
+    # The chart joins discovery.static.engines with ","; entries carry ",replay=" options.
+    from eviction_listener.settings import ListenerSettings
+
+    docs = render(
+        helm,
+        "--set", "config.model=llama",
+        "--set", "discovery.mode=static",
+        "--set", "discovery.static.workers={http://10.0.0.1:8000,http://10.0.0.2:8000}",
+        "--set", r"discovery.static.engines={a=tcp://10.0.0.1:5557\,replay=tcp://10.0.0.1:5558,"
+        "b=tcp://10.0.0.2:5557}",
+    )  # fmt: skip
+    data = find(docs, "ConfigMap", "kvr-kv-router-listener")["data"]
+    engines = ListenerSettings.from_env(data).engines
+    assert [(e.worker_id, e.replay_endpoint) for e in engines] == [
+        ("a", "tcp://10.0.0.1:5558"),
+        ("b", None),
+    ]
+
+
+def test_router_drains_before_sigterm_and_listener_readiness_is_ready(helm: str) -> None:
+    docs = render(helm, *BASE)
+    router = container(find(docs, "Deployment", "kvr-kv-router-router"), "router")
+    pod = find(docs, "Deployment", "kvr-kv-router-router")["spec"]["template"]["spec"]
+    sleep = router["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 0 < sleep < pod["terminationGracePeriodSeconds"]
+    assert router["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    listener = container(find(docs, "Deployment", "kvr-kv-router-listener"), "listener")
+    assert listener["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+@pytest.mark.parametrize(("example", "warned"), [("minimal", True), ("production", False)])
+def test_notes_warn_when_the_router_has_no_tokenizer(
+    helm: str, tmp_path: Path, example: str, warned: bool
+) -> None:
+    # As above: NOTES rendered through a ConfigMap in a copy of the chart.
+    chart = tmp_path / "kv-router"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "notes-probe.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data: {notes: {{ include "kv-router.notes" . | quote }}}\n'
+    )
+    proc = run_helm(
+        helm, "template", "kvr", str(chart), "--namespace", "llm", "--kube-version",
+        KUBE_VERSION, "-f", str(CHART / "examples" / f"{example}.yaml"),
+        "--show-only", "templates/notes-probe.yaml",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    notes = yaml.safe_load(proc.stdout)["data"]["notes"]
+    assert ("routed by load only" in notes) is warned
+    assert "degraded" in notes  # readiness does not need Redis
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        ([], "config.model=meta-llama/Llama-3.1-8B-Instruct"),
+        (["--set", "config.model=llama"], "selector=kubernetes.io/service-name=vllm"),
+    ],
+)
+def test_required_values_fail_with_an_example(helm: str, args: list[str], named: str) -> None:
+    proc = run_helm(helm, "template", "kvr", str(CHART), *args)
+    assert proc.returncode != 0 and "is required" in proc.stderr and named in proc.stderr
+    assert "validation failed" not in proc.stderr  # not a raw schema error
+
+
+@pytest.mark.parametrize(
+    "engine", ["tcp://10.0.0.1:5557", "vllm-0=10.0.0.1:5557", "vllm-0=tcp://h:1,replay"]
+)
+def test_static_engines_without_an_id_fail_with_an_example(helm: str, engine: str) -> None:
+    # The listener rejects them at start; the chart says so at install, naming the entry.
+    proc = run_helm(
+        helm, "template", "kvr", str(CHART), "--set", "config.model=m",
+        "--set", "discovery.mode=static",
+        "--set", "discovery.static.workers={vllm-0=http://10.0.0.1:8000}",
+        "--set", "discovery.static.engines={" + engine.replace(",", "\\,") + "}",
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stdout
+    assert "/discovery/static/engines" in proc.stderr and engine in proc.stderr
+    assert "vllm-0=tcp://10.0.0.1:5557,replay=" in proc.stderr  # the example
+
+
+def test_two_models_render_a_models_file_and_a_listener_each(helm: str, tmp_path: Path) -> None:
+    from eviction_listener.settings import ListenerSettings
+    from router_node.settings import RouterSettings
+
+    docs = render(helm, "-f", str(CHART / "examples" / "two-models.yaml"))
+    router_cm = find(docs, "ConfigMap", "kvr-kv-router-router")["data"]
+    assert "KVR_MODEL" not in router_cm and router_cm["KVR_CONFIG"] == "/etc/kvrouter/models.yaml"
+    models_file = find(docs, "ConfigMap", "kvr-kv-router-router-models")["data"]["models.yaml"]
+    path = tmp_path / "models.yaml"
+    path.write_text(models_file)
+    # The router reads it as its own --config file.
+    settings = RouterSettings.load(None, {**router_cm, "KVR_CONFIG": str(path)})
+    sizes = {m.name: m.block_size for m in settings.model_configs}
+    assert sizes == {"meta-llama/Llama-3.1-8B-Instruct": 16, "Qwen/Qwen2.5-7B-Instruct": 32,
+                     "sql-lora": None}  # fmt: skip
+    listeners = {
+        d["metadata"]["name"]: ListenerSettings.from_env(
+            find(docs, "ConfigMap", d["metadata"]["name"])["data"]
+        )
+        for d in docs
+        if d["kind"] == "Deployment" and "listener" in d["metadata"]["name"]
+    }
+    assert {n: (s.model, s.block_size, s.k8s_selector) for n, s in listeners.items()} == {
+        "kvr-kv-router-listener-llama": ("meta-llama/Llama-3.1-8B-Instruct", 16,
+                                         "kvrouter.io/fleet=main,kvrouter.io/model=llama"),
+        "kvr-kv-router-listener-qwen": ("Qwen/Qwen2.5-7B-Instruct", 32,
+                                        "kvrouter.io/fleet=main,kvrouter.io/model=qwen"),
+    }  # fmt: skip
+    selectors = [find(docs, "Deployment", n)["spec"]["selector"]["matchLabels"] for n in listeners]
+    assert selectors[0] != selectors[1]  # two Deployments never adopt each other's pods
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--set", "config.model=a", "--set", "config.models[0].name=b"], "are exclusive"),
+        (["--set", "config.models[0].name=org/m", "--set", "config.models[1].name=other/m"],
+         "give one an `id`"),
+    ],
+)  # fmt: skip
+def test_bad_model_lists_fail_with_a_reason(helm: str, args: list[str], named: str) -> None:
+    proc = run_helm(helm, "template", "kvr", str(CHART), *BASE[2:], *args)
+    assert proc.returncode != 0 and named in proc.stderr, proc.stderr
+
+
+def test_helm_show_readme_names_the_required_values(helm: str) -> None:
+    readme = run_helm(helm, "show", "readme", str(CHART)).stdout
+    assert "config.model" in readme and "discovery.kubernetes.selector" in readme
+    assert "docker push" in readme and "routed by load only" in readme
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
+def test_every_rendered_variable_is_a_setting_of_its_process(helm: str, example: Path) -> None:
+    # From the one settings schema, not a list kept by hand: a name the process does not
+    # know would be ignored at run time (or, if close to a real one, stop it).
+    from eviction_listener.settings import ListenerSettings
+    from router_node.settings import RouterSettings
+
+    docs = render(helm, "-f", str(example))
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    for d in deployments:
+        component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+        cls = {"router": RouterSettings, "listener": ListenerSettings}.get(component)
+        if cls is None:
+            continue
+        known = {cls.env_name(n) for n in cls.settable()}
+        c = container(d, component)
+        # Every listener of a several-model install has a ConfigMap of its own.
+        names = set(find(docs, "ConfigMap", d["metadata"]["name"])["data"])
+        names |= {e["name"] for e in c.get("env") or [] if e["name"].startswith("KVR_")}
+        assert names <= known, (component, sorted(names - known))

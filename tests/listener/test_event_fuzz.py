@@ -20,7 +20,7 @@ from eviction_listener.events import (
     KVEvent,
     decode_batch,
 )
-from eviction_listener.testing import (
+from kvrouter.bench.vllm_wire import (
     FIELDS_2026_EXTRA_KEYS,
     FIELDS_2026_GROUP,
     FIELDS_ERAS,

@@ -7,6 +7,7 @@ Loopback only; every wait is bounded; nothing asserts on durations.
 from __future__ import annotations
 
 import asyncio
+from array import array
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -15,16 +16,16 @@ import pytest
 from eviction_listener.events import BlockStored
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings, parse_engines
-from eviction_listener.testing import (
+from kvrouter.index.hashing import BlockHasher
+from kvrouter.index.keys import KeySchema
+from kvrouter.index.scripts import ResidencyIndex
+from tests.support.metrics import parse
+from tests.support.vllm_publisher import (
     VllmEventPublisher,
     free_tcp_port,
     sync_listener,
     wait_applied,
 )
-from kvrouter.index.hashing import BlockHasher
-from kvrouter.index.keys import KeySchema
-from kvrouter.index.scripts import ResidencyIndex
-from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis
 M = "llama-test"
@@ -193,7 +194,9 @@ async def test_dp_rank_one_is_its_own_worker(
 async def test_what_is_not_indexed(engine: Callable[..., Any], redis_client: Any) -> None:
     pub, lst = await engine()
     skipped = lst.metrics.skipped_blocks
-    pub.stored([eh(i) for i in range(2)], TOKENS[: 2 * B], medium="CPU")
+    # A medium that cannot name a tier key (CPU and other media are indexed per tier:
+    # test_offloaded_blocks_are_indexed_per_tier).
+    pub.stored([eh(i) for i in range(2)], TOKENS[: 2 * B], medium="nvme/0")
     pub.stored([eh(9)], TOKENS[:8], block_size=8)  # an SGLang partial page
     pub.stored([eh(20)], TOKENS[B : 2 * B], parent=12345)  # parent never seen: orphan
     s = pub.stored([eh(i, 3) for i in range(2)], TOKENS[: 4 * B], block_size=2 * B)
@@ -244,8 +247,10 @@ async def test_event_with_extra_keys_beyond_lora_is_skipped(
 
     pub, lst = await engine()
     ev = BlockStored(
-        (eh(0, 5),), None, array("I", TOKENS[:B]), B, medium="GPU", extra_keys=(("img-1",),)
+        (eh(0, 5),), None, array("I", TOKENS[:B]), B, medium="GPU", extra_keys=((("img-1", 0),),)
     )
+    # (A lone string in a first block's extra keys is vLLM's cache salt: indexed, see
+    # test_speculative_confirmed.py; a multimodal item as (identifier, offset) is not.)
     s = pub.publish([ev])
     await wait_applied(redis_client, M, "w", s)
     assert await depth(redis_client, "w", B) == 0
@@ -317,3 +322,74 @@ async def test_on_a_redis_cluster_with_notices(
                 break
             await asyncio.sleep(0.05)
         assert await depth(cluster_client, "side", 2 * B) == 2
+
+
+def test_vllm_cache_salt_is_read_from_the_first_blocks_extra_keys() -> None:
+    from eviction_listener.applier import _NOT_INDEXABLE, _extras_salt
+
+    assert _extras_salt((None, None), None, True) is None
+    assert _extras_salt((("s1",), None), None, True) == "s1"
+    assert _extras_salt((("alice", "s1"), ("alice",)), "alice", True) == "s1"
+    assert _extras_salt((("alice",), ("alice",)), "alice", False) is None
+    # Only a chain's first block carries the salt; anything else is not foldable.
+    assert _extras_salt((("s1",),), None, False) is _NOT_INDEXABLE
+    assert _extras_salt((None, ("s1",)), None, True) is _NOT_INDEXABLE
+    assert _extras_salt((("s1", "mm-2"),), None, True) is _NOT_INDEXABLE
+    assert _extras_salt(((("mm-1", 0),),), None, True) is _NOT_INDEXABLE
+
+
+@pytest.mark.parametrize(
+    "pub_kw",
+    [{}, {"encoding": "map", "hash_format": "bytes"}],
+    ids=["positional-u64", "map-bytes"],
+)
+async def test_offloaded_blocks_are_indexed_per_tier(
+    engine: Callable[..., Any], redis_client: Any, pub_kw: dict[str, Any]
+) -> None:
+    """#17 item 7: vLLM's CPU offloading publishes BlockStored(medium="CPU") with the GPU
+    block's hashes and no tokens; the block is indexed on the worker's CPU tier, a GPU
+    eviction leaves it there, and a removal on CPU drops the CPU record only."""
+    pub, lst = await engine(**pub_kw)
+    idx = ResidencyIndex(redis_client)
+    keys = HASHER.keys(TOKENS[: 6 * B])
+    pub.stored([eh(i) for i in range(6)], TOKENS[: 6 * B])
+    # The offload: hashes only, as the CPU connector sends them.
+    pub.publish([BlockStored(tuple(eh(i) for i in range(6)), None, array("I"), B, medium="CPU")])
+    s = pub.removed([eh(5), eh(4), eh(3)])  # the GPU evicts the tail
+    await wait_applied(redis_client, M, "w", s)
+    res = await idx.lookup_with_tiers(M, keys, ["CPU"], ["w"])
+    assert res.depth("w") == 3
+    assert res.tier_depths("w") == {"CPU": 3}
+    s = pub.removed([eh(5)], medium="CPU")  # the CPU tier drops the chain's tail
+    await wait_applied(redis_client, M, "w", s)
+    res = await idx.lookup_with_tiers(M, keys, ["CPU"], ["w"])
+    assert res.depth("w") == 3
+    assert res.tiers["CPU"]["w"] == (3, 2)
+    assert res.tier_depths("w") == {"CPU": 2}
+    assert lst.metrics.tier_blocks == {"stored": 6, "removed": 1}
+    # A store on a tier with tokens (a connector that sends them) needs no GPU event first.
+    more = HASHER.keys(TOKENS[: 8 * B])
+    s = pub.stored([eh(6), eh(7)], TOKENS[6 * B : 8 * B], parent=eh(5), medium="CPU")
+    await wait_applied(redis_client, M, "w", s)
+    tier_key = KeySchema().model(M).tier("CPU", "w")
+    held = await redis_client.zmscore(tier_key, [f"{k:016x}" for k in more])
+    assert [s is not None for s in held] == [True] * 5 + [False] + [True] * 2
+
+
+async def test_unfillable_gap_clears_the_tiers_too(
+    engine: Callable[..., Any], redis_client: Any
+) -> None:
+    pub, lst = await engine()
+    idx = ResidencyIndex(redis_client)
+    keys = HASHER.keys(TOKENS[: 3 * B])
+    pub.stored([eh(i) for i in range(3)], TOKENS[: 3 * B])
+    s = pub.stored([eh(i) for i in range(3)], TOKENS[: 3 * B], medium="CPU")
+    await wait_applied(redis_client, M, "w", s)
+    tier_key = KeySchema().model(M).tier("CPU", "w")
+    assert await redis_client.zcard(tier_key) == 3
+    pub.skip(3)  # removals on the tier may be among the lost batches
+    s = pub.stored([eh(i, 1) for i in range(2)], TOKENS[B : 3 * B])
+    await wait_applied(redis_client, M, "w", s)
+    assert lst.metrics.clears["resync"] >= 1
+    assert await redis_client.zcard(tier_key) == 0
+    assert (await idx.lookup_with_tiers(M, keys, ["CPU"], ["w"])).tiers == {}

@@ -23,14 +23,14 @@ import pytest
 
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings, parse_engines
-from eviction_listener.testing import (
+from kvrouter.index.keys import KeySchema
+from tests.support.vllm_publisher import (
     VllmEventPublisher,
     applied_seq,
     free_tcp_port,
     sync_listener,
     wait_applied,
 )
-from kvrouter.index.keys import KeySchema
 
 pytestmark = pytest.mark.redis
 M = "llama-test"
@@ -114,8 +114,8 @@ async def make_listener(redis_url: str) -> AsyncIterator[Callable[..., Any]]:
         kw.setdefault("metrics_port", 0)
         kw.setdefault("metrics_host", "127.0.0.1")
         kw.setdefault("notices", False)
+        kw.setdefault("model", M)
         s = ListenerSettings(
-            model=M,
             redis_url=redis_url,
             block_size=B,
             engines=tuple(e for x in engines for e in parse_engines(x)),
@@ -248,3 +248,32 @@ async def test_two_replicas_split_workers_and_take_over(
     for w in workers:
         assert await snapshot(redis_client, "kvr", w) == await snapshot(redis_client, "ref", w)
     assert gone and b.metrics.takeovers >= len(workers)
+
+
+async def test_listeners_of_two_models_each_own_all_their_engines(
+    make_pub: Callable[..., VllmEventPublisher],
+    make_listener: Callable[..., Any],
+) -> None:
+    # One listener per base model (the chart's several-model install): each sees only its
+    # model's engines, so replicas of another model must not take a share of them. With one
+    # fleet-wide live set, rendezvous hashing handed about half of each model's workers to
+    # the other model's listener, which never applied them.
+    engines = {}
+    for w in ["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"]:
+        base = free_tcp_port(2)
+        make_pub(tcp(base), tcp(base + 1), bind=True)
+        engines[w] = f"{w}={tcp(base)},replay={tcp(base + 1)}"
+    a = await make_listener([engines[w] for w in engines if w[0] == "a"],
+                            listener_id="LA", lease_s=1.0)  # fmt: skip
+    b = await make_listener([engines[w] for w in engines if w[0] == "b"],
+                            listener_id="LB", lease_s=1.0, model="other-model")  # fmt: skip
+    async with asyncio.timeout(20):
+        while not (  # noqa: ASYNC110 - ownership settles over a few ticks
+            a.owned_workers == ["a0", "a1", "a2", "a3"]
+            and b.owned_workers == ["b0", "b1", "b2", "b3"]
+        ):
+            await asyncio.sleep(0.05)
+    # And it stays so over further ticks (no hand-over to the other model's replica).
+    await asyncio.sleep(2.5)
+    assert a.owned_workers == ["a0", "a1", "a2", "a3"]
+    assert b.owned_workers == ["b0", "b1", "b2", "b3"]

@@ -4,6 +4,7 @@ ownership leases."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from typing import Any
@@ -200,6 +201,7 @@ async def test_bad_arguments_are_named_and_write_nothing(
     k = KeySchema().model(M)
     s = idx.scripts["apply_engine_events"]
     keys = [k.engine_map("w"), k.worker("w"), k.cut("w"), k.workers, k.head_prefix, k.listener_seq]
+    keys.append(k.lru("w"))
     good = pack_u64([1, 2])
     cases = [
         (["w", "RX", good, 0, HOUR, 0, 10, 1, 0], "ops"),
@@ -220,3 +222,107 @@ async def test_bad_arguments_are_named_and_write_nothing(
     with pytest.raises(ScriptArgumentError, match="listener"):
         idx.own_worker_call("w", "has space")
     assert await any_client.keys("*") == []
+
+
+def _long_run(n: int, seed: int = 3) -> list[tuple[Any, ...]]:
+    """A run of engine events: chains of stores, removals of their tails, a second chain."""
+    rng = random.Random(seed)
+    events: list[tuple[Any, ...]] = []
+    eh = 1000
+    for _ in range(n):
+        length = rng.randint(2, 9)
+        chain = list(range(eh, eh + length))
+        eh += length
+        events.append(("R", chain[0], rng.getrandbits(64)))
+        events += [("S", h, p, rng.getrandbits(64)) for p, h in itertools.pairwise(chain)]
+        events += [("D", h) for h in reversed(chain[rng.randint(1, length - 1) :])]
+    return events
+
+
+async def _apply_cut(
+    idx: ResidencyIndex,
+    worker: str,
+    events: list[tuple[Any, ...]],
+    size: int,
+    *,
+    epoch: int,
+    base: int,
+    seq: int,
+    stop_after: int | None = None,
+) -> list[int]:
+    """`events` as one run cut into calls of `size` ops; the statuses (stops early to model a
+    crash)."""
+    out = []
+    cuts = list(range(0, len(events), size))
+    for k, start in enumerate(cuts):
+        if stop_after is not None and k == stop_after:
+            break
+        ops, fields = ops_of(events[start : start + size])
+        r = await idx.call(
+            idx.apply_engine_events_call(
+                M,
+                worker,
+                ops,
+                fields,
+                epoch=epoch,
+                seq=seq,
+                ttl_ms=HOUR,
+                now_ms=T0,
+                base=base,
+                offset=start,
+                final=k == len(cuts) - 1,
+            )
+        )
+        out.append(r.status)
+    return out
+
+
+async def test_sub_batches_resume_after_a_crash_without_double_applying(
+    idx: ResidencyIndex, any_client: Any
+) -> None:
+    """A long run applied in bounded calls: cut off after two calls, retried, then replayed
+    whole by a new owner cut differently, it ends exactly where the run applied in one call
+    does (engine map reference counts would show any op applied twice)."""
+    # A clear part way: the engine restarted its cache; replays must not redo it wrongly.
+    events = [*_long_run(6), ("C",), *_long_run(6, seed=4)]
+    assert len(events) > 60 and events.index(("C",)) > 32
+    await apply(idx, "ref", events, seq=5)
+
+    assert await _apply_cut(idx, "w", events, 16, epoch=1, base=-1, seq=5, stop_after=2) == [
+        APPLIED,
+        APPLIED,
+    ]
+    lseq = KeySchema().model(M).listener_seq
+    assert await any_client.hget(lseq, "w") == "1:-1:32"
+    # The second call again (an unknown outcome retried): skipped, nothing written.
+    before = await snapshot(any_client, "w")
+    ops, fields = ops_of(events[16:32])
+    r = await idx.call(
+        idx.apply_engine_events_call(
+            M,
+            "w",
+            ops,
+            fields,
+            epoch=1,
+            seq=5,
+            ttl_ms=HOUR,
+            now_ms=T0,
+            base=-1,
+            offset=16,
+            final=False,
+        )
+    )
+    assert r.status == ALREADY_APPLIED
+    assert await snapshot(any_client, "w") == before
+
+    # A new owner claims (the partial position survives) and replays the run cut by 7.
+    claim = await idx.call(idx.claim_worker_call(M, "w", epoch=2, ttl_ms=HOUR))
+    assert (claim.claimed, claim.seq) == (True, -1)
+    assert await any_client.hget(lseq, "w") == "2:-1:32"
+    statuses = await _apply_cut(idx, "w", events, 7, epoch=2, base=-1, seq=5)
+    assert statuses[:4] == [ALREADY_APPLIED] * 4 and set(statuses[4:]) == {APPLIED}
+    assert await any_client.hget(lseq, "w") == "2:5"
+    assert await snapshot(any_client, "w") == await snapshot(any_client, "ref")
+    # Replayed once more after it finished: every call skipped.
+    assert set(await _apply_cut(idx, "w", events, 10, epoch=2, base=-1, seq=5)) == {ALREADY_APPLIED}
+    assert await snapshot(any_client, "w") == await snapshot(any_client, "ref")

@@ -108,6 +108,7 @@ def test_environment_and_flags_win_and_lists_add_up(example: Path) -> None:
         ('[router]\nmodels = "m"\n', "[[models]]"),
         ('[[models]]\nname = "m"\nblock_size = "big"\n', "block_size"),
         ('[[models]]\nname = "m"\nblock_size = 0\n', "block_size"),
+        ('[[models]]\nname = "m"\nchat_template_content_format = "html"\n', "content_format"),
         ('[[models]]\nname = "a"\nparent = "m"\ntokenizer = "x"\n', "tokenizer"),
         ('[[models]]\nname = "a"\nparent = "ghost"\n', "ghost"),
         ('[[models]]\nname = "m"\n[[models]]\nname = "m"\n', "unique"),

@@ -22,7 +22,7 @@ from openai import AsyncOpenAI
 
 from router_node.app import POOL, TASKS, RouterServer
 from router_node.settings import RouterSettings, WorkerSpec
-from router_node.testing import FakeWorker, route_depths
+from tests.support.fake_worker import FakeWorker, route_depths
 
 pytestmark = pytest.mark.redis
 

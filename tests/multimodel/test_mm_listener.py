@@ -17,10 +17,15 @@ import pytest
 
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings, parse_engines
-from eviction_listener.testing import VllmEventPublisher, free_tcp_port, sync_listener, wait_applied
 from router_node.app import POOL, RouterServer
 from router_node.settings import RouterSettings, WorkerSpec
-from router_node.testing import FakeWorker, route_depths
+from tests.support.fake_worker import FakeWorker, route_depths
+from tests.support.vllm_publisher import (
+    VllmEventPublisher,
+    free_tcp_port,
+    sync_listener,
+    wait_applied,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -82,6 +87,9 @@ async def setup(
             block_size=B,
             hash_seed=SEED,
             admin_token=ADMIN,
+            # The publishers' events describe caches the fake workers never computed (they
+            # report 0 cached tokens): feedback would rightly drop what the events stored.
+            feedback_heal=False,
         ),
         rng=random.Random(1),
     )

@@ -14,7 +14,7 @@ from kvrouter.index.keys import KeySchema
 from router_node.app import POOL, RouterServer
 from router_node.registry import read_registry, register_worker
 from router_node.settings import RouterSettings
-from router_node.testing import FakeWorker
+from tests.support.fake_worker import FakeWorker
 
 pytestmark = pytest.mark.redis
 LLAMA, QWEN, LORA = "llama", "qwen", "reg-lora"

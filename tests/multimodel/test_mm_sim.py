@@ -14,13 +14,13 @@ import pytest
 
 from eviction_listener.service import Listener
 from eviction_listener.settings import ListenerSettings, parse_engines
-from eviction_listener.testing import applied_seq
 from kvrouter.index.keys import KeySchema
 from kvrouter.sim.events import BlockStored, decode_batch, encode_batch
 from kvrouter.sim.fleet import SimFleet
 from kvrouter.sim.settings import SettingsError, SimSettings
 from router_node.app import POOL, RouterServer
 from router_node.settings import RouterSettings, WorkerSpec
+from tests.support.vllm_publisher import applied_seq
 
 BASE, A, B = "sim-base", "lora-a", "lora-b"
 PROMPT = [(31 * i + 7) % 20_000 for i in range(16 * 10 + 3)]

@@ -17,7 +17,7 @@ from kvrouter.tokenizer import Tokenizer
 from kvrouter.tokenizer.testing import build_test_tokenizer
 from router_node.app import TASKS, RouterServer
 from router_node.settings import RouterSettings, WorkerSpec
-from router_node.testing import FakeWorker
+from tests.support.fake_worker import FakeWorker
 
 MODEL = "test-model"
 StartRouter = Callable[..., Awaitable[RouterServer]]

@@ -11,9 +11,9 @@ import pytest
 from kvrouter.discovery import ApiServer, KubernetesEndpointSource
 from kvrouter.redisproc import RedisServer
 from router_node.settings import RouterSettings, SettingsError, kubernetes_source
-from router_node.testing import FakeWorker
 from tests.k8s.test_k8s_discovery import NS, SELECTOR, FakeApiServer, endpoint, eslice
 from tests.router.conftest import MODEL, StartRouter, get_json, openai_client, post, wait_for
+from tests.support.fake_worker import FakeWorker
 
 pytestmark = pytest.mark.redis
 

@@ -11,7 +11,6 @@ import openai
 import pytest
 
 from kvrouter.redisproc import RedisServer
-from router_node.testing import FakeWorker
 from tests.router.conftest import (
     MODEL,
     StartRouter,
@@ -21,6 +20,7 @@ from tests.router.conftest import (
     settle,
     wait_for,
 )
+from tests.support.fake_worker import FakeWorker
 from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis

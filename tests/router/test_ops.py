@@ -4,15 +4,17 @@ capacity scraping and residency clearing, against real Redis and fake workers.""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
+import openai
 import pytest
 
 from kvrouter.index.keys import KeySchema
-from router_node.app import POOL
+from kvrouter.tokenizer import Tokenizer
+from router_node.app import POOL, ROUTER
+from router_node.models import ModelCatalogue, Resolved
 from router_node.registry import deregister_worker, heartbeat, read_registry, register_worker
-from router_node.testing import FakeWorker
 from tests.router.conftest import (
     MODEL,
     StartRouter,
@@ -22,6 +24,7 @@ from tests.router.conftest import (
     settle,
     wait_for,
 )
+from tests.support.fake_worker import FakeWorker
 from tests.support.metrics import parse
 
 pytestmark = pytest.mark.redis
@@ -241,3 +244,41 @@ async def test_registry_skips_bad_entries(redis_client: Any) -> None:
     assert [e.id for e in await read_registry(redis_client, schema, max_age_ms=60_000)] == ["good"]
     with pytest.raises(ValueError):
         await register_worker(redis_client, schema, "x", "ftp://nope")
+
+
+class _CountingCatalogue(ModelCatalogue):
+    """The router's own catalogue, counting how often a model name is resolved."""
+
+    calls: ClassVar[list[str]] = []
+
+    def resolve(self, name: str, listed_parent: str | None = None) -> Resolved | None:
+        self.calls.append(name)
+        return super().resolve(name, listed_parent)
+
+
+async def test_one_resolution_per_request(
+    start_router: StartRouter, workers: list[FakeWorker], tokenizer: Tokenizer
+) -> None:
+    """parse_request resolves the model once; tokenizing and planning use that result."""
+    router = await start_router(workers, admin_token="s3cret-token")
+    r = router.app[ROUTER]
+    r.catalogue = _CountingCatalogue(r.catalogue.bases, r.catalogue.adapters)
+    resolved = r.resolve(MODEL)
+    assert resolved is not None and resolved.tokenizer is tokenizer
+    assert resolved.scoring is r.configs[MODEL] and resolved.hasher is resolved.base.hasher
+    _CountingCatalogue.calls.clear()
+    client = openai_client(router)
+    await client.completions.create(model=MODEL, prompt="one resolution, text prompt")
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "one resolution, chat"}]
+    )
+    status, _, _ = await post(
+        router.url + "/debug/route",
+        json={"model": MODEL, "prompt": "a dry run"},
+        headers={"Authorization": "Bearer s3cret-token"},
+    )
+    assert status == 200
+    assert _CountingCatalogue.calls == [MODEL, MODEL, MODEL]
+    with pytest.raises(openai.NotFoundError):
+        await client.completions.create(model="nobody", prompt="x")
+    assert _CountingCatalogue.calls[3:] == ["nobody"]

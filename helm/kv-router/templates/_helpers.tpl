@@ -212,18 +212,76 @@ KVR_DISCOVERY: {{ .Values.discovery.mode | quote }}
 KVR_K8S_NAMESPACE: {{ include "kv-router.discovery.namespace" . | quote }}
 KVR_K8S_SELECTOR: {{ .Values.discovery.kubernetes.selector | quote }}
 KVR_K8S_HTTP_PORT_NAME: {{ .Values.discovery.kubernetes.httpPortName | quote }}
-KVR_K8S_EVENTS_PORT_NAME: {{ .Values.discovery.kubernetes.eventsPortName | quote }}
 {{- end }}
 {{- end -}}
 
-{{/* Settings both roles share: Redis, model and hashing. */}}
+{{/* Settings both roles share: Redis and key prefix. */}}
 {{- define "kv-router.common.settings" -}}
 KVR_REDIS_URL: {{ include "kv-router.redis.url" . | quote }}
-KVR_MODEL: {{ .Values.config.model | quote }}
-KVR_BLOCK_SIZE: {{ .Values.config.blockSize | quote }}
 KVR_KEY_PREFIX: {{ .Values.config.keyPrefix | quote }}
-{{- if ne (toString .Values.config.hashSeed) "" }}
-KVR_HASH_SEED: {{ .Values.config.hashSeed | toString | quote }}
+{{- end -}}
+
+{{/* The model settings of one process: KVR_MODEL, block size and hash seed. Expects a model
+     of "kv-router.listenerModels". */}}
+{{- define "kv-router.model.settings" -}}
+KVR_MODEL: {{ .name | quote }}
+KVR_BLOCK_SIZE: {{ .blockSize | toString | quote }}
+{{- if ne (toString .hashSeed) "" }}
+KVR_HASH_SEED: {{ .hashSeed | toString | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The base models, one listener each, as a JSON list of {id, suffix, name, blockSize,
+     hashSeed, selector, engines}: `config.model` alone (suffix "", the names of a one-model
+     install) or every entry of `config.models`. */}}
+{{- define "kv-router.listenerModels" -}}
+{{- $out := list -}}
+{{- if .Values.config.models -}}
+{{- range .Values.config.models -}}
+{{- $id := .id | default (regexReplaceAll "[^a-z0-9]+" (lower (last (splitList "/" .name))) "-" | trunc 20 | trimAll "-") -}}
+{{- $out = append $out (dict "id" $id "suffix" (printf "-%s" $id) "name" .name
+      "blockSize" (.blockSize | default $.Values.config.blockSize)
+      "hashSeed" (hasKey . "hashSeed" | ternary .hashSeed $.Values.config.hashSeed)
+      "selector" (.selector | default "") "engines" (.engines | default list)) -}}
+{{- end -}}
+{{- else -}}
+{{- $out = append $out (dict "id" "" "suffix" "" "name" .Values.config.model
+      "blockSize" .Values.config.blockSize "hashSeed" .Values.config.hashSeed "selector" ""
+      "engines" .Values.discovery.static.engines) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* The base models' names, as a JSON list. */}}
+{{- define "kv-router.modelNames" -}}
+{{- $names := list -}}
+{{- range (include "kv-router.listenerModels" . | fromJsonArray) }}{{ $names = append $names .name }}{{ end -}}
+{{- toJson $names -}}
+{{- end -}}
+
+{{/* The router's --config file (YAML) for `config.models`: each model with its own block
+     size, hash seed and tokenizer, adapters under their base. */}}
+{{- define "kv-router.router.modelsFile" -}}
+models:
+{{- range .Values.config.models }}
+  - name: {{ .name | quote }}
+    block_size: {{ .blockSize | default $.Values.config.blockSize }}
+    {{- $seed := hasKey . "hashSeed" | ternary .hashSeed $.Values.config.hashSeed }}
+    {{- if ne (toString $seed) "" }}
+    hash_seed: {{ $seed | toString | quote }}
+    {{- end }}
+    {{- with .tokenizer }}
+    tokenizer: {{ . | quote }}
+    {{- end }}
+{{- end }}
+{{- range $m := .Values.config.models }}
+{{- range .adapters }}
+  - name: {{ .name | quote }}
+    parent: {{ $m.name | quote }}
+    {{- with .loraPath }}
+    lora_path: {{ . | quote }}
+    {{- end }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -232,10 +290,19 @@ KVR_HASH_SEED: {{ .Values.config.hashSeed | toString | quote }}
 KVR_HOST: "0.0.0.0"
 KVR_PORT: {{ .Values.router.containerPort | quote }}
 {{ include "kv-router.common.settings" . }}
+{{- if .Values.config.models }}
+KVR_CONFIG: "/etc/kvrouter/models.yaml"
+KVR_BLOCK_SIZE: {{ .Values.config.blockSize | quote }}
+{{- else }}
+{{ include "kv-router.model.settings" (first (include "kv-router.listenerModels" . | fromJsonArray)) }}
+{{- end }}
 KVR_POLICY: {{ .Values.router.policy | quote }}
 {{- $kvEvents := .Values.router.kvEvents }}
 {{- if eq (toString $kvEvents) "auto" }}{{ $kvEvents = .Values.listener.enabled }}{{ end }}
 KVR_KV_EVENTS: {{ $kvEvents | toString | quote }}
+KVR_PD_MIN_PREFILL_TOKENS: {{ .Values.router.disaggregation.minPrefillTokens | int64 | toString | quote }}
+KVR_PD_SATURATION_TOKENS: {{ .Values.router.disaggregation.saturationTokens | int64 | toString | quote }}
+KVR_PD_TRANSFER_WEIGHT: {{ .Values.router.disaggregation.transferWeight | toString | quote }}
 {{- with include "kv-router.tokenizer.path" . }}
 KVR_TOKENIZER: {{ . | quote }}
 {{- end }}
@@ -245,16 +312,24 @@ KVR_WORKERS: {{ join "," .Values.discovery.static.workers | quote }}
 {{- end }}
 {{- end -}}
 
-{{/* The listener's ConfigMap data: every non-secret KVR_* setting of `kvrouter listen`. */}}
+{{/* A listener's ConfigMap data: every non-secret KVR_* setting of `kvrouter listen`.
+     Expects (dict "ctx" $ "m" <a model of "kv-router.listenerModels">): each listener serves
+     one base model, its engines narrowed by the model's selector. */}}
 {{- define "kv-router.listener.settings" -}}
-{{ include "kv-router.common.settings" . }}
-KVR_METRICS_PORT: {{ .Values.listener.metricsPort | quote }}
-{{ include "kv-router.discovery.settings" . }}
-{{- if eq .Values.discovery.mode "kubernetes" }}
-KVR_K8S_REPLAY_PORT_NAME: {{ .Values.discovery.kubernetes.replayPortName | quote }}
+{{- $ctx := .ctx -}}
+{{ include "kv-router.common.settings" $ctx }}
+{{ include "kv-router.model.settings" .m }}
+KVR_METRICS_PORT: {{ $ctx.Values.listener.metricsPort | quote }}
+{{ include "kv-router.discovery.settings" $ctx }}
+{{- if eq $ctx.Values.discovery.mode "kubernetes" }}
+{{- if .m.selector }}
+KVR_K8S_SELECTOR: {{ printf "%s,%s" $ctx.Values.discovery.kubernetes.selector .m.selector | quote }}
 {{- end }}
-{{- if eq .Values.discovery.mode "static" }}
-KVR_ENGINES: {{ join "," .Values.discovery.static.engines | quote }}
+KVR_K8S_EVENTS_PORT_NAME: {{ $ctx.Values.discovery.kubernetes.eventsPortName | quote }}
+KVR_K8S_REPLAY_PORT_NAME: {{ $ctx.Values.discovery.kubernetes.replayPortName | quote }}
+{{- end }}
+{{- if eq $ctx.Values.discovery.mode "static" }}
+KVR_ENGINES: {{ join "," .m.engines | quote }}
 {{- end }}
 {{- end -}}
 
@@ -333,9 +408,37 @@ Cross-field checks JSON Schema cannot express; rendered at the top of the router
 Deployment so that any install or template fails with the reason.
 */}}
 {{- define "kv-router.validate" -}}
+{{- /* Required values, with an example (the schema lets them be empty so this message, not
+       a raw schema error, is what a first install shows). */ -}}
+{{- if not (or .Values.config.model .Values.config.models) -}}
+{{- fail "values: /config/model is required: the model name vLLM serves (its --served-model-name), e.g. --set config.model=meta-llama/Llama-3.1-8B-Instruct (see helm/kv-router/examples/minimal.yaml; several models: config.models, examples/two-models.yaml)" -}}
+{{- end -}}
+{{- if and .Values.config.model .Values.config.models -}}
+{{- fail "values: /config/model and /config/models are exclusive: list every model under config.models (see helm/kv-router/examples/two-models.yaml)" -}}
+{{- end -}}
+{{- $ids := list -}}
+{{- range (include "kv-router.listenerModels" . | fromJsonArray) -}}
+{{- if has .id $ids -}}
+{{- fail (printf "values: /config/models: two models have the listener id %q: give one an `id`" .id) -}}
+{{- end -}}
+{{- $ids = append $ids .id -}}
+{{- end -}}
+{{- if and (eq .Values.discovery.mode "kubernetes") (not .Values.discovery.kubernetes.selector) -}}
+{{- fail "values: /discovery/kubernetes/selector is required with discovery.mode=kubernetes: the label selector of the vLLM Service's EndpointSlices, e.g. --set discovery.kubernetes.selector=kubernetes.io/service-name=vllm" -}}
+{{- end -}}
 {{- $a := .Values.router.autoscaling -}}
 {{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
 {{- fail (printf "router.autoscaling.minReplicas (%v) must not exceed maxReplicas (%v)" $a.minReplicas $a.maxReplicas) -}}
+{{- end -}}
+{{- $engines := .Values.discovery.static.engines -}}
+{{- range .Values.config.models }}{{ $engines = concat $engines (.engines | default list) }}{{ end -}}
+{{- if and .Values.config.models .Values.discovery.static.engines -}}
+{{- fail "values: /discovery/static/engines: with config.models each model lists its own engines (config.models[].engines), so each listener gets its model's" -}}
+{{- end -}}
+{{- range $engines -}}
+{{- if not (regexMatch "^[^=,#\\s]+=[a-z]+://[^,\\s]+(,(replay|dp|topic|block|bind)=[^,\\s]*)*$" .) -}}
+{{- fail (printf "values: /discovery/static/engines: %q is not ID=tcp://HOST:PORT[,replay=tcp://HOST:PORT][,dp=N][,topic=T][,block=B]: every engine needs the worker id the router knows it by, e.g. vllm-0=tcp://10.0.0.1:5557,replay=tcp://10.0.0.1:5558" .) -}}
+{{- end -}}
 {{- end -}}
 {{- if and (eq .Values.discovery.mode "kubernetes") (not .Values.rbac.create) (not .Values.serviceAccount.name) -}}
 {{- fail "discovery.mode=kubernetes with rbac.create=false needs serviceAccount.name: an account that may get/list/watch endpointslices" -}}

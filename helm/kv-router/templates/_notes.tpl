@@ -4,8 +4,16 @@
 {{- $ns := .Release.Namespace -}}
 {{- $port := .Values.router.service.port -}}
 {{- $prefix := .Values.config.keyPrefix -}}
+{{- $models := include "kv-router.modelNames" . | fromJsonArray -}}
+{{- $model := first $models -}}
 kv-router {{ .Chart.AppVersion }} is installed as release "{{ .Release.Name }}" in namespace "{{ $ns }}".
-Model "{{ .Values.config.model }}", policy "{{ .Values.router.policy }}", block size {{ .Values.config.blockSize }} (must equal vLLM's --block-size).
+Model{{ if gt (len $models) 1 }}s{{ end }} "{{ join "\", \"" $models }}", policy "{{ .Values.router.policy }}", block size {{ .Values.config.blockSize }} (must equal vLLM's --block-size).
+{{- if and (eq .Values.tokenizer.source "none") (not .Values.tokenizer.path) }}
+
+WARNING: no tokenizer (tokenizer.source is "none" and tokenizer.path is empty). Chat and text
+requests are routed by load only; only pre-tokenized prompts use the KV-cache index. Give the
+router the model's tokenizer.json (tokenizer.source: configMap, volume or initContainer).
+{{- end }}
 
 1. Reach the router (OpenAI-compatible API)
 
@@ -20,7 +28,7 @@ Model "{{ .Values.config.model }}", policy "{{ .Values.router.policy }}", block 
      curl http://127.0.0.1:{{ $port }}/v1/models
 {{- end }}
      curl http://127.0.0.1:{{ $port }}/v1/completions -H 'Content-Type: application/json' \
-       -d '{"model": "{{ .Values.config.model }}", "prompt": "Hello", "max_tokens": 8}'
+       -d '{"model": "{{ $model }}", "prompt": "Hello", "max_tokens": 8}'
 
    The admin token (header "Authorization: Bearer <token>" on admin endpoints):
 {{- $tok := splitList "/" (include "kv-router.adminTokenRef" .) }}
@@ -39,7 +47,8 @@ Model "{{ .Values.config.model }}", policy "{{ .Values.router.policy }}", block 
 {{- end }}
    Routing counters and per-worker load:
      curl -s http://127.0.0.1:{{ $port }}/metrics | grep -v '^#'
-   Router readiness (ready once it has Redis and at least one worker):
+   Router readiness (ready once some worker can take requests; without Redis it stays ready,
+   "degraded", routing on local load: see "redis" in the body of /ready):
      kubectl get pods -n {{ $ns }} -l app.kubernetes.io/instance={{ .Release.Name }}
 {{- if .Values.listener.enabled }}
    Listener (KV events -> index) metrics:
@@ -50,8 +59,8 @@ Model "{{ .Values.config.model }}", policy "{{ .Values.router.policy }}", block 
 3. Inspect the prefix-cache index in Redis (every key is readable; see docs/redis-schema.md)
 {{- if .Values.redis.enabled }}
      kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli --scan --pattern '{{ $prefix }}:*'
-     kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli ZRANGE '{{ $prefix }}:{ {{- .Values.config.model -}} }:workers' 0 -1 WITHSCORES
-     kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli ZCARD '{{ $prefix }}:{ {{- .Values.config.model -}} }:wrk:<worker id>'
+     kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli ZRANGE '{{ $prefix }}:{ {{- $model -}} }:workers' 0 -1 WITHSCORES
+     kubectl exec -n {{ $ns }} statefulset/{{ include "kv-router.redis.fullname" . }} -- redis-cli ZCARD '{{ $prefix }}:{ {{- $model -}} }:wrk:<worker id>'
    (REDISCLI_AUTH is set in the Redis container, so redis-cli authenticates by itself.)
 
    This Redis is a single node without replication, for trying kv-router out. In production

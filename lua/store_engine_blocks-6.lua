@@ -7,10 +7,11 @@ later out-of-order removal knows it leaves a hole), and records confirmed reside
 
 KEYS[1]  the worker's engine map  "kvr:{m}:emap:<worker>"
          HASH engine hex -> "<router key hex>:<parent engine hex or ->:<refs>:<children>"
-KEYS[2]  the worker's LRU ZSET    "kvr:{m}:wrk:<worker>"
+KEYS[2]  the worker's records ZSET   "kvr:{m}:wrk:<worker>"
 KEYS[3]  the worker's hole ZSET   "kvr:{m}:cut:<worker>"
 KEYS[4]  workers ZSET             "kvr:{m}:workers"
 KEYS[5]  head key prefix          "kvr:{m}:head:"
+KEYS[6]  the worker's last accesses "kvr:{m}:lru:<worker>"
 ARGV[1]  worker id
 ARGV[2]  blocks, 48 lowercase hex digits each, in event order: engine hash (16), parent engine
          hash (16; ignored for a root), router key (16)
@@ -24,7 +25,8 @@ Returns  {stored, duplicates, added, refreshed, evicted, expired}
 Errors   KVR -1 worker | -2 blocks | -3 <argument name>
 ]]
 
-local emap_key, wrk_key, cut_key, workers_key, head_prefix = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local emap_key, wrk_key, cut_key, workers_key, head_prefix, lru_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local worker, blocks, roots = ARGV[1], ARGV[2], ARGV[3]
 if not valid_worker(worker) then return fail(-1, 'worker', 'empty, too long, or has "|" or whitespace') end
 if not packed_ok(blocks, 48) then return fail(-2, 'blocks', 'expected 48 lowercase hex digits per block') end
@@ -42,7 +44,7 @@ local now = now_us(ARGV[4])
 ttl = ttl * 1000
 
 local ENTRY = '^(%x+):([%x-]*):(%d+):(%d+)$'
-local expired = expire_records(wrk_key, cut_key, now, head_prefix, worker)
+local expired = expire_records(wrk_key, cut_key, now, head_prefix, worker, lru_key)
 local stored, dups = 0, 0
 local hexes = {}
 local heads = {}
@@ -74,7 +76,7 @@ for i = 1, #blocks / 48 do
   if string.sub(roots, i, i) == '1' then heads[#heads + 1] = rk end
 end
 extend_expiry(emap_key, now + ttl)
-local added, refreshed = record_blocks(wrk_key, cut_key, workers_key, worker, hexes, now, ttl)
+local added, refreshed = record_blocks(wrk_key, cut_key, workers_key, worker, hexes, now, ttl, lru_key)
 for _, h in ipairs(heads) do add_head(head_prefix, worker, h, now + ttl) end
-local evicted = trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker)
+local evicted = trim_to_capacity(wrk_key, capacity, limit, head_prefix, worker, lru_key)
 return {stored, dups, added, refreshed, evicted, expired}

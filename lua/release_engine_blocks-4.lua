@@ -6,8 +6,9 @@ is removed. A block removed while it still has recorded children becomes a hole,
 stop matching there.
 
 KEYS[1]  the worker's engine map  "kvr:{m}:emap:<worker>"
-KEYS[2]  the worker's LRU ZSET    "kvr:{m}:wrk:<worker>"
+KEYS[2]  the worker's records ZSET   "kvr:{m}:wrk:<worker>"
 KEYS[3]  the worker's hole ZSET   "kvr:{m}:cut:<worker>"
+KEYS[4]  the worker's last accesses "kvr:{m}:lru:<worker>"
 ARGV[1]  worker id
 ARGV[2]  engine hashes: 16 lowercase hex digits each, back to back, in event order
 ARGV[3]  now, ms since the epoch (0 = the Redis server clock)
@@ -16,7 +17,7 @@ Returns  {released, removed, unknown, holes}
 Errors   KVR -1 worker | -2 blocks | -3 now
 ]]
 
-local emap_key, wrk_key, cut_key = KEYS[1], KEYS[2], KEYS[3]
+local emap_key, wrk_key, cut_key, lru_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local worker, blocks = ARGV[1], ARGV[2]
 if not valid_worker(worker) then return fail(-1, 'worker', 'empty, too long, or has "|" or whitespace') end
 if not packed_ok(blocks, 16) then return fail(-2, 'blocks', 'expected 16 lowercase hex digits per block') end
@@ -52,6 +53,7 @@ for i = 1, #blocks, 16 do
       local old = redis.call('ZSCORE', wrk_key, rk)
       if old then
         redis.call('ZREM', wrk_key, rk)
+        redis.call('ZREM', lru_key, rk)
         removed = removed + 1
         if kids > 0 and tonumber(old) >= now then
           mark_hole(cut_key, rk, tonumber(old))

@@ -14,7 +14,8 @@ bounded load, injects one fault, heals it, and measures:
   clear grace period.
 
 The test suite (``tests/faults/test_faults_*.py``) asserts on these figures;
-``python -m kvrouter.bench.faults_report`` runs them all and writes docs/reliability.md.
+``make reliability`` runs them all and writes docs/reliability.md (pytest with
+``--reliability-report``, tests/faults/conftest.py).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ import aiohttp
 
 from kvrouter.index.connection import connect
 from kvrouter.index.keys import KeySchema
-from kvrouter.redisproc import RedisClusterProcs, RedisServer, RedisUnavailable, free_port
+from kvrouter.redisproc import RedisServer, RedisUnavailable, free_port
 from kvrouter.sim.fleet import read_ready_file
+from tests.support.metrics import parse
+from tests.support.redis_cluster import RedisClusterProcs
 
 MODEL = "faults-m"
 BLOCK = 16
@@ -558,7 +561,7 @@ async def worker_blackhole() -> FaultResult:
         slow = max((o.end - o.start for o in load.outcomes), default=0.0)
         retries = await _metric(stack.router_url, "kvrouter_retries_total")
         hole_errors = await _metric(
-            stack.router_url, 'kvrouter_upstream_errors_total{worker="hole"'
+            stack.router_url, "kvrouter_upstream_errors_total", worker="hole"
         )
         result = FaultResult("worker accepts TCP, never answers (blackhole)", len(load.outcomes),
                              failed, excused, rec, stale,
@@ -573,14 +576,14 @@ async def worker_blackhole() -> FaultResult:
         server.close()
 
 
-async def _metric(url: str, name: str) -> float:
-    total = 0.0
+async def _metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples `name` carrying `labels` on `url`/metrics (0 when none, or when
+    the process does not answer)."""
     with contextlib.suppress(aiohttp.ClientError, TimeoutError):
         async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
-            for line in (await r.text()).splitlines():
-                if line.startswith(name):
-                    total += float(line.rsplit(" ", 1)[1])
-    return total
+            scrape = parse(await r.text())
+        return scrape.value(name, **labels) if scrape.has(name, **labels) else 0.0
+    return 0.0
 
 
 async def listener_killed() -> FaultResult:
@@ -619,7 +622,7 @@ async def engine_restart() -> FaultResult:
         rec = await wait_recovered(load, stack.router_url, t0)
         await asyncio.sleep(2.0)
         left = len(old & await worker_records(server.url, victim))
-        restarts = await _metric(stack.listener_url, "kvr_listener_resync")
+        restarts = await _metric(stack.listener_url, "kvrouter_listener_resyncs_total")
         await load.stop()
         # The engine fails the requests it was running, as a crashed vLLM does: streams
         # already under way end with an error event (excused); the rest are retried.
@@ -637,7 +640,7 @@ async def events_dropped() -> FaultResult:
         t0 = time.monotonic()
         rec = await wait_recovered(load, stack.router_url, t0)
         await asyncio.sleep(1.5)
-        gaps = await _metric(stack.listener_url, "kvr_listener_gap")
+        gaps = await _metric(stack.listener_url, "kvrouter_listener_gaps_total")
         await load.stop()
         failed, excused = load.failures()
         return FaultResult("engine drops 3 KV-event batches (gap, replayable)",
@@ -801,11 +804,11 @@ async def run_all(names: Sequence[str] = ()) -> list[FaultResult]:
 
 # -- index integrity -------------------------------------------------------------------------
 _KEY_PATTERNS = [
-    r"kvr:\{[^{}]+\}:(wrk|cut|emap):[^\s|]+",
+    r"kvr:\{[^{}]+\}:(wrk|lru|cut|emap):[^\s|]+",
     r"kvr:\{[^{}]+\}:head:[0-9a-f]{16}",
     r"kvr:\{[^{}]+\}:head:@[^\s|]+",
-    r"kvr:\{[^{}]+\}:(workers|lseq|load|lease|meta)",
-    r"kvr:(registry|heartbeat|listeners)",
+    r"kvr:\{[^{}]+\}:(workers|lseq|load|lease|meta|listeners)",
+    r"kvr:(registry|heartbeat)",
     r"kvr:listener:owner:[^\s|]+",
 ]
 
@@ -826,7 +829,7 @@ def check_index_sync(redis_url: str, models: Sequence[str] = (MODEL,)) -> list[s
             if not pattern.fullmatch(key):
                 problems.append(f"key outside the schema: {key!r}")
                 continue
-            if ":wrk:" in key or ":cut:" in key or ":head:@" in key:
+            if ":wrk:" in key or ":lru:" in key or ":cut:" in key or ":head:@" in key:
                 pairs = cast(list[Any], client.zrange(key, 0, -1, withscores=True))
                 for member, score in pairs:
                     if not hex16.fullmatch(str(member)):

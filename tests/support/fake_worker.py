@@ -1,4 +1,4 @@
-"""A fake vLLM worker for tests and the router benchmark: a small aiohttp app on loopback.
+"""A fake vLLM worker for the tests: a small aiohttp app on loopback.
 
 It speaks the parts of vLLM's OpenAI server the router touches: ``/v1/completions`` and
 ``/v1/chat/completions`` (JSON or SSE, ``usage.prompt_tokens_details.cached_tokens`` from its
@@ -9,18 +9,17 @@ inject faults per request and read what it received.
         w.faults.append("reset")      # the next request: connection closed before a byte
         ... w.url, w.requests, w.cancelled ...
 
-Run standalone (the benchmark does, to keep it out of the client's process)::
-
-    python -m router_node.testing --port 9000 --fast
+Unlike the simulator (kvrouter/sim/worker.py), which models a GPU's KV cache and timing, it
+answers at once and does what a test tells it: fail the next request in a given way, list
+given models and adapters, or go unhealthy. (`kvrouter bench router` uses
+kvrouter/bench/canned_worker.py instead.)
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +50,6 @@ class FakeWorker:
     """Seconds between streamed chunks."""
     response_delay: float = 0.0
     """Seconds before a non-streaming answer."""
-    fast: bool = False
-    """Benchmark mode: no prefix-cache bookkeeping, a canned answer."""
     healthy: bool = True
     model_list: tuple[str, ...] | None = None
     """Models it lists on ``/v1/models`` and accepts (others get vLLM's 404); None = no
@@ -187,9 +184,6 @@ class FakeWorker:
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         chat = request.path.endswith("/chat/completions")
-        if self.fast:
-            self.completed += 1
-            return web.Response(body=_FAST_BODY, content_type="application/json")
         body = json.loads(raw)
         record: dict[str, Any] = {
             "path": request.path,
@@ -356,18 +350,6 @@ class FakeWorker:
         return resp
 
 
-_FAST_BODY = json.dumps(
-    {
-        "id": "cmpl-fast",
-        "object": "text_completion",
-        "created": 0,
-        "model": "bench",
-        "choices": [{"index": 0, "text": " ok", "finish_reason": "length", "logprobs": None}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }
-).encode()
-
-
 async def route_depths(
     router_url: str, model: str, prompt: list[int], admin_token: str
 ) -> dict[str, int]:
@@ -385,28 +367,3 @@ async def route_depths(
             raise AssertionError(f"/debug/route answered {r.status}: {await r.text()}")
         body = await r.json()
     return {w["worker"]: int(w["depth_blocks"]) for w in body["workers"]}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve one fake worker until killed."""
-    p = argparse.ArgumentParser(prog="python -m router_node.testing")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--model", default="test-model")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--fast", action="store_true", help="canned answers (benchmarks)")
-    args = p.parse_args(argv)
-    worker = FakeWorker(model=args.model, block_size=args.block_size, fast=args.fast)
-    web.run_app(
-        worker.app(),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=None,
-        handler_cancellation=True,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,8 +5,9 @@ each removed block as a hole, so a lookup cuts the chain there even if deeper bl
 recorded (engines evict tails first; a notice that removes a middle block must still end the
 match).
 
-KEYS[1]  the worker's LRU ZSET   "kvr:{m}:wrk:<worker>"
+KEYS[1]  the worker's records ZSET  "kvr:{m}:wrk:<worker>"
 KEYS[2]  the worker's hole ZSET  "kvr:{m}:cut:<worker>"
+KEYS[3]  the worker's last accesses "kvr:{m}:lru:<worker>"
 ARGV[1]  worker id
 ARGV[2]  block keys: 16 lowercase hex digits each, back to back
 ARGV[3]  now, ms since the epoch (0 = the Redis server clock)
@@ -16,7 +17,7 @@ Returns  number of records removed
 Errors   KVR -1 worker | -2 blocks | -3 <argument name>
 ]]
 
-local wrk_key, cut_key = KEYS[1], KEYS[2]
+local wrk_key, cut_key, lru_key = KEYS[1], KEYS[2], KEYS[3]
 local worker, blocks = ARGV[1], ARGV[2]
 if not valid_worker(worker) then return fail(-1, 'worker', 'empty, too long, or has "|" or whitespace') end
 if not packed_ok(blocks, 16) then return fail(-2, 'blocks', 'expected 16 lowercase hex digits per block') end
@@ -33,4 +34,5 @@ if holes then
     if o and tonumber(o) >= now then mark_hole(cut_key, hexes[k], tonumber(o)) end
   end
 end
+batches(hexes, 1, 'ZREM', lru_key)
 return (batches(hexes, 1, 'ZREM', wrk_key))

@@ -1,0 +1,169 @@
+"""`kvrouter bench heal`: a worker restarted silently mid-run, with and without feedback.
+
+Each variant runs on a fresh stack (`kvrouter sim`, `kvrouter serve`, Redis; KV events off,
+so nothing but the router's own records and, with feedback, the engines' reported cached
+tokens tell the index what the workers hold). The trace's first part warms the fleet; the
+worker that served most of it then drops its whole prefix cache without a word
+(`POST /admin/restart` on the simulator: no AllBlocksCleared, no removals); the rest of the
+trace follows.
+
+A request is *misrouted* to the restarted worker when the router matched more whole blocks
+there than the engine reports cached (``x-kvrouter-matched-tokens`` against
+``usage.prompt_tokens_details.cached_tokens``). Reported per variant: the misrouted
+requests after the restart, the requests the restarted worker took, the over-predicted
+tokens there, the position (among requests sent to it after the restart) of the last
+misroute, and the router's correction counter before and after the restart. Without
+feedback the stale records live their TTL (the router's `record_ttl_s`, 600 s by default),
+far past the run.
+
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from kvrouter.bench.common import emit_json, print_table
+from kvrouter.bench.stack import LocalStack, StackConfig
+from kvrouter.sim.replay import RequestRecord, replay_trace
+from kvrouter.sim.trace import TraceRequest, bundled_trace, load_trace
+
+QUICK_LIMIT = 600
+DEFAULT_LIMIT = 1500
+TIME_SCALE = 4.0
+VARIANTS = {"feedback": "true", "no_feedback": "false"}
+
+
+def misroutes(records: Sequence[RequestRecord], worker: str, block_size: int) -> dict[str, Any]:
+    """Count, over `records` (in send order), the requests sent to `worker` whose matched
+    whole blocks exceed the engine's cached whole blocks."""
+    to_worker = [r for r in records if r.ok and r.worker == worker]
+    flags = [
+        (r.matched_tokens or 0) // block_size > (r.cached_tokens or 0) // block_size
+        for r in to_worker
+    ]
+    over = sum(
+        max(0, (r.matched_tokens or 0) - (r.cached_tokens or 0))
+        for r, bad in zip(to_worker, flags, strict=True)
+        if bad
+    )
+    last = max((i + 1 for i, bad in enumerate(flags) if bad), default=0)
+    return {
+        "misrouted": sum(flags),
+        "requests_to_worker": len(to_worker),
+        "over_predicted_tokens": over,
+        "last_misroute_at": last,
+        "misroute_positions": [i + 1 for i, bad in enumerate(flags) if bad][:50],
+    }
+
+
+def _counter(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def run_variant(
+    name: str, heal: str, args: argparse.Namespace, requests: list[TraceRequest]
+) -> dict[str, Any]:
+    """One variant on a fresh stack; the summary of the restarted worker after the restart."""
+    cfg = StackConfig(
+        workers=args.workers, kv_events=False, time_scale=TIME_SCALE,
+        extra_router_env=(("KVR_FEEDBACK_HEAL", heal),),
+    )  # fmt: skip
+    cut = int(len(requests) * args.restart_at)
+    async with LocalStack(cfg) as stack:
+        assert stack.fleet is not None
+        warm = await replay_trace(
+            requests[:cut], stack.router_urls, time_scale=TIME_SCALE,
+            concurrency=args.concurrency, model=cfg.model,
+        )  # fmt: skip
+        # Corrections before the restart are races, not losses: a request matched blocks a
+        # concurrent one to the same worker had recorded but not yet computed.
+        warm_corrections = _counter(
+            await stack.metrics(stack.router_urls[0]), "kvrouter_index_corrections_total"
+        )
+        served = Counter(r.worker for r in warm if r.ok and r.worker)
+        victim = served.most_common(1)[0][0]
+        url = next(w.url for w in stack.fleet.workers if w.id == victim)
+        async with aiohttp.ClientSession() as http, http.post(url + "/admin/restart") as r:
+            if r.status != 200:
+                raise RuntimeError(f"/admin/restart on {victim}: HTTP {r.status}")
+        t0 = time.monotonic()
+        after = await replay_trace(
+            requests[cut:], stack.router_urls, time_scale=TIME_SCALE,
+            concurrency=args.concurrency, model=cfg.model, first_index=cut,
+            start_ms=requests[cut].timestamp_ms,
+        )  # fmt: skip
+        duration = time.monotonic() - t0
+        text = await stack.metrics(stack.router_urls[0])
+    after.sort(key=lambda r: r.sent_s or 0.0)
+    out = misroutes(after, victim, cfg.block_size)
+    others = [misroutes(after, w, cfg.block_size)["misrouted"] for w in served if w and w != victim]
+    out.update(
+        variant=name,
+        restarted_worker=victim,
+        warm_requests=cut,
+        requests_after=len(after),
+        failed_after=sum(1 for r in after if not r.ok),
+        misrouted_elsewhere=sum(others),
+        corrections_before_restart=warm_corrections,
+        corrections_after_restart=_counter(text, "kvrouter_index_corrections_total")
+        - warm_corrections,
+        duration_s=round(duration, 1),
+    )
+    return out
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help=f"first {QUICK_LIMIT} requests")
+    parser.add_argument("--trace", default="bundled", help="Mooncake JSONL (default: bundled)")
+    parser.add_argument("--limit", type=int, help=f"requests to replay (default {DEFAULT_LIMIT})")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument(
+        "--restart-at", type=float, default=0.5, help="share of the requests before the restart"
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS)
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    wanted = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}")
+    if not 0 < args.restart_at < 1:
+        raise SystemExit("--restart-at: must be between 0 and 1")
+    limit = args.limit or (QUICK_LIMIT if args.quick else DEFAULT_LIMIT)
+    source = bundled_trace() if args.trace == "bundled" else Path(args.trace)
+    requests = load_trace(source, limit=limit)
+    results = {v: asyncio.run(run_variant(v, VARIANTS[v], args, requests)) for v in wanted}
+    rows = [
+        (
+            v,
+            f"{r['misrouted']} of {r['requests_to_worker']}",
+            f"last at #{r['last_misroute_at']}, corrections {r['corrections_before_restart']:g}"
+            f" before / {r['corrections_after_restart']:g} after the restart",
+        )
+        for v, r in results.items()
+    ]
+    print_table(
+        rows,
+        ("variant", "misrouted to the restarted worker", "healing"),
+    )
+    sys.stdout.flush()
+    emit_json({"bench": "heal", "requests": len(requests), "variants": results})
+    return 0

@@ -1,0 +1,162 @@
+"""Prediction feedback: what the engine says it had cached against what the router matched.
+
+Engines report the prompt tokens they served from their prefix cache in the response's usage
+(``usage.prompt_tokens_details.cached_tokens`` on chat and completions, the final usage chunk
+of a stream; ``usage.input_tokens_details.cached_tokens`` on responses). For each such
+response this module
+
+1. observes the prediction error, engine cached minus router matched tokens, in a histogram;
+2. heals the index when the engine had fewer whole blocks than the router matched: the
+   worker's records of the request's chain past the engine's depth are dropped (one Lua call,
+   off the request path), and the first of them is marked a hole, so every chain through it
+   stops matching that worker. A worker that silently lost its cache (a restart without
+   events, lost eviction notices) stops attracting traffic after a request instead of after
+   its records' TTL.
+
+Engines count cached tokens in whole blocks (vLLM also never counts the prompt's last token),
+so the comparison is in whole blocks and the router's side is capped at the blocks an engine
+can reuse (``Plan.matched_blocks``): rounding alone never triggers a correction.
+
+The cost of a correction: the engine did compute the missing blocks for this request and now
+holds them, but their records on that worker are dropped too (the hole must cut the stale
+subtree behind them). The next dispatch of the chain, or the engine's next event for it,
+records them again; until then the router under-predicts that chain on that worker, which
+costs affinity, never a misroute.
+
+Not observed: P/D decode legs (their worker's cached tokens count the blocks the prefill
+worker pushed, not the decode worker's own cache) and plans that did not read the index
+(baseline policies, Redis down: there was no prediction).
+
+**Races are not losses.** A request that matched blocks another in-flight request to the same
+worker recorded at dispatch, before the engine finished computing them, gets fewer cached
+tokens than matched though nothing was lost. So this replica tracks its in-flight requests
+per worker (`dispatched` / `finished`); at dispatch it notes how deep the new chain shares a
+prefix with one sent there earlier and still in flight, and a later shortfall within that
+depth corrects nothing (only blocks past it can be dropped). Requests in flight on *other*
+replicas are not seen: their races can still drop records that become true a moment later
+(an under-prediction until the next record, never a misroute).
+
+The logic is here, behind a few calls (`dispatched`, `observe_body`, `finished`), so any front
+end that reads a response's usage can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from router_node.metrics import Metrics
+from router_node.routing import Plan
+from router_node.settings import RouterSettings
+from router_node.shared_index import SharedIndex
+
+log = logging.getLogger(__name__)
+
+# "cached_tokens": N inside usage's prompt/input token details. A completion's text cannot
+# match: quotes inside JSON strings are escaped.
+_CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)\s*[,}]')
+
+
+def cached_tokens_in(data: bytes) -> int | None:
+    """The engine's cached prompt tokens reported in `data` (a response body or a piece of a
+    stream), or None when it reports none."""
+    found = _CACHED.search(data)
+    return int(found.group(1)) if found is not None else None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading blocks chains `a` and `b` share. Block keys are chained (each hashes
+    its parent), so equal keys at a position mean equal prefixes up to it: a binary search."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; a[hi:] differs unless hi is the end
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class Feedback:
+    """Error histogram and index correction from engines' reported cached tokens."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        shared: SharedIndex,
+        metrics: Metrics,
+        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+    ) -> None:
+        """`spawn` starts a background task the app drains at shutdown (corrections run off
+        the request path)."""
+        self.settings = settings
+        self.shared = shared
+        self.metrics = metrics
+        self.spawn = spawn
+        # (model, worker) -> chains of this replica's requests in flight there.
+        self._inflight: dict[tuple[str, str], list[list[int]]] = {}
+
+    def dispatched(self, model: str, worker: str, plan: Plan) -> int:
+        """A request with `plan` was sent to `worker`: returns how many leading blocks of its
+        chain an earlier request still in flight there shares (the engine may still be
+        computing those: a shortfall within them is a race, not a loss). Pair with
+        `finished`."""
+        chains = self._inflight.setdefault((model, worker), [])
+        racing = max((common_prefix(plan.chain, c) for c in chains), default=0)
+        chains.append(plan.chain)
+        return racing
+
+    def finished(self, model: str, worker: str, plan: Plan) -> None:
+        """The request `dispatched` with `plan` is done (answered, failed or cancelled)."""
+        chains = self._inflight.get((model, worker))
+        if chains is None:
+            return
+        for i, c in enumerate(chains):
+            if c is plan.chain:
+                del chains[i]
+                break
+        if not chains:
+            del self._inflight[(model, worker)]
+
+    def observe_body(
+        self, model: str, worker: str, plan: Plan, data: bytes, racing: int = 0
+    ) -> bool:
+        """Look for cached tokens in `data`; observe them if found. Returns True once found
+        (so a stream stops looking). `racing`: what `dispatched` returned."""
+        cached = cached_tokens_in(data)
+        if cached is None:
+            return False
+        self.observe(model, worker, plan, cached, racing)
+        return True
+
+    def observe(
+        self, model: str, worker: str, plan: Plan, cached_tokens: int, racing: int = 0
+    ) -> None:
+        """The engine `worker` served `cached_tokens` of the plan's prompt from its cache;
+        blocks below `racing` were being computed for an earlier request (not corrected)."""
+        if not plan.indexed:
+            return
+        error = cached_tokens - plan.matched_tokens(worker)
+        self.metrics.prediction_error.labels(model).observe(error)
+        if error:
+            direction = "under" if error > 0 else "over"
+            self.metrics.mispredicted_tokens.labels(model, direction).inc(abs(error))
+        engine_blocks = cached_tokens // plan.block_size
+        matched_blocks = plan.matched_blocks(worker)
+        if not self.settings.feedback_heal or engine_blocks >= matched_blocks:
+            return
+        start = max(engine_blocks, racing)
+        stale = plan.chain[start:matched_blocks][: self.settings.feedback_max_blocks]
+        if stale:
+            self.spawn(self._correct(model, worker, stale))
+
+    async def _correct(self, model: str, worker: str, stale: list[int]) -> None:
+        removed = await self.shared.correct_chain(model, worker, stale)
+        if removed is None:
+            return
+        self.metrics.index_corrections.labels(model).inc()
+        self.metrics.index_corrected_blocks.labels(model).inc(removed)
+        log.debug("feedback: %d stale records of %s dropped on %s", removed, model, worker)

@@ -1,0 +1,276 @@
+"""Feedback that heals (issue #17 item 2), end to end: `kvrouter sim` as a process, a router
+over real Redis, the official openai client.
+
+A worker holds a prompt and a sibling that shares its first blocks; the simulator then drops
+its cache silently (`/admin/restart`: no events, as a crashed and restarted engine). The next
+request for the prompt goes to that worker (the index still claims the blocks) and the engine
+reports 0 cached tokens. With feedback on, that one response corrects the index: neither the
+prompt nor its sibling matches the worker any more. With feedback off both still match (until
+the records' TTL). The prediction error histogram sees the shortfall either way.
+
+Loopback only; every wait is bounded; nothing asserts on durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from kvrouter.index.hashing import BlockHasher
+from kvrouter.index.scripts import ResidencyIndex
+from router_node.app import RouterServer
+from router_node.feedback import Feedback, common_prefix
+from router_node.metrics import Metrics
+from router_node.routing import Plan
+from router_node.scoring import Decision
+from router_node.settings import RouterSettings, WorkerSpec
+from router_node.shared_index import SharedIndex
+from tests.router.conftest import settle, wait_for
+from tests.support.metrics import parse
+
+pytestmark = pytest.mark.redis
+MODEL = "sim-model"
+B = 16
+PROMPT = [(37 * i + 11) % 20_000 for i in range(B * 10 + 3)]
+# Shares PROMPT's first 6 blocks, then goes its own way.
+SIBLING = PROMPT[: B * 6] + [(91 * i + 5) % 20_000 for i in range(B * 4 + 3)]
+USEFUL = (len(PROMPT) - 1) // B  # blocks an engine can reuse: 10
+
+
+@pytest.fixture(scope="module")
+def sim_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Two simulated workers in a `kvrouter sim` child process, KV events off."""
+    work = tmp_path_factory.mktemp("sim")
+    ready = work / "sim.json"
+    log = (work / "sim.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvrouter", "sim", "--workers", "2", "--base-port", "0",
+         "--kv-events", "off", "--model", MODEL, "--block-size", str(B),
+         "--time-scale", "200", "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=log,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, Path(work / "sim.log").read_text()
+            assert time.monotonic() < deadline, "kvrouter sim did not start"
+            time.sleep(0.05)
+        yield json.loads(ready.read_text())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+async def _complete(client: openai.AsyncOpenAI, prompt: list[int], stream: bool) -> int:
+    """Send `prompt`; return the cached tokens the engine reported."""
+    if not stream:
+        done = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+        assert done.usage is not None and done.usage.prompt_tokens_details is not None
+        return done.usage.prompt_tokens_details.cached_tokens or 0
+    cached: int | None = None
+    chunks = await client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in chunks:
+        if chunk.usage is not None and chunk.usage.prompt_tokens_details is not None:
+            cached = chunk.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None, "the final usage chunk carries cached tokens"
+    return cached
+
+
+@pytest.mark.parametrize(
+    ("heal", "stream"),
+    [(True, False), (True, True), (False, False)],
+    ids=["on", "on-stream", "off"],
+)
+async def test_a_silent_restart_is_corrected_by_one_response(
+    sim_fleet: dict[str, Any], redis_url: str, redis_client: Any, heal: bool, stream: bool
+) -> None:
+    workers = sim_fleet["workers"]
+    async with aiohttp.ClientSession() as http:
+        for w in workers:  # the module's fleet: start each test from empty caches
+            async with http.post(w["url"] + "/admin/reset_prefix_cache") as r:
+                assert r.status == 200
+    router = RouterServer(
+        RouterSettings(
+            host="127.0.0.1",
+            port=0,
+            redis_url=redis_url,
+            models=(MODEL,),
+            workers=tuple(WorkerSpec.parse(f"{w['id']}={w['url']}") for w in workers),
+            health_interval_s=0,
+            models_interval_s=0.1,
+            discovery="static",
+            feedback_heal=heal,
+        ),
+        rng=random.Random(0),
+    )
+    await router.start()
+    client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
+    idx = ResidencyIndex(redis_client)
+    prompt_keys = BlockHasher(MODEL, B).keys(PROMPT)
+    sibling_keys = BlockHasher(MODEL, B).keys(SIBLING)
+    try:
+        assert await _complete(client, PROMPT, stream) == 0
+        await settle(router)
+        (held,) = (await idx.lookup(MODEL, prompt_keys)).depths
+        # The sibling follows its shared prefix to the same worker, which had those blocks.
+        assert await _complete(client, SIBLING, stream) == 6 * B
+        await settle(router)
+        assert (await idx.lookup(MODEL, sibling_keys)).depths == {held: len(sibling_keys)}
+
+        url = next(w["url"] for w in workers if w["id"] == held)
+        async with aiohttp.ClientSession() as http, http.post(url + "/admin/restart") as r:
+            assert r.status == 200  # the cache is gone, and no event says so
+
+        # Routed to the same worker (the index claims the prompt there); the engine had none.
+        assert await _complete(client, PROMPT, stream) == 0
+        await settle(router)
+        async with aiohttp.ClientSession() as http, http.get(router.url + "/metrics") as r:
+            m = parse(await r.text())
+        # Errors seen: 0 (cold), 0 (sibling), -160 (the lost prompt).
+        assert m.value("kvrouter_prediction_error_tokens_count", model=MODEL) == 3
+        over = {"model": MODEL, "direction": "over"}
+        assert m.value("kvrouter_mispredicted_tokens_total", **over) == USEFUL * B
+        assert not m.has("kvrouter_mispredicted_tokens_total", direction="under")
+        assert m.value("kvrouter_prediction_error_tokens_bucket", model=MODEL, le="-1.0") == 1
+        prompt_depths = (await idx.lookup(MODEL, prompt_keys)).depths
+        sibling_depths = (await idx.lookup(MODEL, sibling_keys)).depths
+        if heal:
+            assert m.value("kvrouter_index_corrections_total", model=MODEL) == 1
+            assert m.value("kvrouter_index_corrected_blocks_total", model=MODEL) == USEFUL
+            assert held not in prompt_depths
+            assert held not in sibling_depths  # the whole lost subtree, not just this chain
+        else:
+            assert not m.has("kvrouter_index_corrections_total", model=MODEL)
+            assert prompt_depths == {held: len(prompt_keys)}
+            assert sibling_depths == {held: len(sibling_keys)}
+    finally:
+        await client.close()
+        await router.close()
+
+
+async def test_rounding_alone_never_corrects(
+    sim_fleet: dict[str, Any], redis_url: str, redis_client: Any
+) -> None:
+    """A prompt whose every token is cached: the engine reports whole blocks short of the
+    prompt's length, the router matched the same whole blocks; no correction, error 0."""
+    workers = sim_fleet["workers"][:1]
+    reset = workers[0]["url"] + "/admin/reset_prefix_cache"
+    async with aiohttp.ClientSession() as http, http.post(reset) as r:
+        assert r.status == 200
+    router = RouterServer(
+        RouterSettings(
+            host="127.0.0.1",
+            port=0,
+            redis_url=redis_url,
+            models=(MODEL,),
+            workers=tuple(WorkerSpec.parse(f"{w['id']}={w['url']}") for w in workers),
+            health_interval_s=0,
+            models_interval_s=0.1,
+            discovery="static",
+        ),
+        rng=random.Random(0),
+    )
+    await router.start()
+    client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
+    exact = PROMPT[: B * 8]  # a whole number of blocks: the engine reuses 7 of them
+    try:
+        for _ in range(3):
+            await _complete(client, exact, False)
+            await settle(router)
+
+        async def observed() -> bool:
+            async with aiohttp.ClientSession() as http, http.get(router.url + "/metrics") as r:
+                m = parse(await r.text())
+            return m.value("kvrouter_prediction_error_tokens_count", model=MODEL) == 3
+
+        await wait_for(observed)
+        async with aiohttp.ClientSession() as http, http.get(router.url + "/metrics") as r:
+            m = parse(await r.text())
+        assert m.value("kvrouter_prediction_error_tokens_bucket", model=MODEL, le="-1.0") == 0
+        assert m.value("kvrouter_prediction_error_tokens_bucket", model=MODEL, le="0.0") == 3
+        assert not m.has("kvrouter_mispredicted_tokens_total", model=MODEL)
+        assert not m.has("kvrouter_index_corrections_total", model=MODEL)
+        keys = BlockHasher(MODEL, B).keys(exact)
+        assert (await ResidencyIndex(redis_client).lookup(MODEL, keys)).depths == {
+            workers[0]["id"]: len(keys)
+        }
+    finally:
+        await client.close()
+        await router.close()
+
+
+def test_common_prefix_of_chained_keys() -> None:
+    a = BlockHasher(MODEL, B).keys(PROMPT)
+    b = BlockHasher(MODEL, B).keys(SIBLING)
+    assert common_prefix(a, b) == common_prefix(b, a) == 6
+    assert common_prefix(a, a) == len(a)
+    assert common_prefix(a, a[:3]) == 3
+    assert common_prefix(a, []) == 0
+    assert common_prefix(a, BlockHasher("other", B).keys(PROMPT)) == 0
+
+
+async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
+    redis_url: str, redis_client: Any
+) -> None:
+    """Two requests for the same chain on one worker: the second matched what the first
+    recorded at dispatch and the engine had not computed yet. Its shortfall is a race: no
+    correction. The same shortfall once the first request is done is a loss: corrected."""
+    settings = RouterSettings(redis_url=redis_url, models=(MODEL,), workers=())
+    metrics = Metrics()
+    shared = SharedIndex(settings, metrics)
+    await shared.start()
+    spawned: list[asyncio.Task[Any]] = []
+
+    def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        spawned.append(task)
+        return task
+
+    feedback = Feedback(settings, shared, metrics, spawn)
+    keys = BlockHasher(MODEL, B).keys(PROMPT)
+    idx = ResidencyIndex(redis_client)
+    await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
+
+    def plan() -> Plan:
+        decision = Decision(policy="kv", reason="prefix", ranking=("w",))
+        return Plan(decision, keys, USEFUL, depths={"w": len(keys)}, indexed=True, block_size=B)
+
+    try:
+        first, second = plan(), plan()
+        assert feedback.dispatched(MODEL, "w", first) == 0
+        racing = feedback.dispatched(MODEL, "w", second)
+        assert racing == len(keys)
+        feedback.observe(MODEL, "w", second, 0, racing)
+        assert not spawned
+        feedback.finished(MODEL, "w", second)
+        feedback.finished(MODEL, "w", first)
+        third = plan()
+        assert feedback.dispatched(MODEL, "w", third) == 0
+        feedback.observe(MODEL, "w", third, 2 * B, 0)
+        await asyncio.gather(*spawned)
+        feedback.finished(MODEL, "w", third)
+        assert (await idx.lookup(MODEL, keys)).depths == {"w": 2}
+        sample = metrics.registry.get_sample_value(
+            "kvrouter_index_corrections_total", {"model": MODEL}
+        )
+        assert sample == 1
+    finally:
+        await shared.close()

@@ -1,0 +1,32 @@
+"""`kvrouter bench heal`'s count of requests misrouted to a worker (pure; the whole bench
+runs as `kvrouter bench heal --quick`, figures in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+from kvrouter.bench.heal_bench import misroutes
+from kvrouter.sim.replay import RequestRecord
+
+
+def rec(i: int, worker: str, matched: int, cached: int, status: int = 200) -> RequestRecord:
+    r = RequestRecord(index=i, arrival_s=0.0, max_tokens=1)
+    r.status, r.worker, r.matched_tokens, r.cached_tokens = status, worker, matched, cached
+    return r
+
+
+def test_misroutes_compare_whole_blocks_on_one_worker() -> None:
+    records = [
+        rec(0, "w", 160, 0),  # over by 10 blocks: misrouted
+        rec(1, "x", 160, 0),  # another worker
+        rec(2, "w", 160, 170),  # the same 10 whole blocks: not misrouted
+        rec(3, "w", 160, 160),
+        rec(4, "w", 96, 80),  # one block short: misrouted
+        rec(5, "w", 160, 0, status=503),  # failed: not counted
+        rec(6, "w", 0, 64),  # under-predicted: not misrouted
+    ]
+    out = misroutes(records, "w", 16)
+    assert out["misrouted"] == 2
+    assert out["requests_to_worker"] == 5
+    assert out["over_predicted_tokens"] == 160 + 16
+    assert out["misroute_positions"] == [1, 4]
+    assert out["last_misroute_at"] == 4
+    assert misroutes(records, "nobody", 16)["last_misroute_at"] == 0
