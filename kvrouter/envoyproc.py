@@ -81,10 +81,20 @@ def gateway_config(
     fail_open: bool = False,
     override_host: Sequence[tuple[str, int]] = (),
     plain: tuple[str, int] | None = None,
+    lean: bool = False,
 ) -> dict[str, Any]:
     """Envoy's bootstrap (v3) for one listener in front of the ORIGINAL_DST pool (or, given
     `override_host` workers, the override_host pool). `plain`: no ext_proc, every request
-    to that one upstream (the baseline for the EPP's added latency)."""
+    to that one upstream (the baseline for the EPP's added latency).
+
+    `lean`: the picker sees the request only (response headers SKIP, response body NONE;
+    trailers, which HTTP/1.1 workers do not send, stay SEND): the response goes from the
+    worker to the client without a round trip through the picker. Envoy keeps the ext_proc
+    stream open until the response has ended, so the picker's lease lasts as long as the
+    request. It cannot learn
+    which endpoint served, so it suits one destination per request (ORIGINAL_DST, no
+    fallbacks). Envoy 1.40 ignores a `mode_override` asking for this per request when the
+    configured body mode is FULL_DUPLEX_STREAMED, so it is the gateway's configuration."""
     original_dst = {
         "name": "pool",
         "type": "ORIGINAL_DST",
@@ -128,10 +138,13 @@ def gateway_config(
         "message_timeout": "10s",
         "processing_mode": {
             "request_header_mode": "SEND",
-            "response_header_mode": "SEND",
+            "response_header_mode": "SKIP" if lean else "SEND",
             "request_body_mode": "FULL_DUPLEX_STREAMED",
-            "response_body_mode": "FULL_DUPLEX_STREAMED",
+            "response_body_mode": "NONE" if lean else "FULL_DUPLEX_STREAMED",
             "request_trailer_mode": "SEND",
+            # SEND even when lean: with nothing left to send, Envoy ends the ext_proc stream
+            # as soon as the request has gone upstream; a response trailer it might send
+            # keeps the stream (and so the lease) open until the response has ended.
             "response_trailer_mode": "SEND",
         },
         "metadata_options": {
@@ -267,6 +280,7 @@ class Envoy:
         override_host: Sequence[tuple[str, int]] = (),
         plain: tuple[str, int] | None = None,
         concurrency: int = 1,
+        lean: bool = False,
     ) -> None:
         binary = envoy_binary()
         if binary is None:
@@ -285,6 +299,7 @@ class Envoy:
                     fail_open=fail_open,
                     override_host=override_host,
                     plain=plain,
+                    lean=lean,
                 )
             )
         )

@@ -183,6 +183,8 @@ class _Exchange:
     plan: Plan | None = None
     worker: Worker | None = None
     lease: Lease | None = None
+    held: bool = False
+    """The chosen worker counts this request in flight (the lease may start later)."""
     ticket: Ticket | None = None
     """The admission slot (priority admission), held until the response ends."""
     first_byte: bool = False
@@ -219,6 +221,11 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                     return
                 for resp in out:
                     yield resp
+                if ex.held and ex.lease is None and ex.stage != "done":
+                    # The lease's record round trip starts once the answer is on its way
+                    # to Envoy: its Redis work then overlaps the upstream request instead
+                    # of delaying the answer (the in-flight count was taken at once).
+                    self._lease(ex)
                 if ex.stage == "done":
                     return
         finally:
@@ -344,10 +351,14 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         )
 
     def _hold(self, ex: _Exchange, worker: Worker) -> None:
-        assert ex.req is not None and ex.plan is not None
+        """Count the request in flight on `worker`; its lease starts in `_lease`."""
         ex.worker = worker
-        ex.lease = self.core.lease(ex.req, ex.plan, worker)
+        ex.held = True
         worker.inflight += 1
+
+    def _lease(self, ex: _Exchange) -> None:
+        assert ex.req is not None and ex.plan is not None and ex.worker is not None
+        ex.lease = self.core.lease(ex.req, ex.plan, ex.worker)
 
     def _settle(self, ex: _Exchange, served: str | None) -> None:
         """Move the lease (and the speculative record) to the endpoint that really served,
@@ -366,14 +377,16 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         self._hold(ex, target)
 
     def _release(self, ex: _Exchange) -> None:
-        if ex.lease is not None and ex.worker is not None:
-            ex.lease.end()
+        if ex.held and ex.worker is not None:
+            if ex.lease is not None:
+                ex.lease.end()
             ex.worker.inflight -= 1
             self.core.metrics.worker_requests.labels(ex.worker.id).inc()
         ex.lease = None
+        ex.held = False
 
     def _finish(self, ex: _Exchange) -> None:
-        if ex.lease is not None and ex.worker is not None and ex.first_byte:
+        if ex.held and ex.worker is not None and ex.first_byte:
             self.core.pool.record_success(ex.worker)
         self._release(ex)
         if ex.ticket is not None:

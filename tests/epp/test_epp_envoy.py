@@ -84,6 +84,36 @@ async def test_streaming_passes_through(
     assert all(w.inflight == 0 for w in epp.core.pool.workers.values())
 
 
+async def test_a_lean_gateway_streams_past_the_picker_and_the_lease_lasts_the_stream(
+    sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
+) -> None:
+    # Response headers SKIP, body NONE: the picker sees the request only. Envoy keeps the
+    # ext_proc stream open until the response ends, and that is when the lease goes back.
+    epp = await start_epp(sims)
+    envoy = await start_envoy([epp.port], lean=True)
+    c = client(envoy.url)
+    first, _ = await complete(c, prompt(0))
+    await asyncio.sleep(0.05)
+    assert (await complete(c, prompt(1)))[0] == first  # still routed on the prefix
+    stream = await c.completions.create(model=MODEL, prompt=prompt(2), max_tokens=60, stream=True)
+    it = stream.__aiter__()
+    for _ in range(3):
+        await it.__anext__()
+    ids = list(epp.core.pool.workers)
+    result = await epp.core.shared.lookup(MODEL, [], ids)
+    assert result is not None
+    # Mid-stream: held here and in Redis (what other pickers and proxies see).
+    assert sum(w.inflight for w in epp.core.pool.workers.values()) == 1
+    assert sum(load.requests for load in result.load.values()) == 1
+    rest = [chunk async for chunk in it]
+    assert [ch.choices[0].finish_reason for ch in rest if ch.choices][-1] == "length"
+    await asyncio.sleep(0.1)
+    assert all(w.inflight == 0 for w in epp.core.pool.workers.values())
+    result = await epp.core.shared.lookup(MODEL, [], ids)
+    assert result is not None
+    assert sum(load.requests for load in result.load.values()) == 0
+
+
 async def test_a_worker_down_before_the_first_byte_is_retried_on_the_next_fallback(
     sims: list[SimWorker], start_epp: StartEpp, start_envoy: StartEnvoy
 ) -> None:
