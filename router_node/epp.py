@@ -183,6 +183,8 @@ class _Exchange:
     plan: Plan | None = None
     worker: Worker | None = None
     lease: Lease | None = None
+    endpoint: str = ""
+    counted: bool = False
     held: bool = False
     """The chosen worker counts this request in flight (the lease may start later)."""
     ticket: Ticket | None = None
@@ -222,9 +224,10 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                 for resp in out:
                     yield resp
                 if ex.held and ex.lease is None and ex.stage != "done":
-                    # The lease's record round trip starts once the answer is on its way
-                    # to Envoy: its Redis work then overlaps the upstream request instead
-                    # of delaying the answer (the in-flight count was taken at once).
+                    # The lease's record round trip (and the decision's metrics) start once
+                    # the answer is on its way to Envoy: that work then overlaps the
+                    # upstream request instead of delaying the answer (the in-flight count
+                    # was taken at once).
                     self._lease(ex)
                 if ex.stage == "done":
                     return
@@ -321,11 +324,9 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             raise unavailable(
                 f"no ready endpoint serves model {req.model!r}", self.settings.retry_after_s
             )
-        self.core.count(endpoint, req, plan)
-        ex.req, ex.plan = req, plan
+        ex.req, ex.plan, ex.endpoint = req, plan, endpoint
         self._hold(ex, ranked[0])
         ex.stage = "sent"
-        self.core.metrics.requests.labels("epp", "routed", req.model).inc()
         value = ",".join(w.address for w in ranked)
         out = [self._headers_response(value, len(raw))]
         if eos:
@@ -358,6 +359,10 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
     def _lease(self, ex: _Exchange) -> None:
         assert ex.req is not None and ex.plan is not None and ex.worker is not None
+        if not ex.counted:
+            ex.counted = True
+            self.core.count(ex.endpoint, ex.req, ex.plan)
+            self.core.metrics.requests.labels("epp", "routed", ex.req.model).inc()
         ex.lease = self.core.lease(ex.req, ex.plan, ex.worker)
 
     def _settle(self, ex: _Exchange, served: str | None) -> None:

@@ -1,7 +1,8 @@
 """The router benchmark's upstream: a vLLM stand-in that answers every completion at once.
 
 `kvrouter bench router` measures what the router adds to a request, so the worker behind it
-must cost next to nothing: it reads the body and returns the same small JSON completion,
+must cost next to nothing: it reads the body and returns the same small JSON completion
+(or, for ``"stream": true``, the same 8 SSE events and ``[DONE]``, each written on its own),
 with no prefix-cache model and no tokenizer. It runs in a process of its own, as a worker
 would, so its event loop never competes with the benchmark client's::
 
@@ -28,9 +29,36 @@ BODY = json.dumps(
 ).encode()
 
 
-async def _complete(request: web.Request) -> web.Response:
-    await request.read()  # a real worker reads the whole prompt; so does this one
-    return web.Response(body=BODY, content_type="application/json")
+STREAM_CHUNKS = 8
+"""Tokens a streamed answer carries, one SSE event each, then ``data: [DONE]``."""
+CHUNK = (
+    b"data: "
+    + json.dumps(
+        {
+            "id": "cmpl-fast",
+            "object": "text_completion",
+            "created": 0,
+            "model": "bench",
+            "choices": [{"index": 0, "text": " ok", "finish_reason": None, "logprobs": None}],
+        }
+    ).encode()
+    + b"\n\n"
+)
+
+
+async def _complete(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()  # a real worker reads the whole prompt; so does this one
+    # A byte search, not a JSON parse: the worker must cost next to nothing.
+    if b'"stream": true' not in raw and b'"stream":true' not in raw:
+        return web.Response(body=BODY, content_type="application/json")
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    # One write per event, as an engine sends tokens: each is its own chunk on the wire.
+    for _ in range(STREAM_CHUNKS):
+        await resp.write(CHUNK)
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
 
 
 async def _health(request: web.Request) -> web.Response:

