@@ -95,6 +95,22 @@ class _Flight:
     done: float = field(default=0.0)
 
 
+# A stream that opens with an error event: {"error": {..., "code": N}} (vLLM's and the
+# simulator's) or vLLM's older {"object": "error", ..., "code": N}.
+_ERROR_EVENT = re.compile(rb'^data: \{"(?:error"|object"\s*:\s*"error")')
+_ERROR_CODE = re.compile(rb'"code"\s*:\s*(\d{3})\b')
+
+
+def error_event_status(first: bytes) -> int | None:
+    """The HTTP status an engine's stream reports when its first event is an error (the
+    engine failed the request before any token: vLLM yields it that way once the response
+    has started), else None; 500 when the event names no 3-digit code."""
+    if not _ERROR_EVENT.match(first):
+        return None
+    code = _ERROR_CODE.search(first)
+    return int(code.group(1)) if code is not None else 500
+
+
 def cached_tokens_in(data: bytes) -> int | None:
     """The engine's cached prompt tokens reported in `data` (a response body or a piece of a
     stream), or None when it reports none."""
@@ -164,18 +180,34 @@ class Feedback:
         if not flights:
             del self._inflight[(model, worker)]
 
-    def _witness(self, model: str, worker: str, chain: list[int], pos: int, before: float) -> float:
-        """When the latest witness was dispatched: a request that completed on `worker` before
-        `before` and whose chain has `chain`'s block at `pos` (chained keys: the same prefix).
-        0.0 when there is none."""
+    def unanswered(self, model: str, worker: str, plan: Plan, racing: int = 0) -> None:
+        """The request `dispatched` with `plan` failed on `worker` before any answer (refused,
+        reset, 5xx, an empty stream): the engine never computed its prompt, so the records its
+        dispatch wrote past the blocks the worker already had are false. They are dropped
+        (blocks an earlier request still in flight there shares are left: it may compute
+        them). Without this a request in flight when its engine restarts leaves its new blocks
+        on the dead cache, and its conversation's next turn is sent back there."""
+        if not (self.settings.feedback_heal and plan.indexed):
+            return
+        start = max(plan.depths.get(worker, 0), racing)
+        stale = plan.chain[start:][: self.settings.feedback_max_blocks]
+        if stale:
+            self.spawn(self._correct(model, worker, stale, 0.0, 0))
+
+    def _witness(
+        self, model: str, worker: str, chain: list[int], pos: int, before: float
+    ) -> _Flight | None:
+        """The latest-sent witness: a request that completed on `worker` before `before` and
+        whose chain has `chain`'s block at `pos` (chained keys: the same prefix)."""
         key = chain[pos]
         return max(
             (
-                f.sent
+                f
                 for f in self._completed.get((model, worker), ())
                 if f.done < before and len(f.chain) > pos and f.chain[pos] == key
             ),
-            default=0.0,
+            key=lambda f: f.sent,
+            default=None,
         )
 
     def observe_body(
@@ -204,10 +236,10 @@ class Feedback:
         engine_blocks = cached_tokens // plan.block_size
         matched_blocks = plan.matched_blocks(worker)
         flight = self._flight(model, worker, plan)
-        cut = 0.0
+        witness = None
         if flight is not None:
             if self.settings.feedback_lru_cut and engine_blocks < matched_blocks:
-                cut = self._witness(model, worker, plan.chain, engine_blocks, flight.sent)
+                witness = self._witness(model, worker, plan.chain, engine_blocks, flight.sent)
             # The engine computed this prompt: a witness for later shortfalls on the worker.
             flight.done = time.monotonic()
             witnesses = self._completed.get((model, worker))
@@ -217,7 +249,15 @@ class Feedback:
         if not self.settings.feedback_heal or engine_blocks >= matched_blocks:
             return
         start = max(engine_blocks, racing)
-        stale = plan.chain[start:matched_blocks][: self.settings.feedback_max_blocks]
+        stale = plan.chain[start:matched_blocks]
+        cut = 0.0
+        if witness is not None:
+            # The witness's own blocks past the lost one went first (an engine evicts a
+            # chain's tail before its head); its record was written a moment after `sent`, so
+            # the cut below does not reach them.
+            stale = list(dict.fromkeys(stale + witness.chain[engine_blocks + 1 :]))
+            cut = witness.sent
+        stale = stale[: self.settings.feedback_max_blocks]
         if stale:
             # Block i of a record scores its dispatch - i us (transport.RecordCall).
             self.spawn(self._correct(model, worker, stale, cut, engine_blocks))

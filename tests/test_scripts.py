@@ -377,7 +377,7 @@ def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str
         ("correct_chain", evict, [w, packed[:-16] + "zz" * 8, 0, 0, 1], "blocks"),
         ("correct_chain", evict, [w, "", 0, 0, 1], "blocks"),
         ("correct_chain", evict, [w, packed, -5, 0, 1], "now"),
-        ("correct_chain", evict, [w, packed, 0, -1, 1], "older_than_us"),
+        ("correct_chain", evict, [w, packed, 0, -1, 1], "cut_us"),
         ("correct_chain", evict, [w, packed, 0, 0, 0], "limit"),
         ("store_engine_blocks", store, [w, blocks48, "01", 0, HOUR, 0, 100], "roots"),
         ("store_engine_blocks", store, [w, blocks48, "1", 0, -4, 0, 100], "ttl"),

@@ -403,10 +403,10 @@ class ResidencyIndex:
         keys: Sequence[int],
         *,
         now_ms: int = 0,
-        older_than_us: int = 0,
+        cut_us: int = 0,
         limit: int = 1024,
     ) -> ScriptCall:
-        """The call behind `correct_chain`."""
+        """The call behind `correct_chain` (`cut_us`: absolute, 0 = none)."""
         k = self.keys(model)
         w = worker_arg(worker)
         return ScriptCall(
@@ -416,7 +416,7 @@ class ResidencyIndex:
                 w,
                 pack_keys("keys", keys),
                 nonneg("now_ms", now_ms),
-                nonneg("older_than_us", older_than_us),
+                nonneg("cut_us", cut_us),
                 nonneg("limit", limit, minimum=1),
             ],
             _decode_pair,
@@ -436,8 +436,13 @@ class ResidencyIndex:
         have) from `worker`, marking the first as a hole; with `older_than_us` > 0 also drop
         up to `limit` of the worker's records last accessed more than that long ago (see
         correct_chain-3.lua). Returns (chain records removed, older records removed)."""
+        cut_us = 0
+        if older_than_us > 0:
+            # The cut on the clock the router wrote last accesses with (ServerClock), so a
+            # record written just after it is never taken for one just before.
+            cut_us = (now_ms * 1000 if now_ms else await self.server_now_us()) - older_than_us
         call = self.correct_chain_call(
-            model, worker, keys, now_ms=now_ms, older_than_us=older_than_us, limit=limit
+            model, worker, keys, now_ms=now_ms, cut_us=max(0, cut_us), limit=limit
         )
         return cast(tuple[int, int], await self._call(call))
 
