@@ -67,7 +67,15 @@ def misroutes(records: Sequence[RequestRecord], worker: str, block_size: int) ->
         if bad
     )
     last = max((i + 1 for i, bad in enumerate(flags) if bad), default=0)
+    # The engine reports its cached tokens at the end of a response (the final usage chunk),
+    # so feedback can only act once the first misrouted request has answered: the requests
+    # sent to the worker before that were already on their way.
+    first = next((r for r, bad in zip(to_worker, flags, strict=True) if bad), None)
+    answered = (first.sent_s or 0.0) + (first.e2e_s or 0.0) if first is not None else 0.0
+    late = [bad for r, bad in zip(to_worker, flags, strict=True) if (r.sent_s or 0.0) > answered]
     return {
+        "sent_before_first_answer": len(to_worker) - len(late) if first is not None else 0,
+        "misrouted_after_first_answer": sum(late),
         "misrouted": sum(flags),
         "requests_to_worker": len(to_worker),
         "over_predicted_tokens": over,
@@ -176,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         (
             v,
             f"{r['misrouted']} of {r['requests_to_worker']}",
+            f"{r['misrouted_after_first_answer']}",
             f"last at #{r['last_misroute_at']}, corrections {r['corrections_before_restart']:g}"
             f" before / {r['corrections_after_restart']:g} after the restart",
         )
@@ -183,7 +192,12 @@ def run(args: argparse.Namespace) -> int:
     ]
     print_table(
         rows,
-        ("variant", "misrouted to the restarted worker", "healing"),
+        (
+            "variant",
+            "misrouted to the restarted worker",
+            "of them sent after the first misrouted one answered",
+            "healing",
+        ),
     )
     sys.stdout.flush()
     emit_json({"bench": "heal", "requests": len(requests), "variants": results})
