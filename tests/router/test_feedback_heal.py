@@ -154,7 +154,11 @@ async def test_a_silent_restart_is_corrected_by_one_response(
         sibling_depths = (await idx.lookup(MODEL, sibling_keys)).depths
         if heal:
             assert m.value("kvrouter_index_corrections_total", model=MODEL) == 1
-            assert m.value("kvrouter_index_corrected_blocks_total", model=MODEL) == USEFUL
+            # The chain's records, and the sibling's own blocks: the engine lost block 0
+            # after the sibling completed through it (a witness), so it lost the sibling's
+            # tail too (the shared blocks were used again since, by this request).
+            own = len(sibling_keys) - 6
+            assert m.value("kvrouter_index_corrected_blocks_total", model=MODEL) == USEFUL + own
             assert held not in prompt_depths
             assert held not in sibling_depths  # the whole lost subtree, not just this chain
         else:
@@ -262,8 +266,10 @@ async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
         assert not spawned
         feedback.finished(MODEL, "w", second)
         feedback.finished(MODEL, "w", first)
+        await asyncio.sleep(0.05)  # clear of the two clients' clock estimates
         third = plan()
         assert feedback.dispatched(MODEL, "w", third) == 0
+        await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)  # the dispatch's record
         feedback.observe(MODEL, "w", third, 2 * B, 0)
         await asyncio.gather(*spawned)
         feedback.finished(MODEL, "w", third)
@@ -274,3 +280,93 @@ async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
         assert sample == 1
     finally:
         await shared.close()
+
+
+async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(
+    redis_url: str, redis_client: Any
+) -> None:
+    """On worker w, P1 completed through block 0, so its engine held it; when P2 then gets
+    none of it, the engine evicted block 0 since, and with it every block last used before
+    P1 was sent: `old` goes, `new` (used after P1 was sent) stays. On worker v the request
+    that completed through block 0 did so after Q1 was sent: no witness for Q1, no cut."""
+    settings = RouterSettings(redis_url=redis_url, models=(MODEL,), workers=())
+    metrics = Metrics()
+    shared = SharedIndex(settings, metrics)
+    await shared.start()
+    spawned: list[asyncio.Task[Any]] = []
+
+    def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        spawned.append(task)
+        return task
+
+    feedback = Feedback(settings, shared, metrics, spawn)
+    hasher = BlockHasher(MODEL, B)
+    keys = hasher.keys(PROMPT)
+    old, new = hasher.keys(SIBLING[::-1]), hasher.keys(PROMPT[::-1])
+    idx = ResidencyIndex(redis_client)
+
+    def plan(depth: int) -> Plan:
+        decision = Decision(policy="kv", reason="prefix", ranking=("w", "v"))
+        depths = {"w": depth, "v": depth} if depth else {}
+        return Plan(decision, keys, USEFUL, depths=depths, indexed=True, block_size=B)
+
+    async def send(worker: str, p: Plan) -> None:
+        feedback.dispatched(MODEL, worker, p)
+        await idx.record(MODEL, worker, keys, ttl_new_ms=600_000)
+        await asyncio.sleep(0.05)  # clear of the clocks' resolution
+
+    def cut() -> float | None:
+        return metrics.registry.get_sample_value(
+            "kvrouter_index_lru_cut_blocks_total", {"model": MODEL}
+        )
+
+    try:
+        for w in ("w", "v"):
+            await idx.record(MODEL, w, old, ttl_new_ms=600_000)
+        await asyncio.sleep(0.05)
+        p1 = plan(0)
+        await send("w", p1)
+        feedback.observe(MODEL, "w", p1, 0)  # a cold prompt, computed: a witness
+        feedback.finished(MODEL, "w", p1)
+        await idx.record(MODEL, "w", new, ttl_new_ms=600_000)
+        p2 = plan(len(keys))
+        await send("w", p2)
+        feedback.observe(MODEL, "w", p2, 0)
+        feedback.finished(MODEL, "w", p2)
+        await asyncio.gather(*spawned)
+        assert (await idx.lookup(MODEL, old)).depths == {"v": len(old)}
+        assert (await idx.lookup(MODEL, new)).depths == {"w": len(new)}
+        assert (await idx.lookup(MODEL, keys)).depths == {}  # the chain's own correction
+        assert cut() == len(old)
+
+        q1, q2 = plan(len(keys)), plan(0)
+        await send("v", q1)
+        await send("v", q2)
+        feedback.observe(MODEL, "v", q2, 0)  # completes after q1 was sent
+        feedback.observe(MODEL, "v", q1, 0)
+        await asyncio.gather(*spawned)
+        assert (await idx.lookup(MODEL, old)).depths == {"v": len(old)}
+        assert cut() == len(old)
+        # With the cut off, the witness is ignored: the chain only.
+        feedback.settings = settings.model_copy(update={"feedback_lru_cut": False})
+        p3 = plan(len(keys))
+        await send("v", p3)
+        feedback.observe(MODEL, "v", p3, 0)
+        await asyncio.gather(*spawned)
+        assert (await idx.lookup(MODEL, old)).depths == {"v": len(old)}
+        assert cut() == len(old)
+    finally:
+        await shared.close()
+
+
+def test_error_event_status_reads_the_engines_error_shapes() -> None:
+    from router_node.feedback import error_event_status
+
+    assert error_event_status(b'data: {"error": {"message": "x", "code": 503}}\n\n') == 503
+    old_vllm = b'data: {"object": "error", "message": "x", "type": "E", "code": 502}\n\n'
+    assert error_event_status(old_vllm) == 502
+    assert error_event_status(b'data: {"error": {"message": "no code"}}\n\n') == 500
+    # A completion whose text mentions an error is not one; nor is a later chunk.
+    assert error_event_status(b'data: {"id": "c", "choices": [{"text": "\\"error\\""}]}') is None
+    assert error_event_status(b"data: [DONE]\n\n") is None
