@@ -10,13 +10,9 @@ the empty cache.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,6 +25,7 @@ from router_node.app import RouterServer
 from router_node.settings import RouterSettings, WorkerSpec
 from tests.router.conftest import settle
 from tests.support.metrics import parse
+from tests.support.simproc import sim_process
 
 MODEL = "sim-model"
 B = 16
@@ -38,26 +35,20 @@ PROMPT = [(53 * i + 7) % 20_000 for i in range(B * 150 + 5)]  # 2,405 tokens: 1.
 @pytest.fixture(scope="module")
 def slow_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two simulated workers prefilling 2,000 tokens/s in real time, KV events off."""
-    work = tmp_path_factory.mktemp("sim")
-    ready = work / "sim.json"
-    log = (work / "sim.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvrouter", "sim", "--workers", "2", "--base-port", "0",
-         "--kv-events", "off", "--model", MODEL, "--block-size", str(B),
-         "--prefill-tokens-per-s", "2000", "--ready-file", str(ready)],
-        stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, Path(work / "sim.log").read_text()
-            assert time.monotonic() < deadline, "kvrouter sim did not start"
-            time.sleep(0.05)
-        yield json.loads(ready.read_text())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with sim_process(
+        tmp_path_factory.mktemp("sim"),
+        "--workers",
+        "2",
+        "--kv-events",
+        "off",
+        "--model",
+        MODEL,
+        "--block-size",
+        str(B),
+        "--prefill-tokens-per-s",
+        "2000",
+    ) as fleet:
+        yield fleet
 
 
 @pytest.mark.parametrize("heal", [True, False], ids=["feedback", "no-feedback"])
