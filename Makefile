@@ -18,7 +18,7 @@ RUN = PATH="$(abspath $(VENV))/bin:$(dir $(UV)):$$PATH" PYTHONNOUSERSITE=1
 PACKAGES = kvrouter router_node eviction_listener
 LATEST_VENV ?= $(HOME)/.cache/kvrouter/venv-latest
 
-.PHONY: settings-doc help install deps uv lock helm test test-latest reliability lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
+.PHONY: settings-doc protos help install deps uv lock helm test test-latest reliability lint typecheck pytest demo bench-index bench-routing bench-listener bench-router
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -111,3 +111,7 @@ bench-router: install  ## the router benchmark, quick mode: added latency, throu
 
 settings-doc:  ## regenerate docs/settings.md from the settings schema
 	$(RUN) $(PY) -m kvrouter.settings_doc > docs/settings.md
+
+protos:  ## regenerate router_node/extproc's ext_proc modules from ext_proc.proto (grpcio-tools)
+	$(RUN) $(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+		router_node/extproc/ext_proc.proto

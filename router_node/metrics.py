@@ -278,6 +278,13 @@ class Metrics:
             ("model",),
             registry=r,
         )
+        self.index_lru_cut_blocks = Counter(
+            "kvrouter_index_lru_cut_blocks_total",
+            "of those, records dropped because they were last used before a block the engine "
+            "had since evicted (KVR_FEEDBACK_LRU_CUT)",
+            ("model",),
+            registry=r,
+        )
         self.tokenizer_cache = CallbackGauge(
             "kvrouter_tokenizer_cache",
             "segment cache counters (hits, misses, entries, tokens)",

@@ -186,10 +186,16 @@ class RouterSettings(SharedSettings):
         "when a worker reports fewer cached tokens (usage.prompt_tokens_details) than the "
         "router matched, drop that worker's records of the chain past the engine's depth",
     )
+    feedback_lru_cut: Bool = setting(
+        True,
+        "with feedback_heal: when a request through the missing block completed on that worker "
+        "earlier, also drop the worker's records last used before it was sent (an engine evicts "
+        "least recently used blocks first): a silent restart heals in one request",
+    )
     feedback_max_blocks: Int = setting(
         1024,
-        "most blocks one feedback correction drops (the first one, marked a hole, already "
-        "cuts every chain through it)",
+        "most blocks one feedback correction drops from the chain (the first one, marked a "
+        "hole, already cuts every chain through it), and per call from its LRU cut",
         ge=1,
     )
     scrape_capacity: Bool = setting(True, "read capacity from vLLM's vllm:cache_config_info metric")

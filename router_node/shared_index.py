@@ -213,13 +213,25 @@ class SharedIndex:
         except REDIS_FAILURES as exc:
             self.mark_down("release", exc)
 
-    async def correct_chain(self, model: str, worker: str, keys: Sequence[int]) -> int | None:
-        """Feedback: drop `keys` from `worker` (see correct_chain-3.lua). Returns records
-        removed; None when Redis is down (the correction is dropped, the TTL still applies)."""
+    async def correct_chain(
+        self,
+        model: str,
+        worker: str,
+        keys: Sequence[int],
+        *,
+        older_than_us: int = 0,
+        limit: int = 1024,
+    ) -> tuple[int, int] | None:
+        """Feedback: drop `keys` from `worker`, and up to `limit` of its records last accessed
+        more than `older_than_us` ago (0: none) (see correct_chain-3.lua). Returns (chain
+        records removed, older records removed); None when Redis is down (the correction is
+        dropped, the TTL still applies)."""
         if not self.up or self.index is None:
             return None
         try:
-            return await self.index.correct_chain(model, worker, keys)
+            return await self.index.correct_chain(
+                model, worker, keys, older_than_us=older_than_us, limit=limit
+            )
         except REDIS_FAILURES as exc:
             self.mark_down("correct_chain", exc)
             return None

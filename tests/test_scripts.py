@@ -121,19 +121,49 @@ async def test_correct_chain_cuts_the_subtree_of_one_worker(
     for w in ("w1", "w2"):
         await idx.record(M, w, c, ttl_new_ms=HOUR, now_ms=T0)
         await idx.record(M, w, sibling, ttl_new_ms=HOUR, now_ms=T0)
-    assert await idx.correct_chain(M, "w1", c[6:30], now_ms=T0) == 24
+    assert await idx.correct_chain(M, "w1", c[6:30], now_ms=T0) == (24, 0)
     for ch in (c, sibling):
         assert (await idx.lookup(M, ch, now_ms=T0 + 1)).depths == {"w1": 6, "w2": 30}
     k = KeySchema().model(M)
     assert await any_client.zcard(k.lru("w1")) == await any_client.zcard(k.worker("w1")) == 16
     # A second replica reporting the same shortfall finds nothing left to drop.
-    assert await idx.correct_chain(M, "w1", c[6:30], now_ms=T0) == 0
+    assert await idx.correct_chain(M, "w1", c[6:30], now_ms=T0) == (0, 0)
     assert (await idx.lookup(M, sibling, now_ms=T0 + 1)).depths == {"w1": 6, "w2": 30}
     # The engine computed the chain; its next record makes it matchable again.
     await idx.record(M, "w1", c, ttl_new_ms=HOUR, now_ms=T0 + 2)
     assert (await idx.lookup(M, c, now_ms=T0 + 3)).depth("w1") == 30
     with pytest.raises(ScriptArgumentError):
         await idx.correct_chain(M, "w1", [], now_ms=T0)
+
+
+async def test_correct_chain_with_a_cut_drops_what_lru_implies_is_gone(
+    idx: ResidencyIndex, any_client: Any
+) -> None:
+    """A correction with a cut also drops the worker's records last accessed before it (an
+    LRU engine that lost a block used after the cut lost every block used before it), in
+    calls of at most `limit`, on that worker only; records accessed after the cut stay."""
+    old = [chain(8, seed=s) for s in range(1, 6)]  # five chains accessed at T0 .. T0 + 4 s
+    for i, ch in enumerate(old):
+        for w in ("w1", "w2"):
+            await idx.record(M, w, ch, ttl_new_ms=HOUR, now_ms=T0 + 1000 * i)
+    hot = chain(8)
+    await idx.record(M, "w1", hot, ttl_new_ms=HOUR, now_ms=T0 + 10_000)
+    k = KeySchema().model(M)
+    assert await any_client.zcard(k.lru("w1")) == 48
+    # At T0 + 11 s the engine lacks hot[2:]; the cut is 8.5 s ago (T0 + 2.5 s): the chains
+    # accessed at T0, T0 + 1 s and T0 + 2 s go (24 records), 10 at a time.
+    now = T0 + 11_000
+    got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, older_than_us=8_500_000, limit=10)
+    assert got == (6, 10)
+    got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, older_than_us=8_500_000, limit=10)
+    assert got == (0, 10)
+    got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, older_than_us=8_500_000, limit=10)
+    assert got == (0, 4)
+    assert await any_client.zcard(k.lru("w1")) == await any_client.zcard(k.worker("w1")) == 2 + 16
+    for i, ch in enumerate(old):
+        depths = (await idx.lookup(M, ch, now_ms=now)).depths
+        assert depths == ({"w2": 8} if i < 3 else {"w1": 8, "w2": 8}), i
+    assert (await idx.lookup(M, hot, now_ms=now)).depths == {"w1": 2}
 
 
 async def test_clear_worker(idx: ResidencyIndex, any_client: Any) -> None:
@@ -344,9 +374,11 @@ def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str
         ("record_chain", rec, [w, packed, 0, NOW_US, 0, 100], "now"),
         ("record_chain", rec, [w, packed, NOW_US, NOW_US - 1, 0, 100], "top"),
         ("evict_blocks", evict, [w, packed, 0, 7], "mark_holes"),
-        ("correct_chain", evict, [w, packed[:-16] + "zz" * 8, 0], "blocks"),
-        ("correct_chain", evict, [w, "", 0], "blocks"),
-        ("correct_chain", evict, [w, packed, -5], "now"),
+        ("correct_chain", evict, [w, packed[:-16] + "zz" * 8, 0, 0, 1], "blocks"),
+        ("correct_chain", evict, [w, "", 0, 0, 1], "blocks"),
+        ("correct_chain", evict, [w, packed, -5, 0, 1], "now"),
+        ("correct_chain", evict, [w, packed, 0, -1, 1], "cut_us"),
+        ("correct_chain", evict, [w, packed, 0, 0, 0], "limit"),
         ("store_engine_blocks", store, [w, blocks48, "01", 0, HOUR, 0, 100], "roots"),
         ("store_engine_blocks", store, [w, blocks48, "1", 0, -4, 0, 100], "ttl"),
         ("release_engine_blocks", release, [w, packed[:15], 0], "blocks"),

@@ -38,8 +38,9 @@ def redis_server(extra: Sequence[str] = ()) -> Iterator[str]:
         raise SystemExit(str(exc)) from None
 
 
-def print_table(rows: Sequence[tuple[str, str, str]], header: tuple[str, str, str]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+def print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    """Rows of as many columns as `header`, left-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
     print(line)
     print("  ".join("-" * w for w in widths))

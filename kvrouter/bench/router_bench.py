@@ -93,7 +93,8 @@ def _epp_available() -> bool:
 
     try:
         import grpc  # noqa: F401
-        from envoy.service.ext_proc.v3 import external_processor_pb2  # noqa: F401
+
+        from router_node.extproc import ext_proc_pb2  # noqa: F401
     except ImportError:
         return False
     return envoy_binary() is not None

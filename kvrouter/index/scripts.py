@@ -115,6 +115,10 @@ def _decode_tiers(reply: Any) -> dict[str, dict[str, tuple[int, int]]]:
     return out
 
 
+def _decode_pair(r: Any) -> tuple[int, int]:
+    return int(r[0]), int(r[1])
+
+
 def _decode_owner(r: Any) -> OwnerLease:
     return OwnerLease(
         int(r[0]) == 1, int(r[1]), text(r[2]), int(r[3]), tuple(text(m) for m in r[4:])
@@ -393,26 +397,54 @@ class ResidencyIndex:
         )
 
     def correct_chain_call(
-        self, model: str, worker: str, keys: Sequence[int], *, now_ms: int = 0
+        self,
+        model: str,
+        worker: str,
+        keys: Sequence[int],
+        *,
+        now_ms: int = 0,
+        cut_us: int = 0,
+        limit: int = 1024,
     ) -> ScriptCall:
-        """The call behind `correct_chain`."""
+        """The call behind `correct_chain` (`cut_us`: absolute, 0 = none)."""
         k = self.keys(model)
         w = worker_arg(worker)
         return ScriptCall(
             self.scripts["correct_chain"],
             [k.worker(w), k.cut(w), k.lru(w)],
-            [w, pack_keys("keys", keys), nonneg("now_ms", now_ms)],
-            int,
+            [
+                w,
+                pack_keys("keys", keys),
+                nonneg("now_ms", now_ms),
+                nonneg("cut_us", cut_us),
+                nonneg("limit", limit, minimum=1),
+            ],
+            _decode_pair,
         )
 
     async def correct_chain(
-        self, model: str, worker: str, keys: Sequence[int], *, now_ms: int = 0
-    ) -> int:
+        self,
+        model: str,
+        worker: str,
+        keys: Sequence[int],
+        *,
+        now_ms: int = 0,
+        older_than_us: int = 0,
+        limit: int = 1024,
+    ) -> tuple[int, int]:
         """Drop `keys` (a chain's blocks from the first one the engine reported it did not
-        have) from `worker`, marking the first as a hole; returns records removed."""
-        return cast(
-            int, await self._call(self.correct_chain_call(model, worker, keys, now_ms=now_ms))
+        have) from `worker`, marking the first as a hole; with `older_than_us` > 0 also drop
+        up to `limit` of the worker's records last accessed more than that long ago (see
+        correct_chain-3.lua). Returns (chain records removed, older records removed)."""
+        cut_us = 0
+        if older_than_us > 0:
+            # The cut on the clock the router wrote last accesses with (ServerClock), so a
+            # record written just after it is never taken for one just before.
+            cut_us = (now_ms * 1000 if now_ms else await self.server_now_us()) - older_than_us
+        call = self.correct_chain_call(
+            model, worker, keys, now_ms=now_ms, cut_us=max(0, cut_us), limit=limit
         )
+        return cast(tuple[int, int], await self._call(call))
 
     def clear_worker_call(self, model: str, worker: str) -> ScriptCall:
         k = self.keys(model)

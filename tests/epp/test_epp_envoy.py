@@ -193,8 +193,9 @@ async def test_an_ext_proc_message_out_of_order_is_answered_not_hung(
     sims: list[SimWorker], start_epp: StartEpp
 ) -> None:
     import grpc
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    from router_node.extproc import ext_proc_pb2 as pb
+    from router_node.extproc import ext_proc_pb2_grpc as pb_grpc
 
     epp = await start_epp(sims)
     async with grpc.aio.insecure_channel(epp.address) as channel:

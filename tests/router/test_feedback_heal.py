@@ -14,13 +14,9 @@ Loopback only; every wait is bounded; nothing asserts on durations.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import subprocess
-import sys
-import time
-from collections.abc import Coroutine, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -38,6 +34,7 @@ from router_node.settings import RouterSettings, WorkerSpec
 from router_node.shared_index import SharedIndex
 from tests.router.conftest import settle, wait_for
 from tests.support.metrics import parse
+from tests.support.simproc import sim_process
 
 pytestmark = pytest.mark.redis
 MODEL = "sim-model"
@@ -51,26 +48,20 @@ USEFUL = (len(PROMPT) - 1) // B  # blocks an engine can reuse: 10
 @pytest.fixture(scope="module")
 def sim_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two simulated workers in a `kvrouter sim` child process, KV events off."""
-    work = tmp_path_factory.mktemp("sim")
-    ready = work / "sim.json"
-    log = (work / "sim.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvrouter", "sim", "--workers", "2", "--base-port", "0",
-         "--kv-events", "off", "--model", MODEL, "--block-size", str(B),
-         "--time-scale", "200", "--ready-file", str(ready)],
-        stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, Path(work / "sim.log").read_text()
-            assert time.monotonic() < deadline, "kvrouter sim did not start"
-            time.sleep(0.05)
-        yield json.loads(ready.read_text())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with sim_process(
+        tmp_path_factory.mktemp("sim"),
+        "--workers",
+        "2",
+        "--kv-events",
+        "off",
+        "--model",
+        MODEL,
+        "--block-size",
+        str(B),
+        "--time-scale",
+        "200",
+    ) as fleet:
+        yield fleet
 
 
 async def _complete(client: openai.AsyncOpenAI, prompt: list[int], stream: bool) -> int:
@@ -154,7 +145,11 @@ async def test_a_silent_restart_is_corrected_by_one_response(
         sibling_depths = (await idx.lookup(MODEL, sibling_keys)).depths
         if heal:
             assert m.value("kvrouter_index_corrections_total", model=MODEL) == 1
-            assert m.value("kvrouter_index_corrected_blocks_total", model=MODEL) == USEFUL
+            # The chain's records, and the sibling's own blocks: the engine lost block 0
+            # after the sibling completed through it (a witness), so it lost the sibling's
+            # tail too (the shared blocks were used again since, by this request).
+            own = len(sibling_keys) - 6
+            assert m.value("kvrouter_index_corrected_blocks_total", model=MODEL) == USEFUL + own
             assert held not in prompt_depths
             assert held not in sibling_depths  # the whole lost subtree, not just this chain
         else:
@@ -227,12 +222,17 @@ def test_common_prefix_of_chained_keys() -> None:
     assert common_prefix(a, BlockHasher("other", B).keys(PROMPT)) == 0
 
 
-async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
-    redis_url: str, redis_client: Any
-) -> None:
-    """Two requests for the same chain on one worker: the second matched what the first
-    recorded at dispatch and the engine had not computed yet. Its shortfall is a race: no
-    correction. The same shortfall once the first request is done is a loss: corrected."""
+@dataclass
+class Rig:
+    """A Feedback on a real SharedIndex, its corrections collected as tasks to await."""
+
+    feedback: Feedback
+    metrics: Metrics
+    spawned: list[asyncio.Task[Any]]
+
+
+@pytest.fixture
+async def rig(redis_url: str) -> AsyncIterator[Rig]:
     settings = RouterSettings(redis_url=redis_url, models=(MODEL,), workers=())
     metrics = Metrics()
     shared = SharedIndex(settings, metrics)
@@ -244,7 +244,17 @@ async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
         spawned.append(task)
         return task
 
-    feedback = Feedback(settings, shared, metrics, spawn)
+    yield Rig(Feedback(settings, shared, metrics, spawn), metrics, spawned)
+    await shared.close()
+
+
+async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
+    rig: Rig, redis_client: Any
+) -> None:
+    """Two requests for the same chain on one worker: the second matched what the first
+    recorded at dispatch and the engine had not computed yet. Its shortfall is a race: no
+    correction. The same shortfall once the first request is done is a loss: corrected."""
+    feedback, metrics, spawned = rig.feedback, rig.metrics, rig.spawned
     keys = BlockHasher(MODEL, B).keys(PROMPT)
     idx = ResidencyIndex(redis_client)
     await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
@@ -253,24 +263,97 @@ async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
         decision = Decision(policy="kv", reason="prefix", ranking=("w",))
         return Plan(decision, keys, USEFUL, depths={"w": len(keys)}, indexed=True, block_size=B)
 
-    try:
-        first, second = plan(), plan()
-        assert feedback.dispatched(MODEL, "w", first) == 0
-        racing = feedback.dispatched(MODEL, "w", second)
-        assert racing == len(keys)
-        feedback.observe(MODEL, "w", second, 0, racing)
-        assert not spawned
-        feedback.finished(MODEL, "w", second)
-        feedback.finished(MODEL, "w", first)
-        third = plan()
-        assert feedback.dispatched(MODEL, "w", third) == 0
-        feedback.observe(MODEL, "w", third, 2 * B, 0)
-        await asyncio.gather(*spawned)
-        feedback.finished(MODEL, "w", third)
-        assert (await idx.lookup(MODEL, keys)).depths == {"w": 2}
-        sample = metrics.registry.get_sample_value(
-            "kvrouter_index_corrections_total", {"model": MODEL}
+    first, second = plan(), plan()
+    assert feedback.dispatched(MODEL, "w", first) == 0
+    racing = feedback.dispatched(MODEL, "w", second)
+    assert racing == len(keys)
+    feedback.observe(MODEL, "w", second, 0, racing)
+    assert not spawned
+    feedback.finished(MODEL, "w", second)
+    feedback.finished(MODEL, "w", first)
+    await asyncio.sleep(0.05)  # clear of the two clients' clock estimates
+    third = plan()
+    assert feedback.dispatched(MODEL, "w", third) == 0
+    await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)  # the dispatch's record
+    feedback.observe(MODEL, "w", third, 2 * B, 0)
+    await asyncio.gather(*spawned)
+    feedback.finished(MODEL, "w", third)
+    assert (await idx.lookup(MODEL, keys)).depths == {"w": 2}
+    sample = metrics.registry.get_sample_value("kvrouter_index_corrections_total", {"model": MODEL})
+    assert sample == 1
+
+
+async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(
+    rig: Rig, redis_client: Any
+) -> None:
+    """On worker w, P1 completed through block 0, so its engine held it; when P2 then gets
+    none of it, the engine evicted block 0 since, and with it every block last used before
+    P1 was sent: `old` goes, `new` (used after P1 was sent) stays. On worker v the request
+    that completed through block 0 did so after Q1 was sent: no witness for Q1, no cut."""
+    feedback, metrics, spawned = rig.feedback, rig.metrics, rig.spawned
+    hasher = BlockHasher(MODEL, B)
+    keys = hasher.keys(PROMPT)
+    old, new = hasher.keys(SIBLING[::-1]), hasher.keys(PROMPT[::-1])
+    idx = ResidencyIndex(redis_client)
+
+    def plan(depth: int) -> Plan:
+        decision = Decision(policy="kv", reason="prefix", ranking=("w", "v"))
+        depths = {"w": depth, "v": depth} if depth else {}
+        return Plan(decision, keys, USEFUL, depths=depths, indexed=True, block_size=B)
+
+    async def send(worker: str, p: Plan) -> None:
+        feedback.dispatched(MODEL, worker, p)
+        await idx.record(MODEL, worker, keys, ttl_new_ms=600_000)
+        await asyncio.sleep(0.05)  # clear of the clocks' resolution
+
+    def cut() -> float | None:
+        return metrics.registry.get_sample_value(
+            "kvrouter_index_lru_cut_blocks_total", {"model": MODEL}
         )
-        assert sample == 1
-    finally:
-        await shared.close()
+
+    for w in ("w", "v"):
+        await idx.record(MODEL, w, old, ttl_new_ms=600_000)
+    await asyncio.sleep(0.05)
+    p1 = plan(0)
+    await send("w", p1)
+    feedback.observe(MODEL, "w", p1, 0)  # a cold prompt, computed: a witness
+    feedback.finished(MODEL, "w", p1)
+    await idx.record(MODEL, "w", new, ttl_new_ms=600_000)
+    p2 = plan(len(keys))
+    await send("w", p2)
+    feedback.observe(MODEL, "w", p2, 0)
+    feedback.finished(MODEL, "w", p2)
+    await asyncio.gather(*spawned)
+    assert (await idx.lookup(MODEL, old)).depths == {"v": len(old)}
+    assert (await idx.lookup(MODEL, new)).depths == {"w": len(new)}
+    assert (await idx.lookup(MODEL, keys)).depths == {}  # the chain's own correction
+    assert cut() == len(old)
+
+    q1, q2 = plan(len(keys)), plan(0)
+    await send("v", q1)
+    await send("v", q2)
+    feedback.observe(MODEL, "v", q2, 0)  # completes after q1 was sent
+    feedback.observe(MODEL, "v", q1, 0)
+    await asyncio.gather(*spawned)
+    assert (await idx.lookup(MODEL, old)).depths == {"v": len(old)}
+    assert cut() == len(old)
+    # With the cut off, the witness is ignored: the chain only.
+    feedback.settings = feedback.settings.model_copy(update={"feedback_lru_cut": False})
+    p3 = plan(len(keys))
+    await send("v", p3)
+    feedback.observe(MODEL, "v", p3, 0)
+    await asyncio.gather(*spawned)
+    assert (await idx.lookup(MODEL, old)).depths == {"v": len(old)}
+    assert cut() == len(old)
+
+
+def test_error_event_status_reads_the_engines_error_shapes() -> None:
+    from router_node.feedback import error_event_status
+
+    assert error_event_status(b'data: {"error": {"message": "x", "code": 503}}\n\n') == 503
+    old_vllm = b'data: {"object": "error", "message": "x", "type": "E", "code": 502}\n\n'
+    assert error_event_status(old_vllm) == 502
+    assert error_event_status(b'data: {"error": {"message": "no code"}}\n\n') == 500
+    # A completion whose text mentions an error is not one; nor is a later chunk.
+    assert error_event_status(b'data: {"id": "c", "choices": [{"text": "\\"error\\""}]}') is None
+    assert error_event_status(b"data: [DONE]\n\n") is None

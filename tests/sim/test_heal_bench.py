@@ -8,7 +8,7 @@ from kvrouter.sim.replay import RequestRecord
 
 
 def rec(i: int, worker: str, matched: int, cached: int, status: int = 200) -> RequestRecord:
-    r = RequestRecord(index=i, arrival_s=0.0, max_tokens=1)
+    r = RequestRecord(index=i, arrival_s=0.0, max_tokens=1, sent_s=float(i), e2e_s=2.5)
     r.status, r.worker, r.matched_tokens, r.cached_tokens = status, worker, matched, cached
     return r
 
@@ -29,4 +29,7 @@ def test_misroutes_compare_whole_blocks_on_one_worker() -> None:
     assert out["over_predicted_tokens"] == 160 + 16
     assert out["misroute_positions"] == [1, 4]
     assert out["last_misroute_at"] == 4
+    # The first misroute (sent at 0 s) answered at 2.5 s: requests 0-2 were on their way.
+    assert out["sent_before_first_answer"] == 2
+    assert out["misrouted_after_first_answer"] == 1
     assert misroutes(records, "nobody", 16)["last_misroute_at"] == 0
