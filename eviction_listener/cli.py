@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from eviction_listener.settings import ListenerSettings, SettingsError
+from kvrouter.settings import setup_logging
 
 
 def configure(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -20,10 +20,7 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"kvrouter listen: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level)
     from eviction_listener.service import run_listener
     from kvrouter.discovery.kubernetes import DiscoveryError
 

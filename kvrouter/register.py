@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from pydantic import model_validator
 
 from kvrouter.index.connection import connect
-from kvrouter.settings import Bool, Int, SettingsError, SharedSettings, setting
+from kvrouter.settings import Bool, Int, SettingsError, SharedSettings, setting, setup_logging
 
 log = logging.getLogger("kvrouter.register")
 
@@ -122,11 +122,7 @@ def run(args: argparse.Namespace) -> int:
     except (SettingsError, ValueError) as exc:
         print(f"kvrouter register: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level)
     return asyncio.run(serve(settings))
 
 

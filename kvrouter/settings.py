@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
@@ -52,6 +53,15 @@ TYPO_CUTOFF = 0.9
 """difflib ratio above which an unknown ``KVR_*`` name counts as a typo of a known one.
 tests/test_settings_schema.py checks that no two names of different processes come this
 close, so one process never mistakes another's variable for a typo."""
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr at `level` (a settings' ``log_level``), in the format every kvrouter
+    process and tool uses."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
 
 
 def environ() -> Mapping[str, str]:

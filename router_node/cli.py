@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from kvrouter.settings import setup_logging
 from router_node.settings import RouterSettings, SettingsError, add_arguments
 
 
@@ -29,10 +30,7 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"kvrouter serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level)
     from router_node.app import create_app
     from router_node.settings import otel_configured
     from router_node.tracing import setup_tracing

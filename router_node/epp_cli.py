@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from kvrouter.settings import setup_logging
 from router_node.settings import RouterSettings, SettingsError, add_arguments
 
 
@@ -29,10 +30,7 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"kvrouter epp: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level)
     try:
         from router_node.epp import EppServer
     except ImportError as exc:

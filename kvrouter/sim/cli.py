@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from kvrouter.settings import setup_logging
 from kvrouter.sim.fleet import SimFleet, write_ready_file
 from kvrouter.sim.settings import SettingsError, SimSettings
 
@@ -33,11 +34,7 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"kvrouter sim: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
     except OSError as exc:
