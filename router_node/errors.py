@@ -8,6 +8,7 @@ on 503), so every client library that speaks OpenAI reports it properly.
 from __future__ import annotations
 
 import json
+import re
 
 from aiohttp import web
 
@@ -82,3 +83,19 @@ def sse_error_event(message: str, code: int = 502) -> bytes:
     an error event, then [DONE])."""
     body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+# A stream that opens with an error event: {"error": {..., "code": N}} (what `sse_error_event`
+# writes, as vLLM and the simulator do) or vLLM's older {"object": "error", ..., "code": N}.
+_ERROR_EVENT = re.compile(rb'^data: \{"(?:error"|object"\s*:\s*"error")')
+_ERROR_CODE = re.compile(rb'"code"\s*:\s*(\d{3})\b')
+
+
+def error_event_status(first: bytes) -> int | None:
+    """The HTTP status an engine's stream reports when its first event is an error (the
+    engine failed the request before any token: vLLM yields it that way once the response
+    has started), else None; 500 when the event names no 3-digit code."""
+    if not _ERROR_EVENT.match(first):
+        return None
+    code = _ERROR_CODE.search(first)
+    return int(code.group(1)) if code is not None else 500

@@ -95,22 +95,6 @@ class _Flight:
     done: float = field(default=0.0)
 
 
-# A stream that opens with an error event: {"error": {..., "code": N}} (vLLM's and the
-# simulator's) or vLLM's older {"object": "error", ..., "code": N}.
-_ERROR_EVENT = re.compile(rb'^data: \{"(?:error"|object"\s*:\s*"error")')
-_ERROR_CODE = re.compile(rb'"code"\s*:\s*(\d{3})\b')
-
-
-def error_event_status(first: bytes) -> int | None:
-    """The HTTP status an engine's stream reports when its first event is an error (the
-    engine failed the request before any token: vLLM yields it that way once the response
-    has started), else None; 500 when the event names no 3-digit code."""
-    if not _ERROR_EVENT.match(first):
-        return None
-    code = _ERROR_CODE.search(first)
-    return int(code.group(1)) if code is not None else 500
-
-
 def cached_tokens_in(data: bytes) -> int | None:
     """The engine's cached prompt tokens reported in `data` (a response body or a piece of a
     stream), or None when it reports none."""

@@ -40,8 +40,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from router_node.errors import APIError, not_found, sse_error_event, unavailable
-from router_node.feedback import Feedback, error_event_status
+from router_node.errors import (
+    APIError,
+    error_event_status,
+    not_found,
+    sse_error_event,
+    unavailable,
+)
+from router_node.feedback import Feedback
 from router_node.metrics import Metrics
 from router_node.request import CHAT, COMPLETIONS, ParsedRequest
 from router_node.routing import Plan
@@ -60,6 +66,7 @@ from router_node.workers import Worker, WorkerPool
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({502, 503, 504})
+
 # Request headers passed to the worker; everything else (hop-by-hop, Host, Content-Length)
 # is the router's own business.
 FORWARD_REQUEST = (
@@ -370,8 +377,8 @@ class Proxy:
                         )
                         answer = await resp.read()
                     except UPSTREAM_ERRORS as exc:
-                        self._fail(worker, "prefill", f"{type(exc).__name__}: {exc}")
-                        self.feedback.unanswered(req.model, worker.id, plan, racing)
+                        detail = f"{type(exc).__name__}: {exc}"
+                        self._unanswered(req, plan, worker, racing, "prefill", detail)
                         span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                         continue
                     self.metrics.worker_requests.labels(worker.id).inc()
@@ -379,8 +386,8 @@ class Proxy:
                     if resp.status != 200:
                         span.set_status(Status(StatusCode.ERROR, f"HTTP {resp.status}"))
                         if resp.status >= 500 or resp.status in RETRY_STATUSES:
-                            self._fail(worker, "prefill", f"HTTP {resp.status}")
-                            self.feedback.unanswered(req.model, worker.id, plan, racing)
+                            detail = f"HTTP {resp.status}"
+                            self._unanswered(req, plan, worker, racing, "prefill", detail)
                         else:
                             self.metrics.upstream_errors.labels(worker.id, "prefill").inc()
                         continue
@@ -501,6 +508,15 @@ class Proxy:
             code="upstream_error",
         )
 
+    def _unanswered(
+        self, req: ParsedRequest, plan: Plan, worker: Worker, racing: int, kind: str, detail: str
+    ) -> APIError:
+        """`_fail` for a failure before any answer (refused, reset, a retryable status, an
+        empty stream or one that opens with an error): the engine never computed the prompt,
+        so feedback also drops what the attempt's dispatch recorded there."""
+        self.feedback.unanswered(req.model, worker.id, plan, racing)
+        return self._fail(worker, kind, detail)
+
     def _response_headers(
         self,
         resp: aiohttp.ClientResponse,
@@ -605,11 +621,11 @@ class Proxy:
             try:
                 resp = await self.session.post(url, data=raw, headers=headers, timeout=self.timeout)
             except UPSTREAM_ERRORS as exc:
-                self.feedback.unanswered(req.model, worker.id, plan, racing)
-                return self._fail(worker, "connect", f"{type(exc).__name__}: {exc}")
+                return self._unanswered(
+                    req, plan, worker, racing, "connect", f"{type(exc).__name__}: {exc}"
+                )
             if resp.status in RETRY_STATUSES:
-                self.feedback.unanswered(req.model, worker.id, plan, racing)
-                return self._fail(worker, "status", f"HTTP {resp.status}")
+                return self._unanswered(req, plan, worker, racing, "status", f"HTTP {resp.status}")
             if resp.status == 404 and worker.listed is not None and req.endpoint in MODEL_404:
                 # vLLM's 404 on an inference path: it does not serve the model (an adapter
                 # unloaded since the last /v1/models poll). Not a failure of the worker:
@@ -672,18 +688,19 @@ class Proxy:
         try:
             first = await resp.content.readany()
         except UPSTREAM_ERRORS as exc:
-            self.feedback.unanswered(req.model, worker.id, plan, racing)
-            return self._fail(worker, "stream", f"{type(exc).__name__} before the first byte")
+            return self._unanswered(
+                req, plan, worker, racing, "stream", f"{type(exc).__name__} before the first byte"
+            )
         if not first:
-            self.feedback.unanswered(req.model, worker.id, plan, racing)
-            return self._fail(worker, "stream", "empty stream")
+            return self._unanswered(req, plan, worker, racing, "stream", "empty stream")
         status = error_event_status(first)
         if status in RETRY_STATUSES:
             # The engine refused the request before its first token (a restart, an overload)
             # after opening the stream: nothing reached the client yet, so it is retried like
             # an HTTP 503, and what its dispatch recorded there is false.
-            self.feedback.unanswered(req.model, worker.id, plan, racing)
-            return self._fail(worker, "stream", f"error event {status} before the first token")
+            return self._unanswered(
+                req, plan, worker, racing, "stream", f"error event {status} before the first token"
+            )
         lease.first_byte()
         if dispatched is not None and prefill_worker is None:
             # The worker's prefill speed: its TTFT covered this prompt's uncached tokens and

@@ -348,7 +348,7 @@ async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(
 
 
 def test_error_event_status_reads_the_engines_error_shapes() -> None:
-    from router_node.feedback import error_event_status
+    from router_node.errors import error_event_status
 
     assert error_event_status(b'data: {"error": {"message": "x", "code": 503}}\n\n') == 503
     old_vllm = b'data: {"object": "error", "message": "x", "type": "E", "code": 502}\n\n'
