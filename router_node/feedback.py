@@ -85,7 +85,7 @@ CUT_CALLS = 64
 ``feedback_max_blocks``): a bound on the work one response can cause."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Flight:
     """A request of this replica's, in flight on a worker or completed there."""
 
@@ -154,13 +154,11 @@ class Feedback:
 
     def finished(self, model: str, worker: str, plan: Plan) -> None:
         """The request `dispatched` with `plan` is done (answered, failed or cancelled)."""
-        flights = self._inflight.get((model, worker))
-        if flights is None:
+        flight = self._flight(model, worker, plan)
+        if flight is None:
             return
-        for i, f in enumerate(flights):
-            if f.chain is plan.chain:
-                del flights[i]
-                break
+        flights = self._inflight[(model, worker)]
+        flights.remove(flight)  # by identity (eq=False)
         if not flights:
             del self._inflight[(model, worker)]
 
@@ -251,13 +249,17 @@ class Feedback:
     ) -> None:
         """Drop `stale` and, when `cut` (a time.monotonic() instant) is set, the worker's
         records last accessed more than `offset_us` before it, in bounded calls."""
+        cut_us = 0
+        if cut:
+            now_us = await self.shared.server_now_us()
+            if now_us is None:
+                return  # Redis is down: the correction is dropped, the TTL still applies.
+            # The instant on the clock the records' last accesses were written with.
+            cut_us = now_us - int((time.monotonic() - cut) * 1e6) - offset_us
         limit = self.settings.feedback_max_blocks
         removed = older = 0
         for call in range(CUT_CALLS):
-            age = int((time.monotonic() - cut) * 1e6) + offset_us if cut else 0
-            got = await self.shared.correct_chain(
-                model, worker, stale, older_than_us=age, limit=limit
-            )
+            got = await self.shared.correct_chain(model, worker, stale, cut_us=cut_us, limit=limit)
             if got is None:
                 if call == 0:
                     return  # Redis is down: the correction is dropped, the TTL still applies.

@@ -219,21 +219,30 @@ class SharedIndex:
         worker: str,
         keys: Sequence[int],
         *,
-        older_than_us: int = 0,
+        cut_us: int = 0,
         limit: int = 1024,
     ) -> tuple[int, int] | None:
         """Feedback: drop `keys` from `worker`, and up to `limit` of its records last accessed
-        more than `older_than_us` ago (0: none) (see correct_chain-3.lua). Returns (chain
-        records removed, older records removed); None when Redis is down (the correction is
-        dropped, the TTL still applies)."""
+        before `cut_us` (on ``server_now_us``'s clock; 0: none) (see correct_chain-3.lua).
+        Returns (chain records removed, older records removed); None when Redis is down (the
+        correction is dropped, the TTL still applies)."""
         if not self.up or self.index is None:
             return None
         try:
-            return await self.index.correct_chain(
-                model, worker, keys, older_than_us=older_than_us, limit=limit
-            )
+            return await self.index.correct_chain(model, worker, keys, cut_us=cut_us, limit=limit)
         except REDIS_FAILURES as exc:
             self.mark_down("correct_chain", exc)
+            return None
+
+    async def server_now_us(self) -> int | None:
+        """Now on the clock the router writes last accesses with (the Redis server's, us);
+        None when Redis is down."""
+        if not self.up or self.index is None:
+            return None
+        try:
+            return await self.index.server_now_us()
+        except REDIS_FAILURES as exc:
+            self.mark_down("server_now_us", exc)
             return None
 
     async def clear_worker(self, model: str, worker: str) -> bool:

@@ -160,7 +160,7 @@ async def test_every_script_touches_only_declared_keys(idx: CheckedIndex) -> Non
     assert await idx.evict(M, "w2", chain[4:6], now_ms=T0 + 3) == 2
     assert (await idx.lookup(M, chain, now_ms=T0 + 4)).depth("w2") == 4
     # Feedback: w2's engine had 2 blocks of the chain.
-    assert await idx.correct_chain(M, "w2", chain[2:4], now_ms=T0 + 4, older_than_us=10**12) == (
+    assert await idx.correct_chain(M, "w2", chain[2:4], now_ms=T0 + 4, cut_us=1) == (
         2,
         0,
     )

@@ -150,14 +150,14 @@ async def test_correct_chain_with_a_cut_drops_what_lru_implies_is_gone(
     await idx.record(M, "w1", hot, ttl_new_ms=HOUR, now_ms=T0 + 10_000)
     k = KeySchema().model(M)
     assert await any_client.zcard(k.lru("w1")) == 48
-    # At T0 + 11 s the engine lacks hot[2:]; the cut is 8.5 s ago (T0 + 2.5 s): the chains
-    # accessed at T0, T0 + 1 s and T0 + 2 s go (24 records), 10 at a time.
-    now = T0 + 11_000
-    got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, older_than_us=8_500_000, limit=10)
+    # At T0 + 11 s the engine lacks hot[2:]; the cut is T0 + 2.5 s: the chains accessed at
+    # T0, T0 + 1 s and T0 + 2 s go (24 records), 10 at a time.
+    now, cut_us = T0 + 11_000, (T0 + 2_500) * 1000
+    got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, cut_us=cut_us, limit=10)
     assert got == (6, 10)
-    got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, older_than_us=8_500_000, limit=10)
+    got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, cut_us=cut_us, limit=10)
     assert got == (0, 10)
-    got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, older_than_us=8_500_000, limit=10)
+    got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, cut_us=cut_us, limit=10)
     assert got == (0, 4)
     assert await any_client.zcard(k.lru("w1")) == await any_client.zcard(k.worker("w1")) == 2 + 16
     for i, ch in enumerate(old):

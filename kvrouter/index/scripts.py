@@ -429,20 +429,16 @@ class ResidencyIndex:
         keys: Sequence[int],
         *,
         now_ms: int = 0,
-        older_than_us: int = 0,
+        cut_us: int = 0,
         limit: int = 1024,
     ) -> tuple[int, int]:
         """Drop `keys` (a chain's blocks from the first one the engine reported it did not
-        have) from `worker`, marking the first as a hole; with `older_than_us` > 0 also drop
-        up to `limit` of the worker's records last accessed more than that long ago (see
-        correct_chain-3.lua). Returns (chain records removed, older records removed)."""
-        cut_us = 0
-        if older_than_us > 0:
-            # The cut on the clock the router wrote last accesses with (ServerClock), so a
-            # record written just after it is never taken for one just before.
-            cut_us = (now_ms * 1000 if now_ms else await self.server_now_us()) - older_than_us
+        have) from `worker`, marking the first as a hole; with `cut_us` > 0 (us on the clock
+        the records were written with, ``server_now_us``) also drop up to `limit` of the
+        worker's records last accessed before it (see correct_chain-3.lua). Returns (chain
+        records removed, older records removed)."""
         call = self.correct_chain_call(
-            model, worker, keys, now_ms=now_ms, cut_us=max(0, cut_us), limit=limit
+            model, worker, keys, now_ms=now_ms, cut_us=cut_us, limit=limit
         )
         return cast(tuple[int, int], await self._call(call))
 
