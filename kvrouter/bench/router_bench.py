@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,17 +177,23 @@ def _processes(redis_url: str) -> Iterator[dict[str, str]]:
             Path(log.name).unlink(missing_ok=True)
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str) -> None:
+def _wait_until(
+    probe: Callable[[aiohttp.ClientSession], Awaitable[bool]],
+    proc: subprocess.Popen[bytes],
+    log_path: str,
+    what: str,
+) -> None:
+    """Poll `probe` every 0.1 s, 30 s at most, until it says yes; exit with the log's tail
+    when `proc` dies first or time runs out (`what`: the failure, for the message)."""
+
     async def poll() -> bool:
         async with aiohttp.ClientSession() as s:
             for _ in range(300):
                 if proc.poll() is not None:
                     return False
                 try:
-                    async with s.get(url) as r:
-                        body = await r.json()
-                        if r.status == 200 and body.get("redis") == "up":
-                            return True
+                    if await probe(s):
+                        return True
                 except (aiohttp.ClientError, OSError):
                     pass
                 await asyncio.sleep(0.1)
@@ -195,30 +201,29 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str) -> None:
 
     if not asyncio.run(poll()):
         tail = Path(log_path).read_text(errors="replace")[-2000:]
-        raise SystemExit(f"the router did not become ready:\n{tail}")
+        raise SystemExit(f"{what}:\n{tail}")
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: str) -> None:
+    """Until the router says it is ready with Redis up."""
+
+    async def ready(s: aiohttp.ClientSession) -> bool:
+        async with s.get(url) as r:
+            body = await r.json()
+            return r.status == 200 and body.get("redis") == "up"
+
+    _wait_until(ready, proc, log_path, "the router did not become ready")
 
 
 def _wait_answers(url: str, proc: subprocess.Popen[bytes], log_path: str) -> None:
     """Until a request through Envoy and the picker succeeds (the picker is listening)."""
     body = json.dumps({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1}).encode()
 
-    async def poll() -> bool:
-        async with aiohttp.ClientSession() as s:
-            for _ in range(300):
-                if proc.poll() is not None:
-                    return False
-                try:
-                    async with s.post(url, data=body) as r:
-                        if r.status == 200:
-                            return True
-                except (aiohttp.ClientError, OSError):
-                    pass
-                await asyncio.sleep(0.1)
-        return False
+    async def answers(s: aiohttp.ClientSession) -> bool:
+        async with s.post(url, data=body) as r:
+            return r.status == 200
 
-    if not asyncio.run(poll()):
-        tail = Path(log_path).read_text(errors="replace")[-2000:]
-        raise SystemExit(f"the endpoint picker did not answer through Envoy:\n{tail}")
+    _wait_until(answers, proc, log_path, "the endpoint picker did not answer through Envoy")
 
 
 def _bodies(prompt_tokens: int, seed: int, count: int, *, stream: bool = False) -> list[bytes]:
