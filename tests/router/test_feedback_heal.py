@@ -14,7 +14,6 @@ Loopback only; every wait is bounded; nothing asserts on durations.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,16 +24,15 @@ import pytest
 
 from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import ResidencyIndex
-from router_node.app import RouterServer
 from router_node.feedback import Feedback, common_prefix
 from router_node.metrics import Metrics
 from router_node.routing import Plan
 from router_node.scoring import Decision
-from router_node.settings import RouterSettings, WorkerSpec
+from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
 from tests.router.conftest import settle, wait_for
 from tests.support.metrics import parse
-from tests.support.simproc import sim_process
+from tests.support.simproc import fresh_router, sim_process
 
 pytestmark = pytest.mark.redis
 MODEL = "sim-model"
@@ -94,25 +92,7 @@ async def test_a_silent_restart_is_corrected_by_one_response(
     sim_fleet: dict[str, Any], redis_url: str, redis_client: Any, heal: bool, stream: bool
 ) -> None:
     workers = sim_fleet["workers"]
-    async with aiohttp.ClientSession() as http:
-        for w in workers:  # the module's fleet: start each test from empty caches
-            async with http.post(w["url"] + "/admin/reset_prefix_cache") as r:
-                assert r.status == 200
-    router = RouterServer(
-        RouterSettings(
-            host="127.0.0.1",
-            port=0,
-            redis_url=redis_url,
-            models=(MODEL,),
-            workers=tuple(WorkerSpec.parse(f"{w['id']}={w['url']}") for w in workers),
-            health_interval_s=0,
-            models_interval_s=0.1,
-            discovery="static",
-            feedback_heal=heal,
-        ),
-        rng=random.Random(0),
-    )
-    await router.start()
+    router = await fresh_router(workers, redis_url=redis_url, models=(MODEL,), feedback_heal=heal)
     client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
     idx = ResidencyIndex(redis_client)
     prompt_keys = BlockHasher(MODEL, B).keys(PROMPT)
@@ -167,23 +147,7 @@ async def test_rounding_alone_never_corrects(
     """A prompt whose every token is cached: the engine reports whole blocks short of the
     prompt's length, the router matched the same whole blocks; no correction, error 0."""
     workers = sim_fleet["workers"][:1]
-    reset = workers[0]["url"] + "/admin/reset_prefix_cache"
-    async with aiohttp.ClientSession() as http, http.post(reset) as r:
-        assert r.status == 200
-    router = RouterServer(
-        RouterSettings(
-            host="127.0.0.1",
-            port=0,
-            redis_url=redis_url,
-            models=(MODEL,),
-            workers=tuple(WorkerSpec.parse(f"{w['id']}={w['url']}") for w in workers),
-            health_interval_s=0,
-            models_interval_s=0.1,
-            discovery="static",
-        ),
-        rng=random.Random(0),
-    )
-    await router.start()
+    router = await fresh_router(workers, redis_url=redis_url, models=(MODEL,))
     client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
     exact = PROMPT[: B * 8]  # a whole number of blocks: the engine reuses 7 of them
     try:

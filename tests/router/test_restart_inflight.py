@@ -10,7 +10,6 @@ the empty cache.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,11 +20,9 @@ import pytest
 
 from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import ResidencyIndex
-from router_node.app import RouterServer
-from router_node.settings import RouterSettings, WorkerSpec
 from tests.router.conftest import settle
 from tests.support.metrics import parse
-from tests.support.simproc import sim_process
+from tests.support.simproc import fresh_router, sim_process
 
 MODEL = "sim-model"
 B = 16
@@ -56,25 +53,7 @@ async def test_a_stream_failed_by_a_restart_is_retried_and_its_records_dropped(
     slow_fleet: dict[str, Any], redis_url: str, redis_client: Any, heal: bool
 ) -> None:
     workers = slow_fleet["workers"]
-    async with aiohttp.ClientSession() as http:
-        for w in workers:
-            async with http.post(w["url"] + "/admin/reset_prefix_cache") as r:
-                assert r.status == 200
-    router = RouterServer(
-        RouterSettings(
-            host="127.0.0.1",
-            port=0,
-            redis_url=redis_url,
-            models=(MODEL,),
-            workers=tuple(WorkerSpec.parse(f"{w['id']}={w['url']}") for w in workers),
-            health_interval_s=0,
-            models_interval_s=0.1,
-            discovery="static",
-            feedback_heal=heal,
-        ),
-        rng=random.Random(0),
-    )
-    await router.start()
+    router = await fresh_router(workers, redis_url=redis_url, models=(MODEL,), feedback_heal=heal)
     client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
     idx = ResidencyIndex(redis_client)
     keys = BlockHasher(MODEL, B).keys(PROMPT)

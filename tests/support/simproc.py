@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -10,6 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import aiohttp
+
+from router_node.app import RouterServer
+from router_node.settings import RouterSettings, WorkerSpec
 
 
 @contextmanager
@@ -35,3 +41,27 @@ def sim_process(workdir: Path, *args: str, timeout_s: float = 60.0) -> Iterator[
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+async def fresh_router(workers: list[dict[str, Any]], **settings: Any) -> RouterServer:
+    """Empty the simulated `workers`' prefix caches (a module's fleet: each test starts cold),
+    then start a router on them (static discovery, no health probes, its model list read
+    every 0.1 s, seeded randomness) with `settings` on top; the caller closes it."""
+    async with aiohttp.ClientSession() as http:
+        for w in workers:
+            async with http.post(w["url"] + "/admin/reset_prefix_cache") as r:
+                assert r.status == 200
+    router = RouterServer(
+        RouterSettings(
+            host="127.0.0.1",
+            port=0,
+            workers=tuple(WorkerSpec.parse(f"{w['id']}={w['url']}") for w in workers),
+            health_interval_s=0,
+            models_interval_s=0.1,
+            discovery="static",
+            **settings,
+        ),
+        rng=random.Random(0),
+    )
+    await router.start()
+    return router
