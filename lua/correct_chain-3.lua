@@ -19,7 +19,8 @@ KEYS[2]  the worker's hole ZSET  "kvr:{m}:cut:<worker>"
 KEYS[3]  the worker's last accesses "kvr:{m}:lru:<worker>"
 ARGV[1]  worker id
 ARGV[2]  the chain's blocks from the first one the engine did not have, in chain order:
-         16 lowercase hex digits each, back to back (the caller bounds their number)
+         16 lowercase hex digits each, back to back (the caller bounds their number); may be
+         empty when a cut is given (the engine restarted: only the cut applies)
 ARGV[3]  now, ms since the epoch (0 = the Redis server clock)
 ARGV[4]  the cut, us since the epoch on the clock the records' last accesses were written
          with: also drop records last accessed before it (0 = only the chain)
@@ -37,21 +38,24 @@ record of the chain (a dispatch, an engine event) fills the hole, as record_chai
 local wrk_key, cut_key, lru_key = KEYS[1], KEYS[2], KEYS[3]
 local worker, blocks = ARGV[1], ARGV[2]
 if not valid_worker(worker) then return fail(-1, 'worker', 'empty, too long, or has "|" or whitespace') end
-if #blocks == 0 or not packed_ok(blocks, 16) then
-  return fail(-2, 'blocks', 'expected 16 lowercase hex digits per block, at least one block')
-end
 if ARGV[3] ~= '0' and not int_arg(ARGV[3], 1) then return fail(-3, 'now', 'must be an integer >= 0 (ms)') end
 if not int_arg(ARGV[4], 0) then return fail(-3, 'cut_us', 'must be an integer >= 0') end
 if not int_arg(ARGV[5], 1) then return fail(-3, 'limit', 'must be an integer >= 1') end
 local now = now_us(ARGV[3])
 local cut, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+if (#blocks == 0 and cut == 0) or not packed_ok(blocks, 16) then
+  return fail(-2, 'blocks', 'expected 16 lowercase hex digits per block, at least one block without a cut')
+end
 
 local hexes = unpack_fixed(blocks, 16)
--- The hole lives as long as the stale record would have: past that the record is gone anyway.
-local first = redis.call('ZSCORE', wrk_key, hexes[1])
-if first and tonumber(first) >= now then mark_hole(cut_key, hexes[1], tonumber(first)) end
-batches(hexes, 1, 'ZREM', lru_key)
-local chain = batches(hexes, 1, 'ZREM', wrk_key)
+local chain = 0
+if #hexes > 0 then
+  -- The hole lives as long as the stale record would have: past that the record is gone anyway.
+  local first = redis.call('ZSCORE', wrk_key, hexes[1])
+  if first and tonumber(first) >= now then mark_hole(cut_key, hexes[1], tonumber(first)) end
+  batches(hexes, 1, 'ZREM', lru_key)
+  chain = batches(hexes, 1, 'ZREM', wrk_key)
+end
 local older = 0
 if cut > 0 then
   local old = redis.call('ZRANGEBYSCORE', lru_key, '-inf', '(' .. cut, 'LIMIT', 0, limit)

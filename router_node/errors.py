@@ -99,3 +99,18 @@ def error_event_status(first: bytes) -> int | None:
         return None
     code = _ERROR_CODE.search(first)
     return int(code.group(1)) if code is not None else 500
+
+
+# The same event anywhere in a piece of a stream (after other events): it starts a line. A
+# completion's text cannot match: quotes inside JSON strings are escaped.
+_ERROR_EVENT_IN = re.compile(rb'(?:^|\n)data: \{"(?:error"|object"\s*:\s*"error")')
+
+
+def error_event_in(data: bytes) -> int | None:
+    """The HTTP status of an error event anywhere in `data` (a piece of a stream, events
+    before it), as `error_event_status` reads it; 500 when its code is not (yet) in `data`."""
+    found = _ERROR_EVENT_IN.search(data)
+    if found is None:
+        return None
+    code = _ERROR_CODE.search(data, found.end())
+    return int(code.group(1)) if code is not None else 500

@@ -50,6 +50,21 @@ while the engine still holds it costs that prefix's affinity until its next disp
 never a misroute. Witnesses are the last ``WITNESSES`` requests per worker this replica saw
 complete.
 
+**An aborted stream is a restart.** Engines abort the requests they are running when they
+restart or die (vLLM's engine-dead error, the simulator's restart: an error event in a stream
+that had opened, or the connection dropped mid-stream), and a restarted engine's cache is
+empty. So such an abort drops every record of the worker last used before it
+(``KVR_FEEDBACK_ABORT_CLEAR``), before any request completes there to show the loss: the
+requests sent there while the first misrouted response is still being computed (which report
+their cached tokens only at their end) no longer follow stale records. One restart aborts
+every request in flight there; the first abort seen drops the records, and the aborts of
+requests sent before that drop are the same restart (nothing is dropped again, so records of
+requests already sent to the new engine stay). What it costs when the abort was not a restart
+(an engine failing one request with a 5xx for another reason): that worker's affinity until
+its prefixes are dispatched there again, never a misroute. A failure before the stream opens
+(a refused connection, an HTTP 5xx status) is not taken as a restart: a load shedder or a
+closed keep-alive connection answers that way too.
+
 The logic is here, behind a few calls (`dispatched`, `observe_body`, `finished`), so any front
 end that reads a response's usage can use it.
 """
@@ -135,6 +150,8 @@ class Feedback:
         self._inflight: dict[tuple[str, str], list[_Flight]] = {}
         # (model, worker) -> the last requests that completed there, oldest first.
         self._completed: dict[tuple[str, str], deque[_Flight]] = {}
+        # (model, worker) -> when an aborted stream last dropped its records (monotonic).
+        self._aborts: dict[tuple[str, str], float] = {}
 
     def dispatched(self, model: str, worker: str, plan: Plan) -> int:
         """A request with `plan` was sent to `worker`: returns how many leading blocks of its
@@ -175,6 +192,32 @@ class Feedback:
         stale = plan.chain[start:][: self.settings.feedback_max_blocks]
         if stale:
             self.spawn(self._correct(model, worker, stale, 0.0, 0))
+
+    def aborted(self, model: str, worker: str, plan: Plan) -> None:
+        """The engine `worker` aborted the request `dispatched` with `plan` after its stream
+        opened: it restarted or died, and its cache is gone. Drops the worker's records last
+        used before now (this request's chain first, its first block marked a hole), once per
+        restart (see the module's docstring). Call before `finished`."""
+        if not (self.settings.feedback_heal and self.settings.feedback_abort_clear):
+            return
+        key = (model, worker)
+        flight = self._flight(model, worker, plan)
+        last = self._aborts.get(key)
+        if last is not None and flight is not None and flight.sent < last:
+            return  # sent before the last drop: the same restart
+        now = time.monotonic()
+        self._aborts[key] = now
+        # What completed there before the restart witnesses nothing about the new engine.
+        self._completed.pop(key, None)
+        self.metrics.index_abort_clears.labels(model, worker).inc()
+        log.warning(
+            "worker %s aborted a running request: taken as an engine restart, its records of "
+            "%s last used before now are dropped",
+            worker,
+            model,
+        )
+        chain = plan.chain[: self.settings.feedback_max_blocks] if plan.indexed else []
+        self.spawn(self._correct(model, worker, chain, now, 0))
 
     def _witness(
         self, model: str, worker: str, chain: list[int], pos: int, before: float

@@ -278,6 +278,13 @@ class Metrics:
             ("model",),
             registry=r,
         )
+        self.index_abort_clears = Counter(
+            "kvrouter_index_abort_clears_total",
+            "engine restarts seen as aborted streams (KVR_FEEDBACK_ABORT_CLEAR): the worker's "
+            "records last used before the abort were dropped, by model and worker",
+            ("model", "worker"),
+            registry=r,
+        )
         self.index_lru_cut_blocks = Counter(
             "kvrouter_index_lru_cut_blocks_total",
             "of those, records dropped because they were last used before a block the engine "

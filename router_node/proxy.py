@@ -42,6 +42,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from router_node.errors import (
     APIError,
+    error_event_in,
     error_event_status,
     not_found,
     sse_error_event,
@@ -517,6 +518,15 @@ class Proxy:
         self.feedback.unanswered(req.model, worker.id, plan, racing)
         return self._fail(worker, kind, detail)
 
+    def _aborted_in(self, req: ParsedRequest, plan: Plan, worker: Worker, data: bytes) -> bool:
+        """Whether `data`, a piece of a running stream, has an error event with a 5xx code:
+        the engine aborted the request, as it does when it restarts (feedback.py)."""
+        status = error_event_in(data)
+        if status is None or status < 500:
+            return False
+        self.feedback.aborted(req.model, worker.id, plan)
+        return True
+
     def _response_headers(
         self,
         resp: aiohttp.ClientResponse,
@@ -694,6 +704,9 @@ class Proxy:
         if not first:
             return self._unanswered(req, plan, worker, racing, "stream", "empty stream")
         status = error_event_status(first)
+        if status is not None and status >= 500:
+            # The engine took the request and then failed it: a restart (feedback.py).
+            self.feedback.aborted(req.model, worker.id, plan)
         if status in RETRY_STATUSES:
             # The engine refused the request before its first token (a restart, an overload)
             # after opening the stream: nothing reached the client yet, so it is retried like
@@ -720,6 +733,8 @@ class Proxy:
         # A decode leg's cached tokens count what the prefill worker pushed (feedback.py).
         awaiting_cached = prefill_worker is None
         tail = first[-64:]
+        # An error event past the first bytes: the engine aborted the running request.
+        watching = status is not None or not self._aborted_in(req, plan, worker, first)
         if checking and self.check_prompt_tokens(req, worker, first):
             checking = False
         if awaiting_cached and self.feedback.observe_body(
@@ -734,12 +749,18 @@ class Proxy:
                 try:
                     chunk = await resp.content.readany()
                 except UPSTREAM_ERRORS as exc:
+                    if not isinstance(exc, asyncio.TimeoutError):
+                        # The connection dropped under a running request: the engine died
+                        # or restarted (a stalled one times out instead, and may recover).
+                        self.feedback.aborted(req.model, worker.id, plan)
                     self._fail(worker, "stream", f"{type(exc).__name__} mid-stream")
                     await out.write(sse_error_event(f"worker {worker.id} failed mid-stream"))
                     break
                 if not chunk:
                     break
                 await out.write(chunk)
+                if watching:
+                    watching = not self._aborted_in(req, plan, worker, tail + chunk)
                 if checking and self.check_prompt_tokens(req, worker, tail + chunk):
                     checking = False
                 if awaiting_cached and self.feedback.observe_body(

@@ -192,6 +192,12 @@ class RouterSettings(SharedSettings):
         "earlier, also drop the worker's records last used before it was sent (an engine evicts "
         "least recently used blocks first): a silent restart heals in one request",
     )
+    feedback_abort_clear: Bool = setting(
+        True,
+        "with feedback_heal: a stream the engine aborts after it opened (an error event with a "
+        "5xx code, the connection dropped mid-stream) is an engine restart or death: drop the "
+        "worker's records last used before it (a restarted engine's cache is empty)",
+    )
     feedback_max_blocks: Int = setting(
         1024,
         "most blocks one feedback correction drops from the chain (the first one, marked a "

@@ -163,6 +163,11 @@ async def test_correct_chain_with_a_cut_drops_what_lru_implies_is_gone(
     for i, ch in enumerate(old):
         depths = (await idx.lookup(M, ch, now_ms=now)).depths
         assert depths == ({"w2": 8} if i < 3 else {"w1": 8, "w2": 8}), i
+    # A restart (an aborted stream) has no chain to drop: the cut alone, at T0 + 3.5 s.
+    got = await idx.correct_chain(M, "w1", [], now_ms=now, cut_us=(T0 + 3_500) * 1000, limit=10)
+    assert got == (0, 8)
+    assert (await idx.lookup(M, old[3], now_ms=now)).depths == {"w2": 8}
+    assert (await idx.lookup(M, old[4], now_ms=now)).depths == {"w1": 8, "w2": 8}
     assert (await idx.lookup(M, hot, now_ms=now)).depths == {"w1": 2}
 
 

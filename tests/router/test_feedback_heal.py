@@ -321,3 +321,16 @@ def test_error_event_status_reads_the_engines_error_shapes() -> None:
     # A completion whose text mentions an error is not one; nor is a later chunk.
     assert error_event_status(b'data: {"id": "c", "choices": [{"text": "\\"error\\""}]}') is None
     assert error_event_status(b"data: [DONE]\n\n") is None
+
+
+def test_error_event_in_finds_an_abort_after_other_events() -> None:
+    from router_node.errors import error_event_in
+
+    tokens = b'data: {"id": "c", "choices": [{"text": "\\"error\\" data: {\\"error\\""}]}\n\n'
+    assert error_event_in(tokens) is None  # quotes inside text are escaped
+    abort = b'data: {"error": {"message": "engine restarted", "code": 503}}\n\ndata: [DONE]\n\n'
+    assert error_event_in(tokens + abort) == 503
+    assert error_event_in(abort) == 503
+    # The event's start in this read, its code in the next: taken as a 5xx.
+    assert error_event_in(tokens + b'data: {"error": {"message": "eng') == 500
+    assert error_event_in(b'data: {"object": "error", "message": "bad", "code": 400}\n\n') == 400

@@ -4,7 +4,9 @@ The simulator (like vLLM once a stream has started) fails a request it had queue
 error event as the stream's first bytes. The router retries it on the next worker (nothing
 reached the client yet), and the records its dispatch wrote on the restarted worker, blocks
 that engine never computed, are dropped: the conversation's next turn is not sent back to
-the empty cache.
+the empty cache. The abort also shows the engine restarted: the worker's other records,
+here those of an earlier request whose prompt shares the first half of this one's, go at once
+(KVR_FEEDBACK_ABORT_CLEAR), before any request completes there to show they are gone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from tests.support.simproc import fresh_router, sim_process
 MODEL = "sim-model"
 B = 16
 PROMPT = [(53 * i + 7) % 20_000 for i in range(B * 150 + 5)]  # 2,405 tokens: 1.2 s of prefill
+SHARED = B * 75  # the earlier request's prompt: PROMPT's first 75 blocks, then its own
+EARLIER = PROMPT[:SHARED] + [(31 * i + 3) % 20_000 for i in range(B * 10)]
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +52,36 @@ def slow_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         yield fleet
 
 
-@pytest.mark.parametrize("heal", [True, False], ids=["feedback", "no-feedback"])
+@pytest.mark.parametrize(
+    ("heal", "abort_clear"),
+    [(True, True), (True, False), (False, True)],
+    ids=["feedback", "no-abort-clear", "no-feedback"],
+)
 async def test_a_stream_failed_by_a_restart_is_retried_and_its_records_dropped(
-    slow_fleet: dict[str, Any], redis_url: str, redis_client: Any, heal: bool
+    slow_fleet: dict[str, Any],
+    redis_url: str,
+    redis_client: Any,
+    heal: bool,
+    abort_clear: bool,
 ) -> None:
     workers = slow_fleet["workers"]
-    router = await fresh_router(workers, redis_url=redis_url, models=(MODEL,), feedback_heal=heal)
+    router = await fresh_router(
+        workers,
+        redis_url=redis_url,
+        models=(MODEL,),
+        feedback_heal=heal,
+        feedback_abort_clear=abort_clear,
+    )
     client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
     idx = ResidencyIndex(redis_client)
-    keys = BlockHasher(MODEL, B).keys(PROMPT)
+    hasher = BlockHasher(MODEL, B)
+    keys, earlier = hasher.keys(PROMPT), hasher.keys(EARLIER)
     try:
 
-        async def send() -> tuple[str, int]:
+        async def send(prompt: list[int]) -> tuple[str, int]:
             raw = await client.completions.with_raw_response.create(
                 model=MODEL,
-                prompt=PROMPT,
+                prompt=prompt,
                 max_tokens=2,
                 stream=True,
                 stream_options={"include_usage": True},
@@ -72,13 +91,15 @@ async def test_a_stream_failed_by_a_restart_is_retried_and_its_records_dropped(
                 tokens += len(chunk.choices[0].text) if chunk.choices else 0
             return raw.headers["x-kvrouter-worker"], tokens
 
-        task = asyncio.ensure_future(send())
+        # An earlier request leaves the shared half on one worker; the next one follows it.
+        first, _ = await send(EARLIER)
+        await settle(router)
+        task = asyncio.ensure_future(send(PROMPT))
         # The dispatch records the prompt on the chosen worker before its engine computes it.
         deadline = time.monotonic() + 10
-        while not (depths := (await idx.lookup(MODEL, keys)).depths):
-            assert time.monotonic() < deadline, "the request was never dispatched"
+        while (await idx.lookup(MODEL, keys)).depths.get(first, 0) < len(keys):
+            assert time.monotonic() < deadline, "the request was never dispatched to " + first
             await asyncio.sleep(0.01)
-        (first,) = depths
         url = next(w["url"] for w in workers if w["id"] == first)
         async with aiohttp.ClientSession() as http, http.post(url + "/admin/restart") as r:
             assert r.status == 200
@@ -86,13 +107,66 @@ async def test_a_stream_failed_by_a_restart_is_retried_and_its_records_dropped(
         assert served != first  # retried: the client saw no error
         await settle(router)
         depths = (await idx.lookup(MODEL, keys)).depths
-        if heal:
-            assert depths == {served: len(keys)}
-        else:
+        if not heal:
             assert depths == {first: len(keys), served: len(keys)}
+        elif abort_clear:
+            # Nothing of the restarted engine's is left, not only this attempt's records.
+            assert depths == {served: len(keys)}
+            assert first not in (await idx.lookup(MODEL, earlier)).depths
+        else:
+            # Only what the failed attempt recorded past the worker's match is dropped.
+            assert depths == {first: SHARED // B, served: len(keys)}
         async with aiohttp.ClientSession() as http, http.get(router.url + "/metrics") as r:
             m = parse(await r.text())
         assert m.value("kvrouter_upstream_errors_total", worker=first, kind="stream") == 1
+        if heal and abort_clear:
+            assert m.value("kvrouter_index_abort_clears_total", model=MODEL, worker=first) == 1
+        else:
+            assert not m.has("kvrouter_index_abort_clears_total", model=MODEL, worker=first)
+    finally:
+        await client.close()
+        await router.close()
+
+
+async def test_a_restart_that_aborts_a_running_stream_drops_the_workers_records(
+    slow_fleet: dict[str, Any], redis_url: str, redis_client: Any
+) -> None:
+    """A stream already answering when its engine restarts ends with the engine's error event
+    (the client sees it: tokens were sent), and the worker's records go with it."""
+    workers = slow_fleet["workers"]
+    router = await fresh_router(workers, redis_url=redis_url, models=(MODEL,))
+    client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
+    idx = ResidencyIndex(redis_client)
+    earlier = BlockHasher(MODEL, B).keys(EARLIER)
+    try:
+        done = await client.completions.with_raw_response.create(
+            model=MODEL, prompt=EARLIER, max_tokens=2
+        )
+        first = done.headers["x-kvrouter-worker"]
+        await settle(router)
+        url = next(w["url"] for w in workers if w["id"] == first)
+        # The same prompt again follows its records; 300 decode steps of 10 ms keep it running.
+        raw = await client.completions.with_raw_response.create(
+            model=MODEL, prompt=EARLIER, max_tokens=300, stream=True
+        )
+        assert raw.headers["x-kvrouter-worker"] == first
+        stream = raw.parse()
+        chunks = 0
+        with pytest.raises(openai.APIError, match="restart"):
+            async for _ in stream:
+                chunks += 1
+                if chunks == 3:
+                    async with (
+                        aiohttp.ClientSession() as http,
+                        http.post(url + "/admin/restart") as r,
+                    ):
+                        assert r.status == 200
+        assert 3 <= chunks < 300
+        await settle(router)
+        assert first not in (await idx.lookup(MODEL, earlier)).depths
+        async with aiohttp.ClientSession() as http, http.get(router.url + "/metrics") as r:
+            m = parse(await r.text())
+        assert m.value("kvrouter_index_abort_clears_total", model=MODEL, worker=first) == 1
     finally:
         await client.close()
         await router.close()
