@@ -4,8 +4,10 @@ Each variant runs on a fresh stack (`kvrouter sim`, `kvrouter serve`, Redis; KV 
 so nothing but the router's own records and, with feedback, the engines' reported cached
 tokens tell the index what the workers hold). The trace's first part warms the fleet; the
 worker that served most of it then drops its whole prefix cache without a word
-(`POST /admin/restart` on the simulator: no AllBlocksCleared, no removals); the rest of the
-trace follows.
+(`POST /admin/restart` on the simulator: no AllBlocksCleared, no removals; the requests it
+was running fail, as a restarted engine's do); the rest of the trace follows. The `feedback`
+variant heals from those aborts at once (KVR_FEEDBACK_ABORT_CLEAR); `feedback_usage` shows what
+the reported cached tokens alone do, the case of a loss that aborts nothing.
 
 A request is *misrouted* to the restarted worker when the router matched more whole blocks
 there than the engine reports cached (``x-kvrouter-matched-tokens`` against
@@ -45,10 +47,25 @@ HEAL_CAPACITY_TOKENS = 16_000_000
 tokens) on each worker: with KV events off the index never hears of a capacity eviction, so
 smaller caches add misroutes that have nothing to do with the restart."""
 VARIANTS: dict[str, tuple[tuple[str, str], ...]] = {
-    # Corrections with the LRU cut (the default).
-    "feedback": (("KVR_FEEDBACK_HEAL", "true"), ("KVR_FEEDBACK_LRU_CUT", "true")),
+    # Everything on (the defaults): aborted streams, then reported cached tokens.
+    "feedback": (
+        ("KVR_FEEDBACK_HEAL", "true"),
+        ("KVR_FEEDBACK_LRU_CUT", "true"),
+        ("KVR_FEEDBACK_ABORT_CLEAR", "true"),
+    ),
+    # Reported cached tokens only, with the LRU cut: what heals a loss that aborts nothing
+    # (a restart that found the engine idle, lost eviction notices).
+    "feedback_usage": (
+        ("KVR_FEEDBACK_HEAL", "true"),
+        ("KVR_FEEDBACK_LRU_CUT", "true"),
+        ("KVR_FEEDBACK_ABORT_CLEAR", "false"),
+    ),
     # Corrections of the chain only: each stale chain costs a misrouted request.
-    "feedback_chain": (("KVR_FEEDBACK_HEAL", "true"), ("KVR_FEEDBACK_LRU_CUT", "false")),
+    "feedback_chain": (
+        ("KVR_FEEDBACK_HEAL", "true"),
+        ("KVR_FEEDBACK_LRU_CUT", "false"),
+        ("KVR_FEEDBACK_ABORT_CLEAR", "false"),
+    ),
     "no_feedback": (("KVR_FEEDBACK_HEAL", "false"),),
 }
 
@@ -122,6 +139,7 @@ async def run_variant(
         async with aiohttp.ClientSession() as http, http.post(url + "/admin/restart") as r:
             if r.status != 200:
                 raise RuntimeError(f"/admin/restart on {victim}: HTTP {r.status}")
+            aborted = int((await r.json())["aborted"])
         t0 = time.monotonic()
         after = await replay_trace(
             requests[cut:], stack.router_urls, time_scale=TIME_SCALE,
@@ -136,6 +154,8 @@ async def run_variant(
     out.update(
         variant=name,
         restarted_worker=victim,
+        aborted_at_restart=aborted,
+        abort_clears=_counter(text, "kvrouter_index_abort_clears_total"),
         warm_requests=cut,
         requests_after=len(after),
         failed_after=sum(1 for r in after if not r.ok),
@@ -185,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
             v,
             f"{r['misrouted']} of {r['requests_to_worker']}",
             f"{r['misrouted_after_first_answer']}",
+            f"{r['aborted_at_restart']} / {r['abort_clears']:g}",
             f"last at #{r['last_misroute_at']}, corrections {r['corrections_before_restart']:g}"
             f" before / {r['corrections_after_restart']:g} after the restart",
         )
@@ -196,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
             "variant",
             "misrouted to the restarted worker",
             "of them sent after the first misrouted one answered",
+            "aborted at the restart / abort clears",
             "healing",
         ),
     )

@@ -128,13 +128,16 @@ class Engine:
             self._signal(req)
             self._wake()
 
-    def restart(self) -> None:
-        """Simulate an engine restart: every request fails, the cache is empty, silently."""
-        for req in self.scheduler.restart():
+    def restart(self) -> int:
+        """Simulate an engine restart: every request fails, the cache is empty, silently.
+        Returns how many requests it aborted."""
+        victims = self.scheduler.restart()
+        for req in victims:
             self._signal(req)
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.e2e = Histogram(TTFT_BUCKETS_S)
         self._wake()
+        return len(victims)
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's reset_prefix_cache: False while requests hold blocks; else AllBlocksCleared."""

@@ -21,14 +21,15 @@ Endpoints (as vLLM's OpenAI server unless marked):
   blocks it does not hold (waiting ``kv_bytes_per_token x tokens / transfer_gb_per_s``
   simulated seconds), caches them (BlockStored events) and decodes. Params without the
   fields are logged, counted (``invalid_params``) and the prompt is recomputed, as vLLM does.
-- Simulator-only fault injection: `POST /admin/reset_prefix_cache` (same as vLLM's),
-  `POST /admin/restart?down_s=S` (fail every request, empty the cache silently, restart
-  the event seq at 0; with S > 0 also stop listening for S real seconds and answer 503 on
-  kept-alive connections meanwhile), `POST /admin/drop_events?count=K&replay=1` (swallow
-  the next K event batches on the live stream; replay=0 also keeps them out of the replay
-  buffer), `GET /admin/state` (JSON snapshot, P/D counters and the last legs' params
-  included), `POST /admin/pd_fault?mode=omit|malformed|fail&count=K` (the next K prefill
-  legs answer without kv_transfer_params, with malformed ones, or with a 503).
+- Simulator-only fault injection: `POST /admin/reset_prefix_cache` (same as vLLM's), `POST
+  /admin/restart?down_s=S` (fail every request, empty the cache silently, restart the event
+  seq at 0, answer how many requests it aborted; with S > 0 also stop listening for S real
+  seconds and answer 503 on kept-alive connections meanwhile), `POST
+  /admin/drop_events?count=K&replay=1` (swallow the next K event batches on the live stream;
+  replay=0 also keeps them out of the replay buffer), `GET /admin/state` (JSON snapshot, P/D
+  counters and the last legs' params included), `POST
+  /admin/pd_fault?mode=omit|malformed|fail&count=K` (the next K prefill legs answer without
+  kv_transfer_params, with malformed ones, or with a 503).
 
 Every response carries `x-sim-worker: <worker id>`.
 """
@@ -230,11 +231,16 @@ class SimWorker:
     def is_down(self) -> bool:
         return time.monotonic() < self._down_until
 
-    async def restart(self, down_s: float = 0.0) -> None:
-        """Simulate an engine restart (see the module docstring)."""
-        self.engine.restart()
+    def restart(self) -> int:
+        """Simulate an engine restart (see the module docstring); returns how many requests
+        it aborted. `go_down` then keeps the port closed for a while, if asked."""
+        aborted = self.engine.restart()
         if self.publisher is not None:
             self.publisher.restart()
+        return aborted
+
+    async def go_down(self, down_s: float) -> None:
+        """Close the port for `down_s` seconds (a restarting engine's server), then reopen."""
         if down_s <= 0 or self._runner is None or self._site is None:
             return
         self._down_until = time.monotonic() + down_s
@@ -850,12 +856,11 @@ def _query_number(request: web.Request, name: str, default: float) -> float:
 async def admin_restart(request: web.Request) -> web.Response:
     worker = request.app[WORKER_KEY]
     down_s = _query_number(request, "down_s", 0.0)
+    aborted = worker.restart()
     if down_s > 0:
-        # Answer first: the restart stops the listener this response goes out on.
-        worker.spawn(worker.restart(down_s))
-    else:
-        await worker.restart(0.0)
-    return web.json_response({"ok": True, "down_s": down_s})
+        # Answer first: going down stops the listener this response goes out on.
+        worker.spawn(worker.go_down(down_s))
+    return web.json_response({"ok": True, "down_s": down_s, "aborted": aborted})
 
 
 async def admin_drop_events(request: web.Request) -> web.Response:

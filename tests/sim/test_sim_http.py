@@ -230,6 +230,7 @@ async def test_restart_fails_inflight_requests_and_empties_cache(
         await resp.content.readline()
         async with http.post(url(fleet) + "/admin/restart") as r:
             assert r.status == 200
+            assert (await r.json())["aborted"] == 1
         events = await sse(resp)
     assert any(isinstance(e, dict) and e.get("error", {}).get("code") == 503 for e in events)
     async with http.get(url(fleet) + "/admin/state") as r:
