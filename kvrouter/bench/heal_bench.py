@@ -5,9 +5,12 @@ so nothing but the router's own records and, with feedback, the engines' reporte
 tokens tell the index what the workers hold). The trace's first part warms the fleet; the
 worker that served most of it then drops its whole prefix cache without a word
 (`POST /admin/restart` on the simulator: no AllBlocksCleared, no removals; the requests it
-was running fail, as a restarted engine's do); the rest of the trace follows. The `feedback`
-variant heals from those aborts at once (KVR_FEEDBACK_ABORT_CLEAR); `feedback_usage` shows what
-the reported cached tokens alone do, the case of a loss that aborts nothing.
+was running fail, as a restarted engine's do); the rest of the trace follows. With `--restart
+busy` (the default) the worker restarts a few seconds into the second part, while requests
+flow, and the misroutes counted are those sent after the restart; with `--restart idle` it
+restarts between the parts, when it runs nothing, so no aborted request shows the restart
+and only the reported cached tokens can. The `feedback` variant heals from aborts at once
+(KVR_FEEDBACK_ABORT_CLEAR); `feedback_usage` shows what the reported cached tokens alone do.
 
 A request is *misrouted* to the restarted worker when the router matched more whole blocks
 there than the engine reports cached (``x-kvrouter-matched-tokens`` against
@@ -26,9 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ import aiohttp
 from kvrouter.bench.common import emit_json, print_table
 from kvrouter.bench.stack import LocalStack, StackConfig
 from kvrouter.sim.replay import RequestRecord, replay_trace
-from kvrouter.sim.trace import TraceRequest, bundled_trace, load_trace
+from kvrouter.sim.trace import TRACE_BLOCK_TOKENS, TraceRequest, bundled_trace, load_trace
 
 QUICK_LIMIT = 600
 DEFAULT_LIMIT = 1500
@@ -70,14 +72,44 @@ VARIANTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def misroutes(records: Sequence[RequestRecord], worker: str, block_size: int) -> dict[str, Any]:
+def misroutes(
+    records: Sequence[RequestRecord],
+    worker: str,
+    block_size: int,
+    prompts: Mapping[int, Sequence[int]] | None = None,
+    trace_block_tokens: int = TRACE_BLOCK_TOKENS,
+) -> dict[str, Any]:
     """Count, over `records` (in send order), the requests sent to `worker` whose matched
-    whole blocks exceed the engine's cached whole blocks."""
+    whole blocks exceed the engine's cached whole blocks.
+
+    With `prompts` (record index -> the trace's hash ids) such a request is a *race*, not a
+    misroute, when everything it matched is a prefix it shares with an earlier request still
+    in flight on that worker: the router matched blocks that request's dispatch recorded and
+    the engine was still computing. That happens on any worker whose cache is cold (both
+    requests arrive within a prefill of each other), restarted or not, and the router's
+    feedback knows it for a race (it corrects nothing there); it is counted apart."""
     to_worker = [r for r in records if r.ok and r.worker == worker]
-    flags = [
+    short = [
         (r.matched_tokens or 0) // block_size > (r.cached_tokens or 0) // block_size
         for r in to_worker
     ]
+
+    def racing(i: int) -> bool:
+        if prompts is None:
+            return False
+        r = to_worker[i]
+        sent = r.sent_s or 0.0
+        for e in to_worker[:i]:
+            e_sent = e.sent_s or 0.0
+            if not e_sent <= sent < e_sent + (e.e2e_s or 0.0):
+                continue
+            shared = _shared(prompts.get(e.index, ()), prompts.get(r.index, ()))
+            if (r.matched_tokens or 0) <= shared * trace_block_tokens:
+                return True
+        return False
+
+    races = [bad and racing(i) for i, bad in enumerate(short)]
+    flags = [bad and not race for bad, race in zip(short, races, strict=True)]
     over = sum(
         max(0, (r.matched_tokens or 0) - (r.cached_tokens or 0))
         for r, bad in zip(to_worker, flags, strict=True)
@@ -94,11 +126,23 @@ def misroutes(records: Sequence[RequestRecord], worker: str, block_size: int) ->
         "sent_before_first_answer": len(to_worker) - len(late) if first is not None else 0,
         "misrouted_after_first_answer": sum(late),
         "misrouted": sum(flags),
+        "races": sum(races),
         "requests_to_worker": len(to_worker),
         "over_predicted_tokens": over,
         "last_misroute_at": last,
         "misroute_positions": [i + 1 for i, bad in enumerate(flags) if bad][:50],
+        "race_positions": [i + 1 for i, race in enumerate(races) if race][:50],
     }
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading hash ids `a` and `b` share (chained ids: the same prefix)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _counter(text: str, name: str) -> float:
@@ -136,24 +180,54 @@ async def run_variant(
         served = Counter(r.worker for r in warm if r.ok and r.worker)
         victim = served.most_common(1)[0][0]
         url = next(w.url for w in stack.fleet.workers if w.id == victim)
-        async with aiohttp.ClientSession() as http, http.post(url + "/admin/restart") as r:
-            if r.status != 200:
-                raise RuntimeError(f"/admin/restart on {victim}: HTTP {r.status}")
-            aborted = int((await r.json())["aborted"])
-        t0 = time.monotonic()
-        after = await replay_trace(
-            requests[cut:], stack.router_urls, time_scale=TIME_SCALE,
-            concurrency=args.concurrency, model=cfg.model, first_index=cut,
-            start_ms=requests[cut].timestamp_ms,
-        )  # fmt: skip
-        duration = time.monotonic() - t0
+
+        async def restart() -> int:
+            async with aiohttp.ClientSession() as http, http.post(url + "/admin/restart") as r:
+                if r.status != 200:
+                    raise RuntimeError(f"/admin/restart on {victim}: HTTP {r.status}")
+                return int((await r.json())["aborted"])
+
+        loop = asyncio.get_running_loop()
+        aborted = 0
+        if args.restart == "idle":
+            aborted = await restart()
+        t0 = loop.time()
+        # The replay's clock starts when it is called: its sent_s count from about t0.
+        second = asyncio.ensure_future(
+            replay_trace(
+                requests[cut:],
+                stack.router_urls,
+                time_scale=TIME_SCALE,
+                concurrency=args.concurrency,
+                model=cfg.model,
+                first_index=cut,
+                start_ms=requests[cut].timestamp_ms,
+            )
+        )
+        restart_at = 0.0
+        if args.restart == "busy":
+            await asyncio.sleep(args.restart_after_s)
+            restart_at = loop.time() - t0
+            aborted = await restart()
+        after = await second
+        duration = loop.time() - t0
         text = await stack.metrics(stack.router_urls[0])
     after.sort(key=lambda r: r.sent_s or 0.0)
-    out = misroutes(after, victim, cfg.block_size)
-    others = [misroutes(after, w, cfg.block_size)["misrouted"] for w in served if w and w != victim]
+    # What was sent before the restart completed there or was aborted and retried elsewhere.
+    prompts = {cut + i: r.hash_ids for i, r in enumerate(requests[cut:])}
+    out = misroutes(
+        [r for r in after if (r.sent_s or 0.0) >= restart_at], victim, cfg.block_size, prompts
+    )
+    others = [
+        misroutes(after, w, cfg.block_size, prompts)["misrouted"]
+        for w in served
+        if w and w != victim
+    ]
     out.update(
         variant=name,
         restarted_worker=victim,
+        restart=args.restart,
+        restart_at_s=round(restart_at, 3),
         aborted_at_restart=aborted,
         abort_clears=_counter(text, "kvrouter_index_abort_clears_total"),
         warm_requests=cut,
@@ -185,6 +259,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--restart-at", type=float, default=0.5, help="share of the requests before the restart"
     )
     parser.add_argument(
+        "--restart",
+        choices=("busy", "idle"),
+        default="busy",
+        help="busy: restart the worker while the second part's requests flow (it aborts the "
+        "ones it runs, as a restarted engine does); idle: between the parts, when it runs "
+        "nothing (no abort shows the restart: only reported cached tokens can)",
+    )
+    parser.add_argument(
+        "--restart-after-s",
+        type=float,
+        default=3.0,
+        help="busy: real seconds into the second part before the restart",
+    )
+    parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS)
     )
 
@@ -196,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}")
     if not 0 < args.restart_at < 1:
         raise SystemExit("--restart-at: must be between 0 and 1")
+    if args.restart_after_s < 0:
+        raise SystemExit("--restart-after-s: must be >= 0")
     limit = args.limit or (QUICK_LIMIT if args.quick else DEFAULT_LIMIT)
     source = bundled_trace() if args.trace == "bundled" else Path(args.trace)
     requests = load_trace(source, limit=limit)
@@ -204,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
         (
             v,
             f"{r['misrouted']} of {r['requests_to_worker']}",
+            f"{r['races']}",
             f"{r['misrouted_after_first_answer']}",
             f"{r['aborted_at_restart']} / {r['abort_clears']:g}",
             f"last at #{r['last_misroute_at']}, corrections {r['corrections_before_restart']:g}"
@@ -216,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
         (
             "variant",
             "misrouted to the restarted worker",
+            "races (not counted)",
             "of them sent after the first misrouted one answered",
             "aborted at the restart / abort clears",
             "healing",

@@ -33,3 +33,23 @@ def test_misroutes_compare_whole_blocks_on_one_worker() -> None:
     assert out["sent_before_first_answer"] == 2
     assert out["misrouted_after_first_answer"] == 1
     assert misroutes(records, "nobody", 16)["last_misroute_at"] == 0
+
+
+def test_a_shortfall_within_a_prefix_still_being_computed_is_a_race() -> None:
+    prompts = {0: (1, 2, 3), 1: (1, 2, 9), 2: (1, 2, 3, 4), 3: (5, 6)}
+    records = [
+        rec(0, "w", 0, 0),  # cold, nothing matched: e2e 2.5 s, in flight until 2.5 s
+        rec(1, "w", 1024, 0),  # matched the 2 blocks it shares with request 0 in flight: race
+        rec(2, "w", 1536, 0),  # matched 3 blocks, request 0 still in flight: a race too
+        rec(3, "w", 512, 0),  # shares nothing with anything in flight: misrouted
+    ]
+    out = misroutes(records, "w", 16, prompts, trace_block_tokens=512)
+    assert out["races"] == 2 and out["race_positions"] == [2, 3]
+    assert out["misrouted"] == 1 and out["misroute_positions"] == [4]
+    assert out["over_predicted_tokens"] == 512
+    # Request 0 has answered by 3.0 s: the same shortfall is then no race.
+    late = [rec(0, "w", 0, 0), rec(3, "w", 1024, 0)]
+    late[1].index = 1
+    assert misroutes(late, "w", 16, prompts, trace_block_tokens=512)["misrouted"] == 1
+    # Without the prompts nothing is taken for a race.
+    assert misroutes(records, "w", 16)["misrouted"] == 3
