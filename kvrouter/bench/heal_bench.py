@@ -182,7 +182,9 @@ async def run_variant(
         url = next(w.url for w in stack.fleet.workers if w.id == victim)
 
         async def restart() -> int:
-            async with aiohttp.ClientSession() as http, http.post(url + "/admin/restart") as r:
+            down = args.down_s if args.restart == "busy" else 0.0
+            restart_url = f"{url}/admin/restart?down_s={down}"
+            async with aiohttp.ClientSession() as http, http.post(restart_url) as r:
                 if r.status != 200:
                     raise RuntimeError(f"/admin/restart on {victim}: HTTP {r.status}")
                 return int((await r.json())["aborted"])
@@ -227,6 +229,7 @@ async def run_variant(
         variant=name,
         restarted_worker=victim,
         restart=args.restart,
+        down_s=args.down_s if args.restart == "busy" else 0.0,
         restart_at_s=round(restart_at, 3),
         aborted_at_restart=aborted,
         abort_clears=_counter(text, "kvrouter_index_abort_clears_total"),
@@ -273,6 +276,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="busy: real seconds into the second part before the restart",
     )
     parser.add_argument(
+        "--down-s",
+        type=float,
+        default=1.0,
+        help="busy: real seconds the restarting worker refuses requests (a restart takes "
+        "time: the engine reloads its model); 0: it takes new requests at once",
+    )
+    parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS)
     )
 
@@ -284,8 +294,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}")
     if not 0 < args.restart_at < 1:
         raise SystemExit("--restart-at: must be between 0 and 1")
-    if args.restart_after_s < 0:
-        raise SystemExit("--restart-after-s: must be >= 0")
+    if args.restart_after_s < 0 or args.down_s < 0:
+        raise SystemExit("--restart-after-s, --down-s: must be >= 0")
     limit = args.limit or (QUICK_LIMIT if args.quick else DEFAULT_LIMIT)
     source = bundled_trace() if args.trace == "bundled" else Path(args.trace)
     requests = load_trace(source, limit=limit)

@@ -231,9 +231,13 @@ class SimWorker:
     def is_down(self) -> bool:
         return time.monotonic() < self._down_until
 
-    def restart(self) -> int:
+    def restart(self, down_s: float = 0.0) -> int:
         """Simulate an engine restart (see the module docstring); returns how many requests
-        it aborted. `go_down` then keeps the port closed for a while, if asked."""
+        it aborted. With `down_s` > 0 the worker refuses requests from this instant, as a
+        dead engine does (503 on kept-alive connections; `go_down` then closes the port),
+        so none reaches the new engine before its aborts have been sent."""
+        if down_s > 0:
+            self._down_until = time.monotonic() + down_s
         aborted = self.engine.restart()
         if self.publisher is not None:
             self.publisher.restart()
@@ -243,7 +247,7 @@ class SimWorker:
         """Close the port for `down_s` seconds (a restarting engine's server), then reopen."""
         if down_s <= 0 or self._runner is None or self._site is None:
             return
-        self._down_until = time.monotonic() + down_s
+        self._down_until = max(self._down_until, time.monotonic() + down_s)
         await self._site.stop()
         await asyncio.sleep(down_s)
         self._site = web.TCPSite(self._runner, self.settings.host, self._port, reuse_address=True)
@@ -856,7 +860,7 @@ def _query_number(request: web.Request, name: str, default: float) -> float:
 async def admin_restart(request: web.Request) -> web.Response:
     worker = request.app[WORKER_KEY]
     down_s = _query_number(request, "down_s", 0.0)
-    aborted = worker.restart()
+    aborted = worker.restart(down_s)
     if down_s > 0:
         # Answer first: going down stops the listener this response goes out on.
         worker.spawn(worker.go_down(down_s))
