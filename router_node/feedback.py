@@ -76,7 +76,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,25 +179,37 @@ class Feedback:
         if not flights:
             del self._inflight[(model, worker)]
 
-    def unanswered(self, model: str, worker: str, plan: Plan, racing: int = 0) -> None:
+    def unanswered(
+        self,
+        model: str,
+        worker: str,
+        plan: Plan,
+        racing: int = 0,
+        after: Awaitable[Any] | None = None,
+    ) -> None:
         """The request `dispatched` with `plan` failed on `worker` before any answer (refused,
         reset, 5xx, an empty stream): the engine never computed its prompt, so the records its
         dispatch wrote past the blocks the worker already had are false. They are dropped
         (blocks an earlier request still in flight there shares are left: it may compute
         them). Without this a request in flight when its engine restarts leaves its new blocks
-        on the dead cache, and its conversation's next turn is sent back there."""
+        on the dead cache, and its conversation's next turn is sent back there. `after`: the
+        attempt's dispatch round trip; the correction waits for it (a record landing after
+        the correction would outlive it)."""
         if not (self.settings.feedback_heal and plan.indexed):
             return
         start = max(plan.depths.get(worker, 0), racing)
         stale = plan.chain[start:][: self.settings.feedback_max_blocks]
         if stale:
-            self.spawn(self._correct(model, worker, stale, 0.0, 0))
+            self.spawn(self._correct(model, worker, stale, 0.0, 0, after))
 
-    def aborted(self, model: str, worker: str, plan: Plan) -> None:
+    def aborted(
+        self, model: str, worker: str, plan: Plan, after: Awaitable[Any] | None = None
+    ) -> None:
         """The engine `worker` aborted the request `dispatched` with `plan` after its stream
         opened: it restarted or died, and its cache is gone. Drops the worker's records last
         used before now (this request's chain first, its first block marked a hole), once per
-        restart (see the module's docstring). Call before `finished`."""
+        restart (see the module's docstring). Call before `finished`. `after`: this request's
+        dispatch round trip, waited for first (as in `unanswered`)."""
         if not (self.settings.feedback_heal and self.settings.feedback_abort_clear):
             return
         key = (model, worker)
@@ -217,7 +229,7 @@ class Feedback:
             model,
         )
         chain = plan.chain[: self.settings.feedback_max_blocks] if plan.indexed else []
-        self.spawn(self._correct(model, worker, chain, now, 0))
+        self.spawn(self._correct(model, worker, chain, now, 0, after))
 
     def _witness(
         self, model: str, worker: str, chain: list[int], pos: int, before: float
@@ -288,10 +300,19 @@ class Feedback:
             self.spawn(self._correct(model, worker, stale, cut, engine_blocks))
 
     async def _correct(
-        self, model: str, worker: str, stale: list[int], cut: float, offset_us: int
+        self,
+        model: str,
+        worker: str,
+        stale: list[int],
+        cut: float,
+        offset_us: int,
+        after: Awaitable[Any] | None = None,
     ) -> None:
         """Drop `stale` and, when `cut` (a time.monotonic() instant) is set, the worker's
-        records last accessed more than `offset_us` before it, in bounded calls."""
+        records last accessed more than `offset_us` before it, in bounded calls; once `after`
+        (the dispatch that wrote them) is done, whatever its outcome."""
+        if after is not None:
+            await asyncio.wait([asyncio.ensure_future(after)])
         cut_us = 0
         if cut:
             now_us = await self.shared.server_now_us()

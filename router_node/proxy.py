@@ -230,6 +230,12 @@ class Lease:
 
         self._release = self.tasks.spawn(step())
 
+    @property
+    def recorded(self) -> asyncio.Task[bool]:
+        """The dispatch round trip (the records and the lease): a correction of this attempt's
+        records waits for it, or the records could land after the correction and outlive it."""
+        return self._taken
+
     def _local_prefill_done(self) -> None:
         cb, self._on_prefilled = self._on_prefilled, None
         if cb is not None:
@@ -379,7 +385,7 @@ class Proxy:
                         answer = await resp.read()
                     except UPSTREAM_ERRORS as exc:
                         detail = f"{type(exc).__name__}: {exc}"
-                        self._unanswered(req, plan, worker, racing, "prefill", detail)
+                        self._unanswered(req, plan, worker, lease, racing, "prefill", detail)
                         span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                         continue
                     self.metrics.worker_requests.labels(worker.id).inc()
@@ -388,7 +394,7 @@ class Proxy:
                         span.set_status(Status(StatusCode.ERROR, f"HTTP {resp.status}"))
                         if resp.status >= 500 or resp.status in RETRY_STATUSES:
                             detail = f"HTTP {resp.status}"
-                            self._unanswered(req, plan, worker, racing, "prefill", detail)
+                            self._unanswered(req, plan, worker, lease, racing, "prefill", detail)
                         else:
                             self.metrics.upstream_errors.labels(worker.id, "prefill").inc()
                         continue
@@ -510,21 +516,30 @@ class Proxy:
         )
 
     def _unanswered(
-        self, req: ParsedRequest, plan: Plan, worker: Worker, racing: int, kind: str, detail: str
+        self,
+        req: ParsedRequest,
+        plan: Plan,
+        worker: Worker,
+        lease: Lease,
+        racing: int,
+        kind: str,
+        detail: str,
     ) -> APIError:
         """`_fail` for a failure before any answer (refused, reset, a retryable status, an
         empty stream or one that opens with an error): the engine never computed the prompt,
-        so feedback also drops what the attempt's dispatch recorded there."""
-        self.feedback.unanswered(req.model, worker.id, plan, racing)
+        so feedback also drops what the attempt's dispatch recorded there (once it landed)."""
+        self.feedback.unanswered(req.model, worker.id, plan, racing, after=lease.recorded)
         return self._fail(worker, kind, detail)
 
-    def _aborted_in(self, req: ParsedRequest, plan: Plan, worker: Worker, data: bytes) -> bool:
+    def _aborted_in(
+        self, req: ParsedRequest, plan: Plan, worker: Worker, lease: Lease, data: bytes
+    ) -> bool:
         """Whether `data`, a piece of a running stream, has an error event with a 5xx code:
         the engine aborted the request, as it does when it restarts (feedback.py)."""
         status = error_event_in(data)
         if status is None or status < 500:
             return False
-        self.feedback.aborted(req.model, worker.id, plan)
+        self.feedback.aborted(req.model, worker.id, plan, after=lease.recorded)
         return True
 
     def _response_headers(
@@ -632,10 +647,12 @@ class Proxy:
                 resp = await self.session.post(url, data=raw, headers=headers, timeout=self.timeout)
             except UPSTREAM_ERRORS as exc:
                 return self._unanswered(
-                    req, plan, worker, racing, "connect", f"{type(exc).__name__}: {exc}"
+                    req, plan, worker, lease, racing, "connect", f"{type(exc).__name__}: {exc}"
                 )
             if resp.status in RETRY_STATUSES:
-                return self._unanswered(req, plan, worker, racing, "status", f"HTTP {resp.status}")
+                return self._unanswered(
+                    req, plan, worker, lease, racing, "status", f"HTTP {resp.status}"
+                )
             if resp.status == 404 and worker.listed is not None and req.endpoint in MODEL_404:
                 # vLLM's 404 on an inference path: it does not serve the model (an adapter
                 # unloaded since the last /v1/models poll). Not a failure of the worker:
@@ -699,20 +716,32 @@ class Proxy:
             first = await resp.content.readany()
         except UPSTREAM_ERRORS as exc:
             return self._unanswered(
-                req, plan, worker, racing, "stream", f"{type(exc).__name__} before the first byte"
+                req,
+                plan,
+                worker,
+                lease,
+                racing,
+                "stream",
+                f"{type(exc).__name__} before the first byte",
             )
         if not first:
-            return self._unanswered(req, plan, worker, racing, "stream", "empty stream")
+            return self._unanswered(req, plan, worker, lease, racing, "stream", "empty stream")
         status = error_event_status(first)
         if status is not None and status >= 500:
             # The engine took the request and then failed it: a restart (feedback.py).
-            self.feedback.aborted(req.model, worker.id, plan)
+            self.feedback.aborted(req.model, worker.id, plan, after=lease.recorded)
         if status in RETRY_STATUSES:
             # The engine refused the request before its first token (a restart, an overload)
             # after opening the stream: nothing reached the client yet, so it is retried like
             # an HTTP 503, and what its dispatch recorded there is false.
             return self._unanswered(
-                req, plan, worker, racing, "stream", f"error event {status} before the first token"
+                req,
+                plan,
+                worker,
+                lease,
+                racing,
+                "stream",
+                f"error event {status} before the first token",
             )
         lease.first_byte()
         if dispatched is not None and prefill_worker is None:
@@ -734,7 +763,7 @@ class Proxy:
         awaiting_cached = prefill_worker is None
         tail = first[-64:]
         # An error event past the first bytes: the engine aborted the running request.
-        watching = status is not None or not self._aborted_in(req, plan, worker, first)
+        watching = status is not None or not self._aborted_in(req, plan, worker, lease, first)
         if checking and self.check_prompt_tokens(req, worker, first):
             checking = False
         if awaiting_cached and self.feedback.observe_body(
@@ -752,7 +781,7 @@ class Proxy:
                     if not isinstance(exc, asyncio.TimeoutError):
                         # The connection dropped under a running request: the engine died
                         # or restarted (a stalled one times out instead, and may recover).
-                        self.feedback.aborted(req.model, worker.id, plan)
+                        self.feedback.aborted(req.model, worker.id, plan, after=lease.recorded)
                     self._fail(worker, "stream", f"{type(exc).__name__} mid-stream")
                     await out.write(sse_error_event(f"worker {worker.id} failed mid-stream"))
                     break
@@ -760,7 +789,7 @@ class Proxy:
                     break
                 await out.write(chunk)
                 if watching:
-                    watching = not self._aborted_in(req, plan, worker, tail + chunk)
+                    watching = not self._aborted_in(req, plan, worker, lease, tail + chunk)
                 if checking and self.check_prompt_tokens(req, worker, tail + chunk):
                     checking = False
                 if awaiting_cached and self.feedback.observe_body(

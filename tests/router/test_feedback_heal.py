@@ -334,3 +334,31 @@ def test_error_event_in_finds_an_abort_after_other_events() -> None:
     # The event's start in this read, its code in the next: taken as a 5xx.
     assert error_event_in(tokens + b'data: {"error": {"message": "eng') == 500
     assert error_event_in(b'data: {"object": "error", "message": "bad", "code": 400}\n\n') == 400
+
+
+async def test_a_correction_waits_for_the_dispatch_record_it_corrects(
+    rig: Rig, redis_client: Any
+) -> None:
+    """A worker refuses a request at once (a restarting engine's 503) while the attempt's
+    dispatch record is still on its way to Redis: the correction runs after the record
+    lands, so no record of a prompt the engine never computed outlives it."""
+    feedback, spawned = rig.feedback, rig.spawned
+    keys = BlockHasher(MODEL, B).keys(PROMPT)
+    idx = ResidencyIndex(redis_client)
+    decision = Decision(policy="kv", reason="no_match", ranking=("w",))
+    plan = Plan(decision, keys, USEFUL, depths={}, indexed=True, block_size=B)
+    landed = asyncio.Event()
+
+    async def dispatch() -> bool:
+        await landed.wait()  # a slow round trip: it lands after the refusal
+        await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
+        return True
+
+    recorded = asyncio.ensure_future(dispatch())
+    racing = feedback.dispatched(MODEL, "w", plan)
+    feedback.unanswered(MODEL, "w", plan, racing, after=recorded)
+    feedback.finished(MODEL, "w", plan)
+    await asyncio.sleep(0.05)
+    landed.set()
+    await asyncio.gather(recorded, *spawned)
+    assert (await idx.lookup(MODEL, keys)).depths == {}
