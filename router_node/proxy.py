@@ -712,20 +712,15 @@ class Proxy:
         dispatched: float | None = None,
         racing: int = 0,
     ) -> web.StreamResponse | APIError:
+        def unanswered(detail: str) -> APIError:
+            return self._unanswered(req, plan, worker, lease, racing, "stream", detail)
+
         try:
             first = await resp.content.readany()
         except UPSTREAM_ERRORS as exc:
-            return self._unanswered(
-                req,
-                plan,
-                worker,
-                lease,
-                racing,
-                "stream",
-                f"{type(exc).__name__} before the first byte",
-            )
+            return unanswered(f"{type(exc).__name__} before the first byte")
         if not first:
-            return self._unanswered(req, plan, worker, lease, racing, "stream", "empty stream")
+            return unanswered("empty stream")
         status = error_event_status(first)
         if status is not None and status >= 500:
             # The engine took the request and then failed it: a restart (feedback.py).
@@ -734,15 +729,7 @@ class Proxy:
             # The engine refused the request before its first token (a restart, an overload)
             # after opening the stream: nothing reached the client yet, so it is retried like
             # an HTTP 503, and what its dispatch recorded there is false.
-            return self._unanswered(
-                req,
-                plan,
-                worker,
-                lease,
-                racing,
-                "stream",
-                f"error event {status} before the first token",
-            )
+            return unanswered(f"error event {status} before the first token")
         lease.first_byte()
         if dispatched is not None and prefill_worker is None:
             # The worker's prefill speed: its TTFT covered this prompt's uncached tokens and
