@@ -68,3 +68,17 @@ async def test_real_connections(redis_url: str, redis_cluster_url: str) -> None:
         c = connect(url)
         assert await c.ping()
         await c.aclose()
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    # Processes started together (a bench's router replicas) each get their own port: two
+    # replicas on one port made the routing bench scrape one replica twice.
+    import socket
+
+    from kvrouter.redisproc import free_ports
+
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    for port in ports[:4]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

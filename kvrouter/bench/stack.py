@@ -24,7 +24,7 @@ from typing import IO, Any
 import aiohttp
 
 from kvrouter.index.connection import connect
-from kvrouter.redisproc import RedisServer, free_port
+from kvrouter.redisproc import RedisServer, free_port, free_ports
 from kvrouter.sim.fleet import FleetInfo, read_ready_file
 from kvrouter.sim.settings import DEFAULT_CAPACITY_TOKENS
 
@@ -188,8 +188,7 @@ class LocalStack:
             **dict(cfg.extra_router_env),
         }
         routers = []
-        for i in range(cfg.replicas):
-            port = free_port()
+        for i, port in enumerate(free_ports(cfg.replicas)):
             p = self._spawn(f"router-{i}", [
                 "serve", "--host", "127.0.0.1", "--port", str(port), "--redis-url", self.redis_url,
                 "--model", cfg.model, "--block-size", str(cfg.block_size),
