@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from kvrouter.index.connection import RedisURLError, connect, redact_url
+from kvrouter.redisproc import free_ports
 
 
 def test_standalone_and_tls_urls() -> None:
@@ -73,10 +76,6 @@ async def test_real_connections(redis_url: str, redis_cluster_url: str) -> None:
 def test_free_ports_are_distinct_and_bindable() -> None:
     # Processes started together (a bench's router replicas) each get their own port: two
     # replicas on one port made the routing bench scrape one replica twice.
-    import socket
-
-    from kvrouter.redisproc import free_ports
-
     ports = free_ports(64)
     assert len(set(ports)) == 64
     for port in ports[:4]:
