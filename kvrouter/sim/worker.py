@@ -24,7 +24,7 @@ Endpoints (as vLLM's OpenAI server unless marked):
 - Simulator-only fault injection: `POST /admin/reset_prefix_cache` (same as vLLM's), `POST
   /admin/restart?down_s=S` (fail every request, empty the cache silently, restart the event
   seq at 0, answer how many requests it aborted; with S > 0 also stop listening for S real
-  seconds and answer 503 on kept-alive connections meanwhile), `POST
+  seconds and close kept-alive connections, as an exiting engine server does), `POST
   /admin/drop_events?count=K&replay=1` (swallow the next K event batches on the live stream;
   replay=0 also keeps them out of the replay buffer), `GET /admin/state` (JSON snapshot, P/D
   counters and the last legs' params included), `POST
@@ -234,8 +234,8 @@ class SimWorker:
     def restart(self, down_s: float = 0.0) -> int:
         """Simulate an engine restart (see the module docstring); returns how many requests
         it aborted. With `down_s` > 0 the worker refuses requests from this instant, as a
-        dead engine does (503 on kept-alive connections; `go_down` then closes the port),
-        so none reaches the new engine before its aborts have been sent."""
+        dead engine does (503 until `go_down` closes the port and the kept-alive
+        connections), so none reaches the new engine before its aborts have been sent."""
         if down_s > 0:
             self._down_until = time.monotonic() + down_s
         aborted = self.engine.restart()
@@ -249,6 +249,15 @@ class SimWorker:
             return
         self._down_until = max(self._down_until, time.monotonic() + down_s)
         await self._site.stop()
+        # As the engine's server exits: kept-alive connections close (idle ones now, busy
+        # ones once their answer, the aborted streams' error events, is out), so clients see
+        # refused connections until it listens again, as they would from a real restart.
+        for conn in list(self._runner.server.connections if self._runner.server else ()):
+            waiter = getattr(conn, "_waiter", None)  # aiohttp's own test for an idle handler
+            if waiter is not None and not waiter.done():
+                conn.force_close()
+            else:
+                conn.close()
         await asyncio.sleep(down_s)
         self._site = web.TCPSite(self._runner, self.settings.host, self._port, reuse_address=True)
         await self._site.start()
