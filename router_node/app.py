@@ -172,7 +172,13 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     monitor = Monitor(
-        app[SETTINGS], app[POOL], app[SHARED], app[SESSION], app[METRICS], app[SOURCE]
+        app[SETTINGS],
+        app[POOL],
+        app[SHARED],
+        app[SESSION],
+        app[METRICS],
+        app[SOURCE],
+        feedback=app[PROXY].feedback,
     )
     app[MONITOR] = monitor
     monitor.start()

@@ -62,8 +62,17 @@ requests sent before that drop are the same restart (nothing is dropped again, s
 requests already sent to the new engine stay). What it costs when the abort was not a restart
 (an engine failing one request with a 5xx for another reason): that worker's affinity until
 its prefixes are dispatched there again, never a misroute. A failure before the stream opens
-(a refused connection, an HTTP 5xx status) is not taken as a restart: a load shedder or a
-closed keep-alive connection answers that way too.
+(a reset keep-alive connection, an HTTP 5xx status) is not taken as a restart: a load shedder
+or a connection closed for idling answers that way too.
+
+**A refused connection is an outage.** Nothing listens on the worker's port: its engine is
+down (restarting, crashed, rescheduled), and when it listens again its cache is empty. The
+first refusal of an outage, seen on a request or on the monitor's health check
+(``KVR_FEEDBACK_REFUSED_CLEAR``), drops every record of that worker last used before it, so
+an engine that restarts while idle is healed before any request lands on it. The outage ends
+when the worker answers again (a response, a passing health check); later refusals in the
+same outage drop nothing more. What it costs when the cache survived (only the HTTP server
+restarted): that worker's affinity until its prefixes are dispatched there again.
 
 The logic is here, behind a few calls (`dispatched`, `observe_body`, `finished`), so any front
 end that reads a response's usage can use it.
@@ -72,11 +81,12 @@ end that reads a response's usage can use it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +118,15 @@ class _Flight:
     sent: float
     """time.monotonic() at dispatch (the router wrote its records' last access then)."""
     done: float = field(default=0.0)
+
+
+def connection_refused(exc: BaseException) -> bool:
+    """Whether `exc` is a refused TCP connection (nothing listens on the port), as aiohttp
+    raises it (ClientConnectorError wrapping the OSError) or as the OSError itself."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    os_error = getattr(exc, "os_error", None)
+    return isinstance(os_error, OSError) and os_error.errno == errno.ECONNREFUSED
 
 
 def cached_tokens_in(data: bytes) -> int | None:
@@ -152,6 +171,9 @@ class Feedback:
         self._completed: dict[tuple[str, str], deque[_Flight]] = {}
         # (model, worker) -> when an aborted stream last dropped its records (monotonic).
         self._aborts: dict[tuple[str, str], float] = {}
+        # worker -> when a refusal last dropped its records; when it last answered.
+        self._down: dict[str, float] = {}
+        self._up: dict[str, float] = {}
 
     def dispatched(self, model: str, worker: str, plan: Plan) -> int:
         """A request with `plan` was sent to `worker`: returns how many leading blocks of its
@@ -230,6 +252,44 @@ class Feedback:
         )
         chain = plan.chain[: self.settings.feedback_max_blocks] if plan.indexed else []
         self.spawn(self._correct(model, worker, chain, now, 0, after))
+
+    def answered(self, worker: str) -> None:
+        """`worker` answered (a response opened, a health check passed): an outage is over."""
+        self._up[worker] = time.monotonic()
+
+    def refused(
+        self,
+        worker: str,
+        models: Iterable[str],
+        plan: tuple[str, Plan] | None = None,
+        after: Awaitable[Any] | None = None,
+    ) -> bool:
+        """A connection to `worker` was refused: its engine is down and its cache lost. Drops
+        its records of each of `models` last used before now, once per outage (see the
+        module's docstring); returns whether it did. `plan`: the refused request's model and
+        plan, whose chain is dropped explicitly once `after` (its dispatch round trip) is done
+        (records it wrote there land after the refusal instant)."""
+        if not (self.settings.feedback_heal and self.settings.feedback_refused_clear):
+            return False
+        last = self._down.get(worker)
+        if last is not None and self._up.get(worker, -1.0) < last:
+            return False  # not answered since the last drop: the same outage
+        now = time.monotonic()
+        self._down[worker] = now
+        log.warning(
+            "worker %s refused a connection: its engine is down, its records last used before "
+            "now are dropped",
+            worker,
+        )
+        for model in dict.fromkeys([*models, *([plan[0]] if plan else [])]):
+            key = (model, worker)
+            self._completed.pop(key, None)
+            self.metrics.index_refused_clears.labels(model, worker).inc()
+            chain: list[int] = []
+            if plan is not None and plan[0] == model and plan[1].indexed:
+                chain = plan[1].chain[: self.settings.feedback_max_blocks]
+            self.spawn(self._correct(model, worker, chain, now, 0, after if chain else None))
+        return True
 
     def _witness(
         self, model: str, worker: str, chain: list[int], pos: int, before: float

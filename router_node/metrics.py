@@ -285,6 +285,14 @@ class Metrics:
             ("model", "worker"),
             registry=r,
         )
+        self.index_refused_clears = Counter(
+            "kvrouter_index_refused_clears_total",
+            "engine outages seen as refused connections, on a request or a health check "
+            "(KVR_FEEDBACK_REFUSED_CLEAR): the worker's records last used before the refusal "
+            "were dropped, by model and worker",
+            ("model", "worker"),
+            registry=r,
+        )
         self.index_lru_cut_blocks = Counter(
             "kvrouter_index_lru_cut_blocks_total",
             "of those, records dropped because they were last used before a block the engine "

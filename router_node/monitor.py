@@ -18,6 +18,7 @@ import time
 import aiohttp
 
 from kvrouter.discovery.base import EndpointSource
+from router_node.feedback import Feedback, connection_refused
 from router_node.metrics import Metrics
 from router_node.registry import read_registry
 from router_node.settings import RouterSettings
@@ -70,8 +71,12 @@ class Monitor:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         source: EndpointSource | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
+        """`feedback`: told of health checks a worker refused (an engine outage: its records
+        are dropped) or passed."""
         self.settings = settings
+        self.feedback = feedback
         self.source = source
         self.pool = pool
         self.shared = shared
@@ -128,8 +133,13 @@ class Monitor:
             async with self.session.get(f"{worker.url}/health", timeout=timeout) as resp:
                 ok = resp.status == 200
                 await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ok = False
+            if self.feedback is not None and connection_refused(exc):
+                self.feedback.refused(worker.id, worker.models_among(self.settings.models))
+        else:
+            if self.feedback is not None:
+                self.feedback.answered(worker.id)
         if ok != worker.healthy:
             log.info("worker %s %s", worker.id, "healthy" if ok else "failed its health check")
         self.pool.record_check(worker, ok)
@@ -266,11 +276,8 @@ class Monitor:
             self.metrics.inflight.labels(w.id).set(w.inflight)
         for w in self.pool.due_for_clearing(now):
             done = True
-            namespaces = dict.fromkeys(self.settings.models)
-            namespaces.update(dict.fromkeys(sorted(w.listed or ())))
-            for model in namespaces:
-                if w.serves(model):
-                    done = await self.shared.clear_worker(model, w.id) and done
+            for model in w.models_among(self.settings.models):
+                done = await self.shared.clear_worker(model, w.id) and done
             if done or not self.shared.enabled:
                 w.cleared = True
                 self.metrics.cleared.labels(w.id).inc()

@@ -48,7 +48,7 @@ from router_node.errors import (
     sse_error_event,
     unavailable,
 )
-from router_node.feedback import Feedback
+from router_node.feedback import Feedback, connection_refused
 from router_node.metrics import Metrics
 from router_node.request import CHAT, COMPLETIONS, ParsedRequest
 from router_node.routing import Plan
@@ -382,10 +382,13 @@ class Proxy:
                             headers=headers,
                             timeout=self.timeout,
                         )
+                        self.feedback.answered(worker.id)
                         answer = await resp.read()
                     except UPSTREAM_ERRORS as exc:
                         detail = f"{type(exc).__name__}: {exc}"
-                        self._unanswered(req, plan, worker, lease, racing, "prefill", detail)
+                        self._unanswered(
+                            req, plan, worker, lease, racing, "prefill", detail, exc=exc
+                        )
                         span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                         continue
                     self.metrics.worker_requests.labels(worker.id).inc()
@@ -524,11 +527,16 @@ class Proxy:
         racing: int,
         kind: str,
         detail: str,
+        exc: BaseException | None = None,
     ) -> APIError:
         """`_fail` for a failure before any answer (refused, reset, a retryable status, an
         empty stream or one that opens with an error): the engine never computed the prompt,
-        so feedback also drops what the attempt's dispatch recorded there (once it landed)."""
+        so feedback also drops what the attempt's dispatch recorded there (once it landed).
+        A refused connection (`exc`) is an outage: feedback drops the worker's records."""
         self.feedback.unanswered(req.model, worker.id, plan, racing, after=lease.recorded)
+        if exc is not None and connection_refused(exc):
+            models = worker.models_among(self.settings.models)
+            self.feedback.refused(worker.id, models, (req.model, plan), after=lease.recorded)
         return self._fail(worker, kind, detail)
 
     def _aborted_in(
@@ -646,9 +654,9 @@ class Proxy:
             try:
                 resp = await self.session.post(url, data=raw, headers=headers, timeout=self.timeout)
             except UPSTREAM_ERRORS as exc:
-                return self._unanswered(
-                    req, plan, worker, lease, racing, "connect", f"{type(exc).__name__}: {exc}"
-                )
+                detail = f"{type(exc).__name__}: {exc}"
+                return self._unanswered(req, plan, worker, lease, racing, "connect", detail, exc)
+            self.feedback.answered(worker.id)
             if resp.status in RETRY_STATUSES:
                 return self._unanswered(
                     req, plan, worker, lease, racing, "status", f"HTTP {resp.status}"

@@ -198,6 +198,12 @@ class RouterSettings(SharedSettings):
         "5xx code, the connection dropped mid-stream) is an engine restart or death: drop the "
         "worker's records last used before it (a restarted engine's cache is empty)",
     )
+    feedback_refused_clear: Bool = setting(
+        True,
+        "with feedback_heal: a worker that refuses a connection (nothing listens: its engine "
+        "is down, restarting or gone) has lost its cache: drop its records last used before "
+        "the refusal, once per outage (until it answers again)",
+    )
     feedback_max_blocks: Int = setting(
         1024,
         "most blocks one feedback correction drops from the chain (the first one, marked a "

@@ -113,6 +113,13 @@ class Worker:
         names = self.listed if self.listed is not None else self.models
         return not names or model in names
 
+    def models_among(self, configured: Iterable[str]) -> list[str]:
+        """The models whose records this worker may hold: the configured ones and the ones
+        it lists, that it serves."""
+        names = dict.fromkeys(configured)
+        names.update(dict.fromkeys(sorted(self.listed or ())))
+        return [m for m in names if self.serves(m)]
+
     @property
     def wildcard(self) -> bool:
         """True when nothing says which models it serves (taken to serve every model)."""

@@ -8,9 +8,12 @@ worker that served most of it then drops its whole prefix cache without a word
 was running fail, as a restarted engine's do); the rest of the trace follows. With `--restart
 busy` (the default) the worker restarts a few seconds into the second part, while requests
 flow, and the misroutes counted are those sent after the restart; with `--restart idle` it
-restarts between the parts, when it runs nothing, so no aborted request shows the restart
-and only the reported cached tokens can. The `feedback` variant heals from aborts at once
-(KVR_FEEDBACK_ABORT_CLEAR); `feedback_usage` shows what the reported cached tokens alone do.
+restarts between the parts, when it runs nothing, so no aborted request shows the restart.
+`--down-s` closes its port for that long (1 s by default when busy, 0 when idle: a restart
+that takes no time, which only the reported cached tokens can show). The `feedback` variant
+heals from aborts (KVR_FEEDBACK_ABORT_CLEAR) and refused connections
+(KVR_FEEDBACK_REFUSED_CLEAR) at once; `feedback_usage` shows what the reported cached tokens
+alone do.
 
 A request is *misrouted* to the restarted worker when the router matched more whole blocks
 there than the engine reports cached (``x-kvrouter-matched-tokens`` against
@@ -49,11 +52,13 @@ HEAL_CAPACITY_TOKENS = 16_000_000
 tokens) on each worker: with KV events off the index never hears of a capacity eviction, so
 smaller caches add misroutes that have nothing to do with the restart."""
 VARIANTS: dict[str, tuple[tuple[str, str], ...]] = {
-    # Everything on (the defaults): aborted streams, then reported cached tokens.
+    # Everything on (the defaults): aborted streams, refused connections, then reported
+    # cached tokens.
     "feedback": (
         ("KVR_FEEDBACK_HEAL", "true"),
         ("KVR_FEEDBACK_LRU_CUT", "true"),
         ("KVR_FEEDBACK_ABORT_CLEAR", "true"),
+        ("KVR_FEEDBACK_REFUSED_CLEAR", "true"),
     ),
     # Reported cached tokens only, with the LRU cut: what heals a loss that aborts nothing
     # (a restart that found the engine idle, lost eviction notices).
@@ -61,12 +66,14 @@ VARIANTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("KVR_FEEDBACK_HEAL", "true"),
         ("KVR_FEEDBACK_LRU_CUT", "true"),
         ("KVR_FEEDBACK_ABORT_CLEAR", "false"),
+        ("KVR_FEEDBACK_REFUSED_CLEAR", "false"),
     ),
     # Corrections of the chain only: each stale chain costs a misrouted request.
     "feedback_chain": (
         ("KVR_FEEDBACK_HEAL", "true"),
         ("KVR_FEEDBACK_LRU_CUT", "false"),
         ("KVR_FEEDBACK_ABORT_CLEAR", "false"),
+        ("KVR_FEEDBACK_REFUSED_CLEAR", "false"),
     ),
     "no_feedback": (("KVR_FEEDBACK_HEAL", "false"),),
 }
@@ -182,7 +189,7 @@ async def run_variant(
         url = next(w.url for w in stack.fleet.workers if w.id == victim)
 
         async def restart() -> int:
-            down = args.down_s if args.restart == "busy" else 0.0
+            down = args.down_s
             restart_url = f"{url}/admin/restart?down_s={down}"
             async with aiohttp.ClientSession() as http, http.post(restart_url) as r:
                 if r.status != 200:
@@ -229,10 +236,11 @@ async def run_variant(
         variant=name,
         restarted_worker=victim,
         restart=args.restart,
-        down_s=args.down_s if args.restart == "busy" else 0.0,
+        down_s=args.down_s,
         restart_at_s=round(restart_at, 3),
         aborted_at_restart=aborted,
         abort_clears=_counter(text, "kvrouter_index_abort_clears_total"),
+        refused_clears=_counter(text, "kvrouter_index_refused_clears_total"),
         warm_requests=cut,
         requests_after=len(after),
         failed_after=sum(1 for r in after if not r.ok),
@@ -278,9 +286,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--down-s",
         type=float,
-        default=1.0,
-        help="busy: real seconds the restarting worker refuses requests (a restart takes "
-        "time: the engine reloads its model); 0: it takes new requests at once",
+        default=None,
+        help="real seconds the restarting worker's port is closed (a restart takes time: the "
+        "engine reloads its model); 0: it takes new requests at once (default: 1 for busy, "
+        "0 for idle)",
     )
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS)
@@ -294,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}")
     if not 0 < args.restart_at < 1:
         raise SystemExit("--restart-at: must be between 0 and 1")
+    if args.down_s is None:
+        args.down_s = 1.0 if args.restart == "busy" else 0.0
     if args.restart_after_s < 0 or args.down_s < 0:
         raise SystemExit("--restart-after-s, --down-s: must be >= 0")
     limit = args.limit or (QUICK_LIMIT if args.quick else DEFAULT_LIMIT)
@@ -306,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r['misrouted']} of {r['requests_to_worker']}",
             f"{r['races']}",
             f"{r['misrouted_after_first_answer']}",
-            f"{r['aborted_at_restart']} / {r['abort_clears']:g}",
+            f"{r['aborted_at_restart']} / {r['abort_clears']:g} / {r['refused_clears']:g}",
             f"last at #{r['last_misroute_at']}, corrections {r['corrections_before_restart']:g}"
             f" before / {r['corrections_after_restart']:g} after the restart",
         )
@@ -319,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
             "misrouted to the restarted worker",
             "races (not counted)",
             "of them sent after the first misrouted one answered",
-            "aborted at the restart / abort clears",
+            "aborted at the restart / abort clears / refused clears",
             "healing",
         ),
     )

@@ -14,6 +14,7 @@ Loopback only; every wait is bounded; nothing asserts on durations.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,8 @@ import pytest
 
 from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import ResidencyIndex
-from router_node.feedback import Feedback, common_prefix
+from kvrouter.redisproc import free_port
+from router_node.feedback import Feedback, common_prefix, connection_refused
 from router_node.metrics import Metrics
 from router_node.routing import Plan
 from router_node.scoring import Decision
@@ -362,3 +364,53 @@ async def test_a_correction_waits_for_the_dispatch_record_it_corrects(
     landed.set()
     await asyncio.gather(recorded, *spawned)
     assert (await idx.lookup(MODEL, keys)).depths == {}
+
+
+async def test_connection_refused_tells_a_closed_port_from_other_failures() -> None:
+    port = free_port()  # nothing listens there
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientConnectorError) as caught:
+            await http.get(f"http://127.0.0.1:{port}/health")
+    assert connection_refused(caught.value)
+    assert connection_refused(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    assert not connection_refused(aiohttp.ServerDisconnectedError())
+    assert not connection_refused(ConnectionResetError(errno.ECONNRESET, "reset"))
+    assert not connection_refused(TimeoutError())
+
+
+async def test_a_refused_connection_drops_the_workers_records_once_per_outage(
+    rig: Rig, redis_client: Any
+) -> None:
+    """The first refusal drops every record of the worker last used before it; refusals
+    until the worker answers again are the same outage; after an answer, a new one drops
+    again (what was recorded since)."""
+    feedback, metrics, spawned = rig.feedback, rig.metrics, rig.spawned
+    keys = BlockHasher(MODEL, B).keys(PROMPT)
+    idx = ResidencyIndex(redis_client)
+    await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
+    await idx.record(MODEL, "v", keys, ttl_new_ms=600_000)
+    await asyncio.sleep(0.01)  # the records' last access is before the refusal
+    assert feedback.refused("w", [MODEL])
+    await asyncio.gather(*spawned)
+    assert (await idx.lookup(MODEL, keys)).depths == {"v": len(keys)}
+    await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
+    assert not feedback.refused("w", [MODEL])  # the same outage: nothing more dropped
+    await asyncio.gather(*spawned)
+    assert (await idx.lookup(MODEL, keys)).depths["w"] == len(keys)
+    feedback.answered("w")
+    await asyncio.sleep(0.01)
+    assert feedback.refused("w", [MODEL])  # a new outage
+    await asyncio.gather(*spawned)
+    assert "w" not in (await idx.lookup(MODEL, keys)).depths
+    text = metrics.render()
+    assert 'kvrouter_index_refused_clears_total{model="sim-model",worker="w"} 2.0' in text
+
+
+async def test_refused_clear_is_a_setting(redis_url: str) -> None:
+    settings = RouterSettings(
+        redis_url=redis_url, models=(MODEL,), workers=(), feedback_refused_clear=False
+    )
+    metrics = Metrics()
+    spawned: list[Any] = []
+    feedback = Feedback(settings, SharedIndex(settings, metrics), metrics, spawned.append)
+    assert not feedback.refused("w", [MODEL]) and not spawned

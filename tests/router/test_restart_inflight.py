@@ -170,3 +170,63 @@ async def test_a_restart_that_aborts_a_running_stream_drops_the_workers_records(
     finally:
         await client.close()
         await router.close()
+
+
+@pytest.mark.parametrize("refused_clear", [True, False], ids=["refused-clear", "off"])
+async def test_an_idle_restart_with_downtime_is_healed_before_any_request(
+    slow_fleet: dict[str, Any], redis_url: str, redis_client: Any, refused_clear: bool
+) -> None:
+    """An engine that restarts while idle aborts nothing; while it is down its port refuses
+    connections, which the router's health check sees: its records go before any request is
+    sent to the empty cache (KVR_FEEDBACK_REFUSED_CLEAR), once for the whole outage."""
+    workers = slow_fleet["workers"]
+    router = await fresh_router(
+        workers,
+        redis_url=redis_url,
+        models=(MODEL,),
+        health_interval_s=0.1,
+        feedback_refused_clear=refused_clear,
+    )
+    client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
+    idx = ResidencyIndex(redis_client)
+    earlier = BlockHasher(MODEL, B).keys(EARLIER)
+    try:
+        done = await client.completions.with_raw_response.create(
+            model=MODEL, prompt=EARLIER, max_tokens=2
+        )
+        first = done.headers["x-kvrouter-worker"]
+        await settle(router)
+        assert (await idx.lookup(MODEL, earlier)).depths.get(first) == len(earlier)
+        url = next(w["url"] for w in workers if w["id"] == first)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url + "/admin/restart?down_s=1.0") as r:
+                assert r.status == 200 and (await r.json())["aborted"] == 0
+
+            async def clears() -> float:
+                async with http.get(router.url + "/metrics") as r:
+                    m = parse(await r.text())
+                name = "kvrouter_index_refused_clears_total"
+                return m.value(name, model=MODEL, worker=first) if m.has(name) else 0.0
+
+            deadline = time.monotonic() + 5
+            if refused_clear:
+                while first in (await idx.lookup(MODEL, earlier)).depths:
+                    assert time.monotonic() < deadline, "the outage never dropped the records"
+                    await asyncio.sleep(0.05)
+            # Back up: several health checks refused in between, one clear.
+            while True:
+                try:
+                    async with http.get(url + "/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "the worker did not come back"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # a passing check ends the outage for the router too
+            assert await clears() == (1.0 if refused_clear else 0.0)
+        if not refused_clear:
+            assert (await idx.lookup(MODEL, earlier)).depths.get(first) == len(earlier)
+    finally:
+        await client.close()
+        await router.close()

@@ -46,20 +46,23 @@ def sim_process(workdir: Path, *args: str, timeout_s: float = 60.0) -> Iterator[
 async def fresh_router(workers: list[dict[str, Any]], **settings: Any) -> RouterServer:
     """Empty the simulated `workers`' prefix caches (a module's fleet: each test starts cold),
     then start a router on them (static discovery, no health probes, its model list read
-    every 0.1 s, seeded randomness) with `settings` on top; the caller closes it."""
+    every 0.1 s, seeded randomness; `settings` override these and add to them); the caller
+    closes it."""
     async with aiohttp.ClientSession() as http:
         for w in workers:
             async with http.post(w["url"] + "/admin/reset_prefix_cache") as r:
                 assert r.status == 200
+    defaults: dict[str, Any] = {
+        "health_interval_s": 0,
+        "models_interval_s": 0.1,
+        "discovery": "static",
+    }
     router = RouterServer(
         RouterSettings(
             host="127.0.0.1",
             port=0,
             workers=tuple(WorkerSpec.parse(f"{w['id']}={w['url']}") for w in workers),
-            health_interval_s=0,
-            models_interval_s=0.1,
-            discovery="static",
-            **settings,
+            **{**defaults, **settings},
         ),
         rng=random.Random(0),
     )
