@@ -72,7 +72,9 @@ first refusal of an outage, seen on a request or on the monitor's health check
 an engine that restarts while idle is healed before any request lands on it. The outage ends
 when the worker answers again (a response, a passing health check); later refusals in the
 same outage drop nothing more. What it costs when the cache survived (only the HTTP server
-restarted): that worker's affinity until its prefixes are dispatched there again.
+restarted): that worker's affinity until its prefixes are dispatched there again. A request
+routed there before such a clear (an abort's or a refusal's) had run, that then fails there,
+drops its whole chain: its dispatch refreshed the dead engine's records after the clear's cut.
 
 The logic is here, behind a few calls (`dispatched`, `observe_body`, `finished`), so any front
 end that reads a response's usage can use it.
@@ -174,6 +176,9 @@ class Feedback:
         # worker -> when a refusal last dropped its records; when it last answered.
         self._down: dict[str, float] = {}
         self._up: dict[str, float] = {}
+        # (model, worker) -> restart clears running; when the last one finished.
+        self._clearing: dict[tuple[str, str], int] = {}
+        self._cleared: dict[tuple[str, str], float] = {}
 
     def dispatched(self, model: str, worker: str, plan: Plan) -> int:
         """A request with `plan` was sent to `worker`: returns how many leading blocks of its
@@ -220,6 +225,14 @@ class Feedback:
         if not (self.settings.feedback_heal and plan.indexed):
             return
         start = max(plan.depths.get(worker, 0), racing)
+        flight = self._flight(model, worker, plan)
+        key = (model, worker)
+        if self._clearing.get(key) or (
+            flight is not None and flight.sent <= self._cleared.get(key, -1.0)
+        ):
+            # Routed before a restart's clear had run: the depth it matched there is the dead
+            # engine's, and its dispatch refreshed those records after the clear's cut.
+            start = 0
         stale = plan.chain[start:][: self.settings.feedback_max_blocks]
         if stale:
             self.spawn(self._correct(model, worker, stale, 0.0, 0, after))
@@ -251,7 +264,7 @@ class Feedback:
             model,
         )
         chain = plan.chain[: self.settings.feedback_max_blocks] if plan.indexed else []
-        self.spawn(self._correct(model, worker, chain, now, 0, after))
+        self.spawn(self._clear(model, worker, chain, now, after))
 
     def answered(self, worker: str) -> None:
         """`worker` answered (a response opened, a health check passed): an outage is over."""
@@ -282,13 +295,11 @@ class Feedback:
             worker,
         )
         for model in dict.fromkeys([*models, *([plan[0]] if plan else [])]):
-            key = (model, worker)
-            self._completed.pop(key, None)
             self.metrics.index_refused_clears.labels(model, worker).inc()
             chain: list[int] = []
             if plan is not None and plan[0] == model and plan[1].indexed:
                 chain = plan[1].chain[: self.settings.feedback_max_blocks]
-            self.spawn(self._correct(model, worker, chain, now, 0, after if chain else None))
+            self.spawn(self._clear(model, worker, chain, now, after if chain else None))
         return True
 
     def _witness(
@@ -358,6 +369,26 @@ class Feedback:
         if stale:
             # Block i of a record scores its dispatch - i us (transport.RecordCall).
             self.spawn(self._correct(model, worker, stale, cut, engine_blocks))
+
+    async def _clear(
+        self,
+        model: str,
+        worker: str,
+        chain: list[int],
+        cut: float,
+        after: Awaitable[Any] | None,
+    ) -> None:
+        """A restart's clear (`_correct` with a cut at `cut`), its progress kept so that a
+        request routed before it ran drops its whole chain when it fails (`unanswered`)."""
+        key = (model, worker)
+        self._clearing[key] = self._clearing.get(key, 0) + 1
+        try:
+            await self._correct(model, worker, chain, cut, 0, after)
+        finally:
+            self._clearing[key] -= 1
+            if not self._clearing[key]:
+                del self._clearing[key]
+            self._cleared[key] = time.monotonic()
 
     async def _correct(
         self,

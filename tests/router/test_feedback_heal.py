@@ -414,3 +414,36 @@ async def test_refused_clear_is_a_setting(redis_url: str) -> None:
     spawned: list[Any] = []
     feedback = Feedback(settings, SharedIndex(settings, metrics), metrics, spawned.append)
     assert not feedback.refused("w", [MODEL]) and not spawned
+
+
+async def test_a_request_routed_before_a_restart_clear_drops_its_whole_chain_on_failure(
+    rig: Rig, redis_client: Any
+) -> None:
+    """A request matched the dead engine's records before the restart's clear ran; its
+    dispatch refreshed them after the clear's cut, then it failed (the worker was down). The
+    blocks it matched go too, not only those past its match: otherwise they outlive the
+    clear and attract their conversations to the empty cache."""
+    feedback, spawned = rig.feedback, rig.spawned
+    keys = BlockHasher(MODEL, B).keys(PROMPT)
+    idx = ResidencyIndex(redis_client)
+    depth = len(keys) // 2
+    await idx.record(MODEL, "w", keys[:depth], ttl_new_ms=600_000)
+    decision = Decision(policy="kv", reason="prefix", ranking=("w",))
+    plan = Plan(decision, keys, USEFUL, depths={"w": depth}, indexed=True, block_size=B)
+    racing = feedback.dispatched(MODEL, "w", plan)
+    await asyncio.sleep(0.01)
+    assert feedback.refused("w", [MODEL])  # another request met the closed port
+    await asyncio.gather(*spawned)
+    # This request's dispatch lands after the clear, then its connection is refused too.
+    await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
+    feedback.unanswered(MODEL, "w", plan, racing)
+    feedback.finished(MODEL, "w", plan)
+    await asyncio.gather(*spawned)
+    assert "w" not in (await idx.lookup(MODEL, keys)).depths
+    # A request routed after the clear keeps what it matched when it fails.
+    await idx.record(MODEL, "w", keys[:depth], ttl_new_ms=600_000)
+    later = Plan(decision, keys, USEFUL, depths={"w": depth}, indexed=True, block_size=B)
+    feedback.unanswered(MODEL, "w", later, feedback.dispatched(MODEL, "w", later))
+    feedback.finished(MODEL, "w", later)
+    await asyncio.gather(*spawned)
+    assert (await idx.lookup(MODEL, keys)).depths == {"w": depth}
