@@ -24,8 +24,8 @@ ARGV[2]  the chain's blocks from the first one the engine did not have, in chain
 ARGV[3]  now, ms since the epoch (0 = the Redis server clock)
 ARGV[4]  the cut, us since the epoch on the clock the records' last accesses were written
          with: also drop records last accessed before it (0 = only the chain)
-ARGV[5]  most records older than the cut to drop in this call (the caller calls again while
-         it gets this many: one call stays short)
+ARGV[5]  most records older than the cut to drop in this call, the most recently used first
+         (the caller calls again while it gets this many: one call stays short)
 
 Returns  {records of the chain removed (0 when a replica already corrected the same chain),
           records older than the cut removed}
@@ -58,7 +58,9 @@ if #hexes > 0 then
 end
 local older = 0
 if cut > 0 then
-  local old = redis.call('ZRANGEBYSCORE', lru_key, '-inf', '(' .. cut, 'LIMIT', 0, limit)
+  -- Newest first: a restart's clear takes several calls, and the records used last are the
+  -- ones the next lookups are most likely to match.
+  local old = redis.call('ZREVRANGEBYSCORE', lru_key, '(' .. cut, '-inf', 'LIMIT', 0, limit)
   if #old > 0 then
     batches(old, 1, 'ZREM', lru_key)
     older = batches(old, 1, 'ZREM', wrk_key)

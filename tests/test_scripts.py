@@ -155,6 +155,11 @@ async def test_correct_chain_with_a_cut_drops_what_lru_implies_is_gone(
     now, cut_us = T0 + 11_000, (T0 + 2_500) * 1000
     got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, cut_us=cut_us, limit=10)
     assert got == (6, 10)
+    # The most recently used go first (a clear takes several calls; the next lookups most
+    # likely match those): the chain of T0 + 2 s, then the first two blocks of T0 + 1 s's.
+    assert (await idx.lookup(M, old[2], now_ms=now)).depths == {"w2": 8}
+    assert (await idx.lookup(M, old[1], now_ms=now)).depths == {"w2": 8}
+    assert (await idx.lookup(M, old[0], now_ms=now)).depths == {"w1": 8, "w2": 8}
     got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, cut_us=cut_us, limit=10)
     assert got == (0, 10)
     got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, cut_us=cut_us, limit=10)
