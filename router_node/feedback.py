@@ -50,6 +50,14 @@ while the engine still holds it costs that prefix's affinity until its next disp
 never a misroute. Witnesses are the last ``WITNESSES`` requests per worker this replica saw
 complete.
 
+**A loss too small for an eviction is an emptied cache.** The witnessed block is evicted only
+once blocks used after the witness was sent fill the engine's cache. When the worker's records
+used since fill less than ``KVR_FEEDBACK_RESET_FILL`` of its known capacity, the engine emptied
+its cache instead (a restart, a reset), and every chain used after the witness is stale too:
+the cut moves to when the request that showed the loss was sent (`_emptied`). The share leaves
+room for blocks the records do not see (outputs, traffic that bypasses the router); when it
+is wrong, the cost is affinity, never a misroute.
+
 **An aborted stream is a restart.** Engines abort the requests they are running when they
 restart or die (vLLM's engine-dead error, the simulator's restart: an error event in a stream
 that had opened, or the connection dropped mid-stream), and a restarted engine's cache is
@@ -162,10 +170,12 @@ class Feedback:
         shared: SharedIndex,
         metrics: Metrics,
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+        capacity: Callable[[str], int] | None = None,
     ) -> None:
         """`spawn` starts a background task the app drains at shutdown (corrections run off
-        the request path)."""
+        the request path); `capacity`: a worker's KV capacity in router blocks (0 = unknown)."""
         self.settings = settings
+        self.capacity = capacity or (lambda worker: 0)
         self.shared = shared
         self.metrics = metrics
         self.spawn = spawn
@@ -370,7 +380,8 @@ class Feedback:
         stale = stale[: self.settings.feedback_max_blocks]
         if stale:
             # Block i of a record scores its dispatch - i us (transport.RecordCall).
-            self.spawn(self._correct(model, worker, stale, cut, engine_blocks))
+            reset_at = flight.sent if witness is not None and flight is not None else 0.0
+            self.spawn(self._correct(model, worker, stale, cut, engine_blocks, reset_at=reset_at))
 
     async def _clear(
         self,
@@ -392,6 +403,37 @@ class Feedback:
                 del self._clearing[key]
             self._cleared[key] = time.monotonic()
 
+    async def _emptied(self, model: str, worker: str, cut_us: int, reset_at: float) -> bool:
+        """Whether a block `worker`'s engine held at `cut_us` (a witness's dispatch) is gone
+        because the engine emptied its cache, not because it evicted the block: an LRU engine
+        evicts a block only once blocks used after it fill its cache, so when the worker's
+        records used since fill less than ``feedback_reset_fill`` of its capacity, the cache
+        was emptied (a restart, a reset). Outputs' blocks and traffic that bypasses the router
+        are not in the records: the share leaves room for them. Unknown capacity: False."""
+        capacity = self.capacity(worker)
+        fill = self.settings.feedback_reset_fill
+        if not capacity or not fill:
+            return False
+        used = await self.shared.used_since(model, worker, cut_us)
+        if used is None or used >= fill * capacity:
+            return False
+        key = (model, worker)
+        done = self._completed.get(key)
+        if done:
+            # What completed before the restart witnesses nothing about the new engine.
+            self._completed[key] = deque((f for f in done if f.sent >= reset_at), WITNESSES)
+        self.metrics.index_reset_clears.labels(model, worker).inc()
+        log.warning(
+            "worker %s lost a block its engine held, with %d blocks used since (capacity %d): "
+            "taken for an emptied cache, its records of %s last used before the request that "
+            "showed it are dropped",
+            worker,
+            used,
+            capacity,
+            model,
+        )
+        return True
+
     async def _correct(
         self,
         model: str,
@@ -400,10 +442,14 @@ class Feedback:
         cut: float,
         offset_us: int,
         after: Awaitable[Any] | None = None,
+        *,
+        reset_at: float = 0.0,
     ) -> None:
         """Drop `stale` and, when `cut` (a time.monotonic() instant) is set, the worker's
         records last accessed more than `offset_us` before it, in bounded calls; once `after`
-        (the dispatch that wrote them) is done, whatever its outcome."""
+        (the dispatch that wrote them) is done, whatever its outcome. `reset_at`: when the
+        request that showed the loss was sent; the cut moves there when the loss cannot be an
+        eviction (`_emptied`)."""
         if after is not None:
             await asyncio.wait([asyncio.ensure_future(after)])
         cut_us = 0
@@ -411,8 +457,11 @@ class Feedback:
             now_us = await self.shared.server_now_us()
             if now_us is None:
                 return  # Redis is down: the correction is dropped, the TTL still applies.
+            now = time.monotonic()
             # The instant on the clock the records' last accesses were written with.
-            cut_us = now_us - int((time.monotonic() - cut) * 1e6) - offset_us
+            cut_us = now_us - int((now - cut) * 1e6) - offset_us
+            if reset_at and await self._emptied(model, worker, cut_us, reset_at):
+                cut_us = now_us - int((now - reset_at) * 1e6)
         started = time.monotonic()
         limit = self.settings.feedback_max_blocks
         removed = older = 0

@@ -285,6 +285,15 @@ class Metrics:
             ("model", "worker"),
             registry=r,
         )
+        self.index_reset_clears = Counter(
+            "kvrouter_index_reset_clears_total",
+            "lost blocks taken for an emptied engine cache (KVR_FEEDBACK_RESET_FILL): the "
+            "worker's records used since the block was last seen held fill too little of its "
+            "capacity for an eviction, so its records last used before the request that showed "
+            "the loss were dropped, by model and worker",
+            ("model", "worker"),
+            registry=r,
+        )
         self.index_refused_clears = Counter(
             "kvrouter_index_refused_clears_total",
             "engine outages seen as refused connections, on a request or a health check "

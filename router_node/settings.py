@@ -198,6 +198,16 @@ class RouterSettings(SharedSettings):
         "5xx code, the connection dropped mid-stream) is an engine restart or death: drop the "
         "worker's records last used before it (a restarted engine's cache is empty)",
     )
+    feedback_reset_fill: float = setting(
+        0.25,
+        "with feedback_lru_cut: a lost block the worker's engine had held is taken for an "
+        "emptied cache (a restart, a cache reset) when the worker's records used since fill "
+        "less than this share of its known capacity, since an LRU engine evicts a block only "
+        "once newer ones fill the cache; then drop every record of the worker last used before "
+        "the request that showed it (0 = never; needs the worker's capacity)",
+        ge=0,
+        le=1,
+    )
     feedback_refused_clear: Bool = setting(
         True,
         "with feedback_heal: a worker that refuses a connection (nothing listens: its engine "

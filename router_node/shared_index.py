@@ -234,6 +234,17 @@ class SharedIndex:
             self.mark_down("correct_chain", exc)
             return None
 
+    async def used_since(self, model: str, worker: str, since_us: int) -> int | None:
+        """Feedback: how many of `worker`'s records were last accessed at or after `since_us`
+        (``server_now_us``'s clock); None when Redis is down."""
+        if not self.up or self.index is None:
+            return None
+        try:
+            return await self.index.used_since(model, worker, since_us)
+        except REDIS_FAILURES as exc:
+            self.mark_down("used_since", exc)
+            return None
+
     async def server_now_us(self) -> int | None:
         """Now on the clock the router writes last accesses with (the Redis server's, us);
         None when Redis is down."""

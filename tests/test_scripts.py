@@ -153,6 +153,9 @@ async def test_correct_chain_with_a_cut_drops_what_lru_implies_is_gone(
     # At T0 + 11 s the engine lacks hot[2:]; the cut is T0 + 2.5 s: the chains accessed at
     # T0, T0 + 1 s and T0 + 2 s go (24 records), 10 at a time.
     now, cut_us = T0 + 11_000, (T0 + 2_500) * 1000
+    # What feedback weighs against the worker's capacity: blocks used since the cut.
+    assert await idx.used_since(M, "w1", cut_us) == 8 + 8 + 8
+    assert await idx.used_since(M, "w2", cut_us) == 8 + 8
     got = await idx.correct_chain(M, "w1", hot[2:], now_ms=now, cut_us=cut_us, limit=10)
     assert got == (6, 10)
     # The most recently used go first (a clear takes several calls; the next lookups most

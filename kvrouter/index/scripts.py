@@ -442,6 +442,14 @@ class ResidencyIndex:
         )
         return cast(tuple[int, int], await self._call(call))
 
+    async def used_since(self, model: str, worker: str, since_us: int) -> int:
+        """How many of `worker`'s records were last accessed at or after `since_us` (us on the
+        clock the records' last accesses were written with, ``server_now_us``): the blocks
+        the router has seen that worker's engine use since then (one ZCOUNT)."""
+        k = self.keys(model)
+        since = nonneg("since_us", since_us)
+        return int(await self.transport.client.zcount(k.lru(worker_arg(worker)), since, "+inf"))
+
     def clear_worker_call(self, model: str, worker: str) -> ScriptCall:
         k = self.keys(model)
         w = worker_arg(worker)

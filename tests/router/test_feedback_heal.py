@@ -313,6 +313,61 @@ async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(
     assert cut() == len(old)
 
 
+@pytest.mark.parametrize(
+    ("capacity", "emptied"),
+    [(1000, True), (40, False), (0, False)],
+    ids=["small", "full", "unknown"],
+)
+async def test_a_loss_too_small_for_an_eviction_empties_the_worker(
+    rig: Rig, redis_client: Any, capacity: int, emptied: bool
+) -> None:
+    """P1 completed through block 0 on w (a witness), then `new` was used there, then P2 finds
+    block 0 gone. An LRU engine evicts block 0 only once blocks used after P1 fill its cache:
+    with 1,000 blocks of capacity the 21 used since cannot, so the cache was emptied (a silent
+    restart) and `new` is stale too; every record used before P2 was sent goes, `later`
+    (recorded after) stays. With 40 blocks (21 fill more than a quarter of it) or an unknown
+    capacity, it is an eviction: the LRU cut keeps `new`."""
+    feedback, metrics, spawned = rig.feedback, rig.metrics, rig.spawned
+    feedback.capacity = lambda worker: capacity if worker == "w" else 0
+    hasher = BlockHasher(MODEL, B)
+    keys = hasher.keys(PROMPT)
+    old, new = hasher.keys(SIBLING[::-1]), hasher.keys(PROMPT[::-1])
+    later = hasher.keys(SIBLING[::2])
+    idx = ResidencyIndex(redis_client)
+
+    def plan(depth: int) -> Plan:
+        decision = Decision(policy="kv", reason="prefix", ranking=("w",))
+        depths = {"w": depth} if depth else {}
+        return Plan(decision, keys, USEFUL, depths=depths, indexed=True, block_size=B)
+
+    await idx.record(MODEL, "w", old, ttl_new_ms=600_000)
+    await asyncio.sleep(0.05)  # clear of the clocks' resolution
+    p1 = plan(0)
+    feedback.dispatched(MODEL, "w", p1)
+    await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
+    await asyncio.sleep(0.05)
+    feedback.observe(MODEL, "w", p1, 0)  # a cold prompt, computed: a witness
+    feedback.finished(MODEL, "w", p1)
+    await idx.record(MODEL, "w", new, ttl_new_ms=600_000)
+    await asyncio.sleep(0.05)
+    p2 = plan(len(keys))
+    feedback.dispatched(MODEL, "w", p2)
+    await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
+    await asyncio.sleep(0.05)
+    await idx.record(MODEL, "w", later, ttl_new_ms=600_000)
+    feedback.observe(MODEL, "w", p2, 0)
+    feedback.finished(MODEL, "w", p2)
+    await asyncio.gather(*spawned)
+    assert (await idx.lookup(MODEL, old)).depths == {}
+    assert (await idx.lookup(MODEL, keys)).depths == {}  # the chain's own correction
+    assert (await idx.lookup(MODEL, new)).depths == ({} if emptied else {"w": len(new)})
+    assert (await idx.lookup(MODEL, later)).depths == {"w": len(later)}
+    resets = metrics.registry.get_sample_value(
+        "kvrouter_index_reset_clears_total", {"model": MODEL, "worker": "w"}
+    )
+    assert resets == (1 if emptied else None)
+
+
 def test_error_event_status_reads_the_engines_error_shapes() -> None:
     from router_node.errors import error_event_status
 
