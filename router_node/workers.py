@@ -9,7 +9,8 @@ or Kubernetes EndpointSlices. Each has two independent health signals:
   ``eject_failures`` consecutive failures the circuit opens and the worker is ejected for
   ``eject_s``, doubling per repeated trip up to ``eject_max_s``. When the period ends the
   circuit is half-open: the worker takes requests again, the first success closes it, and
-  one more failure trips it at once.
+  one more failure trips it at once. Failures while it is ejected (requests sent before the
+  circuit opened) count nothing.
 
 A worker that has been unavailable for ``clear_grace_s`` has its residency cleared from the
 index (the monitor does it, once per outage): when it returns, its cache is likely gone.
@@ -223,7 +224,12 @@ class WorkerPool:
         worker.half_open = False
 
     def record_failure(self, worker: Worker, now: float) -> bool:
-        """Count an upstream failure; returns True when it opened the circuit."""
+        """Count an upstream failure; returns True when it opened the circuit. A failure while
+        the worker is ejected counts nothing: it is a request sent before the circuit opened
+        (an engine that restarts fails all it runs at once, and each would otherwise double
+        the ejection: a dozen aborted streams kept a worker back in 1 s out for a minute)."""
+        if now < worker.ejected_until:
+            return False
         worker.failures += 1
         if worker.half_open or worker.failures >= self.settings.eject_failures:
             period = min(self.settings.eject_s * (2**worker.trips), self.settings.eject_max_s)

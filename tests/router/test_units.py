@@ -44,6 +44,20 @@ def test_circuit_breaker_trips_doubles_and_half_opens() -> None:
     assert not pool.record_failure(a, now=71)  # closed again: needs two failures
 
 
+def test_failures_while_ejected_do_not_extend_the_ejection() -> None:
+    """An engine restart fails every request it runs at once: the first two open the circuit
+    (10 s); the other ten were sent before it opened and count nothing, so the worker is back
+    (half-open) after 10 s, not after eject_max_s."""
+    pool = WorkerPool(S)
+    a = pool.workers["a:1"]
+    tripped = [pool.record_failure(a, now=1 + i / 1000) for i in range(12)]
+    assert tripped == [False, True] + [False] * 10
+    assert a.ejected_until == 1.001 + 10 and a.trips == 1
+    assert a.state(11.5) == "half_open"
+    assert pool.record_failure(a, now=12)  # half-open: a new failure trips again, for 20 s
+    assert a.ejected_until == 32
+
+
 def test_outage_clock_and_clearing_once() -> None:
     pool = WorkerPool(S)
     a = pool.workers["a:1"]
