@@ -13,7 +13,7 @@ restarts between the parts, when it runs nothing, so no aborted request shows th
 that takes no time, which only the reported cached tokens can show). The `feedback` variant
 heals from aborts (KVR_FEEDBACK_ABORT_CLEAR) and refused connections
 (KVR_FEEDBACK_REFUSED_CLEAR) at once; `feedback_usage` shows what the reported cached tokens
-alone do.
+alone do (with the LRU cut and the inference of an emptied cache, KVR_FEEDBACK_RESET_FILL).
 
 A request is *misrouted* to the restarted worker when the router matched more whole blocks
 there than the engine reports cached (``x-kvrouter-matched-tokens`` against
@@ -241,6 +241,7 @@ async def run_variant(
         aborted_at_restart=aborted,
         abort_clears=_counter(text, "kvrouter_index_abort_clears_total"),
         refused_clears=_counter(text, "kvrouter_index_refused_clears_total"),
+        reset_clears=_counter(text, "kvrouter_index_reset_clears_total"),
         warm_requests=cut,
         requests_after=len(after),
         failed_after=sum(1 for r in after if not r.ok),
@@ -317,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
             f"{r['misrouted']} of {r['requests_to_worker']}",
             f"{r['races']}",
             f"{r['misrouted_after_first_answer']}",
-            f"{r['aborted_at_restart']} / {r['abort_clears']:g} / {r['refused_clears']:g}",
+            f"{r['aborted_at_restart']} / {r['abort_clears']:g} / {r['refused_clears']:g}"
+            f" / {r['reset_clears']:g}",
             f"last at #{r['last_misroute_at']}, corrections {r['corrections_before_restart']:g}"
             f" before / {r['corrections_after_restart']:g} after the restart",
         )
@@ -330,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
             "misrouted to the restarted worker",
             "races (not counted)",
             "of them sent after the first misrouted one answered",
-            "aborted at the restart / abort clears / refused clears",
+            "aborted at the restart / abort, refused, reset clears",
             "healing",
         ),
     )
