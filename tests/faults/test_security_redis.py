@@ -21,6 +21,7 @@ import redis
 from aiohttp import web
 
 from kvrouter.index.keys import KeySchema
+from kvrouter.index.scripts import ResidencyIndex
 from kvrouter.redisproc import RedisServer, free_port
 from router_node.registry import read_registry, register_worker
 from tests.support import faults
@@ -44,9 +45,10 @@ KVR_COMMANDS = (
     "+ping +hello +auth "
     # scripts: load and run ours only (no EVAL of arbitrary code)
     "+script|load +evalsha +evalsha_ro "
-    # called from inside the Lua scripts (ACLs apply there too)
+    # called from inside the Lua scripts (ACLs apply there too); zcount also by feedback
     "+exists +hdel +hget +hgetall +hincrby +hmget +hset +pexpire +pexpireat +time +unlink "
-    "+zadd +zcard +zmscore +zrangebyscore +zrem +zremrangebyrank +zremrangebyscore +zscore "
+    "+zadd +zcard +zcount +zmscore +zrangebyscore +zrem +zremrangebyrank +zremrangebyscore "
+    "+zrevrangebyscore +zscore "
     # listener: notices (pub/sub: the model's channel and every worker's own), ownership and
     # the registry read outside scripts
     "+subscribe +unsubscribe +psubscribe +punsubscribe +publish"
@@ -142,6 +144,8 @@ async def test_router_and_listener_over_tls_with_acl_user(
         c = connect(tls_redis.url())
         try:
             await publish_notice(c, faults.MODEL, "store", "w0", tokens=list(range(64)))
+            # Feedback's one read outside scripts (blocks used since a witness: ZCOUNT).
+            assert await ResidencyIndex(c).used_since(faults.MODEL, "w0", 0) >= 0
         finally:
             await c.aclose()
         stack.sim("w1").proc.kill()  # the clear path (clear_worker) runs too
