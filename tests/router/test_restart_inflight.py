@@ -23,6 +23,7 @@ import pytest
 from kvrouter.index.hashing import BlockHasher
 from kvrouter.index.scripts import ResidencyIndex
 from tests.router.conftest import settle
+from tests.support.faults import wait_http
 from tests.support.metrics import parse
 from tests.support.simproc import fresh_router, sim_process
 
@@ -128,6 +129,16 @@ async def test_a_stream_failed_by_a_restart_is_retried_and_its_records_dropped(
         await router.close()
 
 
+async def _warm(router: Any, client: openai.AsyncOpenAI) -> str:
+    """Send EARLIER once through `router`; returns the worker that computed it, once the
+    router has recorded it."""
+    done = await client.completions.with_raw_response.create(
+        model=MODEL, prompt=EARLIER, max_tokens=2
+    )
+    await settle(router)
+    return done.headers["x-kvrouter-worker"]
+
+
 async def test_a_restart_that_aborts_a_running_stream_drops_the_workers_records(
     slow_fleet: dict[str, Any], redis_url: str, redis_client: Any
 ) -> None:
@@ -139,11 +150,7 @@ async def test_a_restart_that_aborts_a_running_stream_drops_the_workers_records(
     idx = ResidencyIndex(redis_client)
     earlier = BlockHasher(MODEL, B).keys(EARLIER)
     try:
-        done = await client.completions.with_raw_response.create(
-            model=MODEL, prompt=EARLIER, max_tokens=2
-        )
-        first = done.headers["x-kvrouter-worker"]
-        await settle(router)
+        first = await _warm(router, client)
         url = next(w["url"] for w in workers if w["id"] == first)
         # The same prompt again follows its records; 300 decode steps of 10 ms keep it running.
         raw = await client.completions.with_raw_response.create(
@@ -191,11 +198,7 @@ async def test_an_idle_restart_with_downtime_is_healed_before_any_request(
     idx = ResidencyIndex(redis_client)
     earlier = BlockHasher(MODEL, B).keys(EARLIER)
     try:
-        done = await client.completions.with_raw_response.create(
-            model=MODEL, prompt=EARLIER, max_tokens=2
-        )
-        first = done.headers["x-kvrouter-worker"]
-        await settle(router)
+        first = await _warm(router, client)
         assert (await idx.lookup(MODEL, earlier)).depths.get(first) == len(earlier)
         url = next(w["url"] for w in workers if w["id"] == first)
         async with aiohttp.ClientSession() as http:
@@ -214,15 +217,7 @@ async def test_an_idle_restart_with_downtime_is_healed_before_any_request(
                     assert time.monotonic() < deadline, "the outage never dropped the records"
                     await asyncio.sleep(0.05)
             # Back up: several health checks refused in between, one clear.
-            while True:
-                try:
-                    async with http.get(url + "/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "the worker did not come back"
-                await asyncio.sleep(0.05)
+            await wait_http(url + "/health", limit_s=max(0.0, deadline - time.monotonic()))
             await asyncio.sleep(0.3)  # a passing check ends the outage for the router too
             assert await clears() == (1.0 if refused_clear else 0.0)
         if not refused_clear:
