@@ -3,8 +3,12 @@ runs as `kvrouter bench heal --quick`, figures in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+from prometheus_client import generate_latest
+
+from kvrouter.bench import heal_bench
 from kvrouter.bench.heal_bench import misroutes
 from kvrouter.sim.replay import RequestRecord
+from router_node.metrics import Metrics
 
 
 def rec(i: int, worker: str, matched: int, cached: int, status: int = 200) -> RequestRecord:
@@ -53,3 +57,14 @@ def test_a_shortfall_within_a_prefix_still_being_computed_is_a_race() -> None:
     assert misroutes(late, "w", 16, prompts, trace_block_tokens=512)["misrouted"] == 1
     # Without the prompts nothing is taken for a race.
     assert misroutes(records, "w", 16)["misrouted"] == 3
+
+
+def test_counter_sums_a_counter_over_its_labels() -> None:
+    """The bench reads the router's counters from its /metrics page: every label set summed,
+    the ``_created`` samples left out, 0 for a counter not on the page."""
+    metrics = Metrics()
+    metrics.index_abort_clears.labels("m", "w1").inc()
+    metrics.index_abort_clears.labels("m", "w2").inc(2)
+    text = generate_latest(metrics.registry).decode()
+    assert heal_bench._counter(text, "kvrouter_index_abort_clears_total") == 3.0
+    assert heal_bench._counter(text, "kvrouter_index_refused_clears_total") == 0.0
