@@ -104,6 +104,7 @@ from router_node.metrics import Metrics
 from router_node.routing import Plan
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
+from router_node.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +171,13 @@ class Feedback:
         shared: SharedIndex,
         metrics: Metrics,
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
-        capacity: Callable[[str], int] | None = None,
+        workers: Callable[[str], Worker | None] | None = None,
     ) -> None:
         """`spawn` starts a background task the app drains at shutdown (corrections run off
-        the request path); `capacity`: a worker's KV capacity in router blocks (0 = unknown)."""
+        the request path); `workers`: a worker by id (its capacity and models), for the
+        inference of an emptied cache."""
         self.settings = settings
-        self.capacity = capacity or (lambda worker: 0)
+        self.workers = workers or (lambda worker: None)
         self.shared = shared
         self.metrics = metrics
         self.spawn = spawn
@@ -407,16 +409,30 @@ class Feedback:
         """Whether a block `worker`'s engine held at `cut_us` (a witness's dispatch) is gone
         because the engine emptied its cache, not because it evicted the block: an LRU engine
         evicts a block only once blocks used after it fill its cache, so when the worker's
-        records used since fill less than ``feedback_reset_fill`` of its capacity, the cache
-        was emptied (a restart, a reset). Outputs' blocks and traffic that bypasses the router
+        records used since, of every model it serves (adapters have their own records and share
+        the cache), fill less than ``feedback_reset_fill`` of its capacity, the cache was
+        emptied (a restart, a reset), and the other models' records last used before
+        `reset_at` are dropped too. Outputs' blocks and traffic that bypasses the router
         are not in the records: the share leaves room for them. Unknown capacity: False."""
-        capacity = self.capacity(worker)
+        info = self.workers(worker)
+        capacity = info.capacity_blocks if info is not None else 0
         fill = self.settings.feedback_reset_fill
-        if not capacity or not fill:
+        if info is None or not capacity or not fill:
             return False
-        used = await self.shared.used_since(model, worker, cut_us)
-        if used is None or used >= fill * capacity:
-            return False
+        # Every model the worker serves (base models, adapters: each its own records) shares
+        # its cache.
+        models = list(dict.fromkeys([model, *info.models_among(self.settings.models)]))
+        used = 0
+        for m in models:
+            n = await self.shared.used_since(m, worker, cut_us)
+            if n is None:
+                return False
+            used += n
+            if used >= fill * capacity:
+                return False
+        for m in models[1:]:
+            # An emptied cache lost them too (this model's records go with the caller's cut).
+            self.spawn(self._correct(m, worker, [], reset_at, 0))
         key = (model, worker)
         done = self._completed.get(key)
         if done:
@@ -430,7 +446,7 @@ class Feedback:
             worker,
             used,
             capacity,
-            model,
+            ", ".join(models),
         )
         return True
 

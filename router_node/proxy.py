@@ -281,7 +281,7 @@ class Proxy:
         self.tasks = tasks
         self._lease = lease
         """Takes the lease on a worker (RoutingCore.lease: the same for both front ends)."""
-        self.feedback = Feedback(settings, shared, metrics, tasks.spawn, self._capacity)
+        self.feedback = Feedback(settings, shared, metrics, tasks.spawn, pool.get)
         self._mismatches_logged: dict[str, int] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
@@ -292,11 +292,6 @@ class Proxy:
         self.propagate = False
         """Write our attempt span's ``traceparent`` to the worker (only when spans are
         recorded: otherwise the client's own passes through untouched)."""
-
-    def _capacity(self, worker_id: str) -> int:
-        """A worker's KV capacity in router blocks (0 = unknown), for feedback's inference."""
-        worker = self.pool.get(worker_id)
-        return worker.capacity_blocks if worker is not None else 0
 
     def _headers(self, request: web.Request, worker: Worker) -> dict[str, str]:
         h = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}

@@ -32,12 +32,14 @@ from router_node.routing import Plan
 from router_node.scoring import Decision
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
+from router_node.workers import Worker
 from tests.router.conftest import settle, wait_for
 from tests.support.metrics import parse
 from tests.support.simproc import fresh_router, sim_process
 
 pytestmark = pytest.mark.redis
 MODEL = "sim-model"
+ADAPTER = "sim-adapter"  # its own records on the same workers (as a LoRA adapter's)
 B = 16
 PROMPT = [(37 * i + 11) % 20_000 for i in range(B * 10 + 3)]
 # Shares PROMPT's first 6 blocks, then goes its own way.
@@ -315,20 +317,24 @@ async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(
 
 @pytest.mark.parametrize(
     ("capacity", "emptied"),
-    [(1000, True), (40, False), (0, False)],
-    ids=["small", "full", "unknown"],
+    [(1000, True), (200, False), (40, False), (0, False)],
+    ids=["small", "several-models", "full", "unknown"],
 )
 async def test_a_loss_too_small_for_an_eviction_empties_the_worker(
     rig: Rig, redis_client: Any, capacity: int, emptied: bool
 ) -> None:
-    """P1 completed through block 0 on w (a witness), then `new` was used there, then P2 finds
-    block 0 gone. An LRU engine evicts block 0 only once blocks used after P1 fill its cache:
-    with 1,000 blocks of capacity the 21 used since cannot, so the cache was emptied (a silent
-    restart) and `new` is stale too; every record used before P2 was sent goes, `later`
-    (recorded after) stays. With 40 blocks (21 fill more than a quarter of it) or an unknown
-    capacity, it is an eviction: the LRU cut keeps `new`."""
+    """P1 completed through block 0 on w (a witness), then `new` and an adapter's 40 blocks
+    were used there, then P2 finds block 0 gone. An LRU engine evicts block 0 only once blocks
+    used after P1 fill its cache: with 1,000 blocks of capacity the 65 used since (25 of the
+    model, 40 of the adapter) cannot, so the cache was emptied (a silent restart) and `new` and
+    the adapter's blocks are stale too; every record used before P2 was sent goes, `later`
+    (recorded after) stays. With 200 blocks the model's 25 alone would fill less than a quarter,
+    but the adapter shares the cache: 65 do, it is an eviction, as with 40 blocks or an
+    unknown capacity: the LRU cut keeps `new`."""
     feedback, metrics, spawned = rig.feedback, rig.metrics, rig.spawned
-    feedback.capacity = lambda worker: capacity if worker == "w" else 0
+    w = Worker(id="w", url="http://w", capacity_blocks=capacity, listed=frozenset({MODEL, ADAPTER}))
+    feedback.workers = lambda worker: w if worker == "w" else None
+    adapter = BlockHasher(ADAPTER, B).keys(list(range(40 * B + 1)))
     hasher = BlockHasher(MODEL, B)
     keys = hasher.keys(PROMPT)
     old, new = hasher.keys(SIBLING[::-1]), hasher.keys(PROMPT[::-1])
@@ -349,6 +355,7 @@ async def test_a_loss_too_small_for_an_eviction_empties_the_worker(
     feedback.observe(MODEL, "w", p1, 0)  # a cold prompt, computed: a witness
     feedback.finished(MODEL, "w", p1)
     await idx.record(MODEL, "w", new, ttl_new_ms=600_000)
+    await idx.record(ADAPTER, "w", adapter, ttl_new_ms=600_000)
     await asyncio.sleep(0.05)
     p2 = plan(len(keys))
     feedback.dispatched(MODEL, "w", p2)
@@ -362,6 +369,7 @@ async def test_a_loss_too_small_for_an_eviction_empties_the_worker(
     assert (await idx.lookup(MODEL, keys)).depths == {}  # the chain's own correction
     assert (await idx.lookup(MODEL, new)).depths == ({} if emptied else {"w": len(new)})
     assert (await idx.lookup(MODEL, later)).depths == {"w": len(later)}
+    assert (await idx.lookup(ADAPTER, adapter)).depths == ({} if emptied else {"w": 40})
     resets = metrics.registry.get_sample_value(
         "kvrouter_index_reset_clears_total", {"model": MODEL, "worker": "w"}
     )
