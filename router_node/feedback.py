@@ -96,7 +96,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,12 +287,11 @@ class Feedback:
     def refused(
         self,
         worker: str,
-        models: Iterable[str],
         plan: tuple[str, Plan] | None = None,
         after: Awaitable[Any] | None = None,
     ) -> bool:
         """A connection to `worker` was refused: its engine is down and its cache lost. Drops
-        its records of each of `models` last used before now, once per outage (see the
+        its records of every model it serves last used before now, once per outage (see the
         module's docstring); returns whether it did. `plan`: the refused request's model and
         plan, whose chain is dropped explicitly once `after` (its dispatch round trip) is done
         (records it wrote there land after the refusal instant)."""
@@ -308,13 +307,21 @@ class Feedback:
             "now are dropped",
             worker,
         )
-        for model in dict.fromkeys([*models, *([plan[0]] if plan else [])]):
+        for model in dict.fromkeys([*self._models(worker), *([plan[0]] if plan else [])]):
             self.metrics.index_refused_clears.labels(model, worker).inc()
             chain: list[int] = []
             if plan is not None and plan[0] == model and plan[1].indexed:
                 chain = plan[1].chain[: self.settings.feedback_max_blocks]
             self.spawn(self._clear(model, worker, chain, now, after if chain else None))
         return True
+
+    def _models(self, worker: str) -> list[str]:
+        """The models whose records `worker` may hold (every configured one when this replica
+        does not know the worker)."""
+        info = self.workers(worker)
+        if info is None:
+            return list(self.settings.models)
+        return info.models_among(self.settings.models)
 
     def _witness(
         self, model: str, worker: str, chain: list[int], pos: int, before: float
@@ -421,7 +428,7 @@ class Feedback:
             return False
         # Every model the worker serves (base models, adapters: each its own records) shares
         # its cache.
-        models = list(dict.fromkeys([model, *info.models_among(self.settings.models)]))
+        models = list(dict.fromkeys([model, *self._models(worker)]))
         used = 0
         for m in models:
             n = await self.shared.used_since(m, worker, cut_us)

@@ -136,7 +136,7 @@ class Monitor:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ok = False
             if self.feedback is not None and connection_refused(exc):
-                self.feedback.refused(worker.id, worker.models_among(self.settings.models))
+                self.feedback.refused(worker.id)
         else:
             if self.feedback is not None:
                 self.feedback.answered(worker.id)

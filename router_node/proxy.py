@@ -535,8 +535,7 @@ class Proxy:
         A refused connection (`exc`) is an outage: feedback drops the worker's records."""
         self.feedback.unanswered(req.model, worker.id, plan, racing, after=lease.recorded)
         if exc is not None and connection_refused(exc):
-            models = worker.models_among(self.settings.models)
-            self.feedback.refused(worker.id, models, (req.model, plan), after=lease.recorded)
+            self.feedback.refused(worker.id, (req.model, plan), after=lease.recorded)
         return self._fail(worker, kind, detail)
 
     def _aborted_in(

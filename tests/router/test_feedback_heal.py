@@ -453,16 +453,16 @@ async def test_a_refused_connection_drops_the_workers_records_once_per_outage(
     await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
     await idx.record(MODEL, "v", keys, ttl_new_ms=600_000)
     await asyncio.sleep(0.01)  # the records' last access is before the refusal
-    assert feedback.refused("w", [MODEL])
+    assert feedback.refused("w")
     await asyncio.gather(*spawned)
     assert (await idx.lookup(MODEL, keys)).depths == {"v": len(keys)}
     await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
-    assert not feedback.refused("w", [MODEL])  # the same outage: nothing more dropped
+    assert not feedback.refused("w")  # the same outage: nothing more dropped
     await asyncio.gather(*spawned)
     assert (await idx.lookup(MODEL, keys)).depths["w"] == len(keys)
     feedback.answered("w")
     await asyncio.sleep(0.01)
-    assert feedback.refused("w", [MODEL])  # a new outage
+    assert feedback.refused("w")  # a new outage
     await asyncio.gather(*spawned)
     assert "w" not in (await idx.lookup(MODEL, keys)).depths
     text = metrics.render()
@@ -476,7 +476,7 @@ async def test_refused_clear_is_a_setting(redis_url: str) -> None:
     metrics = Metrics()
     spawned: list[Any] = []
     feedback = Feedback(settings, SharedIndex(settings, metrics), metrics, spawned.append)
-    assert not feedback.refused("w", [MODEL]) and not spawned
+    assert not feedback.refused("w") and not spawned
 
 
 async def test_a_request_routed_before_a_restart_clear_drops_its_whole_chain_on_failure(
@@ -495,7 +495,7 @@ async def test_a_request_routed_before_a_restart_clear_drops_its_whole_chain_on_
     plan = Plan(decision, keys, USEFUL, depths={"w": depth}, indexed=True, block_size=B)
     racing = feedback.dispatched(MODEL, "w", plan)
     await asyncio.sleep(0.01)
-    assert feedback.refused("w", [MODEL])  # another request met the closed port
+    assert feedback.refused("w")  # another request met the closed port
     await asyncio.gather(*spawned)
     # This request's dispatch lands after the clear, then its connection is refused too.
     await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
