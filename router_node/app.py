@@ -302,6 +302,7 @@ def _inference(endpoint: str) -> Handler:
             return await _forward(request, span, raw, req, plan)
         finally:
             ticket.release()
+            core.unreserve(req.model, plan)
 
     async def _forward(
         request: web.Request, span: Any, raw: bytes, req: ParsedRequest, plan: Plan

@@ -186,6 +186,7 @@ class RoutingCore:
         ticket = await self.admit(req.model, priority)
         try:
             plan = await self.router.plan(req, allowed=allowed)
+            await self.router.recheck(req, plan)
         except BaseException:
             ticket.release()
             raise
@@ -227,10 +228,16 @@ class RoutingCore:
         """Round trip 2 for `worker`: speculative residency of the prompt's chain and an
         in-flight lease, started in the background (see `Lease`). `prefill` overrides the
         prompt tokens it counts (0 for a decode leg: the prefill ran elsewhere)."""
-        bs = plan.block_size
         held = plan.depths.get(worker.id, 0)
         if prefill is None:
-            prefill = max(0, plan.prompt_tokens - plan.matched_tokens(worker.id, bs))
+            prefill = plan.prefill_for(worker.id)
+        # The re-check's reservation (Router.recheck) is this lease when it names this worker
+        # and prefill: the dispatch takes it again with the full ttl, which adopts it.
+        res = plan.reserved
+        lease_id = None
+        if res is not None and res.worker == worker.id and res.prefill_tokens == prefill:
+            plan.reserved = None
+            lease_id = res.lease_id
         shared = self.shared
         tracer = self.tracer
 
@@ -258,4 +265,17 @@ class RoutingCore:
         def prefilled() -> None:
             worker.prefill_pending -= prefill
 
-        return Lease(shared, self.tasks, req.model, worker.id, prefill, dispatch, prefilled)
+        return Lease(
+            shared, self.tasks, req.model, worker.id, prefill, dispatch, prefilled, lease_id
+        )
+
+    def unreserve(self, model: str, plan: Plan) -> None:
+        """Give back a re-check's reservation no lease adopted (the request ended or went to
+        another worker first); it would otherwise count until its short ttl runs out."""
+        res, plan.reserved = plan.reserved, None
+        if res is not None:
+            self.tasks.spawn(
+                self.shared.release(
+                    model, res.worker, res.lease_id, res.prefill_tokens, prefilled_only=False
+                )
+            )

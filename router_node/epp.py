@@ -395,6 +395,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         if ex.ticket is not None:
             ex.ticket.release()
             ex.ticket = None
+        if ex.plan is not None and ex.req is not None:
+            self.core.unreserve(ex.req.model, ex.plan)
         ex.stage = "done"
 
 

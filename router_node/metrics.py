@@ -113,6 +113,13 @@ class Metrics:
             ("policy", "reason", "model"),
             registry=r,
         )
+        self.rechecks = Counter(
+            "kvrouter_lease_rechecks_total",
+            "decisions re-checked against the other replicas' leases (lease_recheck), by "
+            "outcome: kept (still the best worker) or moved",
+            ("outcome",),
+            registry=r,
+        )
         self.matched_tokens = Histogram(
             "kvrouter_matched_tokens",
             "prompt tokens the chosen worker already held, per request",

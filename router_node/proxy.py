@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 import uuid
@@ -51,7 +50,7 @@ from router_node.errors import (
 from router_node.feedback import Feedback, connection_refused
 from router_node.metrics import Metrics
 from router_node.request import CHAT, COMPLETIONS, ParsedRequest
-from router_node.routing import Plan
+from router_node.routing import Plan, new_lease_id
 from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
 from router_node.tracing import (
@@ -193,6 +192,7 @@ class Lease:
         prefill_tokens: int,
         dispatch: Callable[[str], Coroutine[Any, Any, bool]],
         on_prefilled: Callable[[], None] | None = None,
+        lease_id: str | None = None,
     ) -> None:
         self.shared = shared
         self._on_prefilled = on_prefilled
@@ -200,7 +200,7 @@ class Lease:
         self.model = model
         self.worker = worker
         self.prefill_tokens = prefill_tokens
-        self.id = os.urandom(9).hex()
+        self.id = lease_id or new_lease_id()
         self._taken: asyncio.Task[bool] = tasks.spawn(dispatch(self.id))
         self._release: asyncio.Task[None] | None = None
         self._prefilled = False

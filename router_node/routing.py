@@ -8,10 +8,12 @@ matched depth and load (round trip 1, skipped by policies that use neither), and
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvrouter.index.hashing import BlockHasher
@@ -37,6 +39,25 @@ from router_node.workers import WorkerPool, relative_speeds
 
 # Policies that read residency or shared load; the others route without a lookup.
 _NEEDS_LOOKUP = frozenset({"kv", "prefix_only", "least_load"})
+
+RESERVE_TTL_MS = 30_000
+"""Life of a re-check's reservation that no dispatch adopts (the request failed or went to
+another worker first and nobody gave it back): longer than any connect, short enough that a
+lost one counts as a phantom request for seconds, not for the lease's full ttl."""
+
+
+def new_lease_id() -> str:
+    """A lease id unique per request attempt (18 hex digits)."""
+    return os.urandom(9).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A lease the re-check took on the chosen worker, waiting for the dispatch to adopt it."""
+
+    worker: str
+    lease_id: str
+    prefill_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +121,19 @@ class Plan:
     pair: PairDecision | None = None
     """Set when the fleet is disaggregated (some worker has role prefill) and the policy is
     kv: the prefill/decode choice. ``decision.ranking`` is then the decode pool's ranking."""
+    reserved: Reservation | None = None
+    """The re-check's lease on the chosen worker (Router.recheck), until a dispatch adopts it
+    (RoutingCore.lease) or it is given back (RoutingCore.unreserve)."""
 
     def matched_blocks(self, worker: str) -> int:
         return min(self.depths.get(worker, 0), self.useful_blocks)
 
     def matched_tokens(self, worker: str, block_size: int | None = None) -> int:
         return self.matched_blocks(worker) * (block_size or self.block_size)
+
+    def prefill_for(self, worker: str) -> int:
+        """Prompt tokens `worker` must prefill (what its lease counts)."""
+        return max(0, self.prompt_tokens - self.matched_tokens(worker))
 
 
 def policy_is_kv(policy: str) -> bool:
@@ -312,3 +340,92 @@ class Router:
             span.set_attribute(ATTR_REASON, d.reason)
             span.set_attribute(ATTR_CHOSEN, d.worker)
         return plan
+
+    # -- the re-check ------------------------------------------------------------------------
+    def others_active(self, plan: Plan) -> bool:
+        """The lookup saw requests in flight that this replica does not hold: other replicas
+        are routing to this fleet now, and may be deciding on the same load."""
+        for c in plan.candidates:
+            w = self.pool.get(c.worker)
+            shared = plan.load.get(c.worker)
+            if w is not None and shared is not None and shared.requests > w.inflight:
+                return True
+        return False
+
+    async def recheck(self, req: ParsedRequest, plan: Plan) -> None:
+        """Close the window between a kv decision and its lease landing in Redis.
+
+        Replicas that decide one burst in the same millisecond all read the same shared load,
+        so they pick the same worker: each one's lease lands a round trip after its decision.
+        Here the lease on the chosen worker is taken *and* every worker's load read in one
+        atomic script (a reservation), and the request re-scored on that load: when another
+        replica's lease landed first and the chosen worker no longer wins, the reservation
+        is given back and the request moves to the new best worker, whose lease is reserved
+        the same way (at most one move). The request's dispatch adopts the reservation.
+        ``lease_recheck``: off, on, or auto (only when `others_active`: one replica's own
+        counts are current, so it needs no re-check)."""
+        mode = self.settings.lease_recheck
+        d = plan.decision
+        if (
+            mode == "off"
+            or d.policy != "kv"
+            or not plan.indexed
+            or plan.pair is not None
+            or len(plan.candidates) < 2
+            or (mode == "auto" and not self.others_active(plan))
+        ):
+            return
+        model = req.resolved if req.resolved is not None else self.resolve(req.model)
+        if model is None:
+            return
+        n_tokens = len(req.token_ids or ())
+        worker = d.worker
+        giving_back: Coroutine[Any, Any, None] | None = None
+        while True:
+            res = Reservation(worker, new_lease_id(), plan.prefill_for(worker))
+            with self.tracer.start_as_current_span("recheck") as span:
+                span.set_attribute(ATTR_CHOSEN, worker)
+                reserve = self.shared.reserve(
+                    req.model, worker, res.lease_id, res.prefill_tokens, RESERVE_TTL_MS
+                )
+                if giving_back is None:
+                    fresh = await reserve
+                else:  # the moved request's first reservation goes back meanwhile
+                    fresh, _ = await asyncio.gather(reserve, giving_back)
+            if fresh is None:
+                return  # the index is down: the decision stands, unreserved
+            plan.reserved = res
+            if giving_back is not None:
+                return  # one move at most: the second choice stands
+            cands = self._refreshed(plan, fresh, res)
+            again = decide("kv", cands, n_tokens, model.scoring, self.rng)
+            costs = again.costs
+            if worker not in again.guarded and costs[worker] <= costs[again.worker]:
+                self.metrics.rechecks.labels("kept").inc()
+                return
+            self.metrics.rechecks.labels("moved").inc()
+            plan.reserved = None
+            plan.candidates = cands
+            plan.decision = again
+            giving_back = self.shared.release(
+                req.model, worker, res.lease_id, res.prefill_tokens, prefilled_only=False
+            )
+            worker = again.worker
+
+    def _refreshed(
+        self, plan: Plan, fresh: Mapping[str, WorkerLoad], mine: Reservation
+    ) -> list[Candidate]:
+        """The plan's candidates with the shared load read by the reservation (this request's
+        own reservation taken out again), or this replica's own counts where larger."""
+        out = []
+        empty = WorkerLoad()
+        for c in plan.candidates:
+            load = fresh.get(c.worker, empty)
+            requests, prefill = load.requests, load.prefill_tokens
+            if c.worker == mine.worker:
+                requests, prefill = requests - 1, prefill - mine.prefill_tokens
+            w = self.pool.get(c.worker)
+            if w is not None:
+                requests, prefill = max(requests, w.inflight), max(prefill, w.prefill_pending)
+            out.append(replace(c, requests=max(0, requests), prefill_tokens=max(0, prefill)))
+        return out

@@ -244,6 +244,14 @@ class RouterSettings(SharedSettings):
     # 8 and 2.0 (were 4 and 1.5): at load 4 of the shared-prefix sweep the tighter guard
     # fired on ordinary Poisson imbalance, each spill a full cold prefill of a 2,048-token
     # prefix that also evicted another group's; see docs/benchmarks.md.
+    lease_recheck: Literal["auto", "on", "off"] = setting(
+        "auto",
+        "kv: before a request is sent, take its lease on the chosen worker and read every "
+        "worker's shared load in one atomic Redis step, and move the request if the choice no "
+        "longer wins (other replicas decided the same burst on the same stale load): one more "
+        "round trip on the request path; auto = only when the lookup shows other replicas' "
+        "requests in flight",
+    )
     balance_abs: Int = setting(
         8, "guard: a worker may lead the least-loaded by this many requests", ge=0
     )

@@ -33,7 +33,13 @@ from redis.exceptions import RedisClusterException, RedisError
 from kvrouter.backoff import Backoff
 from kvrouter.index.connection import connect, redact_url
 from kvrouter.index.errors import IndexError_
-from kvrouter.index.scripts import LookupResult, RecordCall, ResidencyIndex, ScriptCall
+from kvrouter.index.scripts import (
+    LookupResult,
+    RecordCall,
+    ResidencyIndex,
+    ScriptCall,
+    WorkerLoad,
+)
 from router_node.metrics import Metrics
 from router_node.settings import RouterSettings
 
@@ -196,6 +202,23 @@ class SharedIndex:
             self.mark_down("dispatch", exc)
             return False
         return True
+
+    async def reserve(
+        self, model: str, worker: str, lease_id: str, prefill_tokens: int, ttl_ms: int
+    ) -> dict[str, WorkerLoad] | None:
+        """Take the lease `lease_id` on `worker` for `ttl_ms` and read every worker's shared
+        load in one atomic step (the re-check of a decision against the other replicas).
+        The request's dispatch later takes the same lease with the full ttl, which adopts it.
+        None when the index is down or the call failed (no lease was taken then)."""
+        if not self.up or self.index is None:
+            return None
+        try:
+            return await self.index.reserve_lease(
+                model, worker, lease_id, prefill_tokens=prefill_tokens, ttl_ms=ttl_ms
+            )
+        except REDIS_FAILURES as exc:
+            self.mark_down("reserve", exc)
+            return None
 
     async def release(
         self, model: str, worker: str, lease_id: str, prefill_tokens: int, *, prefilled_only: bool

@@ -232,6 +232,28 @@ async def test_leases(idx: ResidencyIndex) -> None:
     assert "w" not in got.load and got.load["w2"].requests == 1
 
 
+async def test_reservation_is_adopted_by_the_lease(idx: ResidencyIndex) -> None:
+    await idx.acquire_lease(M, "w2", "other", prefill_tokens=7, ttl_ms=HOUR, now_ms=T0)
+    # A reservation takes the lease for a short while and reads every worker's load with it.
+    loads = await idx.reserve_lease(M, "w", "req-1", prefill_tokens=300, ttl_ms=1000, now_ms=T0)
+    assert {w: (x.requests, x.prefill_tokens) for w, x in loads.items()} == {
+        "w": (1, 300),
+        "w2": (1, 7),
+    }
+    # The dispatch takes the same lease with the full ttl: counted once, and it now lives an
+    # hour (it outlives the reservation's second).
+    load = await idx.acquire_lease(M, "w", "req-1", prefill_tokens=300, ttl_ms=HOUR, now_ms=T0)
+    assert (load.requests, load.prefill_tokens) == (1, 300)
+    await idx.acquire_lease(M, "w2", "late", prefill_tokens=0, ttl_ms=HOUR, now_ms=T0 + 5000)
+    got = await idx.lookup(M, chain(1), now_ms=T0 + 5000)
+    assert (got.load["w"].requests, got.load["w"].prefill_tokens) == (1, 300)
+    # A reservation nobody adopts expires by itself and gives its load back.
+    await idx.reserve_lease(M, "w", "lost", prefill_tokens=50, ttl_ms=1000, now_ms=T0 + 5000)
+    await idx.acquire_lease(M, "w2", "later", prefill_tokens=0, ttl_ms=HOUR, now_ms=T0 + 7000)
+    got = await idx.lookup(M, chain(1), now_ms=T0 + 7000)
+    assert (got.load["w"].requests, got.load["w"].prefill_tokens) == (1, 300)
+
+
 async def test_pipeline_record_and_lease(idx: ResidencyIndex) -> None:
     c = chain(8)
     rec, load = await idx.run_pipeline(
@@ -396,6 +418,7 @@ def _raw_calls(k: Any, packed: str) -> list[tuple[str, list[str], list[Any], str
         ("store_engine_blocks", store, [w, blocks48, "1", 0, -4, 0, 100], "ttl"),
         ("release_engine_blocks", release, [w, packed[:15], 0], "blocks"),
         ("acquire_lease", [k.leases, k.load], [w, "id", -2, 100, 0], "prefill_tokens"),
+        ("acquire_lease", [k.leases, k.load], [w, "id", 2, 100, 0, "some"], "report"),
         ("release_lease", [k.leases, k.load], [w, "id", 0, "sometimes"], "mode"),
         (
             "lookup_chain",

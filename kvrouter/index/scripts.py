@@ -688,6 +688,43 @@ class ResidencyIndex:
             lambda r: WorkerLoad(int(r[0]), int(r[1])),
         )
 
+    def reserve_lease_call(
+        self,
+        model: str,
+        worker: str,
+        lease_id: str,
+        *,
+        prefill_tokens: int,
+        ttl_ms: int,
+        now_ms: int = 0,
+    ) -> ScriptCall:
+        """`acquire_lease_call` that also reads every worker's load in the same atomic step
+        (a reservation: the caller re-scores its decision with them). Decodes to the load
+        map, this lease included. Taking the same lease later with the full ttl adopts it."""
+        k = self.keys(model)
+        return ScriptCall(
+            self.scripts["acquire_lease"],
+            [k.leases, k.load],
+            [
+                worker_arg(worker),
+                lease_id_arg(lease_id),
+                nonneg("prefill_tokens", prefill_tokens),
+                nonneg("ttl_ms", ttl_ms, minimum=1, maximum=MAX_LEASE_TTL_MS),
+                nonneg("now_ms", now_ms),
+                "all",
+            ],
+            lambda r: _parse_load(r[3]),
+        )
+
+    async def reserve_lease(
+        self, model: str, worker: str, lease_id: str, **kw: int
+    ) -> dict[str, WorkerLoad]:
+        """Take a lease on `worker` and return every worker's load after it, atomically."""
+        return cast(
+            dict[str, WorkerLoad],
+            await self._call(self.reserve_lease_call(model, worker, lease_id, **kw)),
+        )
+
     async def acquire_lease(self, model: str, worker: str, lease_id: str, **kw: int) -> WorkerLoad:
         """Count an in-flight request against `worker`; returns its load afterwards."""
         return cast(

@@ -1,0 +1,102 @@
+"""Replicas that decide one burst on the same shared load: the re-check (Router.recheck).
+
+Two routers over one real Redis both finish their lookup before either takes its lease (a
+barrier after the lookup makes the race certain instead of likely), as four replicas each
+deciding part of a same-millisecond burst do. Without the re-check both send their request
+to the one least-loaded worker; with it the second one sees the first one's lease land in
+its reservation and moves. Either way no lease outlives its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from kvrouter.index.scripts import ResidencyIndex
+from router_node.app import METRICS, ROUTER, RouterServer
+from tests.router.conftest import MODEL, StartRouter, openai_client, settle
+from tests.support.fake_worker import FakeWorker
+
+HOUR_MS = 3_600_000
+
+
+def _gate_lookups(monkeypatch: pytest.MonkeyPatch, routers: list[RouterServer]) -> None:
+    """Every router's next lookup returns only once all of them have looked up."""
+    barrier = asyncio.Barrier(len(routers))
+    for r in routers:
+        shared = r.app[ROUTER].shared
+        real = shared.lookup
+
+        async def gated(*args: Any, _real: Any = real, **kw: Any) -> Any:
+            result = await _real(*args, **kw)
+            await asyncio.wait_for(barrier.wait(), 10)
+            return result
+
+        monkeypatch.setattr(shared, "lookup", gated)
+
+
+def _rechecks(r: RouterServer, outcome: str) -> float:
+    v = r.app[METRICS].registry.get_sample_value(
+        "kvrouter_lease_rechecks_total", {"outcome": outcome}
+    )
+    return v or 0.0
+
+
+@pytest.mark.parametrize("mode", ["off", "auto"])
+async def test_two_replicas_deciding_one_burst(
+    mode: str,
+    start_router: StartRouter,
+    workers: list[FakeWorker],
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    idx = ResidencyIndex(redis_client)
+    # A third replica holds one request on each of the other two workers: the first worker
+    # is the least loaded, and both routers see requests in flight they do not hold.
+    for w in workers[1:]:
+        await idx.acquire_lease(MODEL, w.id, f"other-{w.port}", prefill_tokens=0, ttl_ms=HOUR_MS)
+    a = await start_router(workers, lease_recheck=mode)
+    b = await start_router(workers, lease_recheck=mode)
+    _gate_lookups(monkeypatch, [a, b])
+
+    async def ask(r: RouterServer, text: str) -> None:
+        resp = await openai_client(r).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=2
+        )
+        assert resp.choices
+
+    await asyncio.gather(
+        ask(a, "first question of the burst " * 20), ask(b, "second question of a burst " * 20)
+    )
+    served = [w.served() for w in workers]
+    assert sum(served) == 2
+    if mode == "off":
+        # Both decided on the same load: both on the least-loaded worker.
+        assert served == [2, 0, 0]
+        assert _rechecks(a, "moved") + _rechecks(b, "moved") == 0
+    else:
+        # The second reservation saw the first one's lease: it moved.
+        assert served[0] == 1 and max(served) == 1
+        assert _rechecks(a, "kept") + _rechecks(b, "kept") == 1
+        assert _rechecks(a, "moved") + _rechecks(b, "moved") == 1
+    # Every lease went back: the moved request's first reservation, and the reservations the
+    # dispatches adopted (taken once, released once). Only the third replica's remain.
+    await settle(a, b)
+    got = await idx.lookup(MODEL, [1])
+    assert {w: (x.requests, x.prefill_tokens) for w, x in got.load.items()} == {
+        w.id: (1, 0) for w in workers[1:]
+    }
+
+
+async def test_one_replica_alone_does_not_recheck(
+    start_router: StartRouter, workers: list[FakeWorker]
+) -> None:
+    # Alone, a replica's own counts are current: auto never spends the round trip.
+    r = await start_router(workers)
+    client = openai_client(r)
+    for i in range(4):
+        await client.completions.create(model=MODEL, prompt=f"prompt number {i} " * 10)
+        await settle(r)
+    assert _rechecks(r, "kept") + _rechecks(r, "moved") == 0
