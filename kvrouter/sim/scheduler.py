@@ -13,12 +13,15 @@ Each step, as vLLM v1's scheduler: running requests go first, in admission order
 request computes 1 token, a prefilling one the next chunk of its uncached prompt within the
 per-step token budget); then waiting requests are admitted first-come first-served while the
 batch has room, the budget lasts and the KV cache can hold the whole prompt. Admission looks
-up the prefix cache, so only uncached prompt tokens are prefilled. The last prefill chunk also
-samples the first output token; every later step samples one more. Requests leave the batch
-at step boundaries when they reach `max_tokens` (the simulator ignores EOS), and their blocks
-go back to the cache tail first. If a decoding request needs a new block and none is free,
-the most recently admitted request is preempted: its blocks are freed and it goes back to
-the front of the queue, to be re-prefilled (mostly from the cache) later, as vLLM does.
+up the prefix cache, so only uncached prompt tokens are prefilled; a prefill chunk's full
+blocks enter the cache when its step is scheduled (vLLM's ``allocate_slots`` caches them
+then), so a request admitted behind it in the same step already reuses them. The last
+prefill chunk also samples the first output token; every later step samples one more.
+Requests leave the batch at step boundaries when they reach `max_tokens` (the simulator
+ignores EOS), and their blocks go back to the cache tail first. If a decoding request needs
+a new block and none is free, the most recently admitted request is preempted: its blocks
+are freed and it goes back to the front of the queue, to be re-prefilled (mostly from the
+cache) later, as vLLM does.
 
 Consecutive pure-decode steps with an unchanged batch are identical, so `plan` offers to run
 up to `max_repeats` of them at once; the driver may cut the run short at a step boundary
@@ -349,6 +352,7 @@ class Scheduler:
                 if not self._grow(req, need):
                     break
                 prefill.append((req, n))
+                self._register(req, bs, req.num_computed + n)
                 budget -= n
                 i += 1
                 continue
@@ -390,6 +394,7 @@ class Scheduler:
             running.append(req)
             n = min(n_tokens - req.num_computed, budget)
             prefill.append((req, n))
+            self._register(req, bs, req.num_computed + n)
             budget -= n
 
         if not prefill and not decode:
@@ -455,8 +460,13 @@ class Scheduler:
             self.running = [r for r in self.running if r.state is RequestState.RUNNING]
         return out
 
-    def _register(self, req: SimRequest, bs: int) -> None:
-        full = req.num_computed // bs
+    def _register(self, req: SimRequest, bs: int, upto: int | None = None) -> None:
+        """Cache (hash and announce) the request's full blocks up to `upto` tokens (default:
+        those computed). As vLLM v1's ``allocate_slots``, a prefill chunk's blocks are cached
+        when the step that computes them is scheduled, not after it ran: a request admitted
+        later in the same step, or in any later one, reuses them instead of computing the same
+        prefix again."""
+        full = (req.num_computed if upto is None else upto) // bs
         if full > req.table.num_registered:
             req.ensure_hashes(full, bs)
             self.cache.register(

@@ -120,6 +120,19 @@ def test_exact_block_multiple_hits_one_block_less() -> None:
     assert b.cached_tokens == 4
 
 
+def test_same_prefix_admitted_in_one_step_is_computed_once() -> None:
+    """As vLLM v1 (allocate_slots caches a chunk's full blocks when the step is scheduled), a
+    request admitted behind another in the same step reuses the prefix that step computes."""
+    sched = Scheduler(CFG, ROOT)
+    shared = prompt(96)
+    a, b = simulate(sched, [(0.0, shared + prompt(4, 7000), 1), (0.0, shared + prompt(4, 8000), 1)])
+    assert a.cached_tokens == 0
+    assert b.cached_tokens == 96  # 24 full blocks of 4, all scheduled in A's step
+    # One step computes A's 100 tokens and B's 4: 10 + 2 x 1 + 104 ms.
+    assert ttft(a) == ttft(b) == pytest.approx(0.116)
+    assert sched.stats.prompt_tokens == 104
+
+
 def test_batch_limit_queues_the_second_request() -> None:
     sched = Scheduler(dataclasses.replace(CFG, max_batch=1), ROOT)
     a, b = simulate(sched, [(0.0, prompt(100, 1), 2), (0.0, prompt(100, 5000), 2)])
