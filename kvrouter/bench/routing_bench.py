@@ -274,14 +274,18 @@ async def run_variant(
         reasons: Counter[str] = Counter()
         pd_reasons: Counter[str] = Counter()
         lags: list[tuple[float | None, float | None]] = []
+        work: dict[str, float] = {}
         for url in stack.router_urls:
             text = await stack.metrics(url)
             reasons.update(decision_reasons(text))
+            add_work(work, router_work(text))
             pd_reasons.update(pd_decision_reasons(text))
             lags.append(loop_lag(text))
         fleet = await fleet_counters(stack)
     summary = finish_summary(records, duration, reasons, args.workers, scale)
     summary.update(fleet)
+    summary["router_work"] = dict(work)
+    summary.update(work_summary(work))
     sent = summary["prompt_tokens"]
     summary["compute_hit_ratio"] = 1 - fleet["computed_prompt_tokens"] / sent if sent else 0.0
     if pd_reasons:
@@ -379,6 +383,11 @@ def combine_runs(
         summary[key] = max(lags) if lags else None
     for key in ("computed_prompt_tokens", "cpu_loaded_tokens", "transfer_gb"):
         summary[key] = sum(s.get(key, 0) for s, _ in runs)
+    work: dict[str, float] = {}
+    for s, _ in runs:
+        add_work(work, s.get("router_work", {}))
+    summary["router_work"] = dict(work)
+    summary.update(work_summary(work))
     sent = summary["prompt_tokens"]
     summary["compute_hit_ratio"] = 1 - summary["computed_prompt_tokens"] / sent if sent else 0.0
     ratios = [s["hit_ratio"] for s, _ in runs]
@@ -452,6 +461,42 @@ def decision_reasons(metrics_text: str) -> Counter[str]:
     return out
 
 
+def router_work(metrics_text: str) -> dict[str, float]:
+    """What a router spent per request, from its /metrics text: tokenizing
+    (``tokenize_s``, ``tokenized``: the histogram's sum and count, real seconds) and the
+    re-checks of its decisions against other replicas' leases (``recheck_kept``,
+    ``recheck_moved``)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            key = None
+            if s.name == "kvrouter_tokenize_seconds_sum":
+                key = "tokenize_s"
+            elif s.name == "kvrouter_tokenize_seconds_count":
+                key = "tokenized"
+            elif s.name == "kvrouter_lease_rechecks_total":
+                key = f"recheck_{s.labels['outcome']}"
+            if key is not None:
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def add_work(total: dict[str, float], more: dict[str, float]) -> None:
+    for k, v in more.items():
+        total[k] = total.get(k, 0.0) + v
+
+
+def work_summary(work: dict[str, float]) -> dict[str, float]:
+    """`router_work` summed over replicas (and runs) as summary fields: mean tokenize time
+    per request (real ms) and the re-checks kept and moved."""
+    n = work.get("tokenized", 0)
+    return {
+        "tokenize_ms_mean": 1000 * work.get("tokenize_s", 0) / n if n else 0.0,
+        "recheck_kept": int(work.get("recheck_kept", 0)),
+        "recheck_moved": int(work.get("recheck_moved", 0)),
+    }
+
+
 def model_names(base: str, n: int) -> tuple[str, ...]:
     """The base model, then ``n - 1`` adapters of it."""
     return (base, *(f"{base}-lora-{i}" for i in range(1, n)))
@@ -511,7 +556,9 @@ async def _bench(
             runs[v.name].append((summary, records))
             print(
                 f"  {label}: hit {summary['hit_ratio']:.3f}, "
-                f"TTFT p50 {_fmt(summary['ttft_p50_s'])} s",
+                f"TTFT p50 {_fmt(summary['ttft_p50_s'])} s, tokenize "
+                f"{summary['tokenize_ms_mean']:.2f} ms/request (real), re-checks kept "
+                f"{summary['recheck_kept']} moved {summary['recheck_moved']}",
                 file=sys.stderr,
             )
     results = {name: combine_runs(rs, args.workers, scale) for name, rs in runs.items()}
