@@ -343,8 +343,9 @@ class Router:
 
     # -- the re-check ------------------------------------------------------------------------
     def others_active(self, plan: Plan) -> bool:
-        """The lookup saw requests in flight that this replica does not hold: other replicas
-        are routing to this fleet now, and may be deciding on the same load."""
+        """The lookup saw more requests in flight on some worker than this replica counts
+        there: other replicas are routing to this fleet now and may be deciding on the same
+        load (or this replica's own releases have not landed yet)."""
         for c in plan.candidates:
             w = self.pool.get(c.worker)
             shared = plan.load.get(c.worker)

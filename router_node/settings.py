@@ -249,8 +249,8 @@ class RouterSettings(SharedSettings):
         "kv: before a request is sent, take its lease on the chosen worker and read every "
         "worker's shared load in one atomic Redis step, and move the request if the choice no "
         "longer wins (other replicas decided the same burst on the same stale load): one more "
-        "round trip on the request path; auto = only when the lookup shows other replicas' "
-        "requests in flight",
+        "round trip on the request path; auto = only when the lookup shows more requests in "
+        "flight on a worker than this replica counts (another replica is routing)",
     )
     balance_abs: Int = setting(
         8, "guard: a worker may lead the least-loaded by this many requests", ge=0
