@@ -672,48 +672,30 @@ class ResidencyIndex:
         prefill_tokens: int,
         ttl_ms: int,
         now_ms: int = 0,
+        report: bool = False,
     ) -> ScriptCall:
+        """Count an in-flight request against `worker`; decodes to its load afterwards. With
+        `report`, a reservation: every worker's load is read in the same atomic step (the
+        caller re-scores its decision with them) and the call decodes to that load map, this
+        lease included. Taking the same lease again with the full ttl adopts it."""
         k = self.keys(model)
-        w = worker_arg(worker)
+        args: list[str | int] = [
+            worker_arg(worker),
+            lease_id_arg(lease_id),
+            nonneg("prefill_tokens", prefill_tokens),
+            nonneg("ttl_ms", ttl_ms, minimum=1, maximum=MAX_LEASE_TTL_MS),
+            nonneg("now_ms", now_ms),
+        ]
+        if report:
+            args.append("all")
+            return ScriptCall(
+                self.scripts["acquire_lease"], [k.leases, k.load], args, lambda r: _parse_load(r[3])
+            )
         return ScriptCall(
             self.scripts["acquire_lease"],
             [k.leases, k.load],
-            [
-                w,
-                lease_id_arg(lease_id),
-                nonneg("prefill_tokens", prefill_tokens),
-                nonneg("ttl_ms", ttl_ms, minimum=1, maximum=MAX_LEASE_TTL_MS),
-                nonneg("now_ms", now_ms),
-            ],
+            args,
             lambda r: WorkerLoad(int(r[0]), int(r[1])),
-        )
-
-    def reserve_lease_call(
-        self,
-        model: str,
-        worker: str,
-        lease_id: str,
-        *,
-        prefill_tokens: int,
-        ttl_ms: int,
-        now_ms: int = 0,
-    ) -> ScriptCall:
-        """`acquire_lease_call` that also reads every worker's load in the same atomic step
-        (a reservation: the caller re-scores its decision with them). Decodes to the load
-        map, this lease included. Taking the same lease later with the full ttl adopts it."""
-        k = self.keys(model)
-        return ScriptCall(
-            self.scripts["acquire_lease"],
-            [k.leases, k.load],
-            [
-                worker_arg(worker),
-                lease_id_arg(lease_id),
-                nonneg("prefill_tokens", prefill_tokens),
-                nonneg("ttl_ms", ttl_ms, minimum=1, maximum=MAX_LEASE_TTL_MS),
-                nonneg("now_ms", now_ms),
-                "all",
-            ],
-            lambda r: _parse_load(r[3]),
         )
 
     async def reserve_lease(
@@ -722,14 +704,24 @@ class ResidencyIndex:
         """Take a lease on `worker` and return every worker's load after it, atomically."""
         return cast(
             dict[str, WorkerLoad],
-            await self._call(self.reserve_lease_call(model, worker, lease_id, **kw)),
+            await self._call(self.acquire_lease_call(model, worker, lease_id, report=True, **kw)),
         )
 
-    async def acquire_lease(self, model: str, worker: str, lease_id: str, **kw: int) -> WorkerLoad:
+    async def acquire_lease(
+        self,
+        model: str,
+        worker: str,
+        lease_id: str,
+        *,
+        prefill_tokens: int,
+        ttl_ms: int,
+        now_ms: int = 0,
+    ) -> WorkerLoad:
         """Count an in-flight request against `worker`; returns its load afterwards."""
-        return cast(
-            WorkerLoad, await self._call(self.acquire_lease_call(model, worker, lease_id, **kw))
+        call = self.acquire_lease_call(
+            model, worker, lease_id, prefill_tokens=prefill_tokens, ttl_ms=ttl_ms, now_ms=now_ms
         )
+        return cast(WorkerLoad, await self._call(call))
 
     def release_lease_call(
         self,
