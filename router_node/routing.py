@@ -35,7 +35,7 @@ from router_node.settings import RouterSettings
 from router_node.shared_index import SharedIndex
 from router_node.tiers import tier_credit_blocks
 from router_node.tracing import ATTR_CHOSEN, ATTR_POLICY, ATTR_REASON, get_tracer
-from router_node.workers import WorkerPool, relative_speeds
+from router_node.workers import Worker, WorkerPool, relative_speeds
 
 # Policies that read residency or shared load; the others route without a lookup.
 _NEEDS_LOOKUP = frozenset({"kv", "prefix_only", "least_load"})
@@ -44,6 +44,17 @@ RESERVE_TTL_MS = 30_000
 """Life of a re-check's reservation that no dispatch adopts (the request failed or went to
 another worker first and nobody gave it back): longer than any connect, short enough that a
 lost one counts as a phantom request for seconds, not for the lease's full ttl."""
+
+
+def current_load(shared: WorkerLoad, worker: Worker) -> tuple[int, int]:
+    """A worker's (in-flight requests, queued prefill tokens) for scoring. Shared load comes
+    from leases that land a round trip after each dispatch, so a burst of arrivals would all
+    see the same "least loaded" worker and pile onto it; this replica's own counts are
+    current: take whichever is larger."""
+    return (
+        max(shared.requests, worker.inflight),
+        max(shared.prefill_tokens, worker.prefill_pending),
+    )
 
 
 def new_lease_id() -> str:
@@ -289,15 +300,11 @@ class Router:
             plan.load = result.load
             empty = WorkerLoad()
             speed = relative_speeds(workers) if self.settings.speed_aware else {}
-            # Shared load comes from leases that land a round trip after each dispatch, so
-            # a burst of arrivals would all see the same "least loaded" worker and pile onto
-            # it. This replica's own counts are current: take whichever is larger.
             cands = [
                 Candidate(
                     w.id,
                     plan.matched_blocks(w.id),
-                    max(result.load.get(w.id, empty).requests, w.inflight),
-                    max(result.load.get(w.id, empty).prefill_tokens, w.prefill_pending),
+                    *current_load(result.load.get(w.id, empty), w),
                     load_penalty.get(w.id, 0.0),
                     speed.get(w.id, 1.0),
                     tier_credit_blocks(plan.tier_depths.get(w.id, {}), self.tier_credits),
@@ -363,8 +370,8 @@ class Router:
         replica's lease landed first and the chosen worker no longer wins, the reservation
         is given back and the request moves to the new best worker, whose lease is reserved
         the same way (at most one move). The request's dispatch adopts the reservation.
-        ``lease_recheck``: off, on, or auto (only when `others_active`: one replica's own
-        counts are current, so it needs no re-check)."""
+        ``lease_recheck``: off, on, or auto (only when `others_active`: between bursts a
+        replica alone has nothing to re-check against)."""
         mode = self.settings.lease_recheck
         d = plan.decision
         if (
@@ -425,8 +432,9 @@ class Router:
             requests, prefill = load.requests, load.prefill_tokens
             if c.worker == mine.worker:
                 requests, prefill = requests - 1, prefill - mine.prefill_tokens
+            requests, prefill = max(0, requests), max(0, prefill)
             w = self.pool.get(c.worker)
             if w is not None:
-                requests, prefill = max(requests, w.inflight), max(prefill, w.prefill_pending)
-            out.append(replace(c, requests=max(0, requests), prefill_tokens=max(0, prefill)))
+                requests, prefill = current_load(WorkerLoad(requests, prefill), w)
+            out.append(replace(c, requests=requests, prefill_tokens=prefill))
         return out
