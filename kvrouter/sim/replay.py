@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
+import orjson
 
 from kvrouter.sim.settings import DEFAULT_CAPACITY_TOKENS
 from kvrouter.sim.trace import (
@@ -44,6 +45,11 @@ ROUTER_WORKER_HEADER = "x-kvrouter-worker"
 ROUTER_MATCHED_HEADER = "x-kvrouter-matched-tokens"
 SIM_WORKER_HEADER = "x-sim-worker"
 DEFAULT_POOLED_WORKERS = 8
+BODY_LOOKAHEAD = 256
+"""Request bodies built ahead of their send time, at most."""
+BUILD_MARGIN_S = 0.002
+"""Building ahead stops this long before the next request is due (one 14k-token body takes
+about 1 ms)."""
 
 
 @dataclass(slots=True)
@@ -169,7 +175,7 @@ async def _one(
                 if data == b"[DONE]":
                     done = True
                     break
-                chunk = json.loads(data)
+                chunk = orjson.loads(data)
                 if "error" in chunk:
                     rec.error = json.dumps(chunk["error"])[:300]
                     continue
@@ -193,6 +199,20 @@ async def _one(
                 rec.error = "stream ended without [DONE]"
     except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"[:300]
+
+
+def request_body(prompt: list[int], max_tokens: int, user: str, model: str | None) -> bytes:
+    """The JSON body of one replayed completions request (streamed, with usage)."""
+    payload: dict[str, Any] = {
+        "prompt": prompt,
+        "max_tokens": max(1, max_tokens),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": user,
+    }
+    if model:
+        payload["model"] = model
+    return orjson.dumps(payload)
 
 
 def session_id(req: TraceRequest) -> str:
@@ -265,24 +285,36 @@ async def replay_trace(
     tasks: set[asyncio.Task[None]] = set()
     in_flight = 0
 
-    async def run_one(req: TraceRequest, rec: RequestRecord) -> None:
+    # Request bodies are built ahead of their send time, while the client waits for the next
+    # arrival: a trace's bursts (several requests in one millisecond) of 14k-token prompts
+    # would otherwise each wait for the previous ones' encoding, and that wait would count as
+    # the client sending late. At most `BODY_LOOKAHEAD` bodies are held at once.
+    bodies: dict[int, bytes] = {}
+    built = 0
+
+    def build(i: int) -> bytes:
+        req, rec = requests[i], records[i]
+        prompt = tokenizer.prompt(req)
+        rec.prompt_tokens = len(prompt)
+        return request_body(prompt, rec.max_tokens, session_id(req), model)
+
+    def build_ahead(dispatched: int, until: float) -> None:
+        nonlocal built
+        limit = min(len(requests), dispatched + BODY_LOOKAHEAD)
+        while built < limit and loop.time() < until:
+            bodies[built] = build(built)
+            built += 1
+
+    async def run_one(i: int, rec: RequestRecord) -> None:
         nonlocal in_flight
         try:
-            prompt = tokenizer.prompt(req)
-            rec.prompt_tokens = len(prompt)
-            payload: dict[str, Any] = {
-                "prompt": prompt,
-                "max_tokens": max(1, rec.max_tokens),
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "user": session_id(req),
-            }
-            if model:
-                payload["model"] = model
+            body = bodies.pop(i, None)
+            if body is None:
+                body = build(i)
             rec.sent_s = loop.time() - t0
             assert session is not None
             target = targets[(rec.index - first_index) % len(targets)]
-            await _one(session, target, json.dumps(payload).encode(), rec, timeout)
+            await _one(session, target, body, rec, timeout)
         finally:
             in_flight -= 1
             slots.release()
@@ -291,15 +323,19 @@ async def replay_trace(
             if bar is not None:
                 bar.update(finished=rec, in_flight=in_flight)
 
+    build_ahead(0, math.inf)
     t0 = loop.time()
     try:
-        for req, rec in zip(requests, records, strict=True):
-            delay = t0 + rec.arrival_s - loop.time()
+        for i, rec in enumerate(records):
+            due = t0 + rec.arrival_s
+            # Build later bodies while this one is not due yet, stopping short of its time.
+            build_ahead(i, due - BUILD_MARGIN_S)
+            delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             await slots.acquire()
             in_flight += 1
-            task = asyncio.create_task(run_one(req, rec))
+            task = asyncio.create_task(run_one(i, rec))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         while tasks:

@@ -11,6 +11,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -167,6 +168,82 @@ async def test_replay_concurrency_cap_serializes() -> None:
     for prev, nxt in itertools.pairwise(recs):
         assert prev.sent_s is not None and prev.e2e_s is not None and nxt.sent_s is not None
         assert nxt.sent_s >= prev.sent_s + prev.e2e_s
+
+
+async def _recording_worker(
+    received: dict[str, float], bodies: list[dict[str, object]]
+) -> tuple[aiohttp.web.AppRunner, str]:
+    """A minimal streamed-completions endpoint noting when each conversation's request came."""
+    from aiohttp import web
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        received[body["user"]] = time.monotonic()
+        bodies.append(body)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {"choices": [{"text": "x"}], "usage": {"completion_tokens": 1}}
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def test_replay_builds_bodies_before_they_are_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst's prompts are encoded before the burst is due, so encoding one request never
+    makes the next one late; bodies further out are built while the client waits, at most
+    BODY_LOOKAHEAD at a time."""
+    import kvrouter.sim.replay as replay
+
+    built: dict[str, float] = {}
+    real_prompt = TraceTokenizer.prompt
+
+    def prompt(self: TraceTokenizer, req: TraceRequest) -> list[int]:
+        built[f"conv-{req.hash_ids[1]}"] = time.monotonic()
+        return real_prompt(self, req)
+
+    monkeypatch.setattr(TraceTokenizer, "prompt", prompt)
+    monkeypatch.setattr(replay, "BODY_LOOKAHEAD", 3)
+    sent: dict[str, float] = {}
+    real_one = replay._one
+
+    async def one(session: aiohttp.ClientSession, url: str, body: bytes, *rest: Any) -> None:
+        sent[json.loads(body)["user"]] = time.monotonic()
+        await real_one(session, url, body, *rest)
+
+    monkeypatch.setattr(replay, "_one", one)
+    # A burst of three requests, then five spaced 50 ms apart (time scale 10).
+    trace = [tr(64, [10 * i, 10 * i + 1], 1, ts=0) for i in range(3)]
+    trace += [tr(64, [10 * i, 10 * i + 1], 1, ts=500 * (i - 2)) for i in range(3, 8)]
+    received: dict[str, float] = {}
+    bodies: list[dict[str, object]] = []
+    runner, url = await _recording_worker(received, bodies)
+    try:
+        recs = await replay_trace(trace, url, time_scale=10.0)
+    finally:
+        await runner.cleanup()
+    assert all(r.ok for r in recs), recs
+    names = [f"conv-{10 * i + 1}" for i in range(8)]
+    assert set(received) == set(sent) == set(names)
+    # The burst was encoded before any of it was sent ...
+    first_sent = min(sent.values())
+    assert all(built[n] < first_sent for n in names[:3])
+    # ... the next ones while the client waited for request 3 (due at +50 ms) ...
+    assert built[names[5]] < sent[names[4]]
+    # ... and never more than three ahead: 6 and 7 only once 3 and 4 were due.
+    assert built[names[6]] > first_sent + 0.04
+    assert built[names[7]] > first_sent + 0.09
+    body = next(b for b in bodies if b["user"] == names[0])
+    assert body["prompt"] == TraceTokenizer().prompt(trace[0])
+    assert body["max_tokens"] == 1 and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
 
 
 async def test_replay_records_connection_errors() -> None:
