@@ -47,9 +47,6 @@ SIM_WORKER_HEADER = "x-sim-worker"
 DEFAULT_POOLED_WORKERS = 8
 BODY_LOOKAHEAD = 256
 """Request bodies built ahead of their send time, at most."""
-BUILD_MARGIN_S = 0.002
-"""Building ahead stops this long before the next request is due (one 14k-token body takes
-about 1 ms)."""
 
 
 @dataclass(slots=True)
@@ -285,12 +282,15 @@ async def replay_trace(
     tasks: set[asyncio.Task[None]] = set()
     in_flight = 0
 
-    # Request bodies are built ahead of their send time, while the client waits for the next
-    # arrival: a trace's bursts (several requests in one millisecond) of 14k-token prompts
-    # would otherwise each wait for the previous ones' encoding, and that wait would count as
-    # the client sending late. At most `BODY_LOOKAHEAD` bodies are held at once.
+    # Request bodies are built ahead of their send time by a task of their own, one body per
+    # turn of the event loop, so sends and streamed responses wait for at most one body's
+    # encoding (about 1 ms for 14k tokens). Built at send time instead, a burst of long prompts
+    # (several requests in one millisecond, as the Mooncake traces have) would wait for each
+    # other's encoding, and that wait would count as the client sending late. At most
+    # `BODY_LOOKAHEAD` bodies are held at once.
     bodies: dict[int, bytes] = {}
-    built = 0
+    dispatched = 0
+    advanced = asyncio.Event()
 
     def build(i: int) -> bytes:
         req, rec = requests[i], records[i]
@@ -298,19 +298,23 @@ async def replay_trace(
         rec.prompt_tokens = len(prompt)
         return request_body(prompt, rec.max_tokens, session_id(req), model)
 
-    def build_ahead(dispatched: int, until: float) -> None:
-        nonlocal built
-        limit = min(len(requests), dispatched + BODY_LOOKAHEAD)
-        while built < limit and loop.time() < until:
-            bodies[built] = build(built)
-            built += 1
+    async def build_ahead(first: int) -> None:
+        nxt = first
+        while True:
+            nxt = max(nxt, dispatched)  # sent already (built at send time): skip
+            if nxt >= len(requests):
+                return
+            if nxt >= dispatched + BODY_LOOKAHEAD:
+                advanced.clear()
+                await advanced.wait()
+                continue
+            bodies[nxt] = build(nxt)
+            nxt += 1
+            await asyncio.sleep(0)
 
-    async def run_one(i: int, rec: RequestRecord) -> None:
+    async def run_one(rec: RequestRecord, body: bytes) -> None:
         nonlocal in_flight
         try:
-            body = bodies.pop(i, None)
-            if body is None:
-                body = build(i)
             rec.sent_s = loop.time() - t0
             assert session is not None
             target = targets[(rec.index - first_index) % len(targets)]
@@ -323,24 +327,29 @@ async def replay_trace(
             if bar is not None:
                 bar.update(finished=rec, in_flight=in_flight)
 
-    build_ahead(0, math.inf)
+    for i in range(min(len(requests), BODY_LOOKAHEAD)):
+        bodies[i] = build(i)
+    builder = asyncio.create_task(build_ahead(BODY_LOOKAHEAD))
     t0 = loop.time()
     try:
         for i, rec in enumerate(records):
-            due = t0 + rec.arrival_s
-            # Build later bodies while this one is not due yet, stopping short of its time.
-            build_ahead(i, due - BUILD_MARGIN_S)
-            delay = due - loop.time()
+            delay = t0 + rec.arrival_s - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             await slots.acquire()
             in_flight += 1
-            task = asyncio.create_task(run_one(i, rec))
+            body = bodies.pop(i, None)
+            if body is None:  # the builder fell behind
+                body = build(i)
+            dispatched = i + 1
+            advanced.set()
+            task = asyncio.create_task(run_one(rec, body))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         while tasks:
             await asyncio.gather(*tasks)
     finally:
+        builder.cancel()
         for task in tasks:
             task.cancel()
         if own_session:
