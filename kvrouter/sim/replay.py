@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -350,6 +351,10 @@ async def replay_trace(
             await asyncio.gather(*tasks)
     finally:
         builder.cancel()
+        # A body that cannot be built fails the dispatch too (it builds any body the builder
+        # did not): the builder's own copy of that error is retrieved here, not logged.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await builder
         for task in tasks:
             task.cancel()
         if own_session:

@@ -246,6 +246,32 @@ async def test_replay_builds_bodies_before_they_are_due(monkeypatch: pytest.Monk
     assert body["stream_options"] == {"include_usage": True}
 
 
+async def test_replay_raises_when_a_body_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt the builder cannot encode fails the replay with that error (it is not
+    swallowed by the builder task), after the requests before it were sent."""
+    import kvrouter.sim.replay as replay
+
+    real_prompt = TraceTokenizer.prompt
+
+    def prompt(self: TraceTokenizer, req: TraceRequest) -> list[int]:
+        if req.hash_ids[0] == 999:
+            raise ValueError("cannot build this one")
+        return real_prompt(self, req)
+
+    monkeypatch.setattr(TraceTokenizer, "prompt", prompt)
+    monkeypatch.setattr(replay, "BODY_LOOKAHEAD", 2)
+    trace = [tr(64, [10 * i, 10 * i + 1], 1, ts=100 * i) for i in range(4)]
+    trace.append(tr(64, [999, 1000], 1, ts=2000))  # 200 ms after the others
+    received: dict[str, float] = {}
+    runner, url = await _recording_worker(received, [])
+    try:
+        with pytest.raises(ValueError, match="cannot build this one"):
+            await replay_trace(trace, url, time_scale=10.0)
+    finally:
+        await runner.cleanup()
+    assert set(received) == {f"conv-{10 * i + 1}" for i in range(4)}
+
+
 async def test_replay_records_connection_errors() -> None:
     async with aiohttp.ClientSession() as session:
         recs = await replay_trace([tr(10, [1])], "http://127.0.0.1:9", session=session)
