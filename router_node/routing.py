@@ -12,7 +12,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,6 +55,15 @@ def current_load(shared: WorkerLoad, worker: Worker) -> tuple[int, int]:
         max(shared.requests, worker.inflight),
         max(shared.prefill_tokens, worker.prefill_pending),
     )
+
+
+def _gained_load(before: Sequence[Candidate], after: Sequence[Candidate], worker: str) -> bool:
+    """Whether `worker` carries more requests or queued prefill in `after` than in `before`."""
+    b = next((c for c in before if c.worker == worker), None)
+    a = next((c for c in after if c.worker == worker), None)
+    if b is None or a is None:
+        return True
+    return a.requests > b.requests or a.prefill_tokens > b.prefill_tokens
 
 
 def new_lease_id() -> str:
@@ -406,6 +415,12 @@ class Router:
             if giving_back is not None:
                 return  # one move at most: the second choice stands
             cands = self._refreshed(plan, fresh, res)
+            if not _gained_load(plan.candidates, cands, worker):
+                # Nothing landed on the chosen worker since the lookup: the decision was made
+                # on current load. Loads that fell elsewhere meanwhile (releases) are not the
+                # race this closes, and moving for them would cost the request its match.
+                self.metrics.rechecks.labels("kept").inc()
+                return
             again = decide("kv", cands, n_tokens, model.scoring, self.rng)
             costs = again.costs
             if worker not in again.guarded and costs[worker] <= costs[again.worker]:

@@ -100,3 +100,38 @@ async def test_one_replica_alone_does_not_recheck(
         await client.completions.create(model=MODEL, prompt=f"prompt number {i} " * 10)
         await settle(r)
     assert _rechecks(r, "kept") + _rechecks(r, "moved") == 0
+
+
+async def test_a_release_elsewhere_does_not_move_the_request(
+    start_router: StartRouter,
+    workers: list[FakeWorker],
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The re-check moves a request only when load landed on its chosen worker after the
+    lookup. Here the chosen worker's load is unchanged and another worker's lease is given
+    back in between, which makes that worker cheaper: the decision stands."""
+    idx = ResidencyIndex(redis_client)
+    # Another replica's requests: one on each worker, the first one's already past prefill.
+    for w, prefill in zip(workers, (0, 5000, 5000), strict=True):
+        await idx.acquire_lease(
+            MODEL, w.id, f"other-{w.port}", prefill_tokens=prefill, ttl_ms=HOUR_MS
+        )
+    r = await start_router(workers, lease_recheck="on")
+    shared = r.app[ROUTER].shared
+    real = shared.lookup
+    last = workers[-1]
+
+    async def lookup_then_release(*args: Any, **kw: Any) -> Any:
+        result = await real(*args, **kw)
+        # Between the lookup and the re-check the last worker empties.
+        await idx.release_lease(MODEL, last.id, f"other-{last.port}", prefill_tokens=5000)
+        return result
+
+    monkeypatch.setattr(shared, "lookup", lookup_then_release)
+    resp = await openai_client(r).completions.create(
+        model=MODEL, prompt="a question of its own " * 20, max_tokens=2
+    )
+    assert resp.choices
+    assert [w.served() for w in workers] == [1, 0, 0]
+    assert (_rechecks(r, "kept"), _rechecks(r, "moved")) == (1, 0)
