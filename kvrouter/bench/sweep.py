@@ -24,8 +24,9 @@ Workloads: ``--trace bundled`` (the bundled conversation trace), ``--trace share
 (the generator in kvrouter.sim.workload, sized by the ``--groups`` ... flags), or any
 Mooncake-format JSONL file.
 
-Writes report.md, results.json, ttft_p90_vs_load.png and goodput_vs_load.png to --out; the
-last stdout line is one JSON object.
+Writes report.md, results.json, ttft_p90_vs_load.png and goodput_vs_load.png to --out, and
+every run's requests to records/ there (one JSON line each); the last stdout line is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -281,10 +282,11 @@ async def _sweep(
         runs: dict[str, list[tuple[dict[str, Any], list[RequestRecord]]]] = {
             v.name: [] for v in variants
         }
-        for _ in range(args.repeat):
+        for rep in range(args.repeat):
             for v in variants:
                 summary, records = await run_variant(v, run_args, scaled, scale)
                 runs[v.name].append((summary, records))
+                write_records(Path(args.out), load, v.name, rep, records)
         for v in variants:
             s = point_summary(runs[v.name], args, scale, slo)
             s.update(load=load, policy=v.name, time_scale=scale)
@@ -324,6 +326,19 @@ async def _sweep(
         "invalid_points": sum(1 for p in points if p["invalid"]),
         "failed": sum(p["failed"] for p in points),
     }
+
+
+def write_records(
+    out: Path, load: float, policy: str, run: int, records: list[RequestRecord]
+) -> Path:
+    """One run's requests, one JSON object per line (RequestRecord.to_json: worker, when it
+    was due and sent, TTFT, end to end, prompt and cached tokens, error; real seconds), to
+    ``records/load<load>-<policy>-<run>.jsonl`` under `out`: what a point's percentiles were
+    computed from, for looking at single requests."""
+    path = out / "records" / f"load{load:g}-{policy}-{run}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
+    return path
 
 
 def real_time_scale(requests: list[TraceRequest], args: argparse.Namespace) -> float:

@@ -175,6 +175,13 @@ def test_a_small_sweep_end_to_end(tmp_path: Path) -> None:
         assert p["requests"] == 60 and p["goodput_rps"] > 0 and isinstance(p["invalid"], list)
         assert p["late_p99_s"] is not None and p["loop_lag_p99_s"] is not None
     assert "--speed-mix 2,1" in (tmp_path / "report.md").read_text()
+    # Every run's requests, as the client saw them.
+    for load in ("0.5", "2"):
+        for policy in ("kv", "round_robin"):
+            lines = (tmp_path / "records" / f"load{load}-{policy}-0.jsonl").read_text()
+            recs = [json.loads(x) for x in lines.splitlines()]
+            assert len(recs) == 60 and all(r["status"] == 200 and r["ttft_s"] for r in recs)
+            assert sorted(r["index"] for r in recs) == list(range(60))
     for name in ("ttft_p90_vs_load.png", "goodput_vs_load.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
