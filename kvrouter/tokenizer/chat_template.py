@@ -160,6 +160,8 @@ class ChatTemplates:
                 "continue_final_message and add_generation_prompt cannot both be true"
             )
         template = self.select(template_name, tools)
+        if continue_final_message:
+            messages = _tag_final_message(messages)
         variables: dict[str, Any] = {**self._special_tokens, **extra}
         try:
             rendered = template.render(
@@ -179,7 +181,7 @@ class ChatTemplates:
             # key): it is the client's to fix, so it must not become a 500.
             raise ChatTemplateError(f"chat template error: {type(exc).__name__}: {exc}") from None
         if continue_final_message:
-            rendered = _cut_after_final_message(rendered, messages)
+            rendered = _cut_at_tag(rendered)
         return rendered
 
 
@@ -191,31 +193,51 @@ def _check_messages(messages: object) -> None:
             raise ChatTemplateError(f"messages[{i}] must be an object")
 
 
-def _cut_after_final_message(rendered: str, messages: Sequence[Mapping[str, Any]]) -> str:
-    """Drop whatever the template appended after the last message (an end-of-turn token), so
-    the model continues that message; the same rule as transformers' continue_final_message."""
+# What transformers appends to the final message's text before rendering when asked to
+# continue it; the prompt ends where the tag begins. Matching it exactly matters: the old rule
+# (find the stripped content, cut after it) cuts in the wrong place when the content is only
+# whitespace or also appears later, for example inside the end-of-turn marker.
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A copy of `messages` whose final message's text ends with CONTINUE_TAG: appended to
+    the content string, or to the last text part of a content list. The caller's messages
+    are not touched."""
     if not messages:
         raise ChatTemplateError("continue_final_message needs at least one message")
-    content = messages[-1].get("content")
+    final = dict(messages[-1])
+    content = final.get("content")
     if isinstance(content, list | tuple):
-        texts = [
-            part["text"]
-            for part in content
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
-        ]
-        if not texts:
+        parts = list(content)
+        for i in range(len(parts) - 1, -1, -1):
+            part = parts[i]
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts[i] = {**part, "text": part["text"] + CONTINUE_TAG}
+                break
+        else:
             raise ChatTemplateError(
                 "continue_final_message: the final message has no text to continue"
             )
-        content = texts[-1]
-    if not isinstance(content, str):
+        final["content"] = parts
+    elif isinstance(content, str):
+        final["content"] = content + CONTINUE_TAG
+    else:
         raise ChatTemplateError("continue_final_message: the final message has no text content")
-    stripped = content.strip()
-    if stripped not in rendered:
+    return [*messages[:-1], final]
+
+
+def _cut_at_tag(rendered: str) -> str:
+    """Drop the tag and whatever the template wrote after it (an end-of-turn token), so the
+    model continues the final message; transformers' rule: when the template kept the tag's
+    trailing space the text before the tag is kept as is, otherwise the template trimmed the
+    message and its trailing whitespace is dropped too."""
+    tag = CONTINUE_TAG.strip()
+    if tag not in rendered:
         raise ChatTemplateError(
             "continue_final_message: the chat template does not reproduce the final message"
         )
-    at = rendered.rindex(stripped)
-    if rendered[at : at + len(content.lstrip())] == content:
-        return rendered[: at + len(content.lstrip())]
-    return rendered[: at + len(stripped)]
+    at = rendered.rindex(tag)
+    if rendered.startswith(CONTINUE_TAG, at):
+        return rendered[:at]
+    return rendered[:at].rstrip()

@@ -282,3 +282,32 @@ def test_missing_part_values_as_vllm_treats_them() -> None:
         "content": "a\nb",
         "tool_call_id": "c",
     }
+
+
+# Final messages whose continuation the old cut rule (find the stripped content, cut after it)
+# got wrong or only got right by luck: whitespace only (the Hypothesis draw that found it was
+# a lone tab under the Qwen template), empty, padded, and text that the template's own
+# end-of-turn marker repeats.
+CONTINUED = ["\t", "", "  ", "\n", "  padded  ", "end\n", "<|im_end|>", "im_end", "a\tb "]
+
+
+@pytest.mark.parametrize("final", CONTINUED, ids=repr)
+def test_continue_final_message_cuts_where_transformers_cuts(
+    final: str, router_tok: Tokenizer, reference: Any, kind_dir: Any
+) -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "Say something."},
+            {"role": "assistant", "content": final},
+        ],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    }
+    expected = _expected_or_error(reference, body, FORMATS[kind_dir[0]])
+    if expected is None:
+        with pytest.raises(Exception):  # noqa: B017 - the engine rejects it too
+            router_tok.encode_chat_request(body)
+        return
+    assert router_tok.encode_chat_request(body) == expected
+    assert router_tok.encode_chat_request(body) == expected
