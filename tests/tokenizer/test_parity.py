@@ -160,7 +160,7 @@ def chat_body(draw: st.DrawFn, kind: Kind) -> dict[str, Any]:
         body["tools"] = TOOLS
     if messages[-1]["role"] == "assistant" and draw(st.booleans()):
         body["add_generation_prompt"] = False
-        if isinstance(messages[-1]["content"], str) and not messages[-1].get("tool_calls"):
+        if not messages[-1].get("tool_calls"):
             body["continue_final_message"] = draw(st.booleans())
     if draw(st.booleans()):
         body["add_special_tokens"] = draw(st.booleans())
