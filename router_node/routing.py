@@ -8,11 +8,10 @@ matched depth and load (round trip 1, skipped by policies that use neither), and
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +43,13 @@ RESERVE_TTL_MS = 30_000
 """Life of a re-check's reservation that no dispatch adopts (the request failed or went to
 another worker first and nobody gave it back): longer than any connect, short enough that a
 lost one counts as a phantom request for seconds, not for the lease's full ttl."""
+
+
+RECHECK_MAX_MOVES = 3
+"""Most times one re-check moves a request. Each move's new worker is reserved and checked
+the same way, since requests that left one worker together pick the same second choice; the
+bound keeps a request's extra round trips few when a large burst races (the last choice then
+stands, reserved)."""
 
 
 def current_load(shared: WorkerLoad, worker: Worker) -> tuple[int, int]:
@@ -378,7 +384,8 @@ class Router:
         atomic script (a reservation), and the request re-scored on that load: when another
         replica's lease landed first and the chosen worker no longer wins, the reservation
         is given back and the request moves to the new best worker, whose lease is reserved
-        the same way (at most one move). The request's dispatch adopts the reservation.
+        the same way (at most RECHECK_MAX_MOVES moves). The request's dispatch adopts the
+        reservation.
         ``lease_recheck``: off, on, or auto (only when `others_active`: between bursts a
         replica alone has nothing to re-check against)."""
         mode = self.settings.lease_recheck
@@ -397,28 +404,24 @@ class Router:
             return
         n_tokens = len(req.token_ids or ())
         worker = d.worker
-        giving_back: Coroutine[Any, Any, None] | None = None
+        moves = 0
         while True:
             res = Reservation(worker, new_lease_id(), plan.prefill_for(worker))
             with self.tracer.start_as_current_span("recheck") as span:
                 span.set_attribute(ATTR_CHOSEN, worker)
-                reserve = self.shared.reserve(
+                fresh = await self.shared.reserve(
                     req.model, worker, res.lease_id, res.prefill_tokens, RESERVE_TTL_MS
                 )
-                if giving_back is None:
-                    fresh = await reserve
-                else:  # the moved request's first reservation goes back meanwhile
-                    fresh, _ = await asyncio.gather(reserve, giving_back)
             if fresh is None:
                 return  # the index is down: the decision stands, unreserved
             plan.reserved = res
-            if giving_back is not None:
-                return  # one move at most: the second choice stands
+            if moves == RECHECK_MAX_MOVES:
+                return  # the last choice stands, reserved
             cands = self._refreshed(plan, fresh, res)
             if not _gained_load(plan.candidates, cands, worker):
-                # Nothing landed on the chosen worker since the lookup: the decision was made
-                # on current load. Loads that fell elsewhere meanwhile (releases) are not the
-                # race this closes, and moving for them would cost the request its match.
+                # Nothing landed on the chosen worker since the load the choice was made on
+                # was read. Loads that fell elsewhere meanwhile (releases) are not the race
+                # this closes, and moving for them would cost the request its match.
                 self.metrics.rechecks.labels("kept").inc()
                 return
             again = decide("kv", cands, n_tokens, model.scoring, self.rng)
@@ -427,10 +430,13 @@ class Router:
                 self.metrics.rechecks.labels("kept").inc()
                 return
             self.metrics.rechecks.labels("moved").inc()
+            moves += 1
             plan.reserved = None
             plan.candidates = cands
             plan.decision = again
-            giving_back = self.shared.release(
+            # The left worker's reservation goes back before the next one is taken, so the
+            # load read with that one no longer counts this request there.
+            await self.shared.release(
                 req.model, worker, res.lease_id, res.prefill_tokens, prefilled_only=False
             )
             worker = again.worker

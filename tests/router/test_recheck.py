@@ -77,9 +77,10 @@ async def test_two_replicas_deciding_one_burst(
         assert served == [2, 0, 0]
         assert _rechecks(a, "moved") + _rechecks(b, "moved") == 0
     else:
-        # The second reservation saw the first one's lease: it moved.
+        # The second reservation saw the first one's lease: it moved, and its new worker's
+        # reservation was checked too (nothing landed there: kept).
         assert served[0] == 1 and max(served) == 1
-        assert _rechecks(a, "kept") + _rechecks(b, "kept") == 1
+        assert _rechecks(a, "kept") + _rechecks(b, "kept") == 2
         assert _rechecks(a, "moved") + _rechecks(b, "moved") == 1
     # Every lease went back: the moved request's first reservation, and the reservations the
     # dispatches adopted (taken once, released once). Only the third replica's remain.
@@ -135,3 +136,60 @@ async def test_a_release_elsewhere_does_not_move_the_request(
     assert resp.choices
     assert [w.served() for w in workers] == [1, 0, 0]
     assert (_rechecks(r, "kept"), _rechecks(r, "moved")) == (1, 0)
+
+
+async def test_requests_that_leave_together_do_not_land_together(
+    start_router: StartRouter,
+    workers: list[FakeWorker],
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three replicas decide one burst on the same load and all reserve the least-loaded
+    worker. The first reservation stands; the other two both re-score and both pick the same
+    second choice. The second of those to land must be re-checked too and move on, so the
+    burst spreads as one router would place it (one request on each worker), not two on the
+    second choice and none on the third."""
+    idx = ResidencyIndex(redis_client)
+    # Another replica's requests: none on the first worker, one on the second, two on the third.
+    for n, w in enumerate(workers):
+        for k in range(n):
+            await idx.acquire_lease(
+                MODEL, w.id, f"other-{w.port}-{k}", prefill_tokens=0, ttl_ms=HOUR_MS
+            )
+    routers = [await start_router(workers, lease_recheck="on") for _ in range(3)]
+    _gate_lookups(monkeypatch, routers)
+    # And every router's first reservation returns only once all three have landed.
+    landed = asyncio.Barrier(len(routers))
+    for r in routers:
+        shared = r.app[ROUTER].shared
+        real = shared.reserve
+        calls = [0]
+
+        async def gated(*args: Any, _real: Any = real, _calls: list[int] = calls, **kw: Any) -> Any:
+            result = await _real(*args, **kw)
+            _calls[0] += 1
+            if _calls[0] == 1:
+                await asyncio.wait_for(landed.wait(), 10)
+            return result
+
+        monkeypatch.setattr(shared, "reserve", gated)
+
+    async def ask(r: RouterServer, text: str) -> None:
+        resp = await openai_client(r).completions.create(model=MODEL, prompt=text, max_tokens=2)
+        assert resp.choices
+
+    await asyncio.gather(
+        *(
+            ask(r, f"question {i} of one burst, with words of its own " * 12)
+            for i, r in enumerate(routers)
+        )
+    )
+    assert [w.served() for w in workers] == [1, 1, 1]
+    moved = sum(_rechecks(r, "moved") for r in routers)
+    kept = sum(_rechecks(r, "kept") for r in routers)
+    assert (kept, moved) == (3, 3)
+    await settle(*routers)
+    got = await idx.lookup(MODEL, [1])
+    assert {w: x.requests for w, x in got.load.items()} == {
+        w.id: n for n, w in enumerate(workers) if n
+    }
