@@ -8,10 +8,11 @@ matched depth and load (round trip 1, skipped by policies that use neither), and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -407,7 +408,10 @@ class Router:
         moves = 0
         while True:
             res = Reservation(worker, new_lease_id(), plan.prefill_for(worker))
-            with self.tracer.start_as_current_span("recheck") as span:
+            with (
+                self.tracer.start_as_current_span("recheck") as span,
+                self._claimed(worker, res.prefill_tokens),
+            ):
                 span.set_attribute(ATTR_CHOSEN, worker)
                 fresh = await self.shared.reserve(
                     req.model, worker, res.lease_id, res.prefill_tokens, RESERVE_TTL_MS
@@ -435,11 +439,35 @@ class Router:
             plan.candidates = cands
             plan.decision = again
             # The left worker's reservation goes back before the next one is taken, so the
-            # load read with that one no longer counts this request there.
-            await self.shared.release(
-                req.model, worker, res.lease_id, res.prefill_tokens, prefilled_only=False
-            )
+            # load read with that one no longer counts this request there; meanwhile the
+            # request counts where it is going.
+            with self._claimed(again.worker, plan.prefill_for(again.worker)):
+                await self.shared.release(
+                    req.model, worker, res.lease_id, res.prefill_tokens, prefilled_only=False
+                )
             worker = again.worker
+
+    @contextlib.contextmanager
+    def _claimed(self, worker_id: str, prefill_tokens: int) -> Iterator[None]:
+        """Count the request on `worker_id` in this replica's own load while the re-check
+        waits for Redis. This replica's other requests of the same burst are decided
+        meanwhile; without the claim they see neither this request's lease (taken only when
+        it is dispatched) nor, when their lookup was read first, its reservation, and they
+        all pick the same worker (one replica on the bundled trace: ten of one 16-request
+        burst on one of eight workers). The claim ends before the re-check re-scores (the
+        reservation then counts the request) and the dispatch that follows without waiting
+        takes the lease."""
+        w = self.pool.get(worker_id)
+        if w is None:
+            yield
+            return
+        w.inflight += 1
+        w.prefill_pending += prefill_tokens
+        try:
+            yield
+        finally:
+            w.inflight -= 1
+            w.prefill_pending -= prefill_tokens
 
     def _refreshed(
         self, plan: Plan, fresh: Mapping[str, WorkerLoad], mine: Reservation

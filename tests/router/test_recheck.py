@@ -193,3 +193,53 @@ async def test_requests_that_leave_together_do_not_land_together(
     assert {w: x.requests for w, x in got.load.items()} == {
         w.id: n for n, w in enumerate(workers) if n
     }
+
+
+async def test_one_replicas_burst_is_spread_while_its_reservations_are_in_flight(
+    start_router: StartRouter,
+    workers: list[FakeWorker],
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One replica decides three requests of a burst while the first ones wait for their
+    reservations: each later decision must count the earlier ones where they are going, so
+    the burst spreads at once and no re-check has to move anything."""
+    idx = ResidencyIndex(redis_client)
+    # Another replica's requests: none on the first worker, one on the second, two on the third.
+    for n, w in enumerate(workers):
+        for k in range(n):
+            await idx.acquire_lease(
+                MODEL, w.id, f"other-{w.port}-{k}", prefill_tokens=0, ttl_ms=HOUR_MS
+            )
+    r = await start_router(workers, lease_recheck="on")
+    shared = r.app[ROUTER].shared
+    real = shared.reserve
+    # No first reservation reaches Redis until all three requests have been decided.
+    decided = asyncio.Barrier(3)
+    calls = [0]
+
+    async def gated(*args: Any, **kw: Any) -> Any:
+        calls[0] += 1
+        if calls[0] <= 3:
+            await asyncio.wait_for(decided.wait(), 10)
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(shared, "reserve", gated)
+    client = openai_client(r)
+
+    async def ask(text: str) -> None:
+        resp = await client.completions.create(model=MODEL, prompt=text, max_tokens=2)
+        assert resp.choices
+
+    await asyncio.gather(*(ask(f"burst request {i} with words of its own " * 12) for i in range(3)))
+    assert [w.served() for w in workers] == [1, 1, 1]
+    assert (_rechecks(r, "kept"), _rechecks(r, "moved")) == (3, 0)
+    await settle(r)
+    got = await idx.lookup(MODEL, [1])
+    assert {w: x.requests for w, x in got.load.items()} == {
+        w.id: n for n, w in enumerate(workers) if n
+    }
+    # The claims went with the requests: this replica counts nothing in flight.
+    assert [(w.inflight, w.prefill_pending) for w in r.app[ROUTER].pool.workers.values()] == [
+        (0, 0)
+    ] * 3
