@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Protocol, cast
@@ -45,6 +46,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("kvrouter.sim.replay", "replay a Mooncake trace against a router or worker"),
     "serve": ("router_node.cli", "run a router replica (OpenAI-compatible, KV-cache-aware)"),
 }
+
+
+# Commands that start a fleet of their own (Redis, simulated workers, listeners, routers) in
+# process sessions of their own, so that a terminal's Ctrl-C reaches only the command, which
+# then closes them. A SIGTERM (`timeout`, a CI job cancelled, `kill`) would end the command at
+# once and leave the fleet running: for these, it stops them the way Ctrl-C does.
+_OWN_FLEET = frozenset({"bench", "demo"})
 
 
 class RoleModule(Protocol):
@@ -81,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run is None:  # pragma: no cover - argparse already exited for a missing command
         parser.print_help()
         return 2
+    if args.command in _OWN_FLEET:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     return int(run(args))
 
 

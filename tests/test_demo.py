@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,3 +74,64 @@ def test_demo_on_the_shared_prefix_workload_says_what_routing_did(tmp_path: Path
     # Whether the machine kept up is said either way (a shared CI runner may not).
     assert "Every run valid" in proc.stdout or "measured the machine" in proc.stdout
     assert (tmp_path / "ttft_cdf.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines."""
+    out: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out[int(entry.name)] = (
+                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                )
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_terminated_demo_stops_its_fleet() -> None:
+    """`timeout`, a cancelled CI job or `kill` sends SIGTERM: the demo's Redis, workers,
+    listener and router (in process sessions of their own, out of reach of a signal to the
+    demo alone) must stop with it, as they do on Ctrl-C."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "kvrouter", "demo", "--workload", "bundled", "--requests", "300"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    seen: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(" serve " in c for c in seen.values()):
+            assert demo.poll() is None, demo.stderr.read().decode() if demo.stderr else ""
+            seen.update(_children(demo.pid))
+            time.sleep(0.2)
+        assert any(" serve " in c for c in seen.values()), seen
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_running(p) for p in seen):
+        time.sleep(0.2)
+    left = {p: c for p, c in seen.items() if _running(p)}
+    for p in left:  # leave nothing behind for the next test, then fail
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+    assert not left, f"still running after the demo ended: {left}"
+    assert demo.returncode != 0
