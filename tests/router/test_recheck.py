@@ -44,6 +44,25 @@ def _rechecks(r: RouterServer, outcome: str) -> float:
     return v or 0.0
 
 
+async def _others_hold_zero_one_two(idx: ResidencyIndex, workers: list[FakeWorker]) -> None:
+    """Another replica's requests: none on the first worker, one on the second, two on the
+    third (so the workers rank first, second, third for a request without a match)."""
+    for n, w in enumerate(workers):
+        for k in range(n):
+            await idx.acquire_lease(
+                MODEL, w.id, f"other-{w.port}-{k}", prefill_tokens=0, ttl_ms=HOUR_MS
+            )
+
+
+async def _only_the_others_remain(idx: ResidencyIndex, workers: list[FakeWorker]) -> None:
+    """Every lease and reservation this test's routers took went back: only the other
+    replica's requests (`_others_hold_zero_one_two`) are left in flight."""
+    got = await idx.lookup(MODEL, [1])
+    assert {w: x.requests for w, x in got.load.items()} == {
+        w.id: n for n, w in enumerate(workers) if n
+    }
+
+
 @pytest.mark.parametrize("mode", ["off", "auto"])
 async def test_two_replicas_deciding_one_burst(
     mode: str,
@@ -150,12 +169,7 @@ async def test_requests_that_leave_together_do_not_land_together(
     burst spreads as one router would place it (one request on each worker), not two on the
     second choice and none on the third."""
     idx = ResidencyIndex(redis_client)
-    # Another replica's requests: none on the first worker, one on the second, two on the third.
-    for n, w in enumerate(workers):
-        for k in range(n):
-            await idx.acquire_lease(
-                MODEL, w.id, f"other-{w.port}-{k}", prefill_tokens=0, ttl_ms=HOUR_MS
-            )
+    await _others_hold_zero_one_two(idx, workers)
     routers = [await start_router(workers, lease_recheck="on") for _ in range(3)]
     _gate_lookups(monkeypatch, routers)
     # And every router's first reservation returns only once all three have landed.
@@ -189,10 +203,7 @@ async def test_requests_that_leave_together_do_not_land_together(
     kept = sum(_rechecks(r, "kept") for r in routers)
     assert (kept, moved) == (3, 3)
     await settle(*routers)
-    got = await idx.lookup(MODEL, [1])
-    assert {w: x.requests for w, x in got.load.items()} == {
-        w.id: n for n, w in enumerate(workers) if n
-    }
+    await _only_the_others_remain(idx, workers)
 
 
 async def test_one_replicas_burst_is_spread_while_its_reservations_are_in_flight(
@@ -205,12 +216,7 @@ async def test_one_replicas_burst_is_spread_while_its_reservations_are_in_flight
     reservations: each later decision must count the earlier ones where they are going, so
     the burst spreads at once and no re-check has to move anything."""
     idx = ResidencyIndex(redis_client)
-    # Another replica's requests: none on the first worker, one on the second, two on the third.
-    for n, w in enumerate(workers):
-        for k in range(n):
-            await idx.acquire_lease(
-                MODEL, w.id, f"other-{w.port}-{k}", prefill_tokens=0, ttl_ms=HOUR_MS
-            )
+    await _others_hold_zero_one_two(idx, workers)
     r = await start_router(workers, lease_recheck="on")
     shared = r.app[ROUTER].shared
     real = shared.reserve
@@ -235,10 +241,7 @@ async def test_one_replicas_burst_is_spread_while_its_reservations_are_in_flight
     assert [w.served() for w in workers] == [1, 1, 1]
     assert (_rechecks(r, "kept"), _rechecks(r, "moved")) == (3, 0)
     await settle(r)
-    got = await idx.lookup(MODEL, [1])
-    assert {w: x.requests for w, x in got.load.items()} == {
-        w.id: n for n, w in enumerate(workers) if n
-    }
+    await _only_the_others_remain(idx, workers)
     # The claims went with the requests: this replica counts nothing in flight.
     assert [(w.inflight, w.prefill_pending) for w in r.app[ROUTER].pool.workers.values()] == [
         (0, 0)
