@@ -7,28 +7,69 @@ from typing import Any
 
 # How often the offset to the Redis server's clock is read again.
 CLOCK_REFRESH_S = 30.0
+# TIME round trips at first use; the fastest one sets the offset.
+CLOCK_SAMPLES = 3
+# How fast the two clocks may drift apart (100 ppm: ten times what an unsynchronised quartz
+# clock does), so how fast an estimate's error bound grows with its age.
+CLOCK_DRIFT = 1e-4
 
 
 class ServerClock:
-    """Now on the Redis server's clock, in us: the local clock plus an offset read with TIME
-    at first use and every CLOCK_REFRESH_S. Records written with it expire by the same clock
-    the scripts read, whatever this host's clock says."""
+    """Now on the Redis server's clock, in us: this process's monotonic clock plus an offset
+    read with TIME.
+
+    The server read its clock somewhere inside the round trip, so taking the round trip's
+    midpoint is wrong by at most half of it (Cristian's algorithm). A round trip can be long for
+    reasons that have nothing to do with the network: a busy event loop or a garbage collection
+    that delays reading the reply skews a midpoint by half the stall (tens of ms), and two
+    processes, or two clients of one, would then write and cut records on clocks that disagree
+    by as much (see router_node/feedback.py's LRU cut). So the offset comes from the fastest
+    of ``CLOCK_SAMPLES`` round trips at first use, and an estimate carries its error bound (half
+    its round trip, growing by ``CLOCK_DRIFT`` with age); the sample taken every
+    ``CLOCK_REFRESH_S`` replaces it only when its own bound is tighter. Records written with it
+    expire by the same clock the scripts read, whatever this host's wall clock says."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self._offset_us: int | None = None
+        self._half_rtt_us = 0.0
+        self._sampled = 0.0
+        """When the offset's sample was taken (monotonic s)."""
         self._checked = 0.0
 
     async def now_us(self) -> int:
-        """Now on the server's clock, in us (one TIME round trip at most every refresh)."""
+        """Now on the server's clock, in us (a TIME round trip at most every refresh, and
+        ``CLOCK_SAMPLES`` of them at first use)."""
         mono = time.monotonic()
-        if self._offset_us is None or mono - self._checked > CLOCK_REFRESH_S:
+        if self._offset_us is None:
+            self._checked = mono
+            for _ in range(CLOCK_SAMPLES):
+                await self._sample()
+        elif mono - self._checked > CLOCK_REFRESH_S:
             self._checked = mono  # one refresh at a time once an offset is known
-            t0 = time.time()
-            reply = await self.client.time()
-            t1 = time.time()
-            if isinstance(reply, dict):  # a Cluster answers per node: any one will do
-                reply = next(iter(reply.values()))
-            sec, usec = reply
+            await self._sample()
+        offset = self._offset_us
+        if offset is None:  # pragma: no cover - every first sample is taken
+            raise RuntimeError("no TIME sample taken")
+        return int(time.monotonic() * 1_000_000) + offset
+
+    def error_us(self, at: float | None = None) -> float:
+        """The bound on the offset's error at monotonic time `at` (default now), in us;
+        infinite before the first sample."""
+        if self._offset_us is None:
+            return float("inf")
+        age = (time.monotonic() if at is None else at) - self._sampled
+        return self._half_rtt_us + max(0.0, age) * 1e6 * CLOCK_DRIFT
+
+    async def _sample(self) -> None:
+        t0 = time.monotonic()
+        reply = await self.client.time()
+        t1 = time.monotonic()
+        if isinstance(reply, dict):  # a Cluster answers per node: any one will do
+            reply = next(iter(reply.values()))
+        sec, usec = reply
+        half_rtt_us = (t1 - t0) * 500_000
+        if half_rtt_us <= self.error_us(t1):
             self._offset_us = int(sec) * 1_000_000 + int(usec) - int((t0 + t1) * 500_000)
-        return int(time.time() * 1_000_000) + self._offset_us
+            self._half_rtt_us = half_rtt_us
+            self._sampled = t1

@@ -1,0 +1,93 @@
+"""ServerClock against a real Redis: replies read late (a stalled event loop, a GC pause) do not
+skew the offset, so two clocks of one server agree to well under the feedback's cut margin."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from kvrouter.index.clock import CLOCK_REFRESH_S, CLOCK_SAMPLES, ServerClock
+
+
+class LateReader:
+    """A real client whose TIME replies are read `stall_s` late for the next `stalls` calls
+    (the reply has arrived; the caller's loop gets to it late), the server's answer shifted
+    by `shift_us` (a server clock stepped since)."""
+
+    def __init__(self, client: Any, stalls: int = 0, stall_s: float = 0.2) -> None:
+        self.client = client
+        self.stalls = stalls
+        self.stall_s = stall_s
+        self.shift_us = 0
+        self.calls = 0
+
+    async def time(self) -> tuple[int, int]:
+        self.calls += 1
+        reply = await self.client.time()
+        if isinstance(reply, dict):
+            reply = next(iter(reply.values()))
+        if self.stalls:
+            self.stalls -= 1
+            await asyncio.sleep(self.stall_s)
+        us = int(reply[0]) * 1_000_000 + int(reply[1]) + self.shift_us
+        return us // 1_000_000, us % 1_000_000
+
+
+async def skew_us(a: ServerClock, b: ServerClock) -> int:
+    """How far `a` reads ahead of `b` (both already sampled: no round trip here)."""
+    return await a.now_us() - await b.now_us()
+
+
+async def test_a_reply_read_late_at_first_use_does_not_skew_the_clock(any_client: Any) -> None:
+    """The first TIME reply is read 200 ms late: one sample would put this clock 100 ms
+    behind the server's (what made the feedback cut reach a record written 50 ms after its
+    witness). The fastest of the first samples sets the offset."""
+    late = LateReader(any_client, stalls=1)
+    prompt = LateReader(any_client)
+    clock, reference = ServerClock(late), ServerClock(prompt)
+    await clock.now_us()
+    await reference.now_us()
+    assert late.calls == CLOCK_SAMPLES
+    assert abs(await skew_us(clock, reference)) < 20_000
+    assert clock.error_us() < 20_000
+
+
+async def test_a_late_refresh_keeps_the_tighter_estimate(any_client: Any) -> None:
+    """A refresh whose reply is read late does not replace the estimate it would skew."""
+    late = LateReader(any_client)
+    clock, reference = ServerClock(late), ServerClock(LateReader(any_client))
+    await clock.now_us()
+    await reference.now_us()
+    late.stalls = 1
+    clock._checked -= CLOCK_REFRESH_S + 1
+    await clock.now_us()
+    assert late.calls == CLOCK_SAMPLES + 1
+    assert abs(await skew_us(clock, reference)) < 20_000
+
+
+async def test_a_prompt_refresh_follows_a_server_clock_that_moved(any_client: Any) -> None:
+    """An estimate's bound grows with its age; a refresh taken promptly replaces an old one,
+    so a server clock that stepped (or drifted) is followed."""
+    late = LateReader(any_client)
+    clock, reference = ServerClock(late), ServerClock(LateReader(any_client))
+    await clock.now_us()
+    await reference.now_us()
+    late.shift_us = 5_000_000
+    clock._checked -= CLOCK_REFRESH_S + 1
+    clock._sampled -= 1000.0  # an estimate 1,000 s old: its bound is 100 ms
+    await clock.now_us()
+    assert abs(await skew_us(clock, reference) - 5_000_000) < 20_000
+
+
+@pytest.mark.parametrize("stall_s", [0.05, 0.2])
+async def test_the_error_bound_holds(any_client: Any, stall_s: float) -> None:
+    """Whatever the stalls, the offset is within its stated bound of a prompt clock's."""
+    clock = ServerClock(LateReader(any_client, stalls=CLOCK_SAMPLES, stall_s=stall_s))
+    reference = ServerClock(LateReader(any_client))
+    await clock.now_us()
+    await reference.now_us()
+    bound = clock.error_us() + reference.error_us()
+    assert bound >= stall_s * 500_000  # every sample was late: the bound says so
+    assert abs(await skew_us(clock, reference)) <= bound + 1_000
