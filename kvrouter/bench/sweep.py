@@ -8,7 +8,10 @@ on a fresh stack (`routing_bench.run_variant`), rounds interleaved with ``--repe
 Per load and policy: TTFT p50/p90/p99, time per output token p50/p99, end-to-end p50/p99,
 throughput, hit ratio, and goodput: requests per second that met the SLO (TTFT and TPOT
 bounds, ``--slo-ttft-s`` / ``--slo-tpot-s``), over the run's duration (first send to last
-completion, simulated seconds). The report says at which load each policy's goodput peaks.
+completion, simulated seconds). The report says at which load each policy's goodput peaks,
+and how evenly each point's requests waited (`worker_spread`: mean TTFT, each worker's TTFT
+p50, the busiest worker's uncached tokens over the mean), which tells a median made by a few
+short workers from one where every request waited alike.
 
 Validity: a point whose client sent requests late, or whose router's event loop lagged, by
 more than ``--max-lag-s`` (p99, simulated seconds) measured the machine, not the routing. It
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +52,7 @@ from kvrouter.bench.routing_bench import (
     run_variant,
     validity,
 )
-from kvrouter.sim.replay import RequestRecord
+from kvrouter.sim.replay import RequestRecord, percentile
 from kvrouter.sim.settings import DEFAULT_CAPACITY_TOKENS, SimSettings
 from kvrouter.sim.trace import (
     TraceRequest,
@@ -246,8 +250,41 @@ def point_summary(
     good = sum(1 for r in records if slo.met(r, scale))
     s["good"] = good
     s["goodput_rps"] = good / duration if duration else 0.0
+    s.update(worker_spread(records, scale))
     s["invalid"] = validity(s, args.max_lag_s)
     return s
+
+
+def worker_spread(records: list[RequestRecord], scale: float) -> dict[str, Any]:
+    """How evenly a point's requests waited: the mean TTFT, each worker's TTFT p50 (simulated
+    seconds) and the largest worker's share of the uncached prompt tokens over the mean's.
+
+    In overload the median and the mean part ways: a policy that evens out the workers' queues
+    makes every request wait about the mean, while one that leaves some workers short (and
+    others far over) serves the short ones' requests fast, and those can be the median.
+    These say which of the two a point's p50 reflects."""
+    ttfts: dict[str, list[float]] = {}
+    uncached: dict[str, int] = {}
+    for r in records:
+        if not r.ok or r.worker is None:
+            continue
+        uncached[r.worker] = uncached.get(r.worker, 0) + r.prompt_tokens - (r.cached_tokens or 0)
+        if r.ttft_s is not None:
+            ttfts.setdefault(r.worker, []).append(r.ttft_s * scale)
+    every = [t for ts in ttfts.values() for t in ts]
+    p50s: dict[str, float] = {}
+    for w, ts in sorted(ttfts.items()):
+        p50 = percentile(ts, 50)
+        if p50 is not None:  # never: a worker is here for its first TTFT
+            p50s[w] = p50
+    mean_uncached = sum(uncached.values()) / len(uncached) if uncached else 0.0
+    return {
+        "ttft_mean_s": statistics.fmean(every) if every else None,
+        "worker_ttft_p50_s": p50s,
+        "worker_ttft_p50_min_s": min(p50s.values()) if p50s else None,
+        "worker_ttft_p50_max_s": max(p50s.values()) if p50s else None,
+        "uncached_max_over_mean": max(uncached.values()) / mean_uncached if mean_uncached else None,
+    }
 
 
 async def _sweep(
@@ -404,6 +441,18 @@ def report(
             f"| {_f(p['tpot_p99_s'], 4)} | {_f(p['e2e_p50_s'], 2)} | {_f(p['e2e_p99_s'], 2)} "
             f"| {p['throughput_rps']:.2f} | {p['goodput_rps']:.2f} | {p['failed']} | {valid} |"
         )
+    spread = [
+        "| load | policy | TTFT mean | TTFT p50 of the fastest worker | of the slowest "
+        "| uncached tokens, busiest worker over mean |",
+        "|" + "---|" * 6,
+    ]
+    for p in points:
+        ratio = p.get("uncached_max_over_mean")
+        spread.append(
+            f"| {p['load']:g} | {p['policy']} | {_f(p.get('ttft_mean_s'))} "
+            f"| {_f(p.get('worker_ttft_p50_min_s'))} | {_f(p.get('worker_ttft_p50_max_s'))} "
+            f"| {_f(ratio, 2)} |"
+        )
     peak_lines = ["| policy | peak goodput/s | at load | valid |", "|---|---|---|---|"]
     for name, pk in peaks.items():
         valid = "yes" if pk["all_points_valid"] else ("peak only" if pk["valid"] else "NO")
@@ -421,6 +470,11 @@ def report(
         f"Latencies in simulated seconds. A point is INVALID when the client's send lateness "
         f"or a router's event-loop lag (p99) exceeded {meta['max_lag_s']:g} s.\n\n"
         + "\n".join(lines)
+        + "\n\nWhere requests waited (simulated seconds; each worker's TTFT p50, and its share "
+        "of the prompt tokens it had to compute): a policy that evens out the queues makes every "
+        "request wait about the mean; one that leaves some workers short serves their requests "
+        "fast, and in overload those can make the median.\n\n"
+        + "\n".join(spread)
         + "\n\n"
         + "\n".join(peak_lines)
         + "\n\n![TTFT p90 vs load](ttft_p90_vs_load.png) ![goodput vs load](goodput_vs_load.png)\n"

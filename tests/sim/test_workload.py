@@ -18,6 +18,7 @@ from kvrouter.bench.sweep import (
     peak_goodput,
     real_time_scale,
     report,
+    worker_spread,
 )
 from kvrouter.sim.replay import RequestRecord
 from kvrouter.sim.scheduler import step_time_s
@@ -124,7 +125,9 @@ def test_peaks_and_the_report_flag_invalid_points() -> None:
         return {"load": load, "policy": policy, "goodput_rps": goodput, "invalid": invalid,
                 "hit_ratio": 0.5, "ttft_p50_s": 0.1, "ttft_p90_s": 0.2, "ttft_p99_s": 0.3,
                 "tpot_p50_s": 0.01, "tpot_p99_s": 0.02, "e2e_p50_s": 1.0, "e2e_p99_s": 2.0,
-                "throughput_rps": goodput, "failed": 0}  # fmt: skip
+                "throughput_rps": goodput, "failed": 0, "ttft_mean_s": 0.15,
+                "worker_ttft_p50_min_s": 0.05, "worker_ttft_p50_max_s": 0.4,
+                "uncached_max_over_mean": 1.25}  # fmt: skip
 
     points = [
         point(0.5, "kv", 10.0, []),
@@ -144,6 +147,30 @@ def test_peaks_and_the_report_flag_invalid_points() -> None:
     assert "**INVALID**: client sent late" in text
     assert "| kv | 20.00 | 1 | NO |" in text and "| round_robin | 9.00 | 0.5 | yes |" in text
     assert "Command: `kvrouter bench sweep --loads 0.5,1`" in text
+    assert "| 0.5 | round_robin | 0.150 | 0.050 | 0.400 | 1.25 |" in text
+
+
+def test_the_spread_says_whether_the_median_came_from_short_workers() -> None:
+    """Two workers at time scale 2: one served three requests fast, the other one slowly and
+    computed 1.5x the mean uncached tokens of the two."""
+
+    def rec(i: int, worker: str, ttft: float, prompt: int, cached: int) -> RequestRecord:
+        return RequestRecord(i, 0.0, 0.0, worker, 200, ttft, ttft + 1, prompt, cached)
+
+    records = [
+        rec(0, "a", 0.1, 100, 50),
+        rec(1, "a", 0.2, 100, 50),
+        rec(2, "a", 0.3, 100, 50),
+        rec(3, "b", 5.0, 500, 50),
+        RequestRecord(4, 0.0, 0.0, "b", 500, error="boom"),  # failed: not counted
+    ]
+    s = worker_spread(records, 2.0)
+    assert s["worker_ttft_p50_s"] == {"a": 0.4, "b": 10.0}
+    assert (s["worker_ttft_p50_min_s"], s["worker_ttft_p50_max_s"]) == (0.4, 10.0)
+    assert s["ttft_mean_s"] == pytest.approx((0.2 + 0.4 + 0.6 + 10.0) / 4)
+    # Uncached: a 150, b 450; mean 300.
+    assert s["uncached_max_over_mean"] == pytest.approx(1.5)
+    assert worker_spread([], 1.0)["ttft_mean_s"] is None
 
 
 @pytest.mark.redis
@@ -174,6 +201,8 @@ def test_a_small_sweep_end_to_end(tmp_path: Path) -> None:
     for p in results["points"]:
         assert p["requests"] == 60 and p["goodput_rps"] > 0 and isinstance(p["invalid"], list)
         assert p["late_p99_s"] is not None and p["loop_lag_p99_s"] is not None
+        assert set(p["worker_ttft_p50_s"]) == {"sim-0", "sim-1"}
+        assert 0 < p["worker_ttft_p50_min_s"] <= p["worker_ttft_p50_max_s"]
     assert "--speed-mix 2,1" in (tmp_path / "report.md").read_text()
     # Every run's requests, as the client saw them.
     for load in ("0.5", "2"):
