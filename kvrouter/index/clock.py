@@ -9,8 +9,8 @@ from typing import Any
 CLOCK_REFRESH_S = 30.0
 # TIME round trips at first use; the fastest one sets the offset.
 CLOCK_SAMPLES = 3
-# How fast the two clocks may drift apart (100 ppm: ten times what an unsynchronised quartz
-# clock does), so how fast an estimate's error bound grows with its age.
+# How fast the two clocks may drift apart (100 ppm: more than the 10-50 ppm of an
+# unsynchronised quartz clock), so how fast an estimate's error bound grows with its age.
 CLOCK_DRIFT = 1e-4
 
 
