@@ -39,6 +39,7 @@ import asyncio
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,14 +251,16 @@ def point_summary(
     good = sum(1 for r in records if slo.met(r, scale))
     s["good"] = good
     s["goodput_rps"] = good / duration if duration else 0.0
-    s.update(worker_spread(records, scale))
+    s.update(worker_spread([rs for _, rs in runs], scale))
     s["invalid"] = validity(s, args.max_lag_s)
     return s
 
 
-def worker_spread(records: list[RequestRecord], scale: float) -> dict[str, Any]:
-    """How evenly a point's requests waited: the mean TTFT, each worker's TTFT p50 (simulated
-    seconds) and the largest worker's share of the uncached prompt tokens over the mean's.
+def worker_spread(runs: Sequence[Sequence[RequestRecord]], scale: float) -> dict[str, Any]:
+    """How evenly a point's requests waited, over its runs (one list of records each): the mean
+    TTFT, each worker's TTFT p50 (simulated seconds; ``run/worker`` when there are several runs,
+    since a worker of one run has nothing to do with its namesake in another) and the largest
+    worker's uncached prompt tokens over the mean worker's.
 
     In overload the median and the mean part ways: a policy that evens out the workers' queues
     makes every request wait about the mean, while one that leaves some workers short (and
@@ -265,12 +268,14 @@ def worker_spread(records: list[RequestRecord], scale: float) -> dict[str, Any]:
     These say which of the two a point's p50 reflects."""
     ttfts: dict[str, list[float]] = {}
     uncached: dict[str, int] = {}
-    for r in records:
-        if not r.ok or r.worker is None:
-            continue
-        uncached[r.worker] = uncached.get(r.worker, 0) + r.prompt_tokens - (r.cached_tokens or 0)
-        if r.ttft_s is not None:
-            ttfts.setdefault(r.worker, []).append(r.ttft_s * scale)
+    for i, records in enumerate(runs):
+        for r in records:
+            if not r.ok or r.worker is None:
+                continue
+            key = r.worker if len(runs) == 1 else f"{i}/{r.worker}"
+            uncached[key] = uncached.get(key, 0) + r.prompt_tokens - (r.cached_tokens or 0)
+            if r.ttft_s is not None:
+                ttfts.setdefault(key, []).append(r.ttft_s * scale)
     every = [t for ts in ttfts.values() for t in ts]
     p50s: dict[str, float] = {}
     for w, ts in sorted(ttfts.items()):

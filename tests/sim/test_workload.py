@@ -164,13 +164,19 @@ def test_the_spread_says_whether_the_median_came_from_short_workers() -> None:
         rec(3, "b", 5.0, 500, 50),
         RequestRecord(4, 0.0, 0.0, "b", 500, error="boom"),  # failed: not counted
     ]
-    s = worker_spread(records, 2.0)
+    s = worker_spread([records], 2.0)
     assert s["worker_ttft_p50_s"] == {"a": 0.4, "b": 10.0}
     assert (s["worker_ttft_p50_min_s"], s["worker_ttft_p50_max_s"]) == (0.4, 10.0)
     assert s["ttft_mean_s"] == pytest.approx((0.2 + 0.4 + 0.6 + 10.0) / 4)
     # Uncached: a 150, b 450; mean 300.
     assert s["uncached_max_over_mean"] == pytest.approx(1.5)
     assert worker_spread([], 1.0)["ttft_mean_s"] is None
+    # Two runs: worker "a" of one run is not "a" of the other; pooled, a slow run's "a"
+    # would hide behind the fast one's.
+    slow_a = [rec(5, "a", 4.0, 100, 0), rec(6, "a", 4.5, 100, 0), rec(7, "b", 0.1, 100, 0)]
+    two = worker_spread([records, slow_a], 2.0)
+    assert two["worker_ttft_p50_s"] == {"0/a": 0.4, "0/b": 10.0, "1/a": 8.5, "1/b": 0.2}
+    assert (two["worker_ttft_p50_min_s"], two["worker_ttft_p50_max_s"]) == (0.2, 10.0)
 
 
 @pytest.mark.redis
