@@ -54,14 +54,20 @@ async def test_a_reply_read_late_at_first_use_does_not_skew_the_clock(any_client
     assert clock.error_us() < 20_000
 
 
-async def test_a_late_refresh_keeps_the_tighter_estimate(any_client: Any) -> None:
-    """A refresh whose reply is read late does not replace the estimate it would skew."""
-    late = LateReader(any_client)
-    clock, reference = ServerClock(late), ServerClock(LateReader(any_client))
+async def sampled(client: Any) -> tuple[LateReader, ServerClock, ServerClock]:
+    """A clock on a LateReader and a reference clock, both past their first samples."""
+    late = LateReader(client)
+    clock, reference = ServerClock(late), ServerClock(LateReader(client))
     await clock.now_us()
     await reference.now_us()
+    clock._checked -= CLOCK_REFRESH_S + 1  # its next read refreshes
+    return late, clock, reference
+
+
+async def test_a_late_refresh_keeps_the_tighter_estimate(any_client: Any) -> None:
+    """A refresh whose reply is read late does not replace the estimate it would skew."""
+    late, clock, reference = await sampled(any_client)
     late.stalls = 1
-    clock._checked -= CLOCK_REFRESH_S + 1
     await clock.now_us()
     assert late.calls == CLOCK_SAMPLES + 1
     assert abs(await skew_us(clock, reference)) < 20_000
@@ -70,12 +76,8 @@ async def test_a_late_refresh_keeps_the_tighter_estimate(any_client: Any) -> Non
 async def test_a_prompt_refresh_follows_a_server_clock_that_moved(any_client: Any) -> None:
     """An estimate's bound grows with its age; a refresh taken promptly replaces an old one,
     so a server clock that stepped (or drifted) is followed."""
-    late = LateReader(any_client)
-    clock, reference = ServerClock(late), ServerClock(LateReader(any_client))
-    await clock.now_us()
-    await reference.now_us()
+    late, clock, reference = await sampled(any_client)
     late.shift_us = 5_000_000
-    clock._checked -= CLOCK_REFRESH_S + 1
     clock._sampled -= 1000.0  # an estimate 1,000 s old: its bound is 100 ms
     await clock.now_us()
     assert abs(await skew_us(clock, reference) - 5_000_000) < 20_000
