@@ -93,3 +93,31 @@ async def test_the_error_bound_holds(any_client: Any, stall_s: float) -> None:
     bound = clock.error_us() + reference.error_us()
     assert bound >= stall_s * 500_000  # every sample was late: the bound says so
     assert abs(await skew_us(clock, reference)) <= bound + 1_000
+
+
+class Failing:
+    """A real client whose next `failures` TIME calls fail as a dropped connection would."""
+
+    def __init__(self, client: Any, failures: int) -> None:
+        self.client = client
+        self.failures = failures
+
+    async def time(self) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("connection dropped")
+        return await self.client.time()
+
+
+async def test_a_first_use_needs_one_sample_of_its_three(any_client: Any) -> None:
+    """One failed sample of the first three is not an error; all three failed is Redis's
+    error, as the caller (which marks Redis down) expects."""
+    clock, reference = ServerClock(Failing(any_client, 2)), ServerClock(any_client)
+    await clock.now_us()
+    await reference.now_us()
+    assert abs(await skew_us(clock, reference)) < 20_000
+    down = ServerClock(Failing(any_client, CLOCK_SAMPLES))
+    with pytest.raises(ConnectionError):
+        await down.now_us()
+    await down.now_us()  # Redis is back: the next call samples again
+    assert down.error_us() < 20_000

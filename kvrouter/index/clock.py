@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -24,10 +25,10 @@ class ServerClock:
     that delays reading the reply skews a midpoint by half the stall (tens of ms), and two
     processes, or two clients of one, would then write and cut records on clocks that disagree
     by as much (see router_node/feedback.py's LRU cut). So the offset comes from the fastest
-    of ``CLOCK_SAMPLES`` round trips at first use, and an estimate carries its error bound (half
-    its round trip, growing by ``CLOCK_DRIFT`` with age); the sample taken every
-    ``CLOCK_REFRESH_S`` replaces it only when its own bound is tighter. Records written with it
-    expire by the same clock the scripts read, whatever this host's wall clock says."""
+    of ``CLOCK_SAMPLES`` concurrent round trips at first use, and an estimate carries its
+    error bound (half its round trip, growing by ``CLOCK_DRIFT`` with age); the sample taken
+    every ``CLOCK_REFRESH_S`` replaces it only when its own bound is tighter. Records written
+    with it expire by the same clock the scripts read, whatever this host's wall clock says."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -39,12 +40,18 @@ class ServerClock:
 
     async def now_us(self) -> int:
         """Now on the server's clock, in us (a TIME round trip at most every refresh, and
-        ``CLOCK_SAMPLES`` of them at first use)."""
+        ``CLOCK_SAMPLES`` concurrent ones at first use)."""
         mono = time.monotonic()
         if self._offset_us is None:
             self._checked = mono
-            for _ in range(CLOCK_SAMPLES):
-                await self._sample()
+            # At once, so the first caller (a dispatch's record) waits one round trip, as
+            # with a single sample; each keeps its own round trip, and the fastest wins.
+            got = await asyncio.gather(
+                *(self._sample() for _ in range(CLOCK_SAMPLES)), return_exceptions=True
+            )
+            if self._offset_us is None:
+                failed = next(g for g in got if isinstance(g, BaseException))
+                raise failed
         elif mono - self._checked > CLOCK_REFRESH_S:
             self._checked = mono  # one refresh at a time once an offset is known
             await self._sample()
