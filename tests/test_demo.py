@@ -76,6 +76,11 @@ def test_demo_on_the_shared_prefix_workload_says_what_routing_did(tmp_path: Path
     assert (tmp_path / "ttft_cdf.png").read_bytes().startswith(b"\x89PNG")
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name: state, parent pid, ..."""
+    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _children(pid: int) -> dict[int, str]:
     """The processes whose parent is `pid`, with their command lines."""
     out: dict[int, str] = {}
@@ -83,8 +88,7 @@ def _children(pid: int) -> dict[int, str]:
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
+            if int(_stat(entry.name)[1]) == pid:
                 out[int(entry.name)] = (
                     (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
                 )
@@ -95,7 +99,7 @@ def _children(pid: int) -> dict[int, str]:
 
 def _running(pid: int) -> bool:
     try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = _stat(pid)[0]
     except (OSError, IndexError):
         return False
     return state != "Z"
