@@ -45,6 +45,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             ("KVR_PD_MIN_PREFILL_TOKENS", "256"),
             # One injected failure must not eject a worker for the rest of the module.
             ("KVR_EJECT_FAILURES", "10"),
+            # No active health checks: the restart test expects the next request to try the
+            # restarted worker first and count a retry; a check landing in its 0.2 s window
+            # (one in 25 with the default 5 s period) marks the worker down first, and the
+            # router then skips it without a retry, correctly but not the path under test.
+            ("KVR_HEALTH_INTERVAL_S", "0"),
         ),
     )
     s = LocalStack(config, workdir=Path(tmp_path_factory.mktemp("pd-stack")))
