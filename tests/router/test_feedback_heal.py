@@ -192,15 +192,21 @@ def test_common_prefix_of_chained_keys() -> None:
 
 @dataclass
 class Rig:
-    """A Feedback on a real SharedIndex, its corrections collected as tasks to await."""
+    """A Feedback on a real SharedIndex, its corrections collected as tasks to await, and
+    that SharedIndex's own ResidencyIndex for the tests' records: a router writes its
+    records and cuts them on one estimate of the Redis server's clock, so the tests' short
+    sleeps order them exactly. (A second ResidencyIndex has its own estimate, which a stalled
+    first TIME sample can put tens of ms off; that bound has its own tests in test_clock.py.)"""
 
     feedback: Feedback
     metrics: Metrics
     spawned: list[asyncio.Task[Any]]
+    index: ResidencyIndex
 
 
 @pytest.fixture
-async def rig(redis_url: str) -> AsyncIterator[Rig]:
+async def rig(redis_url: str, redis_client: Any) -> AsyncIterator[Rig]:
+    """On a flushed server (`redis_client`)."""
     settings = RouterSettings(redis_url=redis_url, models=(MODEL,), workers=())
     metrics = Metrics()
     shared = SharedIndex(settings, metrics)
@@ -212,19 +218,18 @@ async def rig(redis_url: str) -> AsyncIterator[Rig]:
         spawned.append(task)
         return task
 
-    yield Rig(Feedback(settings, shared, metrics, spawn), metrics, spawned)
+    assert shared.index is not None
+    yield Rig(Feedback(settings, shared, metrics, spawn), metrics, spawned, shared.index)
     await shared.close()
 
 
-async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
-    rig: Rig, redis_client: Any
-) -> None:
+async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(rig: Rig) -> None:
     """Two requests for the same chain on one worker: the second matched what the first
     recorded at dispatch and the engine had not computed yet. Its shortfall is a race: no
     correction. The same shortfall once the first request is done is a loss: corrected."""
     feedback, metrics, spawned = rig.feedback, rig.metrics, rig.spawned
     keys = BlockHasher(MODEL, B).keys(PROMPT)
-    idx = ResidencyIndex(redis_client)
+    idx = rig.index
     await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
 
     def plan() -> Plan:
@@ -239,7 +244,7 @@ async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
     assert not spawned
     feedback.finished(MODEL, "w", second)
     feedback.finished(MODEL, "w", first)
-    await asyncio.sleep(0.05)  # clear of the two clients' clock estimates
+    await asyncio.sleep(0.05)
     third = plan()
     assert feedback.dispatched(MODEL, "w", third) == 0
     await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)  # the dispatch's record
@@ -251,9 +256,7 @@ async def test_a_shortfall_racing_an_earlier_request_corrects_nothing(
     assert sample == 1
 
 
-async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(
-    rig: Rig, redis_client: Any
-) -> None:
+async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(rig: Rig) -> None:
     """On worker w, P1 completed through block 0, so its engine held it; when P2 then gets
     none of it, the engine evicted block 0 since, and with it every block last used before
     P1 was sent: `old` goes, `new` (used after P1 was sent) stays. On worker v the request
@@ -262,7 +265,7 @@ async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(
     hasher = BlockHasher(MODEL, B)
     keys = hasher.keys(PROMPT)
     old, new = hasher.keys(SIBLING[::-1]), hasher.keys(PROMPT[::-1])
-    idx = ResidencyIndex(redis_client)
+    idx = rig.index
 
     def plan(depth: int) -> Plan:
         decision = Decision(policy="kv", reason="prefix", ranking=("w", "v"))
@@ -272,7 +275,7 @@ async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(
     async def send(worker: str, p: Plan) -> None:
         feedback.dispatched(MODEL, worker, p)
         await idx.record(MODEL, worker, keys, ttl_new_ms=600_000)
-        await asyncio.sleep(0.05)  # clear of the clocks' resolution
+        await asyncio.sleep(0.05)  # later than the record, on the one clock
 
     def cut() -> float | None:
         return metrics.registry.get_sample_value(
@@ -321,7 +324,7 @@ async def test_a_witness_cuts_what_an_lru_engine_lost_with_the_block(
     ids=["small", "several-models", "full", "unknown"],
 )
 async def test_a_loss_too_small_for_an_eviction_empties_the_worker(
-    rig: Rig, redis_client: Any, capacity: int, emptied: bool
+    rig: Rig, capacity: int, emptied: bool
 ) -> None:
     """P1 completed through block 0 on w (a witness), then `new` and an adapter's 40 blocks
     were used there, then P2 finds block 0 gone. An LRU engine evicts block 0 only once blocks
@@ -339,7 +342,7 @@ async def test_a_loss_too_small_for_an_eviction_empties_the_worker(
     keys = hasher.keys(PROMPT)
     old, new = hasher.keys(SIBLING[::-1]), hasher.keys(PROMPT[::-1])
     later = hasher.keys(SIBLING[::2])
-    idx = ResidencyIndex(redis_client)
+    idx = rig.index
 
     def plan(depth: int) -> Plan:
         decision = Decision(policy="kv", reason="prefix", ranking=("w",))
@@ -347,7 +350,7 @@ async def test_a_loss_too_small_for_an_eviction_empties_the_worker(
         return Plan(decision, keys, USEFUL, depths=depths, indexed=True, block_size=B)
 
     await idx.record(MODEL, "w", old, ttl_new_ms=600_000)
-    await asyncio.sleep(0.05)  # clear of the clocks' resolution
+    await asyncio.sleep(0.05)  # later than the record, on the one clock
     p1 = plan(0)
     feedback.dispatched(MODEL, "w", p1)
     await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
@@ -401,15 +404,13 @@ def test_error_event_in_finds_an_abort_after_other_events() -> None:
     assert error_event_in(b'data: {"object": "error", "message": "bad", "code": 400}\n\n') == 400
 
 
-async def test_a_correction_waits_for_the_dispatch_record_it_corrects(
-    rig: Rig, redis_client: Any
-) -> None:
+async def test_a_correction_waits_for_the_dispatch_record_it_corrects(rig: Rig) -> None:
     """A worker refuses a request at once (a restarting engine's 503) while the attempt's
     dispatch record is still on its way to Redis: the correction runs after the record
     lands, so no record of a prompt the engine never computed outlives it."""
     feedback, spawned = rig.feedback, rig.spawned
     keys = BlockHasher(MODEL, B).keys(PROMPT)
-    idx = ResidencyIndex(redis_client)
+    idx = rig.index
     decision = Decision(policy="kv", reason="no_match", ranking=("w",))
     plan = Plan(decision, keys, USEFUL, depths={}, indexed=True, block_size=B)
     landed = asyncio.Event()
@@ -441,15 +442,13 @@ async def test_connection_refused_tells_a_closed_port_from_other_failures() -> N
     assert not connection_refused(TimeoutError())
 
 
-async def test_a_refused_connection_drops_the_workers_records_once_per_outage(
-    rig: Rig, redis_client: Any
-) -> None:
+async def test_a_refused_connection_drops_the_workers_records_once_per_outage(rig: Rig) -> None:
     """The first refusal drops every record of the worker last used before it; refusals
     until the worker answers again are the same outage; after an answer, a new one drops
     again (what was recorded since)."""
     feedback, metrics, spawned = rig.feedback, rig.metrics, rig.spawned
     keys = BlockHasher(MODEL, B).keys(PROMPT)
-    idx = ResidencyIndex(redis_client)
+    idx = rig.index
     await idx.record(MODEL, "w", keys, ttl_new_ms=600_000)
     await idx.record(MODEL, "v", keys, ttl_new_ms=600_000)
     await asyncio.sleep(0.01)  # the records' last access is before the refusal
@@ -480,7 +479,7 @@ async def test_refused_clear_is_a_setting(redis_url: str) -> None:
 
 
 async def test_a_request_routed_before_a_restart_clear_drops_its_whole_chain_on_failure(
-    rig: Rig, redis_client: Any
+    rig: Rig,
 ) -> None:
     """A request matched the dead engine's records before the restart's clear ran; its
     dispatch refreshed them after the clear's cut, then it failed (the worker was down). The
@@ -488,7 +487,7 @@ async def test_a_request_routed_before_a_restart_clear_drops_its_whole_chain_on_
     clear and attract their conversations to the empty cache."""
     feedback, spawned = rig.feedback, rig.spawned
     keys = BlockHasher(MODEL, B).keys(PROMPT)
-    idx = ResidencyIndex(redis_client)
+    idx = rig.index
     depth = len(keys) // 2
     await idx.record(MODEL, "w", keys[:depth], ttl_new_ms=600_000)
     decision = Decision(policy="kv", reason="prefix", ranking=("w",))
