@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from kvrouter.index.clock import CLOCK_REFRESH_S, CLOCK_SAMPLES, ServerClock
+from kvrouter.index.clock import (
+    CLOCK_REFRESH_S,
+    CLOCK_RETRY_S,
+    CLOCK_SAMPLES,
+    CLOCK_TIGHT_US,
+    ServerClock,
+)
 
 
 class LateReader:
@@ -93,6 +99,44 @@ async def test_the_error_bound_holds(any_client: Any, stall_s: float) -> None:
     bound = clock.error_us() + reference.error_us()
     assert bound >= stall_s * 500_000  # every sample was late: the bound says so
     assert abs(await skew_us(clock, reference)) <= bound + 1_000
+
+
+class SlowToSend:
+    """A real client whose next `slow` TIME calls are sent `delay_s` late (a connection being
+    opened: connect and handshake before the command goes out)."""
+
+    def __init__(self, client: Any, slow: int, delay_s: float) -> None:
+        self.client = client
+        self.slow = slow
+        self.delay_s = delay_s
+        self.calls = 0
+
+    async def time(self) -> Any:
+        self.calls += 1
+        if self.slow:
+            self.slow -= 1
+            await asyncio.sleep(self.delay_s)
+        return await self.client.time()
+
+
+async def test_first_samples_on_opening_connections_are_replaced_a_second_later(
+    any_client: Any,
+) -> None:
+    """Every first sample waits 40 ms before TIME goes out (the connections are being opened):
+    the estimate reads about 20 ms ahead, within its bound. It is read again after
+    CLOCK_RETRY_S, not CLOCK_REFRESH_S, and the warm round trip replaces it."""
+    slow = SlowToSend(any_client, CLOCK_SAMPLES, 0.04)
+    clock, reference = ServerClock(slow), ServerClock(LateReader(any_client))
+    await clock.now_us()
+    await reference.now_us()
+    loose = clock.error_us()
+    assert loose >= 20_000 > CLOCK_TIGHT_US
+    assert abs(await skew_us(clock, reference)) <= loose + reference.error_us() + 1_000
+    clock._checked -= CLOCK_RETRY_S + 0.1
+    await clock.now_us()
+    assert slow.calls == CLOCK_SAMPLES + 1
+    assert clock.error_us() < loose
+    assert abs(await skew_us(clock, reference)) <= clock.error_us() + reference.error_us() + 1_000
 
 
 class Failing:
