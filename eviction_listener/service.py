@@ -236,7 +236,9 @@ class Listener:
                     with contextlib.suppress(Exception):
                         await c.aclose()
             if self._ctx is not None and self._ctx_arg is None:
-                self._ctx.term()
+                # destroy, not term: a socket some path left open is closed instead of
+                # holding shutdown forever.
+                self._ctx.destroy(linger=0)
         finally:
             self._closed.set()
 
@@ -267,7 +269,7 @@ class Listener:
                 with contextlib.suppress(Exception):
                     await c.aclose()
         if self._ctx is not None and self._ctx_arg is None:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)
         self._closed.set()
 
     async def __aenter__(self) -> Listener:
@@ -410,11 +412,16 @@ class Listener:
             logger.info("worker %s: handed over", wid)
 
     async def _stop_source(self, o: _Owned) -> None:
+        """Stop the pump and close the source, also when the caller is cancelled meanwhile
+        (`close()` cancels a tick that is dropping a worker: the worker is already out of
+        ``_owned``, so nothing else would close its sockets)."""
         o.state.active = False
         o.pump.cancel()
-        await asyncio.gather(o.pump, return_exceptions=True)
-        await o.source.close()
-        add_stats(self._retired, o.source.stats)
+        try:
+            await asyncio.gather(o.pump, return_exceptions=True)
+        finally:
+            await o.source.close()
+            add_stats(self._retired, o.source.stats)
 
     def _on_fenced(self, st: WorkerState) -> None:
         o = self._owned.get(st.worker_id)

@@ -448,13 +448,17 @@ class ZmqEventSource:
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sock in self._sockets:
-            sock.close(linger=0)
-        if self._own_context and self._ctx is not None:
-            self._ctx.term()
-        if self._channel is not None:
-            self._channel.close()
+        try:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            # Even when the caller is cancelled here (a listener closing while it drops this
+            # source): a socket left open makes the context's term() wait forever.
+            for sock in self._sockets:
+                sock.close(linger=0)
+            if self._own_context and self._ctx is not None:
+                self._ctx.destroy(linger=0)  # a replay socket still open is closed too
+            if self._channel is not None:
+                self._channel.close()
 
     async def __aenter__(self) -> ZmqEventSource:
         await self.start()

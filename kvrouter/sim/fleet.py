@@ -134,7 +134,7 @@ class SimFleet:
         for worker in self.workers:
             await worker.stop()
         if self._zmq is not None:
-            self._zmq.term()
+            self._zmq.destroy(linger=0)  # no socket left open can hold the shutdown
             self._zmq = None
 
     async def __aenter__(self) -> SimFleet:

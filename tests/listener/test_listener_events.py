@@ -292,6 +292,24 @@ async def test_metrics_health_ready_and_bad_input(
 
 
 @pytest.mark.cluster
+async def test_a_worker_dropped_as_the_listener_closes_leaves_no_socket_open(
+    engine: Callable[..., Any],
+) -> None:
+    """`close()` cancels the ownership tick; when that lands while the tick drops a worker
+    (its slice deleted, its lease lost), the worker is already out of the owned set, so only
+    the drop can close its source. Its sockets must be closed anyway: one left open made the
+    context's term() block the loop forever (seen in CI as a 300 s timeout at shutdown)."""
+    _, lst = await engine()
+    source = lst._owned["w"].source
+    drop = asyncio.ensure_future(lst._drop("w"))
+    await asyncio.sleep(0)  # popped from the owned set, waiting for its pump to stop
+    assert "w" not in lst.owned_workers and not drop.done()
+    drop.cancel()
+    await asyncio.gather(drop, return_exceptions=True)
+    assert source._sockets and all(sock.closed for sock in source._sockets)
+    await asyncio.wait_for(lst.close(), 10)
+
+
 async def test_on_a_redis_cluster_with_notices(
     make_pub: Callable[..., VllmEventPublisher], redis_cluster_url: str, cluster_client: Any
 ) -> None:
