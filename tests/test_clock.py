@@ -10,6 +10,7 @@ import pytest
 
 from kvrouter.index.clock import (
     CLOCK_REFRESH_S,
+    CLOCK_RETRIES,
     CLOCK_RETRY_S,
     CLOCK_SAMPLES,
     CLOCK_TIGHT_US,
@@ -137,6 +138,21 @@ async def test_first_samples_on_opening_connections_are_replaced_a_second_later(
     assert slow.calls == CLOCK_SAMPLES + 1
     assert clock.error_us() < loose
     assert abs(await skew_us(clock, reference)) <= clock.error_us() + reference.error_us() + 1_000
+
+
+async def test_a_loose_estimate_is_reread_a_bounded_number_of_times(any_client: Any) -> None:
+    """On a network whose round trips are all slow no reread gets tighter; the quick rereads
+    stop after CLOCK_RETRIES (each makes its caller wait a round trip), then the full refresh."""
+    slow = SlowToSend(any_client, 10**6, 0.004)
+    clock = ServerClock(slow)
+    await clock.now_us()
+    for _ in range(CLOCK_RETRIES + 2):
+        clock._checked -= CLOCK_RETRY_S + 0.1
+        await clock.now_us()
+    assert slow.calls == CLOCK_SAMPLES + CLOCK_RETRIES
+    clock._checked -= CLOCK_REFRESH_S + 0.1
+    await clock.now_us()
+    assert slow.calls == CLOCK_SAMPLES + CLOCK_RETRIES + 1
 
 
 class Failing:

@@ -9,12 +9,15 @@ from typing import Any
 # How often the offset to the Redis server's clock is read again.
 CLOCK_REFRESH_S = 30.0
 # An estimate whose error bound is above CLOCK_TIGHT_US is read again after CLOCK_RETRY_S
-# instead: the first samples ride on connections being opened (connect and handshake come
-# before TIME is sent, which puts the midpoint early and the estimate ahead by half the
-# setup: 0.2-2 ms here on a quiet machine, more on a loaded one), and one stall can delay
-# all three together; a warm round trip a second later replaces it.
+# instead, up to CLOCK_RETRIES times after first use: the first samples ride on connections
+# being opened (connect and handshake come before TIME is sent, which puts the midpoint early
+# and the estimate ahead by half the setup: 0.2-2 ms here on a quiet machine, more on a loaded
+# one), and one stall can delay all three together; a warm round trip a second later
+# replaces it. Bounded because the read is inline (its caller waits one round trip), and on a
+# network whose round trip is always over 2 ms no retry gets tighter.
 CLOCK_TIGHT_US = 1_000.0
 CLOCK_RETRY_S = 1.0
+CLOCK_RETRIES = 5
 # TIME round trips at first use; the fastest one sets the offset.
 CLOCK_SAMPLES = 3
 # How fast the two clocks may drift apart (100 ppm: more than the 10-50 ppm of an
@@ -34,9 +37,10 @@ class ServerClock:
     by as much (see router_node/feedback.py's LRU cut). So the offset comes from the fastest
     of ``CLOCK_SAMPLES`` concurrent round trips at first use, and an estimate carries its
     error bound (half its round trip, growing by ``CLOCK_DRIFT`` with age); the sample taken
-    every ``CLOCK_REFRESH_S`` (every ``CLOCK_RETRY_S`` while the bound is looser than
-    ``CLOCK_TIGHT_US``) replaces it only when its own bound is tighter. Records written
-    with it expire by the same clock the scripts read, whatever this host's wall clock says."""
+    every ``CLOCK_REFRESH_S`` (every ``CLOCK_RETRY_S``, ``CLOCK_RETRIES`` times at most, while
+    the bound is looser than ``CLOCK_TIGHT_US``) replaces it only when its own bound is
+    tighter. Records written with it expire by the same clock the scripts read, whatever this
+    host's wall clock says."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -45,6 +49,8 @@ class ServerClock:
         self._sampled = 0.0
         """When the offset's sample was taken (monotonic s)."""
         self._checked = 0.0
+        self._retries = CLOCK_RETRIES
+        """Quick rereads left for a loose estimate."""
 
     async def now_us(self) -> int:
         """Now on the server's clock, in us (a TIME round trip at most every refresh, and
@@ -60,8 +66,10 @@ class ServerClock:
             if self._offset_us is None:
                 failed = next(g for g in got if isinstance(g, BaseException))
                 raise failed
-        elif mono - self._checked > self._refresh_s():
+        elif mono - self._checked > (refresh := self._refresh_s()):
             self._checked = mono  # one refresh at a time once an offset is known
+            if refresh < CLOCK_REFRESH_S:
+                self._retries -= 1
             await self._sample()
         offset = self._offset_us
         if offset is None:  # pragma: no cover - every first sample is taken
@@ -70,7 +78,9 @@ class ServerClock:
 
     def _refresh_s(self) -> float:
         """How long after the last read the offset is read again."""
-        return CLOCK_RETRY_S if self._half_rtt_us > CLOCK_TIGHT_US else CLOCK_REFRESH_S
+        if self._half_rtt_us > CLOCK_TIGHT_US and self._retries > 0:
+            return CLOCK_RETRY_S
+        return CLOCK_REFRESH_S
 
     def error_us(self, at: float | None = None) -> float:
         """The bound on the offset's error at monotonic time `at` (default now), in us;
