@@ -20,7 +20,14 @@ from kvrouter.index.script_loader import load_scripts
 from kvrouter.index.scripts import ResidencyIndex
 from kvrouter.index.transport import ScriptCall
 from router_node.app import GATE, METRICS, RouterServer
-from tests.router.conftest import MODEL, StartRouter, openai_client, post, wait_for
+from tests.router.conftest import (
+    MODEL,
+    StartRouter,
+    closed_after_test,
+    openai_client,
+    post,
+    wait_for,
+)
 from tests.support.fake_worker import FakeWorker
 from tests.support.metrics import parse
 
@@ -139,7 +146,8 @@ async def test_rate_limit_is_shared_by_two_replicas(
     b = await start_router(workers, rate_limit_rps=1.0, rate_limit_burst=4)
 
     def client(router: RouterServer, key: str) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key=key, max_retries=0)
+        url = router.url + "/v1"
+        return closed_after_test(openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0))
 
     for i in range(4):
         await client((a, b)[i % 2], "key-one").completions.create(model=MODEL, prompt=PROMPT)

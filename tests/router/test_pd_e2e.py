@@ -21,6 +21,7 @@ from openai import AsyncOpenAI
 
 from kvrouter.bench.stack import LocalStack, StackConfig
 from kvrouter.tokenizer.testing import build_test_tokenizer
+from tests.router.conftest import closed_after_test
 
 pytestmark = pytest.mark.redis
 
@@ -84,7 +85,8 @@ async def fault(stack: LocalStack, wid: str, mode: str, count: int = 1) -> None:
 
 
 def client(stack: LocalStack, replica: int = 0) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=stack.router_urls[replica] + "/v1", api_key="k", max_retries=0)
+    url = stack.router_urls[replica] + "/v1"
+    return closed_after_test(AsyncOpenAI(base_url=url, api_key="k", max_retries=0))
 
 
 async def metric(stack: LocalStack, name: str, replica: int = 0) -> float:

@@ -126,21 +126,21 @@ async def test_an_api_key_marked_batch_is_batch_whatever_its_header(
         [slow], worker_max_inflight=2, batch_share=0.5, batch_key_digests=(digest,)
     )
     admission = router.app[ADMISSION]
-    jobs = openai.AsyncOpenAI(
+    async with openai.AsyncOpenAI(
         base_url=router.url + "/v1", api_key="nightly-jobs-key", max_retries=0
-    )
-    sent = asyncio.create_task(
-        jobs.completions.create(
-            model=MODEL, prompt=PROMPT, extra_headers={"x-kvrouter-priority": "interactive"}
+    ) as jobs:
+        sent = asyncio.create_task(
+            jobs.completions.create(
+                model=MODEL, prompt=PROMPT, extra_headers={"x-kvrouter-priority": "interactive"}
+            )
         )
-    )
 
-    async def batch_in_flight() -> bool:
-        q = admission.models.get(MODEL)
-        return q is not None and q.batch_in_use == 1
+        async def batch_in_flight() -> bool:
+            q = admission.models.get(MODEL)
+            return q is not None and q.batch_in_use == 1
 
-    await wait_for(batch_in_flight)
-    # Another key's request is interactive (the default), so it is not counted as batch.
-    await openai_client(router).completions.create(model=MODEL, prompt=PROMPT)
-    await sent
+        await wait_for(batch_in_flight)
+        # Another key's request is interactive (the default), so it is not counted as batch.
+        await openai_client(router).completions.create(model=MODEL, prompt=PROMPT)
+        await sent
     assert admission.models[MODEL].batch_in_use == 0
