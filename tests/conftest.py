@@ -26,6 +26,7 @@ import pytest
 
 from kvrouter.index.connection import connect
 from kvrouter.redisproc import INSTALL_HINT, RedisServer
+from tests.support.clients import close_clients
 from tests.support.redis_cluster import RedisClusterProcs
 
 NO_REDIS = shutil.which("redis-server") is None and "REDIS_URL" not in os.environ
@@ -132,3 +133,10 @@ async def any_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     await _fresh(client)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    """Close the test's clients (`tests.support.clients.closed_after_test`) on its own loop."""
+    yield
+    await close_clients()

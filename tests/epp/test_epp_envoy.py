@@ -14,6 +14,7 @@ from openai import APIStatusError, AsyncOpenAI, NotFoundError
 from kvrouter.sim.worker import SimWorker
 from router_node.epp import EppServer
 from tests.epp.conftest import MODEL, EppProcess, StartEnvoy, StartEpp, StartProcess
+from tests.support.clients import closed_after_test
 from tests.support.metrics import Scrape, parse
 
 pytestmark = pytest.mark.redis
@@ -23,7 +24,8 @@ SYSTEM = list(range(1000, 1320))  # 320 tokens: 20 full blocks of 16
 
 def client(url: str) -> AsyncOpenAI:
     # No client-side retries: every retry seen here is Envoy's, on the picker's fallbacks.
-    return AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    c = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    return closed_after_test(c)
 
 
 def prompt(tail: int) -> list[int]:

@@ -48,6 +48,7 @@ from aiohttp import web
 from kvrouter.redisproc import free_port
 from tests.faults.test_security_redis import make_certs
 from tests.k8s.test_k8s_chart import CACHED_HELM, EXAMPLES, helm_binary, render
+from tests.support.clients import closed_after_test
 from tests.support.vllm_publisher import applied_seq
 
 pytestmark = pytest.mark.redis
@@ -615,7 +616,9 @@ async def route_repeated_prompt(
 
     model = listener.env["KVR_MODEL"]
     base = f"http://127.0.0.1:{router.local_port('http')}/v1"
-    client = AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=30)
+    client = closed_after_test(
+        AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=30)
+    )
     # Token ids: the chart's default has no tokenizer, and pre-tokenized prompts are routed
     # by their KV blocks all the same.
     prompt = [(13 * i + 7) % 30_000 for i in range(int(listener.env["KVR_BLOCK_SIZE"]) * 16)]

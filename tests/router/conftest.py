@@ -17,6 +17,7 @@ from kvrouter.tokenizer import Tokenizer
 from kvrouter.tokenizer.testing import build_test_tokenizer
 from router_node.app import TASKS, RouterServer
 from router_node.settings import RouterSettings, WorkerSpec
+from tests.support.clients import closed_after_test
 from tests.support.fake_worker import FakeWorker
 
 MODEL = "test-model"
@@ -84,31 +85,12 @@ async def start_router(
         await s.close()
 
 
-_CLIENTS: list[AsyncOpenAI] = []
-
-
-def closed_after_test(client: AsyncOpenAI) -> AsyncOpenAI:
-    """`client`, closed when the test ends (`_close_clients`)."""
-    _CLIENTS.append(client)
-    return client
-
-
 def openai_client(server: RouterServer) -> AsyncOpenAI:
     """A client on `server`, closed when the test ends."""
     # max_retries=0: a failure the router let through must show, not be retried away.
     return closed_after_test(
         AsyncOpenAI(base_url=server.url + "/v1", api_key="test-key", max_retries=0)
     )
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients() -> AsyncIterator[None]:
-    """Close the test's clients (`closed_after_test`) on its own loop: one left to the garbage
-    collector schedules its close on whichever loop runs then, and logs "Event loop is closed"
-    there."""
-    yield
-    while _CLIENTS:
-        await _CLIENTS.pop().close()
 
 
 async def wait_for(check: Callable[[], Awaitable[bool]], limit_s: float = 10.0) -> None:

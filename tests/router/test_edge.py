@@ -20,14 +20,8 @@ from kvrouter.index.script_loader import load_scripts
 from kvrouter.index.scripts import ResidencyIndex
 from kvrouter.index.transport import ScriptCall
 from router_node.app import GATE, METRICS, RouterServer
-from tests.router.conftest import (
-    MODEL,
-    StartRouter,
-    closed_after_test,
-    openai_client,
-    post,
-    wait_for,
-)
+from tests.router.conftest import MODEL, StartRouter, openai_client, post, wait_for
+from tests.support.clients import closed_after_test
 from tests.support.fake_worker import FakeWorker
 from tests.support.metrics import parse
 

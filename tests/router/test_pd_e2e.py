@@ -21,7 +21,7 @@ from openai import AsyncOpenAI
 
 from kvrouter.bench.stack import LocalStack, StackConfig
 from kvrouter.tokenizer.testing import build_test_tokenizer
-from tests.router.conftest import closed_after_test
+from tests.support.clients import closed_after_test
 
 pytestmark = pytest.mark.redis
 
