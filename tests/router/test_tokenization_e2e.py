@@ -98,6 +98,9 @@ class ReferenceWorker:
 
     async def completions(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if "prompt" not in body:  # prompt_embeds: vLLM refuses them unless enabled
+            error = {"message": "prompt is required", "type": "BadRequestError", "code": 400}
+            return web.json_response({"object": "error", **error}, status=400)
         prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
         add = body.get("add_special_tokens", True)
         n = sum(len(ref.completion_ids(self.hf, p, add)) for p in prompts)
