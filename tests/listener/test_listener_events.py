@@ -291,7 +291,6 @@ async def test_metrics_health_ready_and_bad_input(
     assert m.types["kvr_listener_lag_seconds"] == "gauge"
 
 
-@pytest.mark.cluster
 async def test_a_worker_dropped_as_the_listener_closes_leaves_no_socket_open(
     engine: Callable[..., Any],
 ) -> None:
@@ -310,6 +309,7 @@ async def test_a_worker_dropped_as_the_listener_closes_leaves_no_socket_open(
     await asyncio.wait_for(lst.close(), 10)
 
 
+@pytest.mark.cluster
 async def test_on_a_redis_cluster_with_notices(
     make_pub: Callable[..., VllmEventPublisher], redis_cluster_url: str, cluster_client: Any
 ) -> None:
